@@ -1,0 +1,504 @@
+"""One config tree of frozen dataclasses, loaded from YAML and ``--set`` overrides.
+
+Every field carries a docstring (the string literal right below it); ``describe()``
+prints them. Loading is strict: an unknown key or a value of the wrong type raises
+``ConfigError`` with a one-line message naming the dotted key and close matches.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config problem, reported to the user as one line."""
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+  """Maps field name -> the string literal written right below the field."""
+  try:
+    tree = ast.parse(inspect.getsource(cls))
+  except (OSError, TypeError):
+    return {}
+  body = tree.body[0].body
+  docs = {}
+  for node, nxt in zip(body, body[1:]):
+    if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+        and isinstance(nxt.value.value, str)):
+      docs[node.target.id] = " ".join(nxt.value.value.split())
+  return docs
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    raise ConfigError(f"{section}.{name}: {value!r} is not one of {list(choices)}")
+
+
+def _check_positive(section: str, obj: Any, *names: str) -> None:
+  for name in names:
+    if getattr(obj, name) <= 0:
+      raise ConfigError(f"{section}.{name}: must be > 0, got {getattr(obj, name)!r}")
+
+
+MIXERS = ("attention",)
+"""Registered token mixers; later mechanisms append to this in ``models/lm.py``."""
+RESIDUALS = ("plain",)
+"""Registered residual schemes."""
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  mixer: str = "attention"
+  """Token mixer of every block: 'attention' (causal GQA softmax attention)."""
+  residual: str = "plain"
+  """Residual scheme around each sublayer: 'plain' (pre-norm x + f(norm(x)))."""
+  n_layers: int = 4
+  """Number of decoder blocks (stacked and run with a scan)."""
+  d_model: int = 256
+  """Width of the residual stream."""
+  n_heads: int = 4
+  """Number of query heads."""
+  n_kv_heads: int = 0
+  """Number of key/value heads for grouped-query attention; 0 means n_heads."""
+  head_dim: int = 0
+  """Per-head width; 0 means d_model // n_heads."""
+  d_ff: int = 688
+  """Hidden width of the SwiGLU MLP."""
+  rope_theta: float = 10000.0
+  """RoPE base frequency."""
+  norm_eps: float = 1e-5
+  """Epsilon inside RMSNorm."""
+  tie_embeddings: bool = False
+  """Use the transposed token embedding as the LM head."""
+  init_std: float = 0.02
+  """Std of the normal init of matrices; output projections are scaled by 1/sqrt(2*n_layers)."""
+  dtype: str = "float32"
+  """Compute (activation) dtype: 'float32' or 'bfloat16'. Params stay in param_dtype."""
+  param_dtype: str = "float32"
+  """Storage dtype of the parameters."""
+  remat: str = "none"
+  """Rematerialisation of each scanned block: none | full | dots | dots_no_batch | save_qkv_proj."""
+  attention_impl: str = "xla"
+  """Implementation for jax.nn.dot_product_attention: 'xla' or 'cudnn' (GPU only)."""
+  scan_layers: bool = True
+  """Run the blocks with jax.lax.scan (compile time independent of depth); False unrolls."""
+
+  def __post_init__(self):
+    _check_choice("model", "mixer", self.mixer, MIXERS)
+    _check_choice("model", "residual", self.residual, RESIDUALS)
+    _check_choice("model", "remat", self.remat, REMAT_POLICIES)
+    _check_choice("model", "dtype", self.dtype, ("float32", "bfloat16"))
+    _check_choice("model", "param_dtype", self.param_dtype, ("float32", "bfloat16"))
+    _check_choice("model", "attention_impl", self.attention_impl, ("xla", "cudnn"))
+    _check_positive("model", self, "n_layers", "d_model", "n_heads", "d_ff",
+                    "rope_theta", "norm_eps", "init_std")
+    if self.head_dim == 0 and self.d_model % self.n_heads:
+      raise ConfigError(f"model.n_heads: d_model={self.d_model} is not divisible by "
+                        f"n_heads={self.n_heads}; set model.head_dim explicitly")
+    if self.n_heads % self.kv_heads:
+      raise ConfigError(f"model.n_kv_heads: n_heads={self.n_heads} is not a multiple "
+                        f"of n_kv_heads={self.kv_heads}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpus: tuple[str, ...] = ("stdlib",)
+  """'stdlib' (the running Python's standard-library .py files), or paths/globs of
+  .txt/.md/.py/... text files, .jsonl files with a 'text' field, or one packed .bin
+  token file with a .json sidecar."""
+  seq_len: int = 256
+  """Tokens per training window (each sample holds seq_len + 1 tokens)."""
+  vocab_size: int = 8192
+  """Vocabulary size of the trained sentencepiece tokenizer (or of the .bin file)."""
+  tokenizer: str = ""
+  """Path of an existing sentencepiece .model to load; empty trains one on the train split."""
+  val_fraction: float = 0.05
+  """Fraction of documents (chosen by a hash of their path) held out for validation."""
+  stdlib_include_tests: bool = False
+  """Include the stdlib's test/tests packages in the 'stdlib' corpus."""
+  tokenizer_max_sentences: int = 300000
+  """Lines sampled by sentencepiece when training the tokenizer (keeps it to seconds)."""
+  cache_dir: str = ""
+  """Cache of trained tokenizers and packed tokens (by content hash); empty means
+  $TTT_JAX_CACHE or ~/.cache/ttt_jax."""
+  worker_count: int = 0
+  """grain worker processes; pinned because element order depends on it."""
+  shuffle: bool = True
+  """Seeded global shuffle of the training windows."""
+
+  def __post_init__(self):
+    _check_positive("data", self, "seq_len", "vocab_size", "tokenizer_max_sentences")
+    if not self.corpus:
+      raise ConfigError("data.corpus: must name at least one source")
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+    if self.worker_count < 0:
+      raise ConfigError(f"data.worker_count: must be >= 0, got {self.worker_count}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  name: str = "adamw"
+  """Optimizer: adamw | sgd | muon (Muon for hidden matrices, AdamW for the rest)."""
+  lr: float = 3e-3
+  """Peak learning rate (for Muon: of the Muon-routed matrices)."""
+  schedule: str = "cosine"
+  """'cosine' (warmup, cosine to min_lr_ratio*lr), 'wsd' (warmup, constant, linear
+  warmdown over the last decay_fraction) or 'constant' (warmup then constant)."""
+  warmup_steps: int = 100
+  """Linear warmup steps from 0 to lr."""
+  min_lr_ratio: float = 0.1
+  """Final lr as a fraction of peak (cosine floor, wsd end point)."""
+  decay_fraction: float = 0.2
+  """wsd: fraction of total steps spent in the final linear warmdown."""
+  b1: float = 0.9
+  """Adam beta1."""
+  b2: float = 0.95
+  """Adam beta2."""
+  eps: float = 1e-8
+  """Adam epsilon."""
+  weight_decay: float = 0.1
+  """Decoupled weight decay; never applied to norms, biases, scalars or 1-D params."""
+  momentum: float = 0.9
+  """SGD momentum (0 disables); Muon momentum (beta) for Muon params."""
+  nesterov: bool = False
+  """Nesterov momentum for SGD and Muon."""
+  adam_lr: float = 0.0
+  """muon: peak lr of the AdamW-routed params (embeddings, head, norms, scalars); 0 means lr."""
+  adam_b1: float = 0.9
+  """muon: beta1 of the AdamW-routed params."""
+  adam_b2: float = 0.95
+  """muon: beta2 of the AdamW-routed params."""
+  ns_steps: int = 5
+  """muon: Newton-Schulz iterations."""
+  clip_norm: float = 1.0
+  """Global gradient-norm clip; 0 disables."""
+  grad_accum_steps: int = 1
+  """Micro-batches accumulated per optimizer update (optax.MultiSteps)."""
+
+  def __post_init__(self):
+    _check_choice("optim", "name", self.name, ("adamw", "sgd", "muon"))
+    _check_choice("optim", "schedule", self.schedule, ("cosine", "wsd", "constant"))
+    _check_positive("optim", self, "lr", "grad_accum_steps", "ns_steps")
+    for name in ("warmup_steps", "weight_decay", "clip_norm", "adam_lr", "eps"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(self, name)}")
+    for name in ("min_lr_ratio", "decay_fraction", "b1", "b2", "adam_b1", "adam_b2",
+                 "momentum"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ConfigError(f"optim.{name}: must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  """Total optimizer steps."""
+  seed: int = 0
+  """Seed of parameter init, data shuffle and dropout-free sampling."""
+  batch_size: int = 8
+  """Global batch size in sequences per step (summed over processes and micro-batches)."""
+  log_every: int = 10
+  """Write train metrics every N steps."""
+  eval_every: int = 100
+  """Evaluate on the validation split every N steps (and at the last step); 0 disables."""
+  peak_flops: float = 0.0
+  """Peak FLOP/s per device for MFU; 0 measures a large f32 matmul once at startup."""
+
+  def __post_init__(self):
+    _check_positive("train", self, "steps", "batch_size", "log_every")
+    if self.eval_every < 0 or self.peak_flops < 0:
+      raise ConfigError("train.eval_every and train.peak_flops must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  batches: int = 8
+  """Validation batches per evaluation (fixed, unshuffled, the same every time)."""
+  batch_size: int = 0
+  """Sequences per validation batch; 0 means train.batch_size."""
+
+  def __post_init__(self):
+    _check_positive("eval", self, "batches")
+    if self.batch_size < 0:
+      raise ConfigError(f"eval.batch_size: must be >= 0, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 0
+  """Save a checkpoint every N steps (and at the end); 0 disables checkpointing."""
+  keep: int = 3
+  """Keep the last K checkpoints."""
+  keep_every: int = 0
+  """Also keep every checkpoint whose step is a multiple of M; 0 disables."""
+  async_save: bool = True
+  """Write checkpoints in the background while training continues."""
+
+  def __post_init__(self):
+    for name in ("every", "keep_every"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"checkpoint.{name}: must be >= 0, got {getattr(self, name)}")
+    _check_positive("checkpoint", self, "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = 1
+  """Data-parallel axis size; -1 fills the remaining devices."""
+  fsdp: int = -1
+  """Fully-sharded data-parallel axis size (params and batch sharded); -1 fills."""
+  tensor: int = 1
+  """Tensor-parallel axis size (heads / mlp / vocab sharded); -1 fills."""
+  rules: tuple[tuple[str, str], ...] = (
+      ("batch", "data+fsdp"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("vocab", "tensor"),
+  )
+  """Logical axis -> mesh axes ('+'-joined, or '' for replicated). Logical axes not
+  listed (layers, head_dim, norm, ...) are replicated."""
+
+  def __post_init__(self):
+    sizes = (self.data, self.fsdp, self.tensor)
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+      raise ConfigError(f"mesh: sizes must be positive or a single -1, got "
+                        f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
+    for logical, mesh_axes in self.rules:
+      for axis in filter(None, mesh_axes.split("+")):
+        _check_choice("mesh", f"rules[{logical}]", axis, ("data", "fsdp", "tensor"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  progress_bar: bool = True
+  """Show a tqdm progress bar on process 0."""
+  tensorboard: bool = True
+  """Write tensorboardX events under WORKDIR/tb (process 0)."""
+  profile_start: int = -1
+  """First step of the jax.profiler trace window (into WORKDIR/profile); -1 disables."""
+  profile_steps: int = 5
+  """Number of steps traced."""
+
+  def __post_init__(self):
+    _check_positive("logging", self, "profile_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  """Model architecture."""
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  """Corpus, tokenizer and pipeline."""
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  """Optimizer and learning-rate schedule."""
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  """Training loop."""
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  """Validation."""
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  """Checkpointing."""
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  """Device mesh and sharding rules."""
+  logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+  """Logging and profiling."""
+
+  def __post_init__(self):
+    if self.train.batch_size % self.optim.grad_accum_steps:
+      raise ConfigError(f"optim.grad_accum_steps: train.batch_size={self.train.batch_size} "
+                        f"is not divisible by {self.optim.grad_accum_steps}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+  """Checks ``value`` against annotation ``tp``; returns it converted (lists -> tuples)."""
+  origin = typing.get_origin(tp)
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, dict):
+      raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return _build(tp, value, key)
+  if origin in (typing.Union, types.UnionType):
+    errors = []
+    for arg in typing.get_args(tp):
+      if arg is type(None):
+        if value is None:
+          return None
+        continue
+      try:
+        return _coerce(key, arg, value)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{key}: expected {_type_name(tp)}")
+  if origin is Literal:
+    if value not in typing.get_args(tp):
+      raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+    return value
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if isinstance(value, str) and args[-1] is Ellipsis:
+      value = [value]  # a single string for a list-of-strings field
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+    if args[-1] is Ellipsis:
+      return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    if len(value) != len(args):
+      raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+    return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}: expected true/false, got {value!r}")
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise ConfigError(f"{key}: expected a string, got {value!r}")
+  raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  kwargs = {}
+  for name, value in values.items():
+    key = f"{prefix}.{name}" if prefix else str(name)
+    if name not in names:
+      close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+      dot = f"{prefix}." if prefix else ""
+      hint = f"; did you mean {', '.join(dot + c for c in close)}?" if close else ""
+      raise ConfigError(f"unknown config key '{key}'{hint}")
+    kwargs[name] = _coerce(key, hints[name], value)
+  try:
+    return cls(**kwargs)
+  except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+    raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+  parts = dotted.split(".")
+  node = tree
+  for part in parts[:-1]:
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+      raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    node = child
+  node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """Splits ``a.b=value``; the value is parsed as a YAML scalar/list."""
+  if "=" not in text:
+    raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=100")
+  key, raw = text.split("=", 1)
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError:
+    value = raw
+  return key.strip(), value
+
+
+def to_dict(cfg: Any) -> Any:
+  """Config -> plain dict/list/scalars (tuples become lists)."""
+  if dataclasses.is_dataclass(cfg):
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, tuple):
+    return [to_dict(v) for v in cfg]
+  return cfg
+
+
+def from_dict(values: dict) -> Config:
+  if not isinstance(values, dict):
+    raise ConfigError(f"config: expected a mapping at the top level, got {type(values).__name__}")
+  return _build(Config, values)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+  """Reads a YAML file (optional), applies ``a.b=value`` overrides, validates."""
+  values: dict = {}
+  if path is not None:
+    path = Path(path)
+    try:
+      text = path.read_text()
+    except OSError as e:
+      raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+      loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+      line = getattr(getattr(e, "problem_mark", None), "line", None)
+      where = f" line {line + 1}" if line is not None else ""
+      raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+      raise ConfigError(f"{path}: expected a mapping at the top level")
+    values = loaded or {}
+  for override in overrides:
+    key, value = parse_override(override)
+    _set_dotted(values, key, value)
+  return from_dict(values)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+  Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(cfg: Any) -> str:
+  """Stable short hash of a (sub)config, for checkpoint metadata and caches."""
+  blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+  """Lines 'key (type, default): doc' for every field, recursively."""
+  lines = []
+  docs = _field_docs(cls)
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    key = f"{prefix}{f.name}"
+    if dataclasses.is_dataclass(hints[f.name]):
+      lines.extend(describe(hints[f.name], key + "."))
+    else:
+      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+      lines.append(f"{key} ({_type_name(hints[f.name])}, default {to_dict(default)!r}): "
+                   f"{docs.get(f.name, '')}")
+  return lines
