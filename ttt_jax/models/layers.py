@@ -1,0 +1,169 @@
+"""Shared building blocks: RMSNorm, rotary position embedding, SwiGLU, embeddings.
+
+RMSNorm (Zhang & Sennrich, 2019), statistics in fp32 whatever the compute dtype:
+
+    rms_norm(x) = x / sqrt(mean_d(x_d^2) + eps) * scale
+
+Rotary position embedding (RoPE; Su et al., 2021), "rotate-half" layout (GPT-NeoX / Llama):
+the head vector x in R^K is split into halves (x1, x2); pair i (x1_i, x2_i) is rotated by
+angle m * w_i at position m, with w_i = theta^(-2i/K), i = 0..K/2-1:
+
+    rope(x, m) = (x1 * cos(m w) - x2 * sin(m w),  x2 * cos(m w) + x1 * sin(m w))
+
+Rotations preserve norms and <rope(q, m), rope(k, n)> depends only on (m - n).
+
+SwiGLU MLP (Shazeer, 2020):
+
+    swiglu(x) = (silu(x W_gate) * (x W_up)) W_down
+
+Parameters are created through ``param``, which attaches logical axis names (the
+``out_sharding`` metadata that ``nnx.get_partition_spec`` reads) and never shards eagerly;
+the sharding code maps the names to mesh axes. Vocabulary of names: 'vocab', 'embed',
+'mlp', 'heads', 'kv_heads', 'head_dim', 'norm', 'layers' (the last is added by the
+stacking transform in lm.py, never by a layer itself).
+
+Dtypes: parameters are stored in ``param_dtype`` and cast to the activation's dtype at use,
+so matmuls run in the compute dtype (float32 or bfloat16).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "layers")
+"""Every logical axis name a parameter may carry."""
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+  """A parameter carrying logical axis names (one per dim), never sharded eagerly.
+
+  ``out_sharding`` is the current name of the metadata that flax 0.12 also accepts as
+  the deprecated ``sharding_names``; ``nnx.get_partition_spec`` turns it into a
+  ``PartitionSpec`` of logical names.
+  """
+  if len(names) != value.ndim:
+    raise ValueError(f"param of shape {value.shape} got {len(names)} axis names {names}")
+  unknown = [n for n in names if n not in LOGICAL_AXES]
+  if unknown:
+    raise ValueError(f"unknown logical axis names {unknown}; allowed: {LOGICAL_AXES}")
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: jnp.dtype) -> jax.Array:
+  """N(0, std^2) samples drawn in float32, stored in ``dtype``."""
+  return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm over the last axis; statistics in float32, result in ``x.dtype``."""
+  x_f32 = x.astype(jnp.float32)
+  mean_square = jnp.mean(jnp.square(x_f32), axis=-1, keepdims=True)
+  normed = x_f32 * jax.lax.rsqrt(mean_square + eps)
+  return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_angles(positions_BxT: jax.Array, head_dim: int, theta: float) -> jax.Array:
+  """Rotation angles m * w_i for every position m and pair i: [B, T, K/2] float32."""
+  if head_dim % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+  exponents_K2 = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  inv_freq_K2 = 1.0 / (theta ** exponents_K2)
+  return positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq_K2[None, None, :]
+
+
+def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotates each head vector by its position (rotate-half layout); computed in float32."""
+  head_dim = x_BxTxHxK.shape[-1]
+  angles_BxTx1xK2 = rope_angles(positions_BxT, head_dim, theta)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BxTx1xK2), jnp.sin(angles_BxTx1xK2)
+  x_f32 = x_BxTxHxK.astype(jnp.float32)
+  x1, x2 = x_f32[..., : head_dim // 2], x_f32[..., head_dim // 2:]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxTxHxK.dtype)
+
+
+def swiglu(x_BxTxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
+           w_down_FxD: jax.Array) -> jax.Array:
+  """(silu(x W_gate) * x W_up) W_down, with the weights cast to x's dtype."""
+  dtype = x_BxTxD.dtype
+  gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, w_gate_DxF.astype(dtype))
+  up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, w_up_DxF.astype(dtype))
+  hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+  return jnp.einsum("btf,fd->btd", hidden_BxTxF, w_down_FxD.astype(dtype))
+
+
+def embed_tokens(tokens_BxT: jax.Array, embedding_VxD: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """Row lookup into the embedding table, returned in the compute dtype."""
+  return jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(dtype)
+
+
+def logits_from_head(x_BxTxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+  """x @ W_head with float32 accumulation and float32 logits."""
+  return jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(x_BxTxD.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def logits_from_embedding(x_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
+  """Tied head: x @ E^T with float32 accumulation and float32 logits."""
+  return jnp.einsum("btd,vd->btv", x_BxTxD, embedding_VxD.astype(x_BxTxD.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nnx.Module):
+  """Holds the [D] scale (init ones) of ``rms_norm``."""
+
+  def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
+    self.eps = eps
+    self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+class SwiGLU(nnx.Module):
+  """Holds W_gate, W_up [D, F] and W_down [F, D] of ``swiglu``.
+
+  Inits are N(0, init_std^2); W_down (an output projection into the residual stream) is
+  further scaled by 1/sqrt(2 * n_layers).
+  """
+
+  def __init__(self, d_model: int, d_ff: int, *, init_std: float, n_layers: int,
+               param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    out_std = init_std / (2 * n_layers) ** 0.5
+    self.w_gate = param(normal(rngs.params(), (d_model, d_ff), init_std, param_dtype),
+                        ("embed", "mlp"))
+    self.w_up = param(normal(rngs.params(), (d_model, d_ff), init_std, param_dtype),
+                      ("embed", "mlp"))
+    self.w_down = param(normal(rngs.params(), (d_ff, d_model), out_std, param_dtype),
+                        ("mlp", "embed"))
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    return swiglu(x_BxTxD, self.w_gate[...], self.w_up[...], self.w_down[...])
+
+
+class Embedding(nnx.Module):
+  """Token embedding [V, D] ('vocab', 'embed'), init N(0, init_std^2) (GPT-2 style, no
+  sqrt(D) multiplier), which also serves as the LM head when embeddings are tied."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, init_std: float,
+               param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.embedding = param(normal(rngs.params(), (vocab_size, d_model), init_std, param_dtype),
+                           ("vocab", "embed"))
+
+  def __call__(self, tokens_BxT: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return embed_tokens(tokens_BxT, self.embedding[...], dtype)
+
+  def attend(self, x_BxTxD: jax.Array) -> jax.Array:
+    """Tied-head logits [B, T, V] in float32."""
+    return logits_from_embedding(x_BxTxD, self.embedding[...])
