@@ -247,7 +247,8 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 0
-  """Save a checkpoint every N steps (and at the end); 0 disables checkpointing."""
+  """Save a checkpoint every N steps; 0 saves only at the end (and on SIGTERM/SIGINT).
+  Rerunning on the same workdir resumes from the newest complete checkpoint."""
   keep: int = 3
   """Keep the last K checkpoints."""
   keep_every: int = 0

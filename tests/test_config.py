@@ -1,0 +1,103 @@
+"""Config tree: YAML + --set loading, type checks, one-line errors, round trip."""
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from ttt_jax import config as config_lib
+from ttt_jax.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  n_layers: 2\noptim:\n  lr: 1e-3\ndata:\n  corpus: [a.txt, 'b/*.md']\n")
+  cfg = load_config(path, ["train.steps=7", "model.tie_embeddings=true", "optim.name=muon"])
+  assert cfg.model.n_layers == 2
+  assert cfg.optim.lr == pytest.approx(1e-3)  # YAML 1.1 reads 1e-3 as a string
+  assert cfg.data.corpus == ("a.txt", "b/*.md")
+  assert cfg.train.steps == 7 and cfg.model.tie_embeddings and cfg.optim.name == "muon"
+  assert load_config(None, ["data.corpus=notes.txt"]).data.corpus == ("notes.txt",)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=5", "unknown config key 'train.stepz'; did you mean train.steps?"),
+    ("trian.steps=5", "unknown config key 'trian'; did you mean train?"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("train.steps=1.5", "train.steps: expected an integer, got 1.5"),
+    ("model.tie_embeddings=maybe", "model.tie_embeddings: expected true/false"),
+    ("model.mixer=lstm", "model.mixer: 'lstm' is not one of"),
+    ("optim.name=adam", "optim.name: 'adam' is not one of"),
+    ("train.steps=0", "train.steps: must be > 0"),
+    ("model.n_heads=3", "model.n_heads: d_model=256 is not divisible"),
+    ("mesh.fsdp=-2", "mesh: sizes must be positive"),
+    ("optim.grad_accum_steps=3", "optim.grad_accum_steps: train.batch_size=8"),
+    ("model=3", "model: expected a mapping"),
+    ("steps", "expected KEY=VALUE"),
+])
+def test_errors_name_the_key(override, message):
+  with pytest.raises(ConfigError) as err:
+    load_config(None, [override])
+  assert message in str(err.value)
+  assert "\n" not in str(err.value)
+
+
+def test_yaml_file_errors(tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("model: [unclosed\n")
+  with pytest.raises(ConfigError, match="bad.yaml.*invalid YAML"):
+    load_config(bad)
+  with pytest.raises(ConfigError, match="cannot read config file"):
+    load_config(tmp_path / "missing.yaml")
+  bad.write_text("- just\n- a list\n")
+  with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+    load_config(bad)
+
+
+def test_yaml_is_read_safely(tmp_path):
+  evil = tmp_path / "evil.yaml"
+  evil.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+  with pytest.raises(ConfigError, match="invalid YAML"):
+    load_config(evil)
+
+
+def test_save_load_round_trip_and_hash(tmp_path):
+  cfg = load_config(None, ["model.n_layers=3", "mesh.rules=[[batch, data], [embed, '']]"])
+  config_lib.save_config(cfg, tmp_path / "config.yaml")
+  again = load_config(tmp_path / "config.yaml")
+  assert again == cfg
+  assert config_lib.config_hash(again) == config_lib.config_hash(cfg)
+  assert config_lib.config_hash(Config()) != config_lib.config_hash(cfg)
+
+
+def test_every_field_has_a_docstring():
+  def walk(cls):
+    docs = config_lib._field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+      assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+      if dataclasses.is_dataclass(hints[f.name]):
+        walk(hints[f.name])
+  walk(Config)
+  assert any(line.startswith("train.steps (int, default 1000)") for line in config_lib.describe())
+
+
+def test_configs_are_frozen():
+  cfg = Config()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.train.steps = 3  # type: ignore[misc]
+
+
+def test_cli_reports_bad_key_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "ttt_jax.train", "--config", str(REPO / "configs/quickstart.yaml"),
+       "--workdir", str(tmp_path / "run"), "--set", "train.stepss=3"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == ("error: unknown config key 'train.stepss'; "
+                                 "did you mean train.steps?")

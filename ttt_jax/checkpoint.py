@@ -1,0 +1,129 @@
+"""Resumable checkpoints: one orbax ``CheckpointManager`` per workdir.
+
+Each step directory holds three items:
+- ``state``: params and optimizer state, saved in their own dtypes, restored against an
+  abstract state that carries the *current* mesh's shardings (so a different mesh
+  reshards on load);
+- ``data``: the grain iterator state (grain's own checkpoint handler, one file per process);
+- ``meta``: JSON with the config hashes, mesh shape, process/worker counts, versions.
+
+Orbax writes into a temporary directory and renames it when complete, so a crash mid-save
+never leaves a step that ``all_steps()`` would list. A step that still fails to restore
+(truncated files) is reported and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from ttt_jax.config import Config, config_hash, to_dict
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used with the current run."""
+
+
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
+
+
+def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int) -> dict[str, Any]:
+  versions = {}
+  for name in _VERSIONED:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {
+      "config_hash": config_hash(cfg),
+      "model_config_hash": config_hash(cfg.model),
+      "model": to_dict(cfg.model),
+      "vocab_size": vocab_size,
+      "seq_len": cfg.data.seq_len,
+      "mesh_shape": dict(mesh.shape),
+      "process_count": jax.process_count(),
+      "worker_count": cfg.data.worker_count,
+      "python": platform.python_version(),
+      "versions": versions,
+  }
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  meta: dict[str, Any]
+
+
+class Checkpointer:
+  """Thin policy layer over ``ocp.CheckpointManager``: cadence, metadata, fallback."""
+
+  def __init__(self, directory: str | Path, *, keep: int, keep_every: int = 0,
+               async_save: bool = True):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_every or None,
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "data", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any]) -> None:
+    """Starts an (async) save; the data iterator state is read before this returns."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Restored:
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return Restored(step, restored["state"], restored["meta"])
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None,
+                     check: Callable[[dict], None], log: Callable[[str], None]
+                     ) -> Restored | None:
+    """Newest usable checkpoint; corrupt ones are skipped with a message.
+    ``check`` raises CheckpointError for an incompatible (not corrupt) checkpoint."""
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:  # noqa: BLE001 - any read failure means a damaged step
+        log(f"checkpoint {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+        continue
+      check(meta)
+      try:
+        return self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # noqa: BLE001
+        log(f"checkpoint {step} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+            "trying an older one")
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,428 @@
+"""Training entry point: ``python -m ttt_jax.train --config C --workdir W [--set k=v]``.
+
+parse -> build (data, mesh, sharded state, jitted step) -> loop. The loop dispatches
+step t+1 before it reads step t's metrics, so the host never waits on the device
+except when it has to (eval rows, checkpoints, the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import data as data_lib
+from ttt_jax import distributed
+from ttt_jax import metrics as metrics_lib
+from ttt_jax import optim, sharding
+from ttt_jax.config import Config, ConfigError, load_config, save_config, to_dict
+from ttt_jax.models import lm
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (non-finite loss, unusable workdir, ...)."""
+
+
+class TrainState(NamedTuple):
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass
+class Built:
+  """Everything a run needs, made once from the config."""
+  cfg: Config
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  state: TrainState
+  state_shardings: Any
+  vocab_size: int
+
+
+def model_fn(cfg: Config, vocab_size: int) -> Callable[[], lm.LM]:
+  return lambda: lm.LM(cfg.model, vocab_size, rngs=nnx.Rngs(cfg.train.seed))
+
+
+def abstract_state(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh):
+  """Shapes, graphdef, optimizer and shardings of the train state, without allocating."""
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn(cfg, vocab_size)))
+  logical_axes = nnx.get_partition_spec(abstract_params)
+  tx = optim.build_optimizer(cfg.optim, cfg.train.steps, logical_axes)
+  param_shardings = sharding.param_shardings(abstract_params, logical_axes, mesh, cfg.mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated)
+  shardings = TrainState(param_shardings, opt_shardings)
+  abstract = TrainState(abstract_params, abstract_opt)
+  return graphdef, tx, abstract, shardings
+
+
+def build(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> Built:
+  """Initialises the train state directly into its shardings (never whole on one device)."""
+  graphdef, tx, _, shardings = abstract_state(cfg, vocab_size, mesh)
+  make = model_fn(cfg, vocab_size)
+
+  def init() -> TrainState:
+    params = nnx.state(make())
+    return TrainState(params, tx.init(params))
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return Built(cfg, mesh, graphdef, tx, state, shardings, vocab_size)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  def loss_fn(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"])
+    loss, _, _ = lm.cross_entropy_loss(logits, batch["targets"])
+    return loss
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(params, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+  def eval_step(params: nnx.State, batch: dict[str, jax.Array], piece_bytes: jax.Array):
+    logits = nnx.merge(graphdef, params)(batch["inputs"])
+    _, sum_nll, n_tokens = lm.cross_entropy_loss(logits, batch["targets"])
+    n_bytes = jnp.sum(piece_bytes[batch["targets"]])
+    return {"nll": sum_nll, "tokens": n_tokens, "bytes": n_bytes}
+
+  return eval_step
+
+
+def compile_step(jitted, *args, log: Callable[[str], None]):
+  """AOT-compiles, reporting compile time and the compiled memory analysis."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  mem_fields = {}
+  if mem is not None:
+    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "alias_size_in_bytes", "generated_code_size_in_bytes"):
+      mem_fields[name] = int(getattr(mem, name, 0))
+    mem_fields["peak_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or (
+        mem_fields["argument_size_in_bytes"] + mem_fields["output_size_in_bytes"]
+        + mem_fields["temp_size_in_bytes"] - mem_fields["alias_size_in_bytes"]))
+  log(f"compiled train step in {seconds:.2f}s; memory_analysis: " +
+      ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem_fields.items()))
+  return compiled, seconds, mem_fields
+
+
+def train_flops_per_step(cfg: Config, vocab_size: int) -> float:
+  """Analytic training FLOPs of one optimizer step (3x the forward matmul FLOPs)."""
+  per_token = lm.forward_flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
+  return 3.0 * per_token * cfg.train.batch_size * cfg.data.seq_len
+
+
+def evaluate(eval_fn, params, batches, piece_bytes) -> dict[str, float]:
+  totals = None
+  for batch in batches:
+    out = eval_fn(params, batch, piece_bytes)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  loss = float(totals["nll"]) / float(totals["tokens"])
+  row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+  if float(totals["bytes"]) > 0:
+    row["eval_bpb"] = data_lib.bits_per_byte(float(totals["nll"]), int(totals["bytes"]))
+  return row
+
+
+class _Progress:
+  def __init__(self, enabled: bool, total: int, initial: int):
+    self._bar = None
+    if enabled:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
+
+  def update(self, step: int, loss: float | None = None):
+    if self._bar is not None:
+      self._bar.n = step
+      if loss is not None:
+        self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      self._bar.refresh()
+
+  def write(self, text: str):
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
+  """Runs training; returns a summary (final losses, timings) for callers and tests."""
+  workdir = Path(workdir)
+  is_main = jax.process_index() == 0
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+      save_config(cfg, workdir / "config.yaml")
+  except OSError as e:
+    raise TrainingError(f"{workdir}: workdir is not writable ({e.strerror})") from None
+  progress = _Progress(is_main and cfg.logging.progress_bar, cfg.train.steps, 0)
+  log = progress.write if is_main else (lambda _: None)
+
+  corpus = data_lib.prepare_corpus(cfg.data, log=log)
+  vocab_size = corpus.vocab_size
+  mesh = sharding.make_mesh(cfg.mesh)
+  accum = cfg.optim.grad_accum_steps
+  micro_batch = cfg.train.batch_size // accum
+  sharding.check_batch(micro_batch, mesh, "train.batch_size / optim.grad_accum_steps")
+  eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
+  sharding.check_batch(eval_batch_size, mesh, "eval.batch_size")
+  log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices "
+      f"({jax.process_count()} processes); vocab {vocab_size}")
+
+  built = build(cfg, vocab_size, mesh)
+  n_params = lm.count_params(built.state.params)
+  log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer}, "
+      f"residual={cfg.model.residual}, optimizer={cfg.optim.name}")
+
+  batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets")}
+  train_step = jax.jit(make_train_step(built.graphdef, built.tx),
+                       in_shardings=(built.state_shardings, batch_shardings),
+                       out_shardings=(built.state_shardings, sharding.replicated(mesh)),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(built.graphdef),
+                      in_shardings=(built.state_shardings.params, batch_shardings,
+                                    sharding.replicated(mesh)),
+                      out_shardings=sharding.replicated(mesh))
+
+  pi, pc = jax.process_index(), jax.process_count()
+  dataset = data_lib.train_dataset(
+      corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=micro_batch,
+      seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=pi,
+      process_count=pc, worker_count=cfg.data.worker_count)
+  data_iter = iter(dataset)
+  eval_batches = [sharding.put_batch(b, mesh) for b in data_lib.eval_batches(
+      corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=eval_batch_size,
+      num_batches=cfg.eval.batches, process_index=pi, process_count=pc)]
+  piece_bytes = jax.device_put(
+      np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
+                 np.zeros(vocab_size, np.int32), np.int32), sharding.replicated(mesh))
+
+  schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  flops_per_step = train_flops_per_step(cfg, vocab_size)
+  peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
+  if jax.devices()[0].platform == "cpu" and cfg.train.peak_flops == 0:
+    peak /= jax.local_device_count()  # simulated CPU devices share the host's cores
+  log(f"MFU peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source}); "
+      f"{flops_per_step / 1e9:.2f} GFLOP per step")
+
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
+                                     enabled=is_main)
+  state, start_step = built.state, 0
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                               keep_every=cfg.checkpoint.keep_every,
+                               async_save=cfg.checkpoint.async_save)
+  restored = ckpt.restore_latest(ckpt_lib.with_shardings(state, built.state_shardings),
+                                 data_iter, log=log,
+                                 check=lambda meta: check_compatible(meta, cfg, vocab_size))
+  if restored is not None:
+    state, start_step = restored.state, restored.step
+    writer.truncate_after(start_step)
+    log(f"resumed from checkpoint at step {start_step}")
+  run_meta = ckpt_lib.run_metadata(cfg, mesh, vocab_size)
+  progress.update(start_step)
+
+  first_batch = sharding.put_batch(next(data_iter), mesh)
+  compiled_step, compile_s, memory = compile_step(train_step, state, first_batch, log=log)
+  summary: dict[str, Any] = {"compile_s": compile_s, "memory": memory, "n_params": n_params,
+                             "losses": {}, "eval": {}, "start_step": start_step}
+
+  def run_eval(step: int):
+    row = evaluate(eval_step, state.params, eval_batches, piece_bytes)
+    writer.write(step, row)
+    summary["eval"][step] = row
+    log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
+
+  if cfg.train.eval_every and start_step == 0:
+    run_eval(start_step)
+
+  profile_dir = workdir / "profile"
+  prof = cfg.logging.profile_start
+  pending: tuple[int, dict, float] | None = None
+  last_log_time, last_log_step = time.perf_counter(), start_step
+
+  def drain(entry):
+    """Reads a finished step's metrics (the device has moved on by now)."""
+    nonlocal last_log_time, last_log_step
+    step, metrics, lr = entry
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      raise TrainingError(f"non-finite loss ({loss}) at step {step}; stopping")
+    summary["losses"][step] = loss
+    progress.update(step, loss)
+    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+      now = time.perf_counter()
+      step_time = (now - last_log_time) / max(step - last_log_step, 1)
+      last_log_time, last_log_step = now, step
+      writer.write(step, {
+          "loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
+          "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
+          "mfu": flops_per_step / (step_time * peak * jax.device_count())})
+
+  stop = _StopRequest()
+  step = start_step
+  try:
+    batch = first_batch
+    for step in range(start_step + 1, cfg.train.steps + 1):
+      if step == prof:
+        jax.profiler.start_trace(str(profile_dir))
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        loss_sum = None
+        for micro in range(accum):
+          if batch is None:
+            batch = sharding.put_batch(next(data_iter), mesh)
+          state, metrics = compiled_step(state, batch)
+          batch = None
+          loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
+        metrics = {**metrics, "loss": loss_sum / accum}
+      if prof > 0 and step == prof + cfg.logging.profile_steps - 1:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        log(f"wrote profile of steps {prof}..{step} to {profile_dir}")
+      if pending is not None:
+        drain(pending)
+      pending = (step, metrics, float(schedule(step - 1)))
+      if cfg.train.eval_every and (step % cfg.train.eval_every == 0
+                                   or step == cfg.train.steps):
+        drain(pending)
+        pending = None
+        run_eval(step)
+      every = cfg.checkpoint.every
+      if (every and step % every == 0) or step == cfg.train.steps or stop.requested:
+        if pending is not None:  # never checkpoint a state whose loss was non-finite
+          drain(pending)
+          pending = None
+        ckpt.save(step, state, data_iter, run_meta)
+      if stop.requested:
+        log(f"received {stop.requested}; saved a checkpoint at step {step} and stopped")
+        break
+    if pending is not None:
+      drain(pending)
+  finally:
+    stop.restore()
+    ckpt.close()
+    progress.close()
+    writer.close()
+  summary["final_step"] = step
+  summary["state"] = state
+  return summary
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a request the loop honours at the next step boundary."""
+
+  def __init__(self):
+    self.requested: str | None = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int) -> None:
+  """A checkpoint from another model config cannot be resumed here."""
+  current = to_dict(cfg.model)
+  saved = meta.get("model", {})
+  differing = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
+  if differing or meta.get("vocab_size") != vocab_size:
+    what = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+    if meta.get("vocab_size") != vocab_size:
+      what = ", ".join(filter(None, [what, f"vocab_size: {meta.get('vocab_size')} -> {vocab_size}"]))
+    raise ckpt_lib.CheckpointError(
+        f"checkpoint in the workdir was written by a different model ({what}); "
+        "use a new --workdir or the original config")
+
+
+def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
+  """Config, graphdef and params of the newest usable checkpoint in ``workdir``."""
+  workdir = Path(workdir)
+  if not (workdir / "config.yaml").exists():
+    raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
+  cfg = load_config(workdir / "config.yaml", overrides)
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                               async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ckpt_lib.CheckpointError(f"{workdir}: no complete checkpoint to load")
+    vocab_size = int(ckpt.read_meta(steps[-1])["vocab_size"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
+    restored = ckpt.restore_latest(ckpt_lib.with_shardings(abstract, shardings), None, log=log,
+                                   check=lambda meta: check_compatible(meta, cfg, vocab_size))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ckpt_lib.CheckpointError(f"{workdir}: no usable checkpoint")
+  return cfg, graphdef, restored.state.params, restored.step, mesh
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m ttt_jax.train", description=__doc__)
+  parser.add_argument("--config", required=True, help="YAML config file")
+  parser.add_argument("--workdir", required=True, help="run directory")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set train.steps=100 (repeatable)")
+  return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def user_errors():
+  """Turns expected failures into one line on stderr and a non-zero exit."""
+  try:
+    yield
+  except (ConfigError, data_lib.DataError, TrainingError, ckpt_lib.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  with user_errors():
+    cfg = load_config(args.config, args.set)
+    distributed.initialize_from_env()
+    train(cfg, args.workdir)
+
+
+if __name__ == "__main__":
+  main()
