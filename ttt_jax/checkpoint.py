@@ -23,6 +23,7 @@ from typing import Any, Callable
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ttt_jax.config import Config, config_hash, to_dict
 
@@ -105,21 +106,43 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any, data_iter: Any | None,
                      check: Callable[[dict], None], log: Callable[[str], None]
                      ) -> Restored | None:
-    """Newest usable checkpoint; corrupt ones are skipped with a message.
-    ``check`` raises CheckpointError for an incompatible (not corrupt) checkpoint."""
+    """Newest usable checkpoint; damaged ones are skipped with a message and moved
+    aside (never deleted) so that the run's next saves can reuse their step numbers.
+    ``check`` raises CheckpointError for an incompatible (not damaged) checkpoint."""
+    damaged: list[int] = []
+    restored = None
     for step in reversed(self.all_steps()):
       try:
         meta = self.read_meta(step)
       except Exception as e:  # noqa: BLE001 - any read failure means a damaged step
         log(f"checkpoint {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+        damaged.append(step)
         continue
       check(meta)
       try:
-        return self.restore(step, abstract_state, data_iter)
+        restored = self.restore(step, abstract_state, data_iter)
+        break
       except Exception as e:  # noqa: BLE001
         log(f"checkpoint {step} is damaged ({type(e).__name__}: {str(e)[:200]}); "
             "trying an older one")
-    return None
+        damaged.append(step)
+    if damaged:
+      self._quarantine(damaged, log)
+    return restored
+
+  def _quarantine(self, steps: list[int], log: Callable[[str], None]) -> None:
+    """Moves damaged step directories to ``<checkpoints>.damaged/<step>-<n>``."""
+    target_root = self.directory.with_name(self.directory.name + ".damaged")
+    if jax.process_index() == 0:
+      target_root.mkdir(exist_ok=True)
+      for step in steps:
+        n = 0
+        while (target := target_root / f"{step}-{n}").exists():
+          n += 1
+        (self.directory / str(step)).rename(target)
+        log(f"moved damaged checkpoint {step} to {target}")
+    multihost_utils.sync_global_devices("ttt_jax.checkpoint.quarantine")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

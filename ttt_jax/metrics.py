@@ -110,3 +110,17 @@ def peak_flops_per_device(configured: float) -> tuple[float, str]:
   if kind in PEAK_FLOPS_BY_KIND:
     return PEAK_FLOPS_BY_KIND[kind], f"table ({kind})"
   return measure_peak_flops(), f"measured f32 matmul on {kind}"
+
+
+def mesh_peak_flops(configured: float, mesh: jax.sharding.Mesh) -> tuple[float, str]:
+  """Aggregate peak FLOP/s of the devices in ``mesh`` (the MFU denominator).
+
+  A configured or tabulated peak is per device and is multiplied by the mesh size. A
+  measured CPU rate is per host, since simulated CPU devices of one process share its
+  cores, and is multiplied by the number of processes in the mesh.
+  """
+  per_device, source = peak_flops_per_device(configured)
+  devices = list(mesh.devices.flat)
+  if source.startswith("measured") and devices[0].platform == "cpu":
+    return per_device * len({d.process_index for d in devices}), source + " (per host)"
+  return per_device * len(devices), source

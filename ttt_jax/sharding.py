@@ -38,8 +38,14 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-  """A mesh over all devices (topology-aware order), or over ``devices`` as given."""
+  """A mesh over all devices (topology-aware order), over the first
+  ``cfg.num_devices`` of them, or over ``devices`` as given."""
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if devices is None and cfg.num_devices and cfg.num_devices != jax.device_count():
+    if cfg.num_devices > jax.device_count() or jax.process_count() > 1:
+      raise ConfigError(f"mesh.num_devices: {cfg.num_devices} must be at most the "
+                        f"{jax.device_count()} devices, and 0 in multi-process runs")
+    devices = jax.devices()[:cfg.num_devices]
   if devices is None:
     shape = mesh_shape(cfg, jax.device_count())
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)

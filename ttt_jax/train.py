@@ -66,9 +66,7 @@ def abstract_state(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh):
   param_shardings = sharding.param_shardings(abstract_params, logical_axes, mesh, cfg.mesh)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, param_shardings,
-      transform_non_params=lambda _: replicated)
+  opt_shardings = optim.opt_state_shardings(tx, abstract_opt, param_shardings, replicated)
   shardings = TrainState(param_shardings, opt_shardings)
   abstract = TrainState(abstract_params, abstract_opt)
   return graphdef, tx, abstract, shardings
@@ -98,7 +96,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(params, opt_state), metrics
 
   return train_step
@@ -125,7 +123,8 @@ def compile_step(jitted, *args, log: Callable[[str], None]):
     for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                  "alias_size_in_bytes", "generated_code_size_in_bytes"):
       mem_fields[name] = int(getattr(mem, name, 0))
-    mem_fields["peak_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or (
+    # Live at once: inputs, outputs not aliased to (donated) inputs, and temporaries.
+    mem_fields["peak_bytes"] = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), (
         mem_fields["argument_size_in_bytes"] + mem_fields["output_size_in_bytes"]
         + mem_fields["temp_size_in_bytes"] - mem_fields["alias_size_in_bytes"]))
   log(f"compiled train step in {seconds:.2f}s; memory_analysis: " +
@@ -192,13 +191,15 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
   corpus = data_lib.prepare_corpus(cfg.data, log=log)
   vocab_size = corpus.vocab_size
+  if is_main and corpus.tokenizer is not None:
+    corpus.tokenizer.save(workdir / "tokenizer.model")
   mesh = sharding.make_mesh(cfg.mesh)
   accum = cfg.optim.grad_accum_steps
   micro_batch = cfg.train.batch_size // accum
   sharding.check_batch(micro_batch, mesh, "train.batch_size / optim.grad_accum_steps")
   eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
   sharding.check_batch(eval_batch_size, mesh, "eval.batch_size")
-  log(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices "
+  log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} devices "
       f"({jax.process_count()} processes); vocab {vocab_size}")
 
   built = build(cfg, vocab_size, mesh)
@@ -232,10 +233,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   flops_per_step = train_flops_per_step(cfg, vocab_size)
-  peak, peak_source = metrics_lib.peak_flops_per_device(cfg.train.peak_flops)
-  if jax.devices()[0].platform == "cpu" and cfg.train.peak_flops == 0:
-    peak /= jax.local_device_count()  # simulated CPU devices share the host's cores
-  log(f"MFU peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source}); "
+  peak, peak_source = metrics_lib.mesh_peak_flops(cfg.train.peak_flops, mesh)
+  log(f"MFU peak {peak / 1e9:.1f} GFLOP/s over the mesh ({peak_source}); "
       f"{flops_per_step / 1e9:.2f} GFLOP per step")
 
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
@@ -289,13 +288,16 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       writer.write(step, {
           "loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
           "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
-          "mfu": flops_per_step / (step_time * peak * jax.device_count())})
+          "mfu": flops_per_step / (step_time * peak)})
 
   stop = _StopRequest()
   step = start_step
   try:
     batch = first_batch
-    for step in range(start_step + 1, cfg.train.steps + 1):
+    last_step = cfg.train.steps
+    if cfg.train.stop_after:
+      last_step = min(last_step, start_step + cfg.train.stop_after)
+    for step in range(start_step + 1, last_step + 1):
       if step == prof:
         jax.profiler.start_trace(str(profile_dir))
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -320,7 +322,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         pending = None
         run_eval(step)
       every = cfg.checkpoint.every
-      if (every and step % every == 0) or step == cfg.train.steps or stop.requested:
+      if (every and step % every == 0) or step == last_step or stop.requested:
         if pending is not None:  # never checkpoint a state whose loss was non-finite
           drain(pending)
           pending = None

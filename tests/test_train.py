@@ -1,0 +1,149 @@
+"""The training loop on small real text: learning, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import generate, train
+from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_config, train_losses
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("corpus")
+  return copy_stdlib_corpus(root / "src"), root / "cache"
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+  """One 60-step run: (config, workdir, summary)."""
+  workdir = tmp_path_factory.mktemp("run")
+  cfg = tiny_config(*corpus)
+  return cfg, workdir, train.train(cfg, workdir)
+
+
+def params_of(summary) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(summary["state"].params)]
+
+
+def test_loss_goes_down_on_real_text(trained):
+  cfg, workdir, _ = trained
+  evals = eval_losses(workdir)
+  assert sorted(evals) == [0, 30, 60]
+  assert evals[0] > 0.95 * math.log(cfg.data.vocab_size)  # untrained: about uniform
+  assert evals[60] < evals[0] - 1.0
+  losses = train_losses(workdir)
+  assert np.mean([losses[s] for s in range(56, 61)]) < np.mean([losses[s] for s in range(1, 6)]) - 1.0
+
+
+def test_run_directory_holds_config_tokenizer_metrics_and_events(trained):
+  cfg, workdir, _ = trained
+  assert (workdir / "config.yaml").read_text().count("vocab_size: 512") == 1
+  assert (workdir / "tokenizer.model").stat().st_size > 0
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  rows = read_metrics(workdir)
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 61))
+  for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s", "mfu"):
+    assert all(math.isfinite(r[key]) for r in train_rows), key
+  assert all(0 < r["mfu"] < 1 for r in train_rows)
+  eval_rows = [r for r in rows if "eval_loss" in r]
+  assert all(r["eval_bpb"] > 0 and r["eval_ppl"] > 1 for r in eval_rows)
+  # bpb = nats/token / ln 2 * tokens/byte: consistent with the loss and ~3-4 bytes/token
+  for r in eval_rows:
+    bytes_per_token = r["eval_loss"] / math.log(2) / r["eval_bpb"]
+    assert 1.5 < bytes_per_token < 6.0
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [20, 40, 60]
+
+
+def test_same_seed_and_config_give_bitwise_identical_losses(trained, corpus, tmp_path):
+  cfg, workdir, summary = trained
+  again = train.train(cfg, tmp_path)
+  assert train_losses(tmp_path) == train_losses(workdir)
+  assert eval_losses(tmp_path) == eval_losses(workdir)
+  for a, b in zip(params_of(summary), params_of(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(trained, corpus, tmp_path):
+  """Stop after 27 steps (a checkpoint at 20 and one at the stop), resume to 60."""
+  cfg, workdir, summary = trained
+  first = train.train(tiny_config(*corpus, "train.stop_after=27"), tmp_path)
+  assert first["final_step"] == 27
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [20, 27]
+  resumed = train.train(cfg, tmp_path)
+  assert resumed["start_step"] == 27
+  assert train_losses(tmp_path) == train_losses(workdir)  # no duplicated or missing rows
+  assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 61))
+  assert eval_losses(tmp_path) == eval_losses(workdir)
+  for a, b in zip(params_of(summary), params_of(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_generation_samples_from_the_trained_run(trained, capsys):
+  _, workdir, _ = trained
+  greedy = [generate.generate_text(workdir, "def ", max_new_tokens=12, temperature=0.0,
+                                   top_p=1.0, seed=s) for s in (0, 1)]
+  assert greedy[0] == greedy[1] and len(greedy[0]) > 0
+  generate.main(["--workdir", str(workdir), "--prompt", "import ", "--max-new-tokens", "8",
+                 "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"])
+  out = capsys.readouterr().out
+  assert out.startswith("import ") and len(out) > len("import ")
+
+
+def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
+  cfg = tiny_config(*corpus, "model.init_std=1e30", "train.eval_every=0")
+  with pytest.raises(train.TrainingError, match=r"non-finite loss \(\w+\) at step [12]; stopping"):
+    train.train(cfg, tmp_path)
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(trained, corpus, tmp_path):
+  _, workdir, _ = trained
+  run = tmp_path / "run"
+  train.train(tiny_config(*corpus, "train.steps=2", "train.eval_every=0"), run)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"model.d_model: 64 -> 32"):
+    train.train(tiny_config(*corpus, "train.steps=4", "model.d_model=32"), run)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, capsys):
+  cfg = tiny_config(*corpus, "train.steps=40", "train.eval_every=0")
+  train.train(cfg, tmp_path)
+  for f in (tmp_path / "checkpoints" / "40" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"\0" * 7)
+  summary = train.train(tiny_config(*corpus, "train.steps=45", "train.eval_every=0"), tmp_path)
+  out = capsys.readouterr().out
+  assert "checkpoint 40 is damaged" in out
+  assert summary["start_step"] == 20
+
+
+def test_unwritable_workdir_is_a_clear_error(corpus, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(train.TrainingError, match="workdir is not writable"):
+    train.train(tiny_config(*corpus), blocker / "run")
+
+
+def test_profile_window_writes_a_trace(corpus, tmp_path):
+  cfg = tiny_config(*corpus, "train.steps=4", "train.eval_every=0", "logging.profile_start=2",
+                    "logging.profile_steps=2")
+  train.train(cfg, tmp_path)
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
+
+
+def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(["--config", os.devnull, "--workdir", str(tmp_path),
+                "--set", "model.mixer=lstm"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "model.mixer" in err[0]
