@@ -224,11 +224,16 @@ class TrainConfig:
   """Evaluate on the validation split every N steps (and at the last step); 0 disables."""
   peak_flops: float = 0.0
   """Peak FLOP/s per device for MFU; 0 measures a large f32 matmul once at startup."""
+  stop_after: int = 0
+  """Stop (saving a checkpoint) after this many steps in this invocation; 0 runs to
+  train.steps. The schedule still spans train.steps, so a run of time-limited jobs
+  (rerun on the same workdir) equals one uninterrupted run."""
 
   def __post_init__(self):
     _check_positive("train", self, "steps", "batch_size", "log_every")
-    if self.eval_every < 0 or self.peak_flops < 0:
-      raise ConfigError("train.eval_every and train.peak_flops must be >= 0")
+    for name in ("eval_every", "peak_flops", "stop_after"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +276,9 @@ class MeshConfig:
   """Fully-sharded data-parallel axis size (params and batch sharded); -1 fills."""
   tensor: int = 1
   """Tensor-parallel axis size (heads / mlp / vocab sharded); -1 fills."""
+  num_devices: int = 0
+  """Devices the mesh spans; 0 means all of them. A smaller number uses the first N
+  devices (single-process runs only), e.g. 1 to reproduce a one-device run."""
   rules: tuple[tuple[str, str], ...] = (
       ("batch", "data+fsdp"),
       ("embed", "fsdp"),
@@ -284,6 +292,8 @@ class MeshConfig:
 
   def __post_init__(self):
     sizes = (self.data, self.fsdp, self.tensor)
+    if self.num_devices < 0:
+      raise ConfigError(f"mesh.num_devices: must be >= 0, got {self.num_devices}")
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
       raise ConfigError(f"mesh: sizes must be positive or a single -1, got "
                         f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
