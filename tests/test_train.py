@@ -147,3 +147,19 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "model.mixer" in err[0]
+
+
+def test_init_from_takes_params_and_starts_fresh(trained, corpus, tmp_path):
+  cfg, workdir, summary = trained
+  fresh = train.train(tiny_config(*corpus, "train.steps=3", "train.eval_every=0",
+                                  "optim.name=sgd", "optim.lr=1e-3",
+                                  f"checkpoint.init_from={workdir}"), tmp_path / "fresh")
+  assert fresh["start_step"] == 0
+  trained_loss = np.mean([train_losses(workdir)[s] for s in range(56, 61)])
+  assert abs(fresh["losses"][1] - trained_loss) < 0.5  # not the untrained ~ln(512)=6.2
+  branch = train.train(tiny_config(*corpus, "train.steps=62", "train.eval_every=0",
+                                   f"checkpoint.init_from={workdir}/checkpoints/40",
+                                   "checkpoint.init_from_full=true"), tmp_path / "branch")
+  assert branch["start_step"] == 40
+  # the branch continues the source run exactly: same state, same data position
+  assert branch["losses"][41] == train_losses(workdir)[41]

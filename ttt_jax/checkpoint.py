@@ -15,6 +15,7 @@ never leaves a step that ``all_steps()`` would list. A step that still fails to 
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib.metadata
 import platform
 from pathlib import Path
@@ -48,6 +49,8 @@ def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int) -> dict[
       "model": to_dict(cfg.model),
       "vocab_size": vocab_size,
       "seq_len": cfg.data.seq_len,
+      "seed": cfg.train.seed,
+      "rng": "stateless: per-step randomness is fold_in(key(train.seed), step)",
       "mesh_shape": dict(mesh.shape),
       "process_count": jax.process_count(),
       "worker_count": cfg.data.worker_count,
@@ -97,11 +100,47 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Restored:
-    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if data_iter is not None:
+    """Restores ``step`` into the shardings of ``abstract_state`` and, if given, moves
+    ``data_iter`` to the checkpoint's position in the global sample stream."""
+    meta = self.read_meta(step)
+    same_processes = meta.get("process_count") == jax.process_count()
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None and same_processes:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return Restored(step, restored["state"], restored["meta"])
+    if data_iter is not None and not same_processes:
+      data_iter.set_state(self._rescaled_data_state(step, meta["process_count"]))
+    return Restored(step, restored["state"], meta)
+
+  def _rescaled_data_state(self, step: int, saved_processes: int) -> dict[str, int]:
+    """The data position of a checkpoint written by another number of processes.
+
+    Process p of P reads elements p, p + P, ... of the global window stream (see
+    ``data.train_dataset``), and at a step boundary every process has read the same
+    number k of them, so the global position is k * P, which is the same for any process
+    count dividing it. Only the in-process pipeline (``data.worker_count = 0``) has a
+    state of this form; grain worker pools interleave per-worker slices instead.
+    """
+    positions = set()
+    for p in range(saved_processes):
+      path = self.directory / str(step) / "data" / f"process_{p}-of-{saved_processes}.json"
+      try:
+        state = json.loads(path.read_text())
+      except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the data iterator state ({e})") from None
+      if set(state) != {"next_index"}:
+        raise CheckpointError(
+            f"checkpoint {step} was written by {saved_processes} processes with grain "
+            "workers; it can only resume with the same process count and data.worker_count")
+      positions.add(int(state["next_index"]))
+    if len(positions) != 1:
+      raise CheckpointError(f"checkpoint {step}: processes disagree on the data position "
+                            f"{sorted(positions)}")
+    global_position = positions.pop() * saved_processes
+    if global_position % jax.process_count():
+      raise CheckpointError(f"checkpoint {step}: data position {global_position} cannot be "
+                            f"split over {jax.process_count()} processes")
+    return {"next_index": global_position // jax.process_count()}
 
   def restore_latest(self, abstract_state: Any, data_iter: Any | None,
                      check: Callable[[dict], None], log: Callable[[str], None]
@@ -150,3 +189,46 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def resolve_source(path: str | Path) -> tuple[Path, int | None]:
+  """(checkpoint directory, step or None for the newest) of an ``--init-from`` path: a
+  run directory, its ``checkpoints`` directory or one step directory in it."""
+  path = Path(path).absolute()
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints", None
+  if path.name.isdigit() and (path / "state").is_dir():
+    return path.parent, int(path.name)
+  if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
+    return path, None
+  raise CheckpointError(f"{path}: --init-from expects a run directory, its checkpoints "
+                        "directory or a checkpoint step directory")
+
+
+def load_params(path: str | Path, abstract_params: Any,
+                check: Callable[[dict], None]) -> tuple[int, Any, dict[str, Any]]:
+  """(step, params, meta) of another run's checkpoint, params only (partial restore),
+  placed with the shardings of ``abstract_params`` (ShapeDtypeStructs)."""
+  directory, step = resolve_source(path)
+  manager = ocp.CheckpointManager(
+      directory, item_names=("state", "meta"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(manager.all_steps())
+    if step is None:
+      if not steps:
+        raise CheckpointError(f"{directory}: no complete checkpoint to initialise from")
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointError(f"{directory}/{step}: not a complete checkpoint")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    check(meta)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                abstract_params)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return step, restored["state"]["params"], meta

@@ -250,6 +250,9 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     state, start_step = restored.state, restored.step
     writer.truncate_after(start_step)
     log(f"resumed from checkpoint at step {start_step}")
+  elif cfg.checkpoint.init_from:
+    state, start_step = init_from(cfg, built, state, data_iter, vocab_size, log)
+    writer.truncate_after(start_step)
   run_meta = ckpt_lib.run_metadata(cfg, mesh, vocab_size)
   progress.update(start_step)
 
@@ -342,6 +345,31 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   return summary
 
 
+def init_from(cfg: Config, built: Built, state: TrainState, data_iter: Any, vocab_size: int,
+              log: Callable[[str], None]) -> tuple[TrainState, int]:
+  """(state, start step) of a new run initialised from ``cfg.checkpoint.init_from``."""
+  source = cfg.checkpoint.init_from
+  if cfg.checkpoint.init_from_full:
+    directory, step = ckpt_lib.resolve_source(source)
+    other = ckpt_lib.Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False)
+    try:
+      step = step if step is not None else (other.all_steps() or [None])[-1]
+      if step is None:
+        raise ckpt_lib.CheckpointError(f"{directory}: no complete checkpoint to initialise from")
+      check_compatible(other.read_meta(step), cfg, vocab_size)
+      restored = other.restore(step, ckpt_lib.with_shardings(state, built.state_shardings),
+                               data_iter)
+    finally:
+      other.close()
+    log(f"initialised from {directory}/{step}: params, optimizer state and data position")
+    return restored.state, restored.step
+  step, params, _ = ckpt_lib.load_params(
+      source, ckpt_lib.with_shardings(state.params, built.state_shardings.params),
+      check=lambda meta: check_compatible(meta, cfg, vocab_size, resume_data=False))
+  log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
+  return TrainState(params, state.opt_state), 0
+
+
 class _StopRequest:
   """Turns SIGTERM/SIGINT into a request the loop honours at the next step boundary."""
 
@@ -361,11 +389,29 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int) -> None:
-  """A checkpoint from another model config cannot be resumed here."""
+COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers",
+                             "ttt_remat_group")
+"""Model fields that change how the step computes, not what the parameters are: they
+may differ between a checkpoint and the run resuming it."""
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
+                     resume_data: bool = True) -> None:
+  """A checkpoint from another model config cannot be loaded here; one from another
+  sample stream (seed, sequence length, worker count) cannot be resumed."""
+  if resume_data:
+    for key, current_value in (("worker_count", cfg.data.worker_count),
+                               ("seq_len", cfg.data.seq_len), ("seed", cfg.train.seed)):
+      if key in meta and meta[key] != current_value:
+        section = "train" if key == "seed" else "data"
+        raise ckpt_lib.CheckpointError(
+            f"{section}.{key}: the checkpoint's sample stream was made with "
+            f"{section}.{key}={meta[key]}, this run has {current_value}; resume with the "
+            "original value or use a new --workdir (--init-from to start from its params)")
   current = to_dict(cfg.model)
   saved = meta.get("model", {})
-  differing = sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k))
+  differing = sorted(k for k in set(current) | set(saved)
+                     if k not in COMPUTE_ONLY_MODEL_FIELDS and current.get(k) != saved.get(k))
   if differing or meta.get("vocab_size") != vocab_size:
     what = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
     if meta.get("vocab_size") != vocab_size:
@@ -390,8 +436,9 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
     vocab_size = int(ckpt.read_meta(steps[-1])["vocab_size"])
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
-    restored = ckpt.restore_latest(ckpt_lib.with_shardings(abstract, shardings), None, log=log,
-                                   check=lambda meta: check_compatible(meta, cfg, vocab_size))
+    restored = ckpt.restore_latest(
+        ckpt_lib.with_shardings(abstract, shardings), None, log=log,
+        check=lambda meta: check_compatible(meta, cfg, vocab_size, resume_data=False))
   finally:
     ckpt.close()
   if restored is None:
@@ -405,6 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--workdir", required=True, help="run directory")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. --set train.steps=100 (repeatable)")
+  parser.add_argument("--init-from", metavar="PATH", default=None,
+                      help="start from another run's params (checkpoint.init_from)")
   return parser.parse_args(argv)
 
 
@@ -421,7 +470,10 @@ def user_errors():
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   with user_errors():
-    cfg = load_config(args.config, args.set)
+    overrides = list(args.set)
+    if args.init_from:
+      overrides.append(f"checkpoint.init_from={args.init_from}")
+    cfg = load_config(args.config, overrides)
     distributed.initialize_from_env()
     train(cfg, args.workdir)
 

@@ -1,0 +1,121 @@
+"""Checkpointer: dtypes, the data position (exactly once), process-count changes."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import data
+
+SEQ = 4
+WINDOWS = 24
+
+
+def dataset(process_index: int = 0, process_count: int = 1, batch: int = 4):
+  tokens = np.arange(WINDOWS * SEQ + 1, dtype=np.uint16)
+  return data.train_dataset(tokens, seq_len=SEQ, global_batch_size=batch, seed=5, shuffle=True,
+                            process_index=process_index, process_count=process_count,
+                            worker_count=0)
+
+
+def ids(batch) -> list[int]:
+  return (batch["inputs"][:, 0] // SEQ).tolist()
+
+
+def small_state():
+  return {"fast_weights_fp32": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) / 7,
+          "params_bf16": (jnp.arange(8, dtype=jnp.float32) / 3).astype(jnp.bfloat16),
+          "count": jnp.asarray(3, jnp.int32)}
+
+
+def test_save_restore_keeps_dtypes_and_bits(tmp_path):
+  state = small_state()
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  ckpt.save(1, state, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = ckpt.restore(1, abstract, None).state
+  ckpt.close()
+  for key, value in state.items():
+    assert restored[key].dtype == value.dtype
+    np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+
+def test_async_save_then_restore_continues_exactly_once(tmp_path):
+  """Batches after a restore are exactly those the original run saw after the save,
+  even though the original kept iterating while the save was in flight; within an
+  epoch no window repeats and none is skipped."""
+  iterator = iter(dataset())
+  seen = [ids(next(iterator)) for _ in range(3)]
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=True)
+  ckpt.save(3, small_state(), iterator, {"process_count": 1})
+  after_save = [ids(next(iterator)) for _ in range(9)]  # overlaps the async write
+  ckpt.close()
+
+  resumed = iter(dataset())
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          small_state())
+  ckpt.restore(3, abstract, resumed)
+  ckpt.close()
+  assert [ids(next(resumed)) for _ in range(9)] == after_save
+  stream = [i for b in seen + after_save for i in b]
+  for epoch in range(len(stream) // WINDOWS):
+    assert sorted(stream[epoch * WINDOWS:(epoch + 1) * WINDOWS]) == list(range(WINDOWS))
+
+
+def test_data_position_rescales_to_another_process_count(tmp_path):
+  """A checkpoint written by 2 processes continues, in 1 process, with the global
+  batches the 2 processes would have read next."""
+  steps = 5
+  iterators = [iter(dataset(p, 2)) for p in range(2)]
+  for _ in range(steps):
+    for it in iterators:
+      next(it)
+  step_dir = tmp_path / "7" / "data"
+  step_dir.mkdir(parents=True)
+  for p, it in enumerate(iterators):
+    (step_dir / f"process_{p}-of-2.json").write_text(json.dumps(it.get_state()))
+  expected = [sorted(ids(next(iterators[0])) + ids(next(iterators[1]))) for _ in range(8)]
+
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  state = ckpt._rescaled_data_state(7, 2)
+  single = iter(dataset())
+  single.set_state(state)
+  assert [sorted(ids(next(single))) for _ in range(8)] == expected
+
+  (step_dir / "process_1-of-2.json").write_text(json.dumps({"next_index": 1}))
+  with pytest.raises(ckpt_lib.CheckpointError, match="disagree on the data position"):
+    ckpt._rescaled_data_state(7, 2)
+  (step_dir / "process_1-of-2.json").write_text(json.dumps({"next_index_in_cycle": 1}))
+  with pytest.raises(ckpt_lib.CheckpointError, match="grain workers"):
+    ckpt._rescaled_data_state(7, 2)
+  ckpt.close()
+
+
+def test_incomplete_save_is_never_listed(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False)
+  ckpt.save(2, small_state(), iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  # what a process killed mid-save leaves: orbax's temporary directory, never renamed
+  (tmp_path / "4.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3)
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
+
+
+def test_init_from_path_forms(tmp_path):
+  run = tmp_path / "run"
+  (run / "checkpoints" / "5" / "state").mkdir(parents=True)
+  assert ckpt_lib.resolve_source(run) == (run / "checkpoints", None)
+  assert ckpt_lib.resolve_source(run / "checkpoints") == (run / "checkpoints", None)
+  assert ckpt_lib.resolve_source(run / "checkpoints" / "5") == (run / "checkpoints", 5)
+  with pytest.raises(ckpt_lib.CheckpointError, match="--init-from expects"):
+    ckpt_lib.resolve_source(tmp_path / "nothing")
