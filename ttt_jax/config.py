@@ -260,6 +260,13 @@ class CheckpointConfig:
   """Also keep every checkpoint whose step is a multiple of M; 0 disables."""
   async_save: bool = True
   """Write checkpoints in the background while training continues."""
+  init_from: str = ""
+  """Start a new run (a workdir without checkpoints) from another run's parameters: its
+  run directory, checkpoints directory or one step directory (also ``--init-from``).
+  The optimizer, step and data start fresh unless init_from_full."""
+  init_from_full: bool = False
+  """With init_from: also take the optimizer state, step and data position, branching
+  the source run into this workdir (the model and sample stream must match)."""
 
   def __post_init__(self):
     for name in ("every", "keep_every"):
