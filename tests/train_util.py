@@ -23,9 +23,9 @@ def copy_stdlib_corpus(directory: Path) -> str:
   return str(directory / "*.py")
 
 
-def tiny_config(corpus_glob: str, cache_dir: Path, *overrides: str) -> Config:
-  """A 2-layer d64 model on one device, quick to compile and to train."""
-  base = [
+def tiny_overrides(corpus_glob: str, cache_dir: Path) -> list[str]:
+  """``--set`` values of a 2-layer d64 model on one device, quick to compile and train."""
+  return [
       f"data.corpus=[{corpus_glob}]", f"data.cache_dir={cache_dir}", "data.seq_len=64",
       "data.vocab_size=512", "data.val_fraction=0.15",
       "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=128",
@@ -37,7 +37,10 @@ def tiny_config(corpus_glob: str, cache_dir: Path, *overrides: str) -> Config:
       "mesh.num_devices=1", "mesh.fsdp=1",
       "logging.progress_bar=false", "logging.tensorboard=true",
   ]
-  return load_config(None, base + list(overrides))
+
+
+def tiny_config(corpus_glob: str, cache_dir: Path, *overrides: str) -> Config:
+  return load_config(None, tiny_overrides(corpus_glob, cache_dir) + list(overrides))
 
 
 def read_metrics(workdir: Path) -> list[dict]:
