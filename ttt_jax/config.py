@@ -54,6 +54,8 @@ def _check_positive(section: str, obj: Any, *names: str) -> None:
 
 MIXERS = ("attention",)
 """Registered token mixers; later mechanisms append to this in ``models/lm.py``."""
+OBJECTIVES = ("lm",)
+"""Registered training objectives (``ttt_jax.objectives``)."""
 RESIDUALS = ("plain",)
 """Registered residual schemes."""
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
@@ -224,6 +226,9 @@ class TrainConfig:
   """Evaluate on the validation split every N steps (and at the last step); 0 disables."""
   peak_flops: float = 0.0
   """Peak FLOP/s per device for MFU; 0 measures a large f32 matmul once at startup."""
+  objective: str = "lm"
+  """What the step minimises (``ttt_jax.objectives.OBJECTIVES``): 'lm' (next-token
+  cross-entropy)."""
   stop_after: int = 0
   """Stop (saving a checkpoint) after this many steps in this invocation; 0 runs to
   train.steps. The schedule still spans train.steps, so a run of time-limited jobs
@@ -231,6 +236,7 @@ class TrainConfig:
 
   def __post_init__(self):
     _check_positive("train", self, "steps", "batch_size", "log_every")
+    _check_choice("train", "objective", self.objective, OBJECTIVES)
     for name in ("eval_every", "peak_flops", "stop_after"):
       if getattr(self, name) < 0:
         raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")

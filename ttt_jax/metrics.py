@@ -33,13 +33,19 @@ def _tag(key: str) -> str:
 class MetricsWriter:
   """Appends rows to ``WORKDIR/metrics.jsonl`` and ``WORKDIR/tb`` (process 0 only)."""
 
-  def __init__(self, workdir: Path, *, tensorboard: bool, enabled: bool):
+  def __init__(self, workdir: Path, *, tensorboard: bool, enabled: bool,
+               resume_step: int | None = None):
+    """``resume_step``: the run continues from this step, so rows logged after it by an
+    interrupted run are dropped from metrics.jsonl and purged from tensorboard."""
     self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
     self._tb = None
+    if resume_step is not None:
+      self.truncate_after(resume_step)
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(Path(workdir) / "tb"))
+      purge_step = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=purge_step)
 
   def truncate_after(self, step: int) -> None:
     """Drops rows logged after ``step`` (used when resuming from an earlier step)."""

@@ -28,7 +28,7 @@ from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import data as data_lib
 from ttt_jax import distributed
 from ttt_jax import metrics as metrics_lib
-from ttt_jax import optim, sharding
+from ttt_jax import objectives, optim, sharding
 from ttt_jax.config import Config, ConfigError, load_config, save_config, to_dict
 from ttt_jax.models import lm
 
@@ -38,6 +38,8 @@ class TrainingError(RuntimeError):
 
 
 class TrainState(NamedTuple):
+  step: jax.Array
+  """int32 scalar: micro-batches trained on (optimizer steps x grad_accum_steps)."""
   params: nnx.State
   opt_state: optax.OptState
 
@@ -67,8 +69,8 @@ def abstract_state(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh):
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
   opt_shardings = optim.opt_state_shardings(tx, abstract_opt, param_shardings, replicated)
-  shardings = TrainState(param_shardings, opt_shardings)
-  abstract = TrainState(abstract_params, abstract_opt)
+  shardings = TrainState(replicated, param_shardings, opt_shardings)
+  abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
   return graphdef, tx, abstract, shardings
 
 
@@ -79,27 +81,41 @@ def build(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh) -> Built:
 
   def init() -> TrainState:
     params = nnx.state(make())
-    return TrainState(params, tx.init(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   state = jax.jit(init, out_shardings=shardings)()
   return Built(cfg, mesh, graphdef, tx, state, shardings, vocab_size)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-  def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"])
-    loss, _, _ = lm.cross_entropy_loss(logits, batch["targets"])
-    return loss
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  """The pure step on one micro-batch: ``(state, batch) -> (state, metrics)``."""
+  objective = objectives.build(cfg)
+  accum = cfg.optim.grad_accum_steps
+  base_key = jax.random.key(cfg.train.seed)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    step = state.step // accum
+    rng = jax.random.fold_in(base_key, state.step)
+
+    def loss_fn(params):
+      return objective(nnx.merge(graphdef, params), batch, step, rng)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(params, opt_state), metrics
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step
+
+
+def jit_train_step(built: Built):
+  """``make_train_step`` jitted with the state's shardings, the batch sharded over
+  (data, fsdp), and the state donated."""
+  return jax.jit(make_train_step(built.cfg, built.graphdef, built.tx),
+                 in_shardings=(built.state_shardings, sharding.batch_sharding(built.mesh)),
+                 out_shardings=(built.state_shardings, sharding.replicated(built.mesh)),
+                 donate_argnums=0)
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
@@ -207,13 +223,9 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer}, "
       f"residual={cfg.model.residual}, optimizer={cfg.optim.name}")
 
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets")}
-  train_step = jax.jit(make_train_step(built.graphdef, built.tx),
-                       in_shardings=(built.state_shardings, batch_shardings),
-                       out_shardings=(built.state_shardings, sharding.replicated(mesh)),
-                       donate_argnums=0)
+  train_step = jit_train_step(built)
   eval_step = jax.jit(make_eval_step(built.graphdef),
-                      in_shardings=(built.state_shardings.params, batch_shardings,
+                      in_shardings=(built.state_shardings.params, sharding.batch_sharding(mesh),
                                     sharding.replicated(mesh)),
                       out_shardings=sharding.replicated(mesh))
 
@@ -237,8 +249,6 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   log(f"MFU peak {peak / 1e9:.1f} GFLOP/s over the mesh ({peak_source}); "
       f"{flops_per_step / 1e9:.2f} GFLOP per step")
 
-  writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
-                                     enabled=is_main)
   state, start_step = built.state, 0
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                keep_every=cfg.checkpoint.keep_every,
@@ -248,11 +258,13 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                                  check=lambda meta: check_compatible(meta, cfg, vocab_size))
   if restored is not None:
     state, start_step = restored.state, restored.step
-    writer.truncate_after(start_step)
     log(f"resumed from checkpoint at step {start_step}")
   elif cfg.checkpoint.init_from:
     state, start_step = init_from(cfg, built, state, data_iter, vocab_size, log)
-    writer.truncate_after(start_step)
+  # rows an earlier, interrupted attempt logged past the starting step are dropped
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
+                                     enabled=is_main,
+                                     resume_step=start_step if restored is not None else -1)
   run_meta = ckpt_lib.run_metadata(cfg, mesh, vocab_size)
   progress.update(start_step)
 
@@ -288,10 +300,11 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       now = time.perf_counter()
       step_time = (now - last_log_time) / max(step - last_log_step, 1)
       last_log_time, last_log_step = now, step
+      extra = {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")}
       writer.write(step, {
           "loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
           "tokens_per_sec": tokens_per_step / step_time, "step_time_s": step_time,
-          "mfu": flops_per_step / (step_time * peak)})
+          "mfu": flops_per_step / (step_time * peak), **extra})
 
   stop = _StopRequest()
   step = start_step
@@ -304,14 +317,15 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       if step == prof:
         jax.profiler.start_trace(str(profile_dir))
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        loss_sum = None
-        for micro in range(accum):
+        micro_metrics = []
+        for _ in range(accum):
           if batch is None:
             batch = sharding.put_batch(next(data_iter), mesh)
           state, metrics = compiled_step(state, batch)
+          micro_metrics.append(metrics)
           batch = None
-          loss_sum = metrics["loss"] if loss_sum is None else loss_sum + metrics["loss"]
-        metrics = {**metrics, "loss": loss_sum / accum}
+        if accum > 1:  # averages over the micro-batches, dispatched, not fetched
+          metrics = jax.tree.map(lambda *xs: sum(xs) / accum, *micro_metrics)
       if prof > 0 and step == prof + cfg.logging.profile_steps - 1:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
@@ -367,7 +381,7 @@ def init_from(cfg: Config, built: Built, state: TrainState, data_iter: Any, voca
       source, ckpt_lib.with_shardings(state.params, built.state_shardings.params),
       check=lambda meta: check_compatible(meta, cfg, vocab_size, resume_data=False))
   log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
-  return TrainState(params, state.opt_state), 0
+  return TrainState(state.step, params, state.opt_state), 0
 
 
 class _StopRequest:
