@@ -163,3 +163,18 @@ def test_init_from_takes_params_and_starts_fresh(trained, corpus, tmp_path):
   assert branch["start_step"] == 40
   # the branch continues the source run exactly: same state, same data position
   assert branch["losses"][41] == train_losses(workdir)[41]
+
+
+def test_check_compatible_allows_new_fields_and_compute_choices():
+  from ttt_jax import sharding
+  from ttt_jax.config import MeshConfig, load_config
+  cfg = load_config(None, ["model.d_model=64"])
+  meta = ckpt_lib.run_metadata(cfg, sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1)), 512)
+  del meta["model"]["rope_theta"]  # written before the field existed: had the default
+  train.check_compatible(meta, cfg, 512)
+  train.check_compatible(meta, load_config(None, ["model.d_model=64", "model.remat=full"]), 512)
+  with pytest.raises(ckpt_lib.CheckpointError, match="model.rope_theta: 10000.0 -> 500.0"):
+    train.check_compatible(meta, load_config(None, ["model.d_model=64",
+                                                    "model.rope_theta=500"]), 512)
+  with pytest.raises(ckpt_lib.CheckpointError, match="train.seed: the checkpoint's sample"):
+    train.check_compatible(meta, load_config(None, ["model.d_model=64", "train.seed=3"]), 512)

@@ -10,6 +10,26 @@ residual (model.mhc_streams streams) with the plain residual on the same model: 
 variants are compiled once, then timed in R interleaved rounds (so a busy shared CPU
 slows them alike); it reports median and best step times, the overhead of mHC, and the
 compiled peak memory with and without the 'mhc_streams' remat policy.
+
+``ttt`` (``python -m ttt_jax.bench ttt [--backbone mamba] [--batch 2] [--seq 512]
+[--width 256] [--heads 4] [--mini-batch 16] [--dtype float32] [--remat-group 0]``)
+times one TTT-Linear layer alone (projections, convs, inner TTT, output) on random
+inputs: forward and forward+backward (gradients of every parameter and of the input)
+with the inner model in the dual form and in the primal anchored form, and decoding
+token by token (``ttt_linear_decode_step`` in a scan over the sequence). It reports
+median and best times, tokens/s and the compiled peak memory (for decode also that of
+one step, which does not grow with the sequence). Variants are compiled first, then
+timed in interleaved rounds.
+
+``io`` (``python -m ttt_jax.bench io [--config configs/quickstart.yaml]``) measures the
+training stall caused by each async checkpoint save, as a fraction of one step, and the
+tokens/s the data pipeline delivers alone against what the trainer consumes.
+
+``cct`` (``python -m ttt_jax.bench cct [--config configs/cct_tier1_160m.yaml]
+[--contexts 1024,4096,8192,32768]``) measures the live decode state of CCT working
+memory (summary buffer + current step's K/V) against the KV cache of the same model with
+causal attention: bytes of the arrays actually held after decoding each context of
+random tokens through a randomly initialised model (``ttt_jax.cct_eval``).
 """
 
 from __future__ import annotations
@@ -21,6 +41,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -28,7 +49,7 @@ import numpy as np
 from ttt_jax import metrics as metrics_lib
 from ttt_jax import sharding
 from ttt_jax.config import Config, load_config, to_dict
-from ttt_jax.train import build, compile_step, make_train_step, train_flops_per_step, user_errors
+from ttt_jax.train import build, compile_step, jit_train_step, train_flops_per_step, user_errors
 
 
 def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -40,11 +61,7 @@ def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarr
 def bench_train(cfg: Config, steps: int, warmup: int) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   built = build(cfg, cfg.data.vocab_size, mesh)
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets")}
-  step_fn = jax.jit(make_train_step(built.graphdef, built.tx),
-                    in_shardings=(built.state_shardings, batch_shardings),
-                    out_shardings=(built.state_shardings, sharding.replicated(mesh)),
-                    donate_argnums=0)
+  step_fn = jit_train_step(built)
   rng = np.random.default_rng(cfg.train.seed)
   batches = [sharding.put_batch(synthetic_batch(cfg, rng), mesh) for _ in range(4)]
   compiled, compile_s, memory = compile_step(step_fn, built.state, batches[0],
@@ -98,17 +115,13 @@ PYTORCH_REFERENCE_TOKENS_PER_SEC = 295.0
 
 def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
-  batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("inputs", "targets")}
   rng = np.random.default_rng(cfg.train.seed)
   batch = sharding.put_batch(synthetic_batch(cfg, rng), mesh)
   runs = {}
   for name, fields in MHC_VARIANTS.items():
     variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields))
     built = build(variant, variant.data.vocab_size, mesh)
-    step_fn = jax.jit(make_train_step(built.graphdef, built.tx),
-                      in_shardings=(built.state_shardings, batch_shardings),
-                      out_shardings=(built.state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=0)
+    step_fn = jit_train_step(built)
     compiled, compile_s, memory = compile_step(step_fn, built.state, batch, log=lambda _: None)
     state = built.state
     for _ in range(warmup):
@@ -158,6 +171,155 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int) -> dict:
   }
 
 
+def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_batch: int,
+              dtype: str, remat_group: int, iters: int, warmup: int) -> dict:
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ttt_jax.config import ModelConfig
+  from ttt_jax.models import ttt_linear
+
+  cfg = ModelConfig(mixer="ttt_linear", ttt_backbone=backbone, d_model=width, n_heads=heads,
+                    ttt_mini_batch=mini_batch, ttt_remat_group=remat_group, dtype=dtype,
+                    n_layers=1)
+  layer = ttt_linear.TTTLinear(cfg, rngs=nnx.Rngs(0))
+  params, spec = layer.params(), layer.spec
+  rng = np.random.default_rng(0)
+  x_BxTxD = jnp.asarray(rng.normal(size=(batch, seq, width)), jnp.dtype(dtype))
+  cotangent_BxTxD = jnp.asarray(rng.normal(size=(batch, seq, width)), jnp.dtype(dtype))
+
+  def forward(params, x_BxTxD, form):
+    return ttt_linear.ttt_linear_forward(params, spec, x_BxTxD, inner_form=form)[0]
+
+  def forward_backward(params, x_BxTxD, form):
+    def loss(params, x_BxTxD):
+      y_BxTxD = forward(params, x_BxTxD, form).astype(jnp.float32)
+      return jnp.sum(y_BxTxD * cotangent_BxTxD.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(params, x_BxTxD)
+
+  def decode_sequence(params, x_BxTxD):
+    cache = ttt_linear.init_cache(params, spec, batch, x_BxTxD.dtype)
+    step = lambda cache, x_BxD: ttt_linear.ttt_linear_decode_step(params, spec, cache, x_BxD)
+    _, y_TxBxD = jax.lax.scan(step, cache, jnp.swapaxes(x_BxTxD, 0, 1))
+    return y_TxBxD
+
+  cases = {}
+  for form in ("dual", "primal"):
+    cases[f"{form}_fwd_bwd"] = (lambda p, x, f=form: forward_backward(p, x, f), params, x_BxTxD)
+    cases[f"{form}_fwd"] = (lambda p, x, f=form: forward(p, x, f), params, x_BxTxD)
+  cases["decode"] = (decode_sequence, params, x_BxTxD)
+  compiled, results = {}, {}
+  for name, (fn, *args) in cases.items():
+    compiled[name], compile_s, memory = compile_step(jax.jit(fn), *args, log=lambda _: None)
+    results[name] = {"compile_s": compile_s, "peak_bytes": memory.get("peak_bytes")}
+    for _ in range(warmup):
+      jax.block_until_ready(compiled[name](*args))
+  times = {name: [] for name in cases}
+  for _ in range(iters):  # interleaved rounds: a busy shared CPU slows every variant alike
+    for name, (_, *args) in cases.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled[name](*args))
+      times[name].append(time.perf_counter() - start)
+  for name, samples in times.items():
+    median = statistics.median(samples)
+    results[name].update({"median_ms": 1e3 * median, "best_ms": 1e3 * min(samples),
+                          "tokens_per_sec": batch * seq / median})
+  decode = results["decode"]
+  decode["per_token_ms"] = decode["median_ms"] / seq
+  cache = ttt_linear.init_cache(params, spec, batch, x_BxTxD.dtype)
+  one_step = jax.jit(lambda p, c, x: ttt_linear.ttt_linear_decode_step(p, spec, c, x))
+  _, _, step_memory = compile_step(one_step, params, cache, x_BxTxD[:, 0], log=lambda _: None)
+  decode["one_step_peak_bytes"] = step_memory.get("peak_bytes")
+  return {
+      "benchmark": "ttt",
+      "shape": {"backbone": backbone, "batch": batch, "seq": seq, "width": width,
+                "heads": heads, "head_dim": width // heads, "mini_batch": mini_batch,
+                "dtype": dtype, "remat_group": remat_group},
+      "results": results,
+      "dual_speedup_fwd_bwd": (results["primal_fwd_bwd"]["median_ms"]
+                               / results["dual_fwd_bwd"]["median_ms"]),
+      "dual_speedup_fwd": results["primal_fwd"]["median_ms"] / results["dual_fwd"]["median_ms"],
+      "device_kind": jax.devices()[0].device_kind,
+      "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.processor() or ''}".strip(", "),
+  }
+
+
+def bench_io(cfg: Config, steps: int, saves: int) -> dict:
+  """Checkpoint stall and data throughput against the trainer's consumption.
+
+  Steps are timed one by one (each waits for its result). Every ``steps // saves``-th
+  step also starts an async save; the stall of a save is the time of that step and the
+  next one (which overlaps the background write) above twice the median plain step.
+  The data pipeline (real corpus, this config's seq_len and batch) is timed alone.
+  """
+  import tempfile
+
+  from ttt_jax import checkpoint as ckpt_lib
+  from ttt_jax import data as data_lib
+
+  corpus = data_lib.prepare_corpus(cfg.data, log=lambda _: None)
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = build(cfg, corpus.vocab_size, mesh)
+  step_fn = jit_train_step(built)
+  data_iter = iter(data_lib.train_dataset(
+      corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
+      seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=cfg.data.worker_count))
+  batches = [sharding.put_batch(next(data_iter), mesh) for _ in range(4)]
+  compiled, _, _ = compile_step(step_fn, built.state, batches[0], log=lambda _: None)
+  state = built.state
+  for i in range(3):
+    state, metrics = compiled(state, batches[i % 4])
+  jax.block_until_ready(metrics)
+
+  every = max(steps // saves, 2)
+  times, save_calls, saved_at = [], [], []
+  with tempfile.TemporaryDirectory() as directory:
+    ckpt = ckpt_lib.Checkpointer(Path(directory), keep=2, async_save=True)
+    meta = {"process_count": jax.process_count()}
+    for i in range(1, steps + 1):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batches[i % 4])
+      if i % every == 0:
+        call = time.perf_counter()
+        ckpt.save(i, state, data_iter, meta)
+        save_calls.append(time.perf_counter() - call)
+        saved_at.append(i)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    ckpt.close()
+  plain = [t for i, t in enumerate(times, 1) if i not in saved_at and i - 1 not in saved_at]
+  step_time = statistics.median(plain)
+  stalls = [times[i - 1] + times[i] - 2 * step_time for i in saved_at if i < steps]
+  consumed = cfg.train.batch_size * cfg.data.seq_len / step_time
+
+  data_iter = iter(data_lib.train_dataset(
+      corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
+      seed=cfg.train.seed + 1, shuffle=cfg.data.shuffle, process_index=0, process_count=1,
+      worker_count=cfg.data.worker_count))
+  next(data_iter)
+  n_batches, start = 0, time.perf_counter()
+  while time.perf_counter() - start < 2.0:
+    next(data_iter)
+    n_batches += 1
+  delivered = n_batches * cfg.train.batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  return {
+      "benchmark": "io",
+      "step_time_s": step_time,
+      "checkpoint_bytes": state_bytes,
+      "saves": len(stalls),
+      "save_call_s": save_calls,
+      "stall_per_save_s": stalls,
+      "max_stall_fraction_of_step": max(stalls) / step_time if stalls else None,
+      "median_stall_fraction_of_step": statistics.median(stalls) / step_time if stalls else None,
+      "trainer_tokens_per_sec": consumed,
+      "data_tokens_per_sec": delivered,
+      "data_over_trainer": delivered / consumed,
+      "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+  }
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m ttt_jax.bench", description=__doc__)
   sub = parser.add_subparsers(dest="what", required=True)
@@ -172,11 +334,49 @@ def main(argv: list[str] | None = None) -> None:
   mhc_p.add_argument("--steps", type=int, default=5, help="timed steps per round")
   mhc_p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
   mhc_p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+  ttt_p = sub.add_parser("ttt", help="one TTT-Linear layer: dual vs primal vs decode")
+  ttt_p.add_argument("--backbone", default="mamba", choices=("mamba", "transformer"))
+  ttt_p.add_argument("--batch", type=int, default=2)
+  ttt_p.add_argument("--seq", type=int, default=512)
+  ttt_p.add_argument("--width", type=int, default=256)
+  ttt_p.add_argument("--heads", type=int, default=4)
+  ttt_p.add_argument("--mini-batch", type=int, default=16)
+  ttt_p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  ttt_p.add_argument("--remat-group", type=int, default=0)
+  ttt_p.add_argument("--iters", type=int, default=10, help="timed rounds (one call of each variant)")
+  ttt_p.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
+  cct_p = sub.add_parser("cct", help="CCT working memory vs KV cache: measured bytes")
+  cct_p.add_argument("--config", default="configs/cct_tier1_160m.yaml")
+  cct_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  cct_p.add_argument("--contexts", default="1024,4096,8192,32768")
+  cct_p.add_argument("--baseline-decode-tokens", type=int, default=0,
+                     help="decode only this many tokens into the baseline's cache (0: all)")
+  io_p = sub.add_parser("io", help="async checkpoint stall and data pipeline throughput")
+  io_p.add_argument("--config", default="configs/quickstart.yaml")
+  io_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  io_p.add_argument("--steps", type=int, default=40, help="timed train steps")
+  io_p.add_argument("--saves", type=int, default=5, help="async saves among them")
   args = parser.parse_args(argv)
+  if args.what == "ttt":
+    with user_errors():
+      result = bench_ttt(args.backbone, args.batch, args.seq, args.width, args.heads,
+                         args.mini_batch, args.dtype, args.remat_group, args.iters,
+                         args.warmup)
+    print(json.dumps(result, indent=2))
+    return
   with user_errors():
     cfg = load_config(args.config, args.set)
     if args.what == "mhc":
       result = bench_mhc(cfg, args.steps, args.warmup, args.rounds)
+    elif args.what == "io":
+      result = bench_io(cfg, args.steps, args.saves)
+    elif args.what == "cct":
+      from ttt_jax import cct_eval  # pylint: disable=import-outside-toplevel
+      result = {"benchmark": "cct", **cct_eval.compression_report(
+          cfg.model, cfg.data.vocab_size, [int(c) for c in args.contexts.split(",")],
+          args.baseline_decode_tokens),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+                "jax": jax.__version__, "backend": jax.default_backend()}
     else:
       result = bench_train(cfg, args.steps, args.warmup)
   print(json.dumps(result, indent=2))

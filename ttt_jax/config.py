@@ -52,21 +52,28 @@ def _check_positive(section: str, obj: Any, *names: str) -> None:
       raise ConfigError(f"{section}.{name}: must be > 0, got {getattr(obj, name)!r}")
 
 
-MIXERS = ("attention",)
+MIXERS = ("attention", "ttt_linear", "cct")
 """Registered token mixers; later mechanisms append to this in ``models/lm.py``."""
-OBJECTIVES = ("lm",)
+OBJECTIVES = ("lm", "cct")
 """Registered training objectives (``ttt_jax.objectives``)."""
-RESIDUALS = ("plain",)
+RESIDUALS = ("plain", "mhc")
 """Registered residual schemes."""
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "mhc_streams")
+MHC_INITS = ("seed", "seed_uniform", "unit_post")
+"""Named mHC bias initialisations (defined in ``ttt_jax.models.mhc``)."""
+UNSHARDED_AXES = ("streams", "mhc_flat")
+"""Logical axes that no mesh rule may map: the mHC stream axis (alone or folded into
+the flattened n*D input of phi)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   mixer: str = "attention"
-  """Token mixer of every block: 'attention' (causal GQA softmax attention)."""
+  """Token mixer of every block: 'attention' (causal GQA softmax attention) or
+  'ttt_linear' (TTT-Linear, a linear inner model trained at test time; ttt_* fields)."""
   residual: str = "plain"
-  """Residual scheme around each sublayer: 'plain' (pre-norm x + f(norm(x)))."""
+  """Residual scheme around each sublayer: 'plain' (pre-norm x + f(norm(x))) or 'mhc'
+  (manifold-constrained hyper-connections over mhc_streams parallel streams)."""
   n_layers: int = 4
   """Number of decoder blocks (stacked and run with a scan)."""
   d_model: int = 256
@@ -92,11 +99,53 @@ class ModelConfig:
   param_dtype: str = "float32"
   """Storage dtype of the parameters."""
   remat: str = "none"
-  """Rematerialisation of each scanned block: none | full | dots | dots_no_batch | save_qkv_proj."""
+  """Rematerialisation of each scanned block: none | full | dots | dots_no_batch |
+  save_qkv_proj | mhc_streams (dots_no_batch plus the mHC maps; recomputes every
+  n-stream-wide tensor)."""
   attention_impl: str = "xla"
   """Implementation for jax.nn.dot_product_attention: 'xla' or 'cudnn' (GPU only)."""
   scan_layers: bool = True
   """Run the blocks with jax.lax.scan (compile time independent of depth); False unrolls."""
+  mhc_streams: int = 4
+  """mhc: expansion rate n, the number of parallel residual streams."""
+  mhc_alpha_init: float = 0.01
+  """mhc: initial value of the gates a_pre, a_post, a_res on the dynamic (phi) terms."""
+  mhc_init: str = "seed"
+  """mhc: bias init convention: 'seed' (H_pre = H_post = 1/n, H_res ~ identity from
+  diagonal +2 / off-diagonal -2 logits), 'seed_uniform' (as seed, H_res uniform 1/n) or
+  'unit_post' (as seed, H_post = 1)."""
+  mhc_sinkhorn_iters: int = 20
+  """mhc: Sinkhorn-Knopp iterations t_max (each a column then a row normalisation)."""
+  mhc_sinkhorn_eps: float = 1e-6
+  """mhc: epsilon added to the Sinkhorn column/row sums."""
+  mhc_logit_clamp: float = 15.0
+  """mhc: the H~_pre/H~_post/H~_res logits are clamped to [-c, c] before sigmoid/exp."""
+  ttt_backbone: str = "mamba"
+  """ttt_linear: 'mamba' (shared Q/K projection, causal depthwise convs for Q and K, output
+  gate gelu(x W_g), and a causal conv sublayer before the mixer in every block) or
+  'transformer' (separate Q, K, V projections, no convs, no gate)."""
+  ttt_mini_batch: int = 16
+  """ttt_linear: inner mini-batch size b (anchored mini-batch GD; the last mini-batch of a
+  sequence may be shorter)."""
+  ttt_base_lr: float = 1.0
+  """ttt_linear: eta_base of the inner learning rate eta_j = eta_base*sigmoid(x_j w_lr + b_lr)/head_dim."""
+  ttt_remat_group: int = 0
+  """ttt_linear: rematerialise the inner scan in groups of this many mini-batches (the
+  backward recomputes a group from its carried fast weights); 0 disables."""
+  ttt_conv_width: int = 4
+  """ttt_linear, mamba backbone: width of the causal depthwise convolutions."""
+  cct_d_summary: int = 16
+  """cct: width of a commitment summary (d_summary; the guide uses 16-64)."""
+  cct_d_bottleneck: int = 0
+  """cct: hidden width of the commitment head; 0 means 2 * cct_d_summary."""
+  cct_pool: str = "last"
+  """cct: commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
+  cct_step_len: int = 50
+  """cct: tokens per step when no step ids are given (evaluation without them,
+  generation) and the step length of working-memory decoding (step = position // S)."""
+  cct_max_steps: int = 0
+  """cct: summary slots per training sequence; 0 means one per token (always enough).
+  Set it >= the most steps a window can hold: steps beyond it get no summary slot."""
 
   def __post_init__(self):
     _check_choice("model", "mixer", self.mixer, MIXERS)
@@ -105,8 +154,22 @@ class ModelConfig:
     _check_choice("model", "dtype", self.dtype, ("float32", "bfloat16"))
     _check_choice("model", "param_dtype", self.param_dtype, ("float32", "bfloat16"))
     _check_choice("model", "attention_impl", self.attention_impl, ("xla", "cudnn"))
+    _check_choice("model", "mhc_init", self.mhc_init, MHC_INITS)
+    _check_choice("model", "ttt_backbone", self.ttt_backbone, ("mamba", "transformer"))
+    _check_choice("model", "cct_pool", self.cct_pool, ("last", "mean"))
+    _check_positive("model", self, "cct_d_summary", "cct_step_len")
+    for name in ("cct_d_bottleneck", "cct_max_steps"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
+    _check_positive("model", self, "ttt_mini_batch", "ttt_base_lr", "ttt_conv_width")
+    if self.ttt_remat_group < 0:
+      raise ConfigError(f"model.ttt_remat_group: must be >= 0, got {self.ttt_remat_group}")
+    if self.mixer == "ttt_linear" and self.dim_per_head % 2:
+      raise ConfigError(f"model.head_dim: ttt_linear applies RoPE, which needs an even "
+                        f"head_dim, got {self.dim_per_head}")
     _check_positive("model", self, "n_layers", "d_model", "n_heads", "d_ff",
-                    "rope_theta", "norm_eps", "init_std")
+                    "rope_theta", "norm_eps", "init_std", "mhc_streams",
+                    "mhc_sinkhorn_iters", "mhc_sinkhorn_eps", "mhc_logit_clamp")
     if self.head_dim == 0 and self.d_model % self.n_heads:
       raise ConfigError(f"model.n_heads: d_model={self.d_model} is not divisible by "
                         f"n_heads={self.n_heads}; set model.head_dim explicitly")
@@ -121,6 +184,15 @@ class ModelConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def cct_bottleneck(self) -> int:
+    return self.cct_d_bottleneck or 2 * self.cct_d_summary
+
+  @property
+  def ttt_pre_conv(self) -> bool:
+    """Blocks run a causal conv sublayer before the mixer (TTT-Linear, mamba backbone)."""
+    return self.mixer == "ttt_linear" and self.ttt_backbone == "mamba"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +220,24 @@ class DataConfig:
   """grain worker processes; pinned because element order depends on it."""
   shuffle: bool = True
   """Seeded global shuffle of the training windows."""
+  step_boundaries: str = "none"
+  """Per-token step ids in every batch ('step_ids', for CCT): 'none', 'fixed' (a boundary
+  every step_len tokens of the window) or 'semantic' (sentence ends '. '/'? '/'! ' before
+  a capital, paragraph breaks, document ends and <STEP> pieces, found from the
+  sentencepiece pieces). Any mode but 'none' adds the user-defined piece <STEP> to a
+  trained tokenizer."""
+  step_len: int = 50
+  """fixed: tokens per step. semantic: the longest step (a boundary is forced after it)."""
+  step_min_len: int = 8
+  """semantic: the shortest step; a sentence end closer to the step's start is skipped."""
 
   def __post_init__(self):
-    _check_positive("data", self, "seq_len", "vocab_size", "tokenizer_max_sentences")
+    _check_positive("data", self, "seq_len", "vocab_size", "tokenizer_max_sentences",
+                    "step_len", "step_min_len")
+    _check_choice("data", "step_boundaries", self.step_boundaries, ("none", "fixed", "semantic"))
+    if self.step_min_len > self.step_len:
+      raise ConfigError(f"data.step_min_len: {self.step_min_len} exceeds data.step_len="
+                        f"{self.step_len}")
     if not self.corpus:
       raise ConfigError("data.corpus: must name at least one source")
     if not 0.0 < self.val_fraction < 1.0:
@@ -228,7 +315,8 @@ class TrainConfig:
   """Peak FLOP/s per device for MFU; 0 measures a large f32 matmul once at startup."""
   objective: str = "lm"
   """What the step minimises (``ttt_jax.objectives.OBJECTIVES``): 'lm' (next-token
-  cross-entropy)."""
+  cross-entropy) or 'cct' (commitment-constrained training: curriculum p_commit and the
+  standard/validity/conclusion/sufficiency losses; needs model.mixer='cct')."""
   stop_after: int = 0
   """Stop (saving a checkpoint) after this many steps in this invocation; 0 runs to
   train.steps. The schedule still spans train.steps, so a run of time-limited jobs
@@ -299,9 +387,11 @@ class MeshConfig:
       ("heads", "tensor"),
       ("kv_heads", "tensor"),
       ("vocab", "tensor"),
+      ("fast", "fsdp"),
   )
   """Logical axis -> mesh axes ('+'-joined, or '' for replicated). Logical axes not
-  listed (layers, head_dim, norm, ...) are replicated."""
+  listed (layers, head_dim, norm, ...) are replicated. 'fast' is the output axis of
+  TTT's learned initial fast weights W0 [H, K, K] and b0 [H, K]."""
 
   def __post_init__(self):
     sizes = (self.data, self.fsdp, self.tensor)
@@ -311,6 +401,9 @@ class MeshConfig:
       raise ConfigError(f"mesh: sizes must be positive or a single -1, got "
                         f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
     for logical, mesh_axes in self.rules:
+      if logical in UNSHARDED_AXES and mesh_axes:
+        raise ConfigError(f"mesh.rules[{logical}]: the mHC stream axis is never sharded; "
+                          f"map it to '' or drop the rule")
       for axis in filter(None, mesh_axes.split("+")):
         _check_choice("mesh", f"rules[{logical}]", axis, ("data", "fsdp", "tensor"))
 
@@ -353,6 +446,13 @@ class Config:
     if self.train.batch_size % self.optim.grad_accum_steps:
       raise ConfigError(f"optim.grad_accum_steps: train.batch_size={self.train.batch_size} "
                         f"is not divisible by {self.optim.grad_accum_steps}")
+    if self.train.objective == "cct" and self.model.mixer != "cct":
+      raise ConfigError(f"train.objective: 'cct' needs model.mixer='cct', got "
+                        f"{self.model.mixer!r}")
+    if (self.model.mixer == "cct" and self.data.step_boundaries == "fixed"
+        and self.data.step_len != self.model.cct_step_len):
+      raise ConfigError(f"data.step_len: fixed steps of {self.data.step_len} tokens differ from "
+                        f"model.cct_step_len={self.model.cct_step_len}, the decode step length")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -16,7 +16,9 @@ in ``meta.json``; an entry that fails that check is rebuilt, never trusted.
 
 The pipeline cuts a token array into non-overlapping windows of ``seq_len + 1`` tokens
 (sharing one boundary token): window ``i`` is ``tokens[i*L : i*L + L + 1]``, giving
-``inputs = window[:-1]`` and ``targets = window[1:]``. The order of training windows is
+``inputs = window[:-1]`` and ``targets = window[1:]``. With ``data.step_boundaries``
+set (CCT), a ``StepAnnotator`` adds ``step_ids``: int32 [L], the step of each input
+token, 0 at the window's first token and +1 at each boundary. The order of training windows is
 a pure function of (seed, process_index, process_count, worker_count).
 """
 
@@ -44,7 +46,7 @@ import grain
 import numpy as np
 
 from ttt_jax.config import DataConfig
-from ttt_jax.tokenizer import Tokenizer, train_tokenizer, trainer_settings
+from ttt_jax.tokenizer import STEP_PIECE, Tokenizer, train_tokenizer, trainer_settings
 
 STDLIB = "stdlib"
 """The ``data.corpus`` entry naming the running Python's standard library."""
@@ -321,7 +323,8 @@ def _tokenizer_for(cfg: DataConfig, train_documents: Sequence[Document], cache: 
     tokenizer = _load_tokenizer(cfg.tokenizer)
     log(f"tokenizer: loaded {cfg.tokenizer} (vocab {tokenizer.vocab_size})")
     return tokenizer, Path(cfg.tokenizer).expanduser()
-  settings = trainer_settings(cfg.vocab_size, cfg.tokenizer_max_sentences)
+  user_symbols = (STEP_PIECE,) if cfg.step_boundaries != "none" else ()
+  settings = trainer_settings(cfg.vocab_size, cfg.tokenizer_max_sentences, user_symbols)
   train_hash = _documents_hash(train_documents)
   entry = cache / "tokenizers" / _hash_json({"format": CACHE_FORMAT, "train": train_hash,
                                              **settings})[:24]
@@ -332,7 +335,7 @@ def _tokenizer_for(cfg: DataConfig, train_documents: Sequence[Document], cache: 
   start = time.perf_counter()
   try:
     tokenizer = train_tokenizer((d.text for d in train_documents), cfg.vocab_size,
-                                cfg.tokenizer_max_sentences)
+                                cfg.tokenizer_max_sentences, user_symbols)
   except ValueError as e:
     raise DataError(f"data.vocab_size: {e}") from None
   with _staging_dir(entry) as staging:
@@ -515,17 +518,108 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print) -> Corpu
   return _tokenized_corpus(cfg, _load_documents(cfg, files, log), log)
 
 
+# ----------------------------------------------------------------------- step boundaries
+
+
+_SENTENCE_END = re.compile(r"[.?!] (?=[A-Z])|\n\n")
+"""A sentence end ('. ', '? ', '! ' before a capital) or a paragraph break; the match's
+end is the first character of the next step."""
+
+
+def _piece_texts(tokenizer: Tokenizer) -> list[str]:
+  """The text each piece decodes to (byte pieces: their ASCII character or one U+FFFD)."""
+  processor = tokenizer.processor
+  texts = []
+  for piece_id in range(tokenizer.vocab_size):
+    piece = processor.id_to_piece(piece_id)
+    if processor.is_byte(piece_id):
+      byte = int(piece[3:5], 16)
+      texts.append(chr(byte) if byte < 128 else "\ufffd")
+    elif processor.is_control(piece_id) or processor.is_unknown(piece_id):
+      texts.append("")
+    else:
+      texts.append(piece.replace("\u2581", " "))
+  return texts
+
+
+class StepAnnotator:
+  """Per-token step ids of a window of input tokens (``data.step_boundaries``).
+
+  fixed: token t of the window is in step t // step_len.
+  semantic: a step ends before the token holding the first character after a sentence
+  end or paragraph break (``_SENTENCE_END`` over the pieces' text), and after an EOS or
+  ``<STEP>`` piece; a candidate less than ``step_min_len`` tokens into the step is
+  skipped, and a step is cut after ``step_len`` tokens.
+  """
+
+  def __init__(self, mode: str, step_len: int, step_min_len: int,
+               tokenizer: Tokenizer | None = None):
+    if mode not in ("fixed", "semantic"):
+      raise DataError(f"data.step_boundaries: no annotator for {mode!r}")
+    self.mode, self.step_len, self.step_min_len = mode, step_len, step_min_len
+    self.piece_texts: list[str] = []
+    self.boundary_after: np.ndarray = np.zeros(0, bool)
+    if mode == "semantic":
+      if tokenizer is None:
+        raise DataError("data.step_boundaries=semantic: needs a sentencepiece tokenizer "
+                        "(a packed .bin corpus without data.tokenizer has none)")
+      self.piece_texts = _piece_texts(tokenizer)
+      self.boundary_after = np.zeros(tokenizer.vocab_size, bool)
+      self.boundary_after[tokenizer.eos_id] = True
+      step_id = tokenizer.processor.piece_to_id(STEP_PIECE)
+      if step_id != tokenizer.unk_id:
+        self.boundary_after[step_id] = True
+
+  def candidates(self, tokens_T: np.ndarray) -> np.ndarray:
+    """semantic: True where a step may start (before filtering by length)."""
+    texts = [self.piece_texts[t] for t in tokens_T]
+    lengths_T = np.fromiter(map(len, texts), np.int64, len(texts))
+    starts_T = np.cumsum(lengths_T) - lengths_T
+    text = "".join(texts)
+    starts = np.zeros(len(tokens_T), bool)
+    for match in _SENTENCE_END.finditer(text):
+      if match.end() < len(text):
+        starts[np.searchsorted(starts_T, match.end(), side="right") - 1] = True
+    starts[1:] |= self.boundary_after[tokens_T[:-1]]
+    starts[0] = False
+    return starts
+
+  def __call__(self, tokens_T: np.ndarray) -> np.ndarray:
+    tokens_T = np.asarray(tokens_T, np.int64)
+    if self.mode == "fixed":
+      return (np.arange(len(tokens_T)) // self.step_len).astype(np.int32)
+    candidates = self.candidates(tokens_T)
+    step_ids = np.zeros(len(tokens_T), np.int32)
+    step, length = 0, 0
+    for t in range(len(tokens_T)):
+      if length >= self.step_len or (candidates[t] and length >= self.step_min_len):
+        step, length = step + 1, 0
+      step_ids[t] = step
+      length += 1
+    return step_ids
+
+
+def step_annotator(cfg: DataConfig, tokenizer: Tokenizer | None) -> StepAnnotator | None:
+  """The annotator of ``cfg.step_boundaries`` (None for 'none')."""
+  if cfg.step_boundaries == "none":
+    return None
+  return StepAnnotator(cfg.step_boundaries, cfg.step_len, cfg.step_min_len, tokenizer)
+
+
 # --------------------------------------------------------------------------- pipeline
 
 
 class TokenWindows:
-  """grain random-access source: window ``i`` is ``tokens[i*L : i*L + L + 1]``."""
+  """grain random-access source: window ``i`` is ``tokens[i*L : i*L + L + 1]`` (with
+  the step ids of its inputs when an annotator is given)."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  def __init__(self, tokens: np.ndarray, seq_len: int,
+               annotator: StepAnnotator | None = None):
     if tokens.ndim != 1:
       raise DataError(f"token array must be 1-D, got shape {tokens.shape}")
     self.tokens = tokens
     self.seq_len = seq_len
+    self.annotator = annotator
     self.num_windows = max(len(tokens) - 1, 0) // seq_len
 
   def __len__(self) -> int:
@@ -534,7 +628,10 @@ class TokenWindows:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     start = index * self.seq_len
     window = np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
-    return {"inputs": window[:-1], "targets": window[1:]}
+    example = {"inputs": window[:-1], "targets": window[1:]}
+    if self.annotator is not None:
+      example["step_ids"] = self.annotator(window[:-1])
+    return example
 
   def __repr__(self) -> str:
     return f"TokenWindows({len(self.tokens)} tokens, seq_len={self.seq_len})"
@@ -570,7 +667,8 @@ def _allow_grain_workers() -> None:
 
 def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
                   shuffle: bool, process_index: int, process_count: int,
-                  worker_count: int) -> grain.IterDataset:
+                  worker_count: int, annotator: StepAnnotator | None = None
+                  ) -> grain.IterDataset:
   """Endless batches ``{"inputs", "targets"}: int32[global_batch_size // process_count,
   seq_len]`` for this process.
 
@@ -585,7 +683,7 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, s
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise DataError(f"global batch size {global_batch_size} is not a positive multiple of "
                     f"the process count {process_count}")
-  source = TokenWindows(tokens, seq_len)
+  source = TokenWindows(tokens, seq_len, annotator)
   if not len(source):
     raise DataError(f"train split has {len(tokens)} tokens: no window of seq_len={seq_len} "
                     f"+ 1 tokens")
@@ -602,7 +700,8 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, s
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int,
-                 process_index: int, process_count: int) -> list[dict[str, np.ndarray]]:
+                 process_index: int, process_count: int,
+                 annotator: StepAnnotator | None = None) -> list[dict[str, np.ndarray]]:
   """The first ``num_batches`` batches of val windows, in order (fewer, at least one, if
   val is short). Process ``p`` gets rows ``[p * b, (p + 1) * b)`` of each global batch,
   ``b = batch_size // process_count``."""
@@ -619,8 +718,11 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batch
   for batch_index in range(min(num_batches, available)):
     first = (batch_index * batch_size + process_index * local) * seq_len
     block = np.asarray(tokens[first:first + local * seq_len + 1], np.int32)
-    batches.append({"inputs": block[:-1].reshape(local, seq_len),
-                    "targets": block[1:].reshape(local, seq_len)})
+    batch = {"inputs": block[:-1].reshape(local, seq_len),
+             "targets": block[1:].reshape(local, seq_len)}
+    if annotator is not None:
+      batch["step_ids"] = np.stack([annotator(row) for row in batch["inputs"]])
+    batches.append(batch)
   return batches
 
 

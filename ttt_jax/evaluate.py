@@ -4,6 +4,10 @@ Tasks:
 - ``lm``: loss, perplexity and bits per byte of the newest checkpoint on the run's
   validation split (the same fixed batches the train loop evaluates on, or
   ``--batches N`` of them).
+- CCT runs (``ttt_jax.cct_eval``): ``sufficiency``, ``compression`` (``--contexts``),
+  ``passkey`` (``--passkey-lengths/-depths/-trials``), ``perplexity`` (against
+  ``--baseline W2``, a run of the same config without CCT) and ``all`` (every one of
+  them in the guide's "Results JSON" shape, tier-1 criteria as PASS/FAIL).
 
 Prints a JSON object and writes it to ``W/eval_<task>.json``.
 """
@@ -18,12 +22,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ttt_jax import cct_eval
 from ttt_jax import data as data_lib
 from ttt_jax import sharding
 from ttt_jax.config import ConfigError
 from ttt_jax.train import evaluate, load_trained, make_eval_step, user_errors
 
-TASKS = ("lm",)
+TASKS = ("lm",) + cct_eval.TASKS
 
 
 def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict:
@@ -34,7 +39,8 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict:
   eval_batches = [sharding.put_batch(b, mesh) for b in data_lib.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
       num_batches=batches or cfg.eval.batches, process_index=jax.process_index(),
-      process_count=jax.process_count())]
+      process_count=jax.process_count(),
+      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer))]
   piece_bytes = np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
                            np.zeros(corpus.vocab_size), np.int32)
   eval_step = jax.jit(make_eval_step(graphdef))
@@ -52,6 +58,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--batches", type=int, default=0,
                       help="validation batches (0 = eval.batches of the run's config)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--baseline", default="", help="perplexity/all: the baseline run")
+  parser.add_argument("--contexts", default="1024,4096,8192,32768",
+                      help="compression/all: context lengths")
+  parser.add_argument("--passkey-lengths", default="512,1024")
+  parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
+  parser.add_argument("--passkey-trials", type=int, default=2)
   args = parser.parse_args(argv)
   with user_errors():
     if args.task not in TASKS:
@@ -59,7 +71,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.batches < 0:
       raise ConfigError(f"--batches: must be >= 0, got {args.batches}")
     workdir = Path(args.workdir)
-    result = evaluate_lm(workdir, args.set, args.batches)
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+    depths = [float(v) for v in args.passkey_depths.split(",") if v]
+    batches = args.batches or 8
+    try:
+      if args.task == "lm":
+        result = evaluate_lm(workdir, args.set, args.batches)
+      elif args.task == "sufficiency":
+        result = cct_eval.run_sufficiency(workdir, args.set, batches)
+      elif args.task == "compression":
+        result = cct_eval.run_compression(workdir, args.set, ints(args.contexts))
+      elif args.task == "passkey":
+        result = cct_eval.run_passkey(workdir, args.set, ints(args.passkey_lengths), depths,
+                                      args.passkey_trials)
+      elif args.task == "perplexity":
+        result = cct_eval.run_perplexity(workdir, args.baseline, args.set, args.batches,
+                                         evaluate_lm)
+      else:
+        result = cct_eval.run_all(workdir, args.baseline, args.set, batches,
+                                  ints(args.contexts), ints(args.passkey_lengths), depths,
+                                  args.passkey_trials, evaluate_lm)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     (workdir / f"eval_{args.task}.json").write_text(json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 

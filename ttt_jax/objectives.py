@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from ttt_jax.config import Config
-from ttt_jax.models import lm
+from ttt_jax.models import cct, lm
 
 Objective = Callable[[lm.LM, dict[str, jax.Array], jax.Array, jax.Array],
                      tuple[jax.Array, dict[str, jax.Array]]]
@@ -42,7 +43,54 @@ def language_modeling(cfg: Config) -> Objective:
   return objective
 
 
-OBJECTIVES: dict[str, Callable[[Config], Objective]] = {"lm": language_modeling}
+def commitment_constrained(cfg: Config) -> Objective:
+  """CCT (``models/cct.py``): alpha L_standard + beta L_validity + gamma L_conclusion +
+  delta L_sufficiency, weights and p_commit from the curriculum at ``step``.
+
+  - L_standard: cross-entropy with each step boundary committed w.p. p_commit (``rng``);
+  - L_validity: cross-entropy, every boundary committed, over the tokens of steps >= 1
+    (their only cross-step context is the earlier steps' summaries);
+  - L_conclusion: the same forward, over the tokens of each sequence's final step;
+  - L_sufficiency: per layer, a linear probe from each complete step's summary to the
+    step's mean (detached) hidden state; mean squared error per feature.
+
+  Step ids come from ``batch['step_ids']`` (data.step_boundaries), else fixed steps of
+  model.cct_step_len. Each term, the weights and p_commit are logged.
+  """
+  total_steps = cfg.train.steps
+  step_len = cfg.model.cct_step_len
+
+  def objective(model: lm.LM, batch: dict[str, jax.Array], step: jax.Array,
+                rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    inputs_BxT, targets_BxT = batch["inputs"], batch["targets"]
+    step_ids_BxT = batch.get("step_ids")
+    if step_ids_BxT is None:
+      step_ids_BxT = cct.fixed_step_ids(lm.default_positions(inputs_BxT), step_len)
+    p_commit = cct.p_commit_schedule(step, total_steps)
+    weights = cct.loss_weights(step, total_steps)
+    sampled_BxT = cct.sample_segments(step_ids_BxT, p_commit, rng)
+    logits_BxTxV = model(inputs_BxT, segment_ids_BxT=batch.get("segment_ids"),
+                         step_ids_BxT=sampled_BxT)
+    standard, _, _ = lm.cross_entropy_loss(logits_BxTxV, targets_BxT)
+    committed_BxT = cct.commitment_segments(step_ids_BxT, jnp.ones(step_ids_BxT.shape, bool))
+    committed_logits_BxTxV, aux = cct.forward_with_summaries(model, inputs_BxT, committed_BxT)
+    later_BxT = committed_BxT > 0
+    validity, _, _ = lm.cross_entropy_loss(committed_logits_BxTxV, targets_BxT, later_BxT)
+    final_BxT = later_BxT & (committed_BxT == committed_BxT[:, -1:])
+    conclusion, _, _ = lm.cross_entropy_loss(committed_logits_BxTxV, targets_BxT, final_BxT)
+    sufficiency = cct.sufficiency_loss(model, aux)
+    loss = (weights["alpha"] * standard + weights["beta"] * validity
+            + weights["gamma"] * conclusion + weights["delta"] * sufficiency)
+    metrics = {"loss_standard": standard, "loss_validity": validity,
+               "loss_conclusion": conclusion, "loss_sufficiency": sufficiency,
+               "p_commit": p_commit, **{f"weight_{k}": v for k, v in weights.items()}}
+    return loss, metrics
+
+  return objective
+
+
+OBJECTIVES: dict[str, Callable[[Config], Objective]] = {"lm": language_modeling,
+                                                        "cct": commitment_constrained}
 """``train.objective`` name -> builder of the objective from the config."""
 
 

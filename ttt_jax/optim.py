@@ -14,6 +14,10 @@ with an 'embed' axis the head axes are part of a projection, e.g. [D, H, Dh]).
 'norm'/'conv'/'streams' mark parameters that are not linear maps of hidden features
 (norm scales, depthwise conv filters, hyper-connection mixing logits), so Adam is the
 right optimizer for them whatever their rank.
+'fast' marks the learned initial state of an inner model trained at test time (TTT's
+W0 [H, Dh, Dh] and b0 [H, Dh]: the inner loss, not weight decay, sets their scale) and
+'gate' its inner learning-rate gate (TTT's θ_lr [D, H], β [H] and per-position scales);
+both are 'vector' too.
 
 Weight decay (decoupled, multiplied by the learning rate) applies to 'matrix' and
 'embedding' parameters only, never to 'vector' ones.
@@ -58,7 +62,7 @@ HEAD_AXES = ("heads", "kv_heads")
 """Axes of independent per-head parameters: batch axes unless 'embed' is present."""
 RESIDUAL_AXIS = "embed"
 """The residual-stream axis: one side of a projection matrix."""
-VECTOR_AXES = ("norm", "conv", "streams")
+VECTOR_AXES = ("norm", "conv", "streams", "fast", "gate")
 """Axes that mark a parameter as not a hidden matrix, whatever its rank."""
 
 

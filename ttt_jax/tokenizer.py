@@ -34,6 +34,9 @@ model records it, so it is fixed to keep model hashes stable across machines."""
 MAX_CHUNK_CHARS = 2048
 """Longest training chunk; sentencepiece silently drops sentences over its byte limit."""
 SAMPLE_SEED = 0
+STEP_PIECE = "<STEP>"
+"""User-defined piece marking a reasoning-step boundary (CCT); in the vocabulary only of
+tokenizers trained with ``user_symbols=(STEP_PIECE,)``."""
 
 _TRAINER_OPTIONS = dict(
     model_type="bpe",
@@ -56,11 +59,16 @@ _TRAINER_OPTIONS = dict(
 )
 
 
-def trainer_settings(vocab_size: int, max_sentences: int) -> dict:
-  """Everything that determines a trained model besides its input text (for cache keys)."""
-  return {"vocab_size": vocab_size, "max_sentences": max_sentences,
-          "max_chunk_chars": MAX_CHUNK_CHARS, "sample_seed": SAMPLE_SEED,
-          "sentencepiece": spm.__version__, "options": _TRAINER_OPTIONS}
+def trainer_settings(vocab_size: int, max_sentences: int,
+                     user_symbols: Sequence[str] = ()) -> dict:
+  """Everything that determines a trained model besides its input text (for cache keys).
+  ``user_symbols`` appear in the settings only when given, so existing keys are kept."""
+  settings = {"vocab_size": vocab_size, "max_sentences": max_sentences,
+              "max_chunk_chars": MAX_CHUNK_CHARS, "sample_seed": SAMPLE_SEED,
+              "sentencepiece": spm.__version__, "options": _TRAINER_OPTIONS}
+  if user_symbols:
+    settings["user_symbols"] = list(user_symbols)
+  return settings
 
 
 class Tokenizer:
@@ -144,16 +152,19 @@ def sample_chunks(chunks: list[str], max_sentences: int) -> list[str]:
   return [chunks[i] for i in keep]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, max_sentences: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_sentences: int,
+                    user_symbols: Sequence[str] = ()) -> Tokenizer:
   """Trains a byte-exact BPE model on ``texts``; raises ``ValueError`` if the text cannot
-  support ``vocab_size`` (sentencepiece's message says which sizes it can)."""
+  support ``vocab_size`` (sentencepiece's message says which sizes it can).
+  ``user_symbols`` (e.g. ``STEP_PIECE``) become pieces that are never split."""
   chunks = sample_chunks(list(training_chunks(texts)), max_sentences)
   if not chunks:
     raise ValueError("no non-blank text to train the tokenizer on")
   model = io.BytesIO()
   try:
+    extra = {"user_defined_symbols": list(user_symbols)} if user_symbols else {}
     spm.SentencePieceTrainer.train(sentence_iterator=iter(chunks), model_writer=model,
-                                   vocab_size=vocab_size, **_TRAINER_OPTIONS)
+                                   vocab_size=vocab_size, **_TRAINER_OPTIONS, **extra)
   except RuntimeError as e:
     raise ValueError(f"sentencepiece training failed for vocab_size={vocab_size}: "
                      f"{str(e).strip()}") from None

@@ -120,7 +120,7 @@ def jit_train_step(built: Built):
 
 def make_eval_step(graphdef: nnx.GraphDef):
   def eval_step(params: nnx.State, batch: dict[str, jax.Array], piece_bytes: jax.Array):
-    logits = nnx.merge(graphdef, params)(batch["inputs"])
+    logits = nnx.merge(graphdef, params)(batch["inputs"], step_ids_BxT=batch.get("step_ids"))
     _, sum_nll, n_tokens = lm.cross_entropy_loss(logits, batch["targets"])
     n_bytes = jnp.sum(piece_bytes[batch["targets"]])
     return {"nll": sum_nll, "tokens": n_tokens, "bytes": n_bytes}
@@ -230,14 +230,16 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                       out_shardings=sharding.replicated(mesh))
 
   pi, pc = jax.process_index(), jax.process_count()
+  annotator = data_lib.step_annotator(cfg.data, corpus.tokenizer)
   dataset = data_lib.train_dataset(
       corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=micro_batch,
       seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=pi,
-      process_count=pc, worker_count=cfg.data.worker_count)
+      process_count=pc, worker_count=cfg.data.worker_count, annotator=annotator)
   data_iter = iter(dataset)
   eval_batches = [sharding.put_batch(b, mesh) for b in data_lib.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=eval_batch_size,
-      num_batches=cfg.eval.batches, process_index=pi, process_count=pc)]
+      num_batches=cfg.eval.batches, process_index=pi, process_count=pc,
+      annotator=annotator)]
   piece_bytes = jax.device_put(
       np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
                  np.zeros(vocab_size, np.int32), np.int32), sharding.replicated(mesh))
@@ -423,7 +425,8 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
             f"{section}.{key}={meta[key]}, this run has {current_value}; resume with the "
             "original value or use a new --workdir (--init-from to start from its params)")
   current = to_dict(cfg.model)
-  saved = meta.get("model", {})
+  # a field added to ModelConfig after the checkpoint was written had its default then
+  saved = {**to_dict(type(cfg.model)()), **meta.get("model", {})}
   differing = sorted(k for k in set(current) | set(saved)
                      if k not in COMPUTE_ONLY_MODEL_FIELDS and current.get(k) != saved.get(k))
   if differing or meta.get("vocab_size") != vocab_size:

@@ -20,7 +20,15 @@ Parameters are created through ``param``, which attaches logical axis names (the
 ``out_sharding`` metadata that ``nnx.get_partition_spec`` reads) and never shards eagerly;
 the sharding code maps the names to mesh axes. Vocabulary of names: 'vocab', 'embed',
 'mlp', 'heads', 'kv_heads', 'head_dim', 'norm', 'layers' (the last is added by the
-stacking transform in lm.py, never by a layer itself).
+stacking transform in lm.py, never by a layer itself), and for mHC (models/mhc.py)
+'streams' (the n residual streams), 'mhc_flat' (the flattened n*D stream) and
+'mhc_coeffs' (the 2n + n^2 map logits) and 'mhc_gates' (the three alpha gates); the
+first two are never sharded.
+For TTT-Linear (models/ttt_linear.py): 'conv' (the taps of a depthwise convolution),
+'fast' (the output axis of the learned initial fast weights W0, b0) and 'gate' (the
+inner learning-rate gate).
+For CCT (models/cct.py): 'summary' (the commitment head's bottleneck and summary
+widths; small, never sharded).
 
 Dtypes: parameters are stored in ``param_dtype`` and cast to the activation's dtype at use,
 so matmuls run in the compute dtype (float32 or bfloat16).
@@ -32,7 +40,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "layers")
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "layers",
+                "streams", "mhc_flat", "mhc_coeffs", "mhc_gates",
+                "conv", "fast", "gate", "summary")
 """Every logical axis name a parameter may carry."""
 
 

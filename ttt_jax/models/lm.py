@@ -3,16 +3,18 @@
 With E the token embedding, N blocks and a final RMSNorm:
 
     x_0     = E[tokens]                                 [B, T, D]
-    s_0     = Residual.expand(x_0)                      residual stream(s)
+    s_0     = Streams.expand(x_0)                       residual stream(s)
     s_{l+1} = block_l(s_l)
-    logits  = rms_norm(Residual.reduce(s_N)) W_head     float32 [B, T, V]
+    logits  = rms_norm(Streams.reduce(s_N)) W_head      float32 [B, T, V]
               (W_head = E^T when embeddings are tied)
 
     block(s) = residual_mlp(residual_mix(s, mixer), swiglu)
 
 The 'plain' residual is pre-norm: residual(s, f) = s + f(rms_norm(s)), with expand and
 reduce the identity. A residual keeping n parallel streams [B, T, n, D] (mHC) expands
-once after the embedding and reduces once before the final norm.
+once after the embedding and reduces once before the final norm. Expand and reduce
+belong to a model-level ``Streams`` module (``Residual.streams``, held as ``LM.streams``)
+so they may carry parameters (mHC's per-stream embedding).
 
 Mixer and residual are chosen by name in one place, ``MIXERS`` and ``RESIDUALS``; a new
 mechanism adds a class with the interface of ``Mixer`` / ``Residual`` below plus one
@@ -44,7 +46,10 @@ from flax.nnx import spmd
 
 from ttt_jax.config import ModelConfig
 from ttt_jax.models.attention import QKV_PROJ_NAMES, Attention
+from ttt_jax.models.cct import CCTAttention
 from ttt_jax.models.layers import Embedding, RMSNorm, SwiGLU, logits_from_head, normal, param
+from ttt_jax.models.mhc import MHC_COEFFS, MHCResidual
+from ttt_jax.models.ttt_linear import PreConv, TTTLinear
 
 Cache = Any
 """Decode state of the whole model: the mixers' per-layer caches stacked on a leading
@@ -61,7 +66,9 @@ class Mixer(Protocol):
 
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-    """Causal mixing of a whole (normed) sequence: y [B, T, D] in x's dtype."""
+    """Causal mixing of a whole (normed) sequence: y [B, T, D] in x's dtype. A mixer
+    whose class sets ``uses_step_ids = True`` (CCT) also takes ``step_ids_BxT``, the
+    per-token step ids; the model passes them to no other mixer."""
 
   def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> Any:
     """Decode state before any token (a pytree; may depend on this layer's params)."""
@@ -75,8 +82,24 @@ class Mixer(Protocol):
     """Forward matmul FLOPs per token of one layer of this mixer."""
 
 
+class Streams(Protocol):
+  """Entry to and exit from the residual stream; one instance per model (may hold
+  parameters, which carry no 'layers' axis)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs): ...
+
+  def expand(self, x_BxTxD: jax.Array) -> jax.Array:
+    """Embedding output -> initial stream (once, after the embedding)."""
+
+  def reduce(self, stream: jax.Array) -> jax.Array:
+    """Final stream -> [B, T, D] (once, before the final norm)."""
+
+
 class Residual(Protocol):
   """How a sublayer f is added to the residual stream; one instance per sublayer."""
+
+  streams: type
+  """The ``Streams`` class that makes and ends this residual's stream."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs): ...
 
@@ -85,20 +108,27 @@ class Residual(Protocol):
     """New stream. ``sublayer`` maps [B, T, D] -> [B, T, D]; call it exactly once."""
 
   @staticmethod
-  def expand(cfg: ModelConfig, x_BxTxD: jax.Array) -> jax.Array:
-    """Embedding output -> initial stream (once, after the embedding)."""
-
-  @staticmethod
-  def reduce(cfg: ModelConfig, stream: jax.Array) -> jax.Array:
-    """Final stream -> [B, T, D] (once, before the final norm)."""
-
-  @staticmethod
   def flops_per_token(cfg: ModelConfig) -> float:
     """Forward matmul FLOPs per token of one residual connection (beyond the sublayer)."""
 
 
+class PlainStreams(nnx.Module):
+  """One stream [B, T, D]: expand and reduce are the identity (no parameters)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    del cfg, rngs
+
+  def expand(self, x_BxTxD: jax.Array) -> jax.Array:
+    return x_BxTxD
+
+  def reduce(self, stream_BxTxD: jax.Array) -> jax.Array:
+    return stream_BxTxD
+
+
 class PlainResidual(nnx.Module):
   """Pre-norm residual: s + f(rms_norm(s)); one stream [B, T, D]."""
+
+  streams = PlainStreams
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     del rngs  # no random parameters
@@ -109,21 +139,13 @@ class PlainResidual(nnx.Module):
     return stream_BxTxD + sublayer(self.norm(stream_BxTxD))
 
   @staticmethod
-  def expand(cfg: ModelConfig, x_BxTxD: jax.Array) -> jax.Array:
-    return x_BxTxD
-
-  @staticmethod
-  def reduce(cfg: ModelConfig, stream_BxTxD: jax.Array) -> jax.Array:
-    return stream_BxTxD
-
-  @staticmethod
   def flops_per_token(cfg: ModelConfig) -> float:
     return 0.0
 
 
-MIXERS: dict[str, type] = {"attention": Attention}
+MIXERS: dict[str, type] = {"attention": Attention, "ttt_linear": TTTLinear, "cct": CCTAttention}
 """Config name -> mixer class (``Mixer`` interface)."""
-RESIDUALS: dict[str, type] = {"plain": PlainResidual}
+RESIDUALS: dict[str, type] = {"plain": PlainResidual, "mhc": MHCResidual}
 """Config name -> residual class (``Residual`` interface)."""
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -132,9 +154,14 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*QKV_PROJ_NAMES),
+    "mhc_streams": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(MHC_COEFFS)),
 }
 """remat name -> ``jax.checkpoint`` policy ('none' skips checkpointing, 'full' saves
-nothing but the block inputs)."""
+nothing but the block inputs). 'mhc_streams' keeps the weight-matmul outputs (at most
+max(D, d_ff, 2n + n^2) wide per token) and the mHC maps (2n + n^2), and recomputes
+every n*D-wide stream tensor of the block in the backward pass."""
 
 
 def remat(fn: Callable, policy_name: str, *, prevent_cse: bool = True) -> Callable:
@@ -148,9 +175,16 @@ def remat(fn: Callable, policy_name: str, *, prevent_cse: bool = True) -> Callab
 
 
 class Block(nnx.Module):
-  """One decoder block: residual(mixer) then residual(SwiGLU)."""
+  """One decoder block: residual(mixer) then residual(SwiGLU); with ``cfg.ttt_pre_conv``
+  (TTT-Linear, mamba backbone) residual(causal conv) first. The decode cache is the
+  mixer's, or (conv history, mixer cache) with the pre-conv."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.ttt_pre_conv:
+      self.pre_conv_residual = RESIDUALS[cfg.residual](cfg, rngs=rngs)
+      self.pre_conv = PreConv(cfg, rngs=rngs)
+    else:
+      self.pre_conv_residual = self.pre_conv = None
     self.mixer_residual = RESIDUALS[cfg.residual](cfg, rngs=rngs)
     self.mixer = MIXERS[cfg.mixer](cfg, rngs=rngs)
     self.mlp_residual = RESIDUALS[cfg.residual](cfg, rngs=rngs)
@@ -158,13 +192,36 @@ class Block(nnx.Module):
                       param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
 
   def __call__(self, stream: jax.Array, positions_BxT: jax.Array,
-               segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+               segment_ids_BxT: jax.Array | None = None,
+               step_ids_BxT: jax.Array | None = None) -> jax.Array:
+    """``step_ids`` (None for mixers without ``uses_step_ids``) go to the mixer."""
+    if self.pre_conv is not None:
+      stream = self.pre_conv_residual(
+          stream, lambda x_BxTxD: self.pre_conv(x_BxTxD, segment_ids_BxT))
     stream = self.mixer_residual(
-        stream, lambda x_BxTxD: self.mixer(x_BxTxD, positions_BxT, segment_ids_BxT))
+        stream, lambda x_BxTxD: self.mixer(x_BxTxD, positions_BxT, segment_ids_BxT)
+        if step_ids_BxT is None else
+        self.mixer(x_BxTxD, positions_BxT, segment_ids_BxT, step_ids_BxT))
     return self.mlp_residual(stream, self.mlp)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> Any:
+    mixer_cache = self.mixer.init_cache(batch_size, max_len, dtype)
+    if self.pre_conv is None:
+      return mixer_cache
+    return (self.pre_conv.init_cache(batch_size, dtype), mixer_cache)
 
   def decode(self, stream: jax.Array, positions_BxS: jax.Array, cache: Any
              ) -> tuple[jax.Array, Any]:
+    conv_histories = []
+    if self.pre_conv is not None:
+      conv_history, cache = cache
+
+      def conv_step(x_BxSxD: jax.Array) -> jax.Array:
+        y_BxSxD, new_history = self.pre_conv.decode(x_BxSxD, conv_history)
+        conv_histories.append(new_history)
+        return y_BxSxD
+
+      stream = self.pre_conv_residual(stream, conv_step)
     new_caches = []
 
     def mixer_step(x_BxSxD: jax.Array) -> jax.Array:
@@ -175,7 +232,8 @@ class Block(nnx.Module):
     stream = self.mixer_residual(stream, mixer_step)
     if len(new_caches) != 1:
       raise RuntimeError(f"residual called its sublayer {len(new_caches)} times, expected 1")
-    return self.mlp_residual(stream, self.mlp), new_caches[0]
+    new_cache = new_caches[0] if self.pre_conv is None else (conv_histories[0], new_caches[0])
+    return self.mlp_residual(stream, self.mlp), new_cache
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -225,6 +283,7 @@ class LM(nnx.Module):
     else:
       self.head = param(normal(rngs.params(), (cfg.d_model, vocab_size), cfg.init_std,
                                param_dtype), ("embed", "vocab"))
+    self.streams = self.residual.streams(cfg, rngs=rngs)
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -235,19 +294,25 @@ class LM(nnx.Module):
     return RESIDUALS[self.cfg.residual]
 
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-               segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+               segment_ids_BxT: jax.Array | None = None,
+               step_ids_BxT: jax.Array | None = None) -> jax.Array:
     """Float32 logits [B, T, V]. Positions default to 0..T-1; ``segment_ids`` (packed
-    documents) restricts attention to the same segment."""
-    return self.logits(self.features(tokens_BxT, positions_BxT, segment_ids_BxT))
+    documents) restricts attention to the same segment; ``step_ids`` (per-token step
+    ids) reach a mixer with ``uses_step_ids`` and are ignored by the others."""
+    return self.logits(self.features(tokens_BxT, positions_BxT, segment_ids_BxT,
+                                     step_ids_BxT))
 
   def features(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
-               segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+               segment_ids_BxT: jax.Array | None = None,
+               step_ids_BxT: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, D] in the compute dtype."""
+    if not getattr(MIXERS[self.cfg.mixer], "uses_step_ids", False):
+      step_ids_BxT = None
     if positions_BxT is None:
       positions_BxT = default_positions(tokens_BxT)
-    stream = self.residual.expand(self.cfg, self.embed(tokens_BxT, self.dtype))
-    stream = self._run_blocks(stream, positions_BxT, segment_ids_BxT)
-    return self.final_norm(self.residual.reduce(self.cfg, stream))
+    stream = self.streams.expand(self.embed(tokens_BxT, self.dtype))
+    stream = self._run_blocks(stream, positions_BxT, segment_ids_BxT, step_ids_BxT)
+    return self.final_norm(self.streams.reduce(stream))
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
     if self.head is None:
@@ -255,12 +320,13 @@ class LM(nnx.Module):
     return logits_from_head(x_BxTxD, self.head[...])
 
   def _run_blocks(self, stream: jax.Array, positions_BxT: jax.Array,
-                  segment_ids_BxT: jax.Array | None) -> jax.Array:
+                  segment_ids_BxT: jax.Array | None,
+                  step_ids_BxT: jax.Array | None = None) -> jax.Array:
     graphdef, stacked_state = nnx.split(self.blocks)
 
     def apply_block(stream: jax.Array, layer_state: nnx.State) -> jax.Array:
       block = nnx.merge(graphdef, _layer_view(layer_state))
-      return block(stream, positions_BxT, segment_ids_BxT)
+      return block(stream, positions_BxT, segment_ids_BxT, step_ids_BxT)
 
     apply_block = remat(apply_block, self.cfg.remat, prevent_cse=not self.cfg.scan_layers)
     if self.cfg.scan_layers:
@@ -277,7 +343,7 @@ class LM(nnx.Module):
 
     def layer_cache(layer_state: nnx.State) -> Any:
       block = nnx.merge(graphdef, _layer_view(layer_state))
-      return block.mixer.init_cache(batch_size, max_len, self.dtype)
+      return block.init_cache(batch_size, max_len, self.dtype)
 
     return jax.vmap(layer_cache)(stacked_state)
 
@@ -292,7 +358,7 @@ class LM(nnx.Module):
       block = nnx.merge(graphdef, _layer_view(layer_state))
       return block.decode(stream, positions_BxS, layer_cache)
 
-    stream = self.residual.expand(self.cfg, self.embed(tokens_BxS, self.dtype))
+    stream = self.streams.expand(self.embed(tokens_BxS, self.dtype))
     if self.cfg.scan_layers:
       stream, cache = jax.lax.scan(decode_block, stream, (stacked_state, cache))
     else:
@@ -302,7 +368,7 @@ class LM(nnx.Module):
             stream, (_layer_slice(stacked_state, index), _layer_slice(cache, index)))
         new_caches.append(new_cache)
       cache = jax.tree.map(lambda *layers: jnp.stack(layers), *new_caches)
-    x_BxSxD = self.final_norm(self.residual.reduce(self.cfg, stream))
+    x_BxSxD = self.final_norm(self.streams.reduce(stream))
     return self.logits(x_BxSxD), cache
 
 
@@ -330,7 +396,7 @@ def cross_entropy_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
 def forward_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
   """Analytic forward matmul FLOPs per token (see the module docstring's convention)."""
   mixer = MIXERS[cfg.mixer].flops_per_token(cfg, seq_len)
-  residuals = 2 * RESIDUALS[cfg.residual].flops_per_token(cfg)
+  residuals = (3 if cfg.ttt_pre_conv else 2) * RESIDUALS[cfg.residual].flops_per_token(cfg)
   mlp = 2 * 3 * cfg.d_model * cfg.d_ff
   head = 2 * cfg.d_model * vocab_size
   return float(cfg.n_layers * (mixer + mlp + residuals) + head)

@@ -1,0 +1,264 @@
+"""CCT (models/cct.py): attention against a dense-mask oracle, no-leak, gradient
+isolation, p_commit = 0 is causal attention, curriculum, working-memory decode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.config import ModelConfig
+from ttt_jax.models import attention, cct, lm
+
+VOCAB = 61
+
+
+def cct_config(**overrides) -> ModelConfig:
+  values = dict(mixer="cct", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+                cct_step_len=4, cct_d_summary=8)
+  values.update(overrides)
+  return ModelConfig(**values)
+
+
+def random_tokens(seed: int, batch: int, length: int) -> jax.Array:
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def random_segments(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+  boundaries = rng.random((batch, length)) < 0.3
+  boundaries[:, 0] = False
+  return np.cumsum(boundaries, axis=1).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merged_attention_matches_dense_mask_reference(seed):
+  rng = np.random.default_rng(seed)
+  batch, length, heads, kv_heads, head_dim = 2, 11, 4, 2, 8
+  segments = random_segments(rng, batch, length)
+  n_slots = length
+  arrays = [rng.normal(size=shape).astype(np.float32) for shape in (
+      (batch, length, heads, head_dim), (batch, length, kv_heads, head_dim),
+      (batch, length, kv_heads, head_dim), (batch, length, heads, head_dim),
+      (batch, n_slots, kv_heads, head_dim), (batch, n_slots, kv_heads, head_dim))]
+  q_rot, k, v, q, summary_k, summary_v = arrays
+  local_mask, summary_mask = cct.training_masks(jnp.asarray(segments), n_slots)
+  got = cct.merged_attention(*map(jnp.asarray, (q_rot, k, v)), local_mask, jnp.asarray(q),
+                             jnp.asarray(summary_k), jnp.asarray(summary_v), summary_mask)
+  expected = cct.cct_attention_reference(q_rot, k, v, q, summary_k, summary_v, segments)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_p_commit_zero_is_plain_causal_attention():
+  cfg = cct_config()
+  mixer = cct.CCTAttention(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 13, cfg.d_model))
+  positions = lm.default_positions(x[..., 0])
+  step_ids = cct.fixed_step_ids(positions, 4)
+  never = cct.sample_segments(step_ids, jnp.float32(0.0), jax.random.key(2))
+  assert int(never.max()) == 0
+  got = mixer(x, positions, None, never)
+  q, k, v = mixer.project_qkv(x, positions)
+  expected = mixer.output_projection(attention.causal_attention(q, k, v))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+  # and with every boundary committed it is something else
+  always = cct.sample_segments(step_ids, jnp.float32(1.0), jax.random.key(2))
+  np.testing.assert_array_equal(np.asarray(always), np.asarray(step_ids))
+  assert not np.allclose(np.asarray(mixer(x, positions, None, always)), np.asarray(expected))
+
+
+def test_commitment_segments_merge_uncommitted_boundaries():
+  step_ids = jnp.array([[0, 0, 1, 1, 2, 3, 3]])
+  committed = jnp.array([[False, True, False, True, True, True, False]])
+  # boundaries before tokens 2 (not committed), 4 and 5 (committed)
+  np.testing.assert_array_equal(np.asarray(cct.commitment_segments(step_ids, committed)),
+                                [[0, 0, 0, 0, 1, 2, 2]])
+
+
+def test_stochastic_commitment_rate_follows_p_commit():
+  step_ids = jnp.broadcast_to(jnp.arange(2000)[None], (4, 2000))  # a boundary per token
+  segments = cct.sample_segments(step_ids, jnp.float32(0.3), jax.random.key(0))
+  rate = float(segments[:, -1].mean()) / 1999
+  assert abs(rate - 0.3) < 0.02
+
+
+def test_committed_token_sees_no_earlier_step_token_only_its_summary():
+  """Mixer level: with every boundary committed, a token's output changes with an
+  earlier step's tokens only through that step's summary."""
+  cfg = cct_config()
+  mixer = cct.CCTAttention(cfg, rngs=nnx.Rngs(3))
+  x = jax.random.normal(jax.random.key(4), (1, 12, cfg.d_model))
+  positions = lm.default_positions(x[..., 0])
+  step_ids = cct.fixed_step_ids(positions, 4)  # steps [0:4] [4:8] [8:12]
+  changed = x.at[:, 4:7].add(1.0)  # step 1, not its last token (the 'last' pool input)
+  base, other = mixer(x, positions, None, step_ids), mixer(changed, positions, None, step_ids)
+  np.testing.assert_allclose(np.asarray(base[:, 8:]), np.asarray(other[:, 8:]), atol=1e-6)
+  assert not np.allclose(np.asarray(base[:, 4:7]), np.asarray(other[:, 4:7]))
+  changed_last = x.at[:, 7].add(1.0)  # step 1's last token feeds its summary
+  assert not np.allclose(np.asarray(base[:, 8:]),
+                         np.asarray(mixer(changed_last, positions, None, step_ids)[:, 8:]))
+
+
+# ----------------------------------------------------------------------------- model level
+
+
+def test_no_leak_through_the_model_except_the_summary():
+  """Changing step k-1's tokens changes step k's logits (through the summary); with a
+  constant (zero) summary swapped in, step k is independent of step k-1's tokens."""
+  cfg = cct_config()
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(5))
+  tokens = random_tokens(6, 2, 12)
+  step_ids = cct.fixed_step_ids(lm.default_positions(tokens), 4)
+  changed = tokens.at[:, 4:8].set((tokens[:, 4:8] + 7) % VOCAB)
+  base, _ = cct.forward_with_summaries(model, tokens, step_ids)
+  other, _ = cct.forward_with_summaries(model, changed, step_ids)
+  np.testing.assert_array_equal(np.asarray(base[:, :4]), np.asarray(other[:, :4]))
+  assert not np.allclose(np.asarray(base[:, 8:]), np.asarray(other[:, 8:]), atol=1e-6)
+  zero_base, _ = cct.forward_with_summaries(model, tokens, step_ids, "zero")
+  zero_other, _ = cct.forward_with_summaries(model, changed, step_ids, "zero")
+  np.testing.assert_array_equal(np.asarray(zero_base[:, 8:]), np.asarray(zero_other[:, 8:]))
+  # the model's ordinary call is the same computation
+  np.testing.assert_allclose(np.asarray(model(tokens, step_ids_BxT=step_ids)),
+                             np.asarray(base), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_isolation_across_committed_boundaries():
+  """d(loss of step k) / d(activations of earlier steps) is exactly zero, although the
+  forward value depends on them."""
+  cfg = cct_config()
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(7))
+  tokens = random_tokens(8, 2, 12)
+  positions = lm.default_positions(tokens)
+  step_ids = cct.fixed_step_ids(positions, 4)
+  embedded = model.embed(tokens, jnp.float32)
+
+  def step2_loss(stream):
+    features = model.final_norm(model._run_blocks(stream, positions, None, step_ids))
+    logits = model.logits(features)
+    return lm.cross_entropy_loss(logits[:, 8:], tokens[:, 8:])[0]
+
+  grads = jax.grad(step2_loss)(embedded)
+  assert float(jnp.abs(grads[:, :8]).max()) == 0.0
+  assert float(jnp.abs(grads[:, 8:]).max()) > 0.0
+  assert step2_loss(embedded) != step2_loss(embedded.at[:, 7].add(1.0))
+  # without commitment the earlier tokens do receive gradient
+  uncommitted = jnp.zeros_like(step_ids)
+  open_grads = jax.grad(lambda s: lm.cross_entropy_loss(
+      model.logits(model.final_norm(model._run_blocks(s, positions, None, uncommitted)))[:, 8:],
+      tokens[:, 8:])[0])(embedded)
+  assert float(jnp.abs(open_grads[:, :8]).max()) > 0.0
+
+
+def test_commitment_head_trains_only_through_sufficiency():
+  cfg = cct_config()
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(9))
+  tokens = random_tokens(10, 2, 12)
+  step_ids = cct.fixed_step_ids(lm.default_positions(tokens), 4)
+  graphdef, params = nnx.split(model)
+
+  def losses(params):
+    m = nnx.merge(graphdef, params)
+    logits, aux = cct.forward_with_summaries(m, tokens, step_ids)
+    return lm.cross_entropy_loss(logits, tokens)[0], cct.sufficiency_loss(m, aux)
+
+  lm_grads = jax.grad(lambda p: losses(p)[0])(params)
+  suff_grads = jax.grad(lambda p: losses(p)[1])(params)
+  head = lm_grads["blocks"]["mixer"]
+  for name in ("head_w1", "head_b1", "head_ln_scale", "head_ln_bias", "head_w2", "head_b2"):
+    assert float(jnp.abs(head[name][...]).max()) == 0.0, name
+    assert float(jnp.abs(suff_grads["blocks"]["mixer"][name][...]).max()) > 0.0, name
+  assert float(jnp.abs(head["summary_wk"][...]).max()) > 0.0
+
+
+def test_summaries_are_unit_norm_and_probe_target_is_step_mean():
+  cfg = cct_config(cct_pool="mean")
+  mixer = cct.CCTAttention(cfg, rngs=nnx.Rngs(11))
+  x = jax.random.normal(jax.random.key(12), (2, 10, cfg.d_model))
+  positions = lm.default_positions(x[..., 0])
+  _, aux = mixer.forward(x, positions, None, cct.fixed_step_ids(positions, 4))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(aux.summary_BxNxS[:, :3]), axis=-1),
+                             1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(aux.step_mean_BxNxD[:, 1]),
+                             np.asarray(x[:, 4:8].mean(axis=1)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(aux.complete_BxN[0, :4]),
+                                [True, True, False, False])
+
+
+# ----------------------------------------------------------------------------- curriculum
+
+
+def test_curriculum_values_at_phase_boundaries():
+  total = 1000
+  p = lambda s: float(cct.p_commit_schedule(s, total))  # noqa: E731
+  assert p(0) == 0.0 and p(99) == 0.0
+  assert p(100) == pytest.approx(0.1)
+  assert p(300) == pytest.approx(0.3)
+  assert p(499) == pytest.approx(0.499, abs=1e-6)
+  assert p(500) == pytest.approx(0.5)
+  assert p(650) == pytest.approx(0.7)
+  assert p(799) == pytest.approx(0.8987, abs=1e-3)
+  assert p(800) == 1.0 and p(999) == 1.0
+  w = lambda s: {k: float(v) for k, v in cct.loss_weights(s, total).items()}  # noqa: E731
+  assert w(0) == {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0}
+  assert w(100) == {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0}
+  half = w(450)
+  assert half["alpha"] == pytest.approx(0.75) and half["beta"] == pytest.approx(0.25)
+  assert half["gamma"] == pytest.approx(0.15) and half["delta"] == pytest.approx(0.1)
+  assert w(800) == pytest.approx({"alpha": 0.5, "beta": 0.5, "gamma": 0.3, "delta": 0.2})
+  assert w(999) == pytest.approx({"alpha": 0.5, "beta": 0.5, "gamma": 0.3, "delta": 0.2})
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+@pytest.mark.parametrize("prompt_len", [1, 6, 9])
+def test_working_memory_decode_matches_full_forward(pool, prompt_len):
+  cfg = cct_config(cct_pool=pool)
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(13))
+  tokens = random_tokens(14, 2, 15)
+  full = model(tokens)  # no step ids: fixed steps of cct_step_len by position
+  cache = model.init_cache(2, 16)
+  logits, cache = model.decode(tokens[:, :prompt_len],
+                               lm.default_positions(tokens[:, :prompt_len]), cache)
+  pieces = [logits]
+  for t in range(prompt_len, 15):
+    logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_decode_state_grows_only_by_summaries():
+  cfg = cct_config()
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(15))
+
+  def state_bytes(max_len):
+    cache = model.init_cache(1, max_len)
+    tokens = random_tokens(16, 1, max_len)
+    _, cache = model.decode(tokens, lm.default_positions(tokens), cache)
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(cache)), cache
+
+  small, small_cache = state_bytes(40)
+  large, large_cache = state_bytes(400)
+  extra_steps = (400 // 4 + 1) - (40 // 4 + 1)
+  assert large - small == extra_steps * cfg.cct_d_summary * cfg.n_layers * 4
+  local_shapes = [leaf.shape for leaf in jax.tree.leaves(small_cache)[1:]]
+  assert local_shapes == [leaf.shape for leaf in jax.tree.leaves(large_cache)[1:]]
+  assert small_cache.local_k_BxSxGxK.shape[2] == cfg.cct_step_len
+
+
+def test_flops_per_token_counts_summary_slots():
+  cfg = cct_config(cct_max_steps=5)
+  base = attention.Attention.flops_per_token(cfg, 20)
+  assert cct.CCTAttention.flops_per_token(cfg, 20) == (
+      base + 2 * 2 * cfg.n_heads * cfg.dim_per_head * 5
+      + 2 * (cfg.d_model * 16 + 16 * 8))
+  assert "cct" in lm.MIXERS
+  assert dataclasses.replace(cfg, cct_d_bottleneck=0).cct_bottleneck == 16

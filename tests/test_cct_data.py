@@ -1,0 +1,99 @@
+"""Step boundaries for CCT (data.StepAnnotator, the <STEP> piece) and per-token step ids
+in batches."""
+
+from __future__ import annotations
+
+import glob
+
+import numpy as np
+import pytest
+
+from ttt_jax import data
+from ttt_jax.config import ConfigError, DataConfig
+from ttt_jax.tokenizer import STEP_PIECE, train_tokenizer, trainer_settings
+from train_util import copy_stdlib_corpus
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  corpus = copy_stdlib_corpus(tmp_path_factory.mktemp("corpus") / "src")
+  texts = [open(path).read() for path in sorted(glob.glob(corpus))]
+  return train_tokenizer(texts, 512, 100000, (STEP_PIECE,))
+
+
+def step_texts(tokenizer, ids, step_ids):
+  return [tokenizer.decode([i for i, s in zip(ids, step_ids) if s == k])
+          for k in range(int(step_ids.max()) + 1)]
+
+
+def test_step_piece_is_one_user_defined_token(tokenizer):
+  step_id = tokenizer.processor.piece_to_id(STEP_PIECE)
+  assert step_id != tokenizer.unk_id
+  ids = tokenizer.encode("x = 1<STEP>y = 2")
+  assert ids.count(step_id) == 1
+  assert tokenizer.decode(ids) == "x = 1<STEP>y = 2"
+
+
+def test_tokenizer_cache_key_unchanged_without_step_symbols():
+  assert "user_symbols" not in trainer_settings(512, 10)
+  assert trainer_settings(512, 10, (STEP_PIECE,))["user_symbols"] == [STEP_PIECE]
+
+
+def test_fixed_steps_every_step_len_tokens():
+  annotate = data.StepAnnotator("fixed", 5, 1)
+  np.testing.assert_array_equal(annotate(np.zeros(12, np.int32)),
+                                [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+
+
+def test_semantic_steps_at_sentence_ends_and_paragraphs(tokenizer):
+  text = "Hello there. The sky is blue! What now? Yes.\n\nnew paragraph. lower case. End"
+  ids = np.asarray(tokenizer.encode(text))
+  step_ids = data.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
+  assert step_texts(tokenizer, ids, step_ids) == [
+      "Hello there. ", "The sky is blue! ", "What now? ", "Yes.\n\n",
+      "new paragraph. lower case. ", "End"]  # '. e'/'. l': no capital, no boundary
+
+
+def test_semantic_min_and_max_step_lengths(tokenizer):
+  text = "A b. C d. E f. G h. " * 6
+  ids = np.asarray(tokenizer.encode(text))
+  short = data.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
+  long_min = data.StepAnnotator("semantic", 100, 12, tokenizer)(ids)
+  capped = data.StepAnnotator("semantic", 4, 4, tokenizer)(ids)
+  assert short.max() == 23  # 24 sentences
+  lengths = np.bincount(long_min)
+  assert lengths[:-1].min() >= 12 and long_min.max() < short.max()
+  assert np.bincount(capped).max() <= 4
+  for step_ids in (short, long_min, capped):
+    assert step_ids[0] == 0 and set(np.diff(step_ids)) <= {0, 1}
+
+
+def test_semantic_boundaries_after_eos_and_step_piece(tokenizer):
+  step_id = tokenizer.processor.piece_to_id(STEP_PIECE)
+  ids = np.asarray(tokenizer.encode("x = 1") + [step_id] + tokenizer.encode("y = 2")
+                   + [tokenizer.eos_id] + tokenizer.encode("z = 3"))
+  step_ids = data.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
+  assert step_texts(tokenizer, ids, step_ids) == ["x = 1<STEP>", "y = 2", "z = 3"]
+
+
+def test_windows_and_eval_batches_carry_step_ids(tokenizer):
+  tokens = np.asarray(tokenizer.encode("One two. Three four. " * 40), np.uint16)
+  annotate = data.StepAnnotator("semantic", 50, 2, tokenizer)
+  example = data.TokenWindows(tokens, 32, annotate)[1]
+  assert example["step_ids"].shape == (32,) and example["step_ids"].dtype == np.int32
+  np.testing.assert_array_equal(example["step_ids"], annotate(example["inputs"]))
+  batches = data.eval_batches(tokens, seq_len=16, batch_size=2, num_batches=2,
+                              process_index=0, process_count=1, annotator=annotate)
+  for batch in batches:
+    assert batch["step_ids"].shape == batch["inputs"].shape
+    for row, ids in zip(batch["inputs"], batch["step_ids"]):
+      np.testing.assert_array_equal(ids, annotate(row))
+  assert "step_ids" not in data.TokenWindows(tokens, 32)[1]
+  assert data.step_annotator(DataConfig(), tokenizer) is None
+
+
+def test_step_config_is_validated():
+  with pytest.raises(ConfigError, match="step_boundaries"):
+    DataConfig(step_boundaries="sentences")
+  with pytest.raises(ConfigError, match="step_min_len"):
+    DataConfig(step_len=4, step_min_len=8)

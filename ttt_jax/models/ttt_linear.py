@@ -1,0 +1,869 @@
+"""TTT-Linear: a token mixer whose hidden state is a linear model trained at test time.
+
+Sun et al., "Learning to (Learn at Test Time): RNNs with Expressive Hidden States"
+(arXiv 2407.04620), sections 2.1-2.7 and appendix A (the dual form).
+
+Per head h (H heads of width K; the head index is dropped below), token x_t in R^D:
+
+  Projections. Transformer backbone: q_t = x_t θ_Q, k_t = x_t θ_K, v_t = x_t θ_V.
+    Mamba backbone: u_t = x_t θ_QK (shared), q = conv_Q(u), k = conv_K(u) (causal
+    depthwise convs of width 4), v_t = x_t θ_V, and an output gate gelu(x_t θ_G);
+    each block also runs a causal depthwise conv sublayer before the mixer
+    (``PreConv``; lm.py: s <- s + conv(norm(s)), then s <- s + TTT(norm(s))).
+    RoPE rotates q and k by the position *inside the mini-batch* (below).
+
+  Inner model (fast weights W in R^{KxK}, b in R^K; LN with scale γ, shift β per head):
+      f(k; W, b) = k + LN(k W + b)
+      ℓ_j(W, b)  = ½ ‖LN(k_j W + b) - (v_j - k_j)‖²
+  Inner learning rate (token dependent):
+      η_j = η_base · σ(x_j θ_lr,h + β_h) / K
+  Per-position scale s_i (learnable, i = 0..b-1, init 1/(i+1), used as max(s_i, 0)).
+
+  Anchored mini-batch GD (training and prefill). Tokens are cut into mini-batches of
+  b tokens (the last one may be shorter). With (W, b) the state at the start of the
+  mini-batch (the anchor), every gradient is taken at the anchor:
+      G_j  = ∇_{(W,b)} ℓ_j(W, b),     g_j = ∂ℓ_j/∂z at z = k_j W + b
+      W_i  = W - s_i Σ_{j≤i} η_j k_jᵀ g_j,   b_i = b - s_i Σ_{j≤i} η_j g_j
+      out_i = f(q_i; W_i, b_i)
+  and the state passed to the next mini-batch is (W_{m-1}, b_{m-1}) of its last token.
+  With s_i = 1/(i+1) the update is the η-weighted *mean* of the gradients of the
+  tokens seen so far (mean reduction over the mini-batch, gradient scaled by 1/b).
+
+  Dual form (appendix A): with g from one LN forward/backward at the anchor,
+      Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G,   E_ij = s_i η_j [j ≤ i]
+      W' = W - Kᵀ (e ∘ G),  b' = b - eᵀ G,  e_j = E_{m-1, j}
+  only matmuls. Layout of the computation: everything that does not depend on the state
+  (E ∘ (Q Kᵀ + 1), v - k, the scales) is formed for all mini-batches at once; a
+  ``jax.lax.scan`` carries the fp32 state and computes only the sequential part (k W, G
+  and the update); then Z and out = q + LN(Z) are formed for all mini-batches at once
+  from the per-mini-batch anchors the scan emits. Groups of ``remat_group`` mini-batches
+  can be rematerialised in the backward pass. A remainder mini-batch (T mod b tokens) is
+  padded with η = 0 tokens and left open (anchor + running sums) at the end.
+
+  Output: y = (gelu(x θ_G) ∘) LN_post(concat_h out_h) θ_O  (gate: Mamba backbone only).
+
+Mini-batch grid and document boundaries. The grid is the token order: mini-batch c is
+tokens c·b .. c·b+b-1 of the sequence (for decode, of everything the cache has seen).
+With ``segment_ids`` (packed documents), the fast-weight state resets to the learned
+(W0, b0) at the first token of every document, so no document reads another's tokens
+(the causal convolutions are masked the same way). A document that starts inside a
+grid mini-batch begins with a *short* mini-batch: the fragment up to the grid boundary
+is a mini-batch of its own, with scales s_0.., RoPE positions 0.. and its update
+committed at the grid boundary with s of its last token (exactly like the remainder
+mini-batch at the end of a sequence). Documents aligned to the grid are processed
+exactly as they would be alone.
+
+Decode. ``ttt_linear_decode_step`` takes one token at a time with the same anchored
+semantics, so prefill + decode reproduces the full-sequence forward: the state keeps
+the anchor (W, b), the running sums Σ η_j k_jᵀ g_j and Σ η_j g_j of the unfinished
+mini-batch and the position in it, and commits at the end of each mini-batch. Memory
+per token is O(1) (no KV cache). With ``ttt_mini_batch = 1`` this is plain online GD,
+u_t computed at the current W_t (the seed's decode invariant); for b > 1 decoding by
+online GD would not reproduce the model that was trained, so it is not used.
+
+Precision (cast points, C1-C4):
+  C1  The state (W, b, running sums) is float32 always; it is cast to the compute
+      dtype only as an operand of the matmuls k W and q W (float32 accumulation).
+  C2  q Kᵀ runs in the compute dtype with float32 accumulation.
+  C3  The inner LN forward/backward, g, η, s and every product with them (E∘(QKᵀ+1)) G,
+      Kᵀ(e∘G), q·(running sums)) are float32; compute-dtype operands are upcast.
+  C4  Outputs out_i are formed in float32 and cast to the compute dtype once; the
+      returned state is float32.
+
+``ttt_linear_primal_anchored`` is the token-by-token reference of the same semantics:
+it takes each g_j by autodiff of ℓ_j (not the hand-derived LN backward of the dual).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.config import ModelConfig
+from ttt_jax.models.layers import apply_rope, normal, param
+
+F32 = jnp.float32
+INNER_LN_EPS = 1e-6
+"""Epsilon of the per-head inner LayerNorm."""
+POST_LN_EPS = 1e-6
+"""Epsilon of the post-LayerNorm over the concatenated heads."""
+
+
+# ----------------------------------------------------------------------------- containers
+
+
+class InnerParams(NamedTuple):
+  """Parameters of the inner (fast-weight) model of every head."""
+  w0_HxKxK: jax.Array
+  """Learned initial fast weights W0."""
+  b0_HxK: jax.Array
+  """Learned initial fast bias b0."""
+  ln_scale_HxK: jax.Array
+  """γ of the inner LayerNorm."""
+  ln_bias_HxK: jax.Array
+  """β of the inner LayerNorm."""
+  position_scale_M: jax.Array
+  """s_i for positions 0..b-1 inside a mini-batch (used as max(s_i, 0))."""
+
+
+class FastWeights(NamedTuple):
+  """Per-row fast-weight state, float32: the anchor and the unfinished mini-batch's sums."""
+  w_BxHxKxK: jax.Array
+  """W at the start of the current mini-batch (the anchor)."""
+  b_BxHxK: jax.Array
+  """b at the start of the current mini-batch."""
+  grad_w_BxHxKxK: jax.Array
+  """Σ η_j k_jᵀ g_j over the tokens of the current mini-batch seen so far (unscaled)."""
+  grad_b_BxHxK: jax.Array
+  """Σ η_j g_j over the same tokens."""
+
+
+class TTTState(NamedTuple):
+  fast: FastWeights
+  index: jax.Array
+  """int32 scalar: tokens of the current mini-batch seen so far (0..b-1), shared by rows."""
+
+
+class TTTCache(NamedTuple):
+  """Decode state of one TTT-Linear layer: O(1) in the sequence length."""
+  state: TTTState
+  qk_history_BxPxN: jax.Array | None
+  """Mamba backbone: the last conv_width-1 shared Q/K projections (compute dtype)."""
+
+
+class TTTLinearParams(NamedTuple):
+  """Every array of one TTT-Linear layer (None where the backbone has no such part)."""
+  wq_DxN: jax.Array
+  """θ_Q (transformer) or the shared θ_QK (mamba)."""
+  wk_DxN: jax.Array | None
+  wv_DxN: jax.Array
+  wo_NxD: jax.Array
+  conv_q_WxN: jax.Array | None
+  conv_q_bias_N: jax.Array | None
+  conv_k_WxN: jax.Array | None
+  conv_k_bias_N: jax.Array | None
+  wg_DxN: jax.Array | None
+  """Output gate θ_G (mamba)."""
+  lr_gate_DxH: jax.Array
+  lr_bias_H: jax.Array
+  inner: InnerParams
+  post_scale_N: jax.Array
+  post_bias_N: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTSpec:
+  """Static hyperparameters of a TTT-Linear layer."""
+  n_heads: int
+  head_dim: int
+  mini_batch: int
+  base_lr: float
+  backbone: str
+  conv_width: int
+  remat_group: int
+  rope_theta: float
+
+  @classmethod
+  def from_config(cls, cfg: ModelConfig) -> "TTTSpec":
+    return cls(n_heads=cfg.n_heads, head_dim=cfg.dim_per_head, mini_batch=cfg.ttt_mini_batch,
+               base_lr=cfg.ttt_base_lr, backbone=cfg.ttt_backbone,
+               conv_width=cfg.ttt_conv_width, remat_group=cfg.ttt_remat_group,
+               rope_theta=cfg.rope_theta)
+
+  @property
+  def width(self) -> int:
+    return self.n_heads * self.head_dim
+
+
+# ----------------------------------------------------------------------------- inner model
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm over the last axis in float32 (scale and bias broadcast against x)."""
+  x = x.astype(F32)
+  centered = x - jnp.mean(x, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
+  return centered * rstd * scale.astype(F32) + bias.astype(F32)
+
+
+def inner_loss(z: jax.Array, target: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array
+               ) -> jax.Array:
+  """Σ over every leading index of ½ ‖LN(z) - target‖² (the inner loss at z = k W + b)."""
+  return 0.5 * jnp.sum(jnp.square(layer_norm(z, ln_scale, ln_bias, INNER_LN_EPS) - target))
+
+
+def inner_loss_grad(z: jax.Array, target: jax.Array, ln_scale: jax.Array,
+                    ln_bias: jax.Array) -> jax.Array:
+  """g = ∂ℓ/∂z of ``inner_loss`` in closed form (LN backward), float32:
+
+      x̂ = (z - μ)/σ,  r = γ x̂ + β - target,  u = γ r
+      g = (u - mean(u) - x̂ mean(u x̂)) / σ
+  """
+  z = z.astype(F32)
+  centered = z - jnp.mean(z, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + INNER_LN_EPS)
+  x_hat = centered * rstd
+  scale = ln_scale.astype(F32)
+  residual = scale * x_hat + ln_bias.astype(F32) - target
+  u = scale * residual
+  return rstd * (u - jnp.mean(u, axis=-1, keepdims=True)
+                 - x_hat * jnp.mean(u * x_hat, axis=-1, keepdims=True))
+
+
+def position_scales(inner: InnerParams) -> jax.Array:
+  """max(s_i, 0), float32 [b]."""
+  return jnp.maximum(inner.position_scale_M.astype(F32), 0.0)
+
+
+def init_fast_weights(inner: InnerParams, batch_size: int) -> FastWeights:
+  """Every row starts at the learned (W0, b0), float32, with empty running sums."""
+  heads, k, _ = inner.w0_HxKxK.shape
+  w_BxHxKxK = jnp.broadcast_to(inner.w0_HxKxK.astype(F32)[None], (batch_size, heads, k, k))
+  b_BxHxK = jnp.broadcast_to(inner.b0_HxK.astype(F32)[None], (batch_size, heads, k))
+  return FastWeights(w_BxHxKxK, b_BxHxK, jnp.zeros_like(w_BxHxKxK), jnp.zeros_like(b_BxHxK))
+
+
+def init_state(inner: InnerParams, batch_size: int) -> TTTState:
+  return TTTState(init_fast_weights(inner, batch_size), jnp.zeros((), jnp.int32))
+
+
+def _select_rows(mask_B: jax.Array, on_true, on_false):
+  """Row-wise jnp.where over two pytrees whose leaves start with the batch axis."""
+  def pick(a, b):
+    b = jnp.broadcast_to(b, a.shape)
+    return jnp.where(mask_B.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+  return jax.tree.map(pick, on_true, on_false)
+
+
+# ----------------------------------------------------------------------------- mini-batch grid
+
+
+def minibatch_layout(batch: int, length: int, mini_batch: int,
+                     segment_ids_BxT: jax.Array | None = None,
+                     offset: int | jax.Array = 0) -> tuple[jax.Array, jax.Array]:
+  """(rel [B, T] int32, continues [B, T] bool) of every token on the mini-batch grid.
+
+  Token t sits in grid slot (offset + t) mod b. ``rel`` is its position inside its
+  mini-batch fragment (the slot, or the distance from its document's first token when
+  the document started inside the same grid mini-batch). ``continues`` is False for
+  tokens of a document that started inside their grid mini-batch after the sequence's
+  first token: their anchor is (W0, b0), not the carried state.
+  """
+  t_T = jnp.arange(length, dtype=jnp.int32)
+  slot_T = (t_T + offset) % mini_batch
+  if segment_ids_BxT is None:
+    rel_BxT = jnp.broadcast_to(slot_T[None], (batch, length))
+    return rel_BxT, jnp.ones((batch, length), bool)
+  chunk_start_T = t_T - slot_T
+  is_start_BxT = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  doc_start_BxT = jax.lax.cummax(jnp.where(is_start_BxT, t_T[None], 0), axis=1)
+  fragment_start_BxT = jnp.maximum(doc_start_BxT, chunk_start_T[None])
+  rel_BxT = (t_T[None] - fragment_start_BxT).astype(jnp.int32)
+  continues_BxT = (doc_start_BxT < chunk_start_T[None]) | (doc_start_BxT == 0)
+  return rel_BxT, continues_BxT
+
+
+# ----------------------------------------------------------------------------- dual form
+
+
+class MiniBatches(NamedTuple):
+  """The state-independent inputs of n mini-batches of m tokens (leading axis n), computed
+  for all of them at once before the scan; the scan body sees one mini-batch."""
+  q_NxBxHxMxK: jax.Array
+  """Queries (compute dtype)."""
+  k_NxBxHxMxK: jax.Array
+  """Keys (compute dtype)."""
+  target_NxBxHxMxK: jax.Array
+  """v - k, float32."""
+  mix_NxBxHxMxM: jax.Array
+  """E ∘ (q Kᵀ + 1), E_ij = s_i η_j [j ≤ i, same document], float32."""
+  eta_last_NxBxHxM: jax.Array
+  """η_j where token j's update reaches the mini-batch's last token, else 0."""
+  scale_NxBxM: jax.Array
+  """s at each token's position inside its mini-batch fragment."""
+  continues_NxBxM: jax.Array | None
+  """Token continues the carried state (else its anchor is (W0, b0)); None: all do."""
+  zk0_NxBxHxMxK: jax.Array | None
+  """k W0 + b0 (float32) for the tokens that do not continue; None with continues."""
+  commit_N: jax.Array | None
+  """Traced: whether the mini-batch closes at its last slot; None: the caller's static choice."""
+
+
+def prepare_minibatches(inner: InnerParams, q_NxBxHxMxK: jax.Array, k_NxBxHxMxK: jax.Array,
+                        v_NxBxHxMxK: jax.Array, eta_NxBxHxM: jax.Array,
+                        rel_NxBxM: jax.Array | None = None,
+                        segment_ids_NxBxM: jax.Array | None = None,
+                        continues_NxBxM: jax.Array | None = None,
+                        commit_N: jax.Array | None = None) -> MiniBatches:
+  """``MiniBatches`` from chunked inputs. ``rel`` None means positions 0..m-1."""
+  n, batch, _, m, _ = q_NxBxHxMxK.shape
+  scales_M = position_scales(inner)
+  if rel_NxBxM is None:
+    scale_NxBxM = jnp.broadcast_to(scales_M[:m], (n, batch, m))
+  else:
+    scale_NxBxM = scales_M[rel_NxBxM]
+  visible = jnp.tril(jnp.ones((m, m), bool))                                    # [M, M]
+  if segment_ids_NxBxM is not None:
+    same_NxBxMxM = segment_ids_NxBxM[..., :, None] == segment_ids_NxBxM[..., None, :]
+    visible = (visible & same_NxBxMxM)[:, :, None]                              # [N,B,1,M,M]
+  eta_NxBxHxM = eta_NxBxHxM.astype(F32)
+  scores = jnp.einsum("nbhik,nbhjk->nbhij", q_NxBxHxMxK, k_NxBxHxMxK,
+                      preferred_element_type=F32) + 1.0                         # C2
+  mix = jnp.where(visible, scale_NxBxM[:, :, None, :, None] * eta_NxBxHxM[:, :, :, None, :]
+                  * scores, 0.0)
+  eta_last = jnp.where(visible[..., -1, :], eta_NxBxHxM, 0.0)
+  target = v_NxBxHxMxK.astype(F32) - k_NxBxHxMxK.astype(F32)
+  zk0 = None
+  if continues_NxBxM is not None:
+    zk0 = jnp.einsum("nbhmk,hkl->nbhml", k_NxBxHxMxK, inner.w0_HxKxK.astype(q_NxBxHxMxK.dtype),
+                     preferred_element_type=F32) + inner.b0_HxK.astype(F32)[:, None, :]
+  return MiniBatches(q_NxBxHxMxK, k_NxBxHxMxK, target, mix, eta_last, scale_NxBxM,
+                     continues_NxBxM, zk0, commit_N)
+
+
+def minibatch_update(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
+                     commit: bool = True, partial: bool = False
+                     ) -> tuple[FastWeights, tuple[FastWeights, jax.Array]]:
+  """The sequential part of one mini-batch (``mb`` without its n axis): the inner
+  gradients g at the anchors and the state after the mini-batch. Returns (new state,
+  (incoming state, g [B, H, M, K] float32)); ``minibatch_outputs`` forms the outputs.
+
+  ``partial``: the incoming running sums may be non-zero (a mini-batch continued from a
+  cache). ``commit``: close the mini-batch (W <- W - s_last Σ, sums <- 0) or keep the
+  anchor and the sums; ``mb.commit_N``, when given, decides instead (traced).
+  """
+  dtype = mb.k_NxBxHxMxK.dtype
+  k_BxHxMxK = mb.k_NxBxHxMxK
+  zk_BxHxMxK = jnp.einsum("bhmk,bhkl->bhml", k_BxHxMxK, fast.w_BxHxKxK.astype(dtype),  # C1
+                          preferred_element_type=F32) + fast.b_BxHxK[:, :, None, :]
+  continues_BxM = mb.continues_NxBxM
+  if continues_BxM is not None:
+    zk_BxHxMxK = jnp.where(continues_BxM[:, None, :, None], zk_BxHxMxK, mb.zk0_NxBxHxMxK)
+  g_BxHxMxK = inner_loss_grad(zk_BxHxMxK, mb.target_NxBxHxMxK,                 # C3
+                              inner.ln_scale_HxK[None, :, None, :],
+                              inner.ln_bias_HxK[None, :, None, :])
+  # Running sums of the last token's fragment, on top of its anchor's.
+  eta_last_BxHxM = mb.eta_last_NxBxHxM
+  grad_w = jnp.einsum("bhmk,bhml->bhkl", k_BxHxMxK.astype(F32) * eta_last_BxHxM[..., None],
+                      g_BxHxMxK)
+  grad_b = jnp.einsum("bhm,bhml->bhl", eta_last_BxHxM, g_BxHxMxK)
+  anchor = fast
+  if continues_BxM is not None:
+    anchor = _select_rows(continues_BxM[:, -1], fast,
+                          init_fast_weights(inner, fast.w_BxHxKxK.shape[0]))
+  if partial or continues_BxM is not None:
+    grad_w = grad_w + anchor.grad_w_BxHxKxK
+    grad_b = grad_b + anchor.grad_b_BxHxK
+  pending = FastWeights(anchor.w_BxHxKxK, anchor.b_BxHxK, grad_w, grad_b)
+  if mb.commit_N is None and not commit:
+    return pending, (fast, g_BxHxMxK)
+  scale_last_B = mb.scale_NxBxM[:, -1]
+  committed = FastWeights(anchor.w_BxHxKxK - scale_last_B[:, None, None, None] * grad_w,
+                          anchor.b_BxHxK - scale_last_B[:, None, None] * grad_b,
+                          jnp.zeros_like(grad_w), jnp.zeros_like(grad_b))
+  if mb.commit_N is not None:
+    committed = jax.tree.map(lambda c, p: jnp.where(mb.commit_N, c, p), committed, pending)
+  return committed, (fast, g_BxHxMxK)
+
+
+def minibatch_outputs(inner: InnerParams, mbs: MiniBatches, fast_in: FastWeights,
+                      g_NxBxHxMxK: jax.Array, partial: bool = False) -> jax.Array:
+  """out_i = q_i + LN(Z_i), Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G for all n mini-batches at
+  once, from the states they started from (``fast_in``, leading n axis) and their
+  inner gradients: [N, B, H, M, K] in the compute dtype."""
+  q = mbs.q_NxBxHxMxK
+  dtype = q.dtype
+  z = jnp.einsum("nbhmk,nbhkl->nbhml", q, fast_in.w_BxHxKxK.astype(dtype),       # C1
+                 preferred_element_type=F32) + fast_in.b_BxHxK[:, :, :, None, :]
+  if mbs.continues_NxBxM is not None:
+    cont = mbs.continues_NxBxM[:, :, None, :, None]
+    z0 = jnp.einsum("nbhmk,hkl->nbhml", q, inner.w0_HxKxK.astype(dtype),
+                    preferred_element_type=F32) + inner.b0_HxK.astype(F32)[:, None, :]
+    z = jnp.where(cont, z, z0)
+  z = z - jnp.einsum("nbhij,nbhjl->nbhil", mbs.mix_NxBxHxMxM, g_NxBxHxMxK)   # C3
+  if partial:
+    carried = (jnp.einsum("nbhmk,nbhkl->nbhml", q.astype(F32), fast_in.grad_w_BxHxKxK)
+               + fast_in.grad_b_BxHxK[:, :, :, None, :])
+    if mbs.continues_NxBxM is not None:
+      carried = jnp.where(cont, carried, 0.0)
+    z = z - mbs.scale_NxBxM[:, :, None, :, None] * carried
+  out = q.astype(F32) + layer_norm(z, inner.ln_scale_HxK[None, None, :, None, :],  # C4
+                                   inner.ln_bias_HxK[None, None, :, None, :], INNER_LN_EPS)
+  return out.astype(dtype)
+
+
+def scan_minibatches(body: Callable, carry, xs, remat_group: int):
+  """``jax.lax.scan(body, carry, xs)``; with remat_group g > 0 the mini-batches run in
+  groups of g, each group rematerialised in the backward pass from its carried state
+  (a shorter tail group runs without remat)."""
+  n = jax.tree.leaves(xs)[0].shape[0]
+  if remat_group <= 0 or n < 2:
+    return jax.lax.scan(body, carry, xs)
+  group = min(remat_group, n)
+  n_groups, tail = divmod(n, group)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def group_body(carry, group_xs):
+    return jax.lax.scan(body, carry, group_xs)
+
+  head = jax.tree.map(lambda a: a[:n_groups * group].reshape((n_groups, group) + a.shape[1:]),
+                      xs)
+  carry, ys = jax.lax.scan(group_body, carry, head)
+  ys = jax.tree.map(lambda a: a.reshape((n_groups * group,) + a.shape[2:]), ys)
+  if tail:
+    carry, tail_ys = jax.lax.scan(body, carry, jax.tree.map(lambda a: a[n_groups * group:], xs))
+    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail_ys)
+  return carry, ys
+
+
+def run_minibatches(inner: InnerParams, fast: FastWeights, mbs: MiniBatches, *,
+                    commit: bool = True, partial: bool = False, remat_group: int = 0
+                    ) -> tuple[FastWeights, jax.Array]:
+  """Scans ``minibatch_update`` over the n mini-batches, then ``minibatch_outputs``:
+  (state after them, out [N, B, H, M, K] compute dtype)."""
+  body = lambda fast, mb: minibatch_update(inner, fast, mb, commit=commit, partial=partial)
+  fast_out, (fast_in, g_NxBxHxMxK) = scan_minibatches(body, fast, mbs, remat_group)
+  return fast_out, minibatch_outputs(inner, mbs, fast_in, g_NxBxHxMxK, partial)
+
+
+def _to_chunks(x_BxTx: jax.Array, n: int, size: int, time_axis_to: int) -> jax.Array:
+  """[B, n*size, ...] -> [n, B, ...]: n chunks whose time axis sits at index
+  ``time_axis_to`` of the per-chunk array (2 for [B, H, M, K] and [B, H, M], 1 for [B, M])."""
+  batch = x_BxTx.shape[0]
+  chunks = x_BxTx.reshape((batch, n, size) + x_BxTx.shape[2:])
+  chunks = jnp.moveaxis(chunks, 1, 0)                      # [n, B, size, ...]
+  return jnp.moveaxis(chunks, 2, time_axis_to + 1)
+
+
+def _from_chunks(out_NxBxHxMxK: jax.Array) -> jax.Array:
+  """[n, B, H, M, K] -> [B, n*M, H, K]."""
+  n, batch, heads, m, k = out_NxBxHxMxK.shape
+  out_BxHxTxK = jnp.moveaxis(out_NxBxHxMxK, 0, 2).reshape(batch, heads, n * m, k)
+  return jnp.swapaxes(out_BxHxTxK, 1, 2)
+
+
+def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array,
+                    v_BxTxHxK: jax.Array, eta_BxTxH: jax.Array, *, mini_batch: int,
+                    remat_group: int = 0, segment_ids_BxT: jax.Array | None = None,
+                    state: TTTState | None = None) -> tuple[jax.Array, TTTState]:
+  """Anchored mini-batch TTT over a whole sequence in the dual form.
+
+  Returns the outputs out_t [B, T, H, K] (compute dtype) and the float32 state after the
+  last token (a trailing partial mini-batch is left open: anchor + running sums).
+  Without ``state`` the rows start at (W0, b0) on the grid's slot 0; a remainder
+  mini-batch is padded to b tokens with η = 0 (padding updates nothing; its outputs are
+  dropped) and left open. With ``state`` (a cache, no segment ids) the tokens continue
+  its open mini-batch.
+  """
+  batch, length, _, _ = q_BxTxHxK.shape
+  size = mini_batch
+  if state is not None:
+    if segment_ids_BxT is not None:
+      raise ValueError("ttt_linear_dual: segment_ids cannot be combined with a carried state")
+    return _dual_from_state(inner, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_BxTxH, size,
+                            remat_group, state)
+  n_full, remainder = divmod(length, size)
+  n_chunks = n_full + (remainder > 0)
+  pad = n_chunks * size - length
+
+  def chunks(x, axis):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+    return _to_chunks(x, n_chunks, size, axis)
+
+  rel = segments = continues = None
+  if segment_ids_BxT is not None:  # padding continues the last document
+    segment_ids_BxS = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)), mode="edge")
+    rel_BxS, continues_BxS = minibatch_layout(batch, length + pad, size, segment_ids_BxS)
+    rel, continues, segments = (_to_chunks(x, n_chunks, size, 1)
+                                for x in (rel_BxS, continues_BxS, segment_ids_BxS))
+  mbs = prepare_minibatches(
+      inner, chunks(q_BxTxHxK, 2), chunks(k_BxTxHxK, 2), chunks(v_BxTxHxK, 2),
+      chunks(eta_BxTxH, 2), rel_NxBxM=rel, segment_ids_NxBxM=segments,
+      continues_NxBxM=continues,
+      commit_N=jnp.arange(n_chunks) < n_full if remainder else None)
+  fast, out_NxBxHxMxK = run_minibatches(inner, init_fast_weights(inner, batch), mbs,
+                                        remat_group=remat_group)
+  out_BxTxHxK = _from_chunks(out_NxBxHxMxK)[:, :length]
+  return out_BxTxHxK, TTTState(fast, jnp.asarray(remainder, jnp.int32))
+
+
+def _dual_from_state(inner: InnerParams, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_BxTxH,
+                     size: int, remat_group: int, state: TTTState
+                     ) -> tuple[jax.Array, TTTState]:
+  """The tokens are placed at slots index.. of a buffer of whole mini-batches; padding
+  slots have η = 0 (no update), and a mini-batch closes only if its last slot is real."""
+  batch, length = q_BxTxHxK.shape[:2]
+  offset = state.index
+  n_chunks = -(-(length + size - 1) // size)
+  span = n_chunks * size
+
+  def place(x, axis):
+    buffer = jnp.zeros((batch, span) + x.shape[2:], x.dtype)
+    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x, offset, axis=1)
+    return _to_chunks(buffer, n_chunks, size, axis)
+
+  last_slot_N = jnp.arange(n_chunks, dtype=jnp.int32) * size + size - 1
+  mbs = prepare_minibatches(inner, place(q_BxTxHxK, 2), place(k_BxTxHxK, 2),
+                            place(v_BxTxHxK, 2), place(eta_BxTxH.astype(F32), 2),
+                            commit_N=last_slot_N < offset + length)
+  fast, out_NxBxHxMxK = run_minibatches(inner, state.fast, mbs, partial=True,
+                                        remat_group=remat_group)
+  out_BxTxHxK = jax.lax.dynamic_slice_in_dim(_from_chunks(out_NxBxHxMxK), offset, length,
+                                             axis=1)
+  return out_BxTxHxK, TTTState(fast, ((offset + length) % size).astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------- primal form
+
+
+def anchored_token_step(inner: InnerParams, fast: FastWeights, q_BxHxK: jax.Array,
+                        k_BxHxK: jax.Array, v_BxHxK: jax.Array, eta_BxH: jax.Array,
+                        rel_B: jax.Array, commit_B: jax.Array
+                        ) -> tuple[FastWeights, jax.Array]:
+  """One token of anchored mini-batch GD, primal form: g by autodiff at the anchor,
+  added to the running sums; output from W_i = W - s_rel Σ; close the mini-batch
+  (W <- W_i, sums <- 0) where ``commit``. Output in the compute dtype."""
+  dtype = q_BxHxK.dtype
+  ln_scale, ln_bias = inner.ln_scale_HxK[None], inner.ln_bias_HxK[None]
+  zk_BxHxK = jnp.einsum("bhk,bhkl->bhl", k_BxHxK, fast.w_BxHxKxK.astype(dtype),
+                        preferred_element_type=F32) + fast.b_BxHxK                # C1
+  target = v_BxHxK.astype(F32) - k_BxHxK.astype(F32)
+  g_BxHxK = jax.grad(inner_loss)(zk_BxHxK, target, ln_scale, ln_bias)
+  eta_BxH = eta_BxH.astype(F32)
+  grad_w = fast.grad_w_BxHxKxK + jnp.einsum(
+      "bhk,bhl->bhkl", k_BxHxK.astype(F32) * eta_BxH[..., None], g_BxHxK)
+  grad_b = fast.grad_b_BxHxK + eta_BxH[..., None] * g_BxHxK
+  scale_B = position_scales(inner)[rel_B]
+  w_now = fast.w_BxHxKxK - scale_B[:, None, None, None] * grad_w
+  b_now = fast.b_BxHxK - scale_B[:, None, None] * grad_b
+  zq_BxHxK = jnp.einsum("bhk,bhkl->bhl", q_BxHxK, w_now.astype(dtype),
+                        preferred_element_type=F32) + b_now
+  out_BxHxK = q_BxHxK.astype(F32) + layer_norm(zq_BxHxK, ln_scale, ln_bias, INNER_LN_EPS)
+  closed = FastWeights(w_now, b_now, jnp.zeros_like(grad_w), jnp.zeros_like(grad_b))
+  open_ = FastWeights(fast.w_BxHxKxK, fast.b_BxHxK, grad_w, grad_b)
+  return _select_rows(commit_B, closed, open_), out_BxHxK.astype(dtype)
+
+
+def ttt_linear_primal_anchored(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array,
+                               v_BxTxHxK: jax.Array, eta_BxTxH: jax.Array, *,
+                               mini_batch: int, segment_ids_BxT: jax.Array | None = None,
+                               state: TTTState | None = None) -> tuple[jax.Array, TTTState]:
+  """Token-by-token reference of ``ttt_linear_dual`` (same arguments and results).
+
+  A ``jax.lax.scan`` over tokens; at a document's first token (t > 0) the row is reset
+  to (W0, b0); a mini-batch closes at grid slot b-1.
+  """
+  batch, length = q_BxTxHxK.shape[:2]
+  size = mini_batch
+  if state is None:
+    state = init_state(inner, batch)
+  offset = state.index
+  rel_BxT, _ = minibatch_layout(batch, length, size, segment_ids_BxT, offset)
+  if segment_ids_BxT is None:
+    new_doc_BxT = jnp.zeros((batch, length), bool)
+  else:
+    new_doc_BxT = jnp.concatenate(
+        [jnp.zeros((batch, 1), bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  slot_T = (jnp.arange(length, dtype=jnp.int32) + offset) % size
+  fresh = init_fast_weights(inner, batch)
+
+  def step(fast, token):
+    q, k, v, eta, rel, new_doc, slot = token
+    fast = _select_rows(new_doc, fresh, fast)
+    commit_B = jnp.broadcast_to(slot == size - 1, (batch,))
+    return anchored_token_step(inner, fast, q, k, v, eta, rel, commit_B)
+
+  time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  xs = tuple(map(time_major, (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_BxTxH, rel_BxT,
+                              new_doc_BxT))) + (slot_T,)
+  fast, out_TxBxHxK = jax.lax.scan(step, state.fast, xs)
+  index = ((offset + length) % size).astype(jnp.int32)
+  return jnp.moveaxis(out_TxBxHxK, 0, 1), TTTState(fast, index)
+
+
+# ----------------------------------------------------------------------------- layer
+
+
+def causal_depthwise_conv(x_BxTxN: jax.Array, filter_WxN: jax.Array, bias_N: jax.Array,
+                          history_BxPxN: jax.Array | None = None,
+                          segment_ids_BxT: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+  """y_t = bias + Σ_{τ<W} filter[τ] ∘ x_{t-W+1+τ}, as W shifted multiply-adds (float32
+  accumulation). Inputs before t = 0 come from ``history`` (the previous W-1 inputs;
+  zeros if None); with segment ids a tap reading another document is dropped.
+  Returns (y in x's dtype, the last W-1 inputs for the next call)."""
+  batch, length, width_n = x_BxTxN.shape
+  width = filter_WxN.shape[0]
+  if history_BxPxN is None:
+    history_BxPxN = jnp.zeros((batch, width - 1, width_n), x_BxTxN.dtype)
+  x_ext = jnp.concatenate([history_BxPxN.astype(x_BxTxN.dtype), x_BxTxN], axis=1)
+  y_BxTxN = jnp.broadcast_to(bias_N.astype(F32), (batch, length, width_n))
+  for tau in range(width):
+    shift = width - 1 - tau
+    tap_BxTxN = x_ext[:, tau:tau + length].astype(F32)
+    if segment_ids_BxT is not None and shift:
+      earlier = jnp.pad(segment_ids_BxT, ((0, 0), (shift, 0)), mode="edge")[:, :length]
+      tap_BxTxN = jnp.where((earlier == segment_ids_BxT)[..., None], tap_BxTxN, 0.0)
+    y_BxTxN = y_BxTxN + filter_WxN[tau].astype(F32) * tap_BxTxN
+  return y_BxTxN.astype(x_BxTxN.dtype), x_ext[:, x_ext.shape[1] - (width - 1):]
+
+
+def inner_learning_rate(lr_logits_BxTxH: jax.Array, bias_H: jax.Array, base_lr: float,
+                        head_dim: int) -> jax.Array:
+  """η = η_base σ(x θ_lr + β) / K from the logits x θ_lr, float32 [B, T, H]."""
+  return base_lr * jax.nn.sigmoid(lr_logits_BxTxH.astype(F32) + bias_H.astype(F32)) / head_dim
+
+
+class Projected(NamedTuple):
+  """The layer's per-token inputs to the inner model and the output gate."""
+  q_BxTxHxK: jax.Array
+  """Queries after the Q conv (mamba) and RoPE, compute dtype."""
+  k_BxTxHxK: jax.Array
+  v_BxTxHxK: jax.Array
+  eta_BxTxH: jax.Array
+  """Inner learning rates, float32."""
+  gate_BxTxN: jax.Array | None
+  """gelu(x θ_G) (mamba) or None."""
+  qk_history_BxPxN: jax.Array | None
+  """The conv input history after these tokens (mamba) or None."""
+
+
+def project_inputs(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
+                   rel_BxT: jax.Array, history_BxPxN: jax.Array | None,
+                   segment_ids_BxT: jax.Array | None = None) -> Projected:
+  """Every input projection (θ_Q, θ_K or θ_QK, θ_V, θ_G, θ_lr) as one matmul over the
+  concatenated weights (float32 accumulation), then the convs and RoPE at ``rel``."""
+  batch, length, _ = x_BxTxD.shape
+  dtype = x_BxTxD.dtype
+  mamba = spec.backbone == "mamba"
+  n = spec.width
+  weights = ([params.wq_DxN, params.wv_DxN, params.wg_DxN] if mamba
+             else [params.wq_DxN, params.wk_DxN, params.wv_DxN])
+  fused_DxF = jnp.concatenate([w.astype(dtype) for w in weights]
+                              + [params.lr_gate_DxH.astype(dtype)], axis=1)
+  fused_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, fused_DxF, preferred_element_type=F32)
+  parts = [fused_BxTxF[..., i * n:(i + 1) * n].astype(dtype) for i in range(3)]
+  lr_logits_BxTxH = fused_BxTxF[..., 3 * n:]
+  gate_BxTxN = None
+  if mamba:
+    qk_BxTxN, v_BxTxN, gate_BxTxN = parts
+    gate_BxTxN = jax.nn.gelu(gate_BxTxN)
+    q_BxTxN, _ = causal_depthwise_conv(qk_BxTxN, params.conv_q_WxN, params.conv_q_bias_N,
+                                       history_BxPxN, segment_ids_BxT)
+    k_BxTxN, history_BxPxN = causal_depthwise_conv(qk_BxTxN, params.conv_k_WxN,
+                                                   params.conv_k_bias_N, history_BxPxN,
+                                                   segment_ids_BxT)
+  else:
+    q_BxTxN, k_BxTxN, v_BxTxN = parts
+    history_BxPxN = None
+  heads = (batch, length, spec.n_heads, spec.head_dim)
+  q_BxTxHxK = apply_rope(q_BxTxN.reshape(heads), rel_BxT, spec.rope_theta)
+  k_BxTxHxK = apply_rope(k_BxTxN.reshape(heads), rel_BxT, spec.rope_theta)
+  eta_BxTxH = inner_learning_rate(lr_logits_BxTxH, params.lr_bias_H, spec.base_lr,
+                                  spec.head_dim)
+  return Projected(q_BxTxHxK, k_BxTxHxK, v_BxTxN.reshape(heads), eta_BxTxH, gate_BxTxN,
+                   history_BxPxN)
+
+
+def output_projection(params: TTTLinearParams, spec: TTTSpec, gate_BxTxN: jax.Array | None,
+                      out_BxTxHxK: jax.Array) -> jax.Array:
+  """(gate ∘) LN_post(concat heads) θ_O, in the outputs' dtype."""
+  batch, length = out_BxTxHxK.shape[:2]
+  dtype = out_BxTxHxK.dtype
+  z_BxTxN = layer_norm(out_BxTxHxK.reshape(batch, length, spec.width), params.post_scale_N,
+                       params.post_bias_N, POST_LN_EPS).astype(dtype)
+  if gate_BxTxN is not None:
+    z_BxTxN = gate_BxTxN * z_BxTxN
+  return jnp.einsum("btn,nd->btd", z_BxTxN, params.wo_NxD.astype(dtype))
+
+
+def ttt_linear_forward(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
+                       segment_ids_BxT: jax.Array | None = None,
+                       cache: TTTCache | None = None, inner_form: str = "dual"
+                       ) -> tuple[jax.Array, TTTCache]:
+  """The layer over a sequence: (y [B, T, D], cache after it). ``cache`` continues a
+  decode (prefill); ``inner_form`` 'dual' (default) or 'primal' (the reference)."""
+  batch, length, _ = x_BxTxD.shape
+  offset = 0 if cache is None else cache.state.index
+  history = None if cache is None else cache.qk_history_BxPxN
+  rel_BxT, _ = minibatch_layout(batch, length, spec.mini_batch, segment_ids_BxT, offset)
+  inputs = project_inputs(params, spec, x_BxTxD, rel_BxT, history, segment_ids_BxT)
+  q, k, v, eta = inputs.q_BxTxHxK, inputs.k_BxTxHxK, inputs.v_BxTxHxK, inputs.eta_BxTxH
+  state = None if cache is None else cache.state
+  if inner_form == "dual":
+    out_BxTxHxK, state = ttt_linear_dual(params.inner, q, k, v, eta,
+                                         mini_batch=spec.mini_batch,
+                                         remat_group=spec.remat_group,
+                                         segment_ids_BxT=segment_ids_BxT, state=state)
+  elif inner_form == "primal":
+    out_BxTxHxK, state = ttt_linear_primal_anchored(params.inner, q, k, v, eta,
+                                                    mini_batch=spec.mini_batch,
+                                                    segment_ids_BxT=segment_ids_BxT,
+                                                    state=state)
+  else:
+    raise ValueError(f"inner_form must be 'dual' or 'primal', got {inner_form!r}")
+  y_BxTxD = output_projection(params, spec, inputs.gate_BxTxN, out_BxTxHxK)
+  return y_BxTxD, TTTCache(state, inputs.qk_history_BxPxN)
+
+
+def init_cache(params: TTTLinearParams, spec: TTTSpec, batch_size: int,
+               dtype: jnp.dtype) -> TTTCache:
+  """Empty decode state: every row at (W0, b0), slot 0, zero conv history."""
+  history = None
+  if spec.backbone == "mamba":
+    history = jnp.zeros((batch_size, spec.conv_width - 1, spec.width), dtype)
+  return TTTCache(init_state(params.inner, batch_size), history)
+
+
+def ttt_linear_decode_step(params: TTTLinearParams, spec: TTTSpec, cache: TTTCache,
+                           x_BxD: jax.Array) -> tuple[TTTCache, jax.Array]:
+  """One token through the layer, O(1) memory: (new cache, y [B, D])."""
+  batch = x_BxD.shape[0]
+  index = cache.state.index
+  x_Bx1xD = x_BxD[:, None, :]
+  rel_Bx1 = jnp.full((batch, 1), index, jnp.int32)
+  inputs = project_inputs(params, spec, x_Bx1xD, rel_Bx1, cache.qk_history_BxPxN)
+  commit_B = jnp.broadcast_to(index == spec.mini_batch - 1, (batch,))
+  fast, out_BxHxK = anchored_token_step(
+      params.inner, cache.state.fast, inputs.q_BxTxHxK[:, 0], inputs.k_BxTxHxK[:, 0],
+      inputs.v_BxTxHxK[:, 0], inputs.eta_BxTxH[:, 0], rel_Bx1[:, 0], commit_B)
+  y_BxD = output_projection(params, spec, inputs.gate_BxTxN, out_BxHxK[:, None])[:, 0]
+  state = TTTState(fast, ((index + 1) % spec.mini_batch).astype(jnp.int32))
+  return TTTCache(state, inputs.qk_history_BxPxN), y_BxD
+
+
+def flops_per_token(spec: TTTSpec, d_model: int) -> float:
+  """Forward matmul FLOPs per token of one layer (2 per multiply-add):
+  projections (θ_Q, θ_K or θ_QK, θ_V, θ_O, θ_G for mamba, θ_lr) plus per head the
+  dual form's k W, q W and Kᵀ G (3 · 2K²) and q Kᵀ, (E∘·) G (2 · 2bK)."""
+  n = spec.width
+  projections = 2 * 4 * d_model * n + 2 * d_model * spec.n_heads  # (q,k,v,o) | (qk,v,g,o)
+  inner = spec.n_heads * (3 * 2 * spec.head_dim ** 2 + 2 * 2 * spec.mini_batch * spec.head_dim)
+  return float(projections + inner)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class TTTLinear(nnx.Module):
+  """TTT-Linear mixer (lm.py's ``Mixer`` interface); holds the parameters and calls the
+  functions above. ``positions`` are not read: the mini-batch grid is the token order.
+
+  Inits: projections N(0, init_std²), θ_O scaled by 1/sqrt(2 n_layers); W0 N(0,
+  init_std²), b0 0; conv filters N(0, 1/W) (variance-preserving), biases 0; inner and
+  post LN scale 1, shift 0; θ_lr N(0, init_std²), β 0; s_i = 1/(i+1).
+  Logical axes: projections ('embed', 'heads') / ('heads', 'embed'); W0 ('heads',
+  'head_dim', 'fast') and b0 ('heads', 'fast'): 'fast' marks the inner model's learned
+  initial state (Adam, no weight decay; sharded over fsdp by the default rules); θ_lr
+  ('embed', 'gate') and β, s ('gate'): the inner learning-rate gate (no weight decay).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    spec = TTTSpec.from_config(cfg)
+    self.spec = spec
+    d, n, heads, k = cfg.d_model, spec.width, spec.n_heads, spec.head_dim
+    dtype = jnp.dtype(cfg.param_dtype)
+    std = cfg.init_std
+    out_std = std / (2 * cfg.n_layers) ** 0.5
+    conv_std = 1.0 / math.sqrt(spec.conv_width)
+    mamba = spec.backbone == "mamba"
+    self.wq = param(normal(rngs.params(), (d, n), std, dtype), ("embed", "heads"))
+    self.wk = (None if mamba else
+               param(normal(rngs.params(), (d, n), std, dtype), ("embed", "heads")))
+    self.wv = param(normal(rngs.params(), (d, n), std, dtype), ("embed", "heads"))
+    self.wo = param(normal(rngs.params(), (n, d), out_std, dtype), ("heads", "embed"))
+    if mamba:
+      self.conv_q = param(normal(rngs.params(), (spec.conv_width, n), conv_std, dtype),
+                          ("conv", "heads"))
+      self.conv_q_bias = param(jnp.zeros((n,), dtype), ("heads",))
+      self.conv_k = param(normal(rngs.params(), (spec.conv_width, n), conv_std, dtype),
+                          ("conv", "heads"))
+      self.conv_k_bias = param(jnp.zeros((n,), dtype), ("heads",))
+      self.wg = param(normal(rngs.params(), (d, n), std, dtype), ("embed", "heads"))
+    else:
+      self.conv_q = self.conv_q_bias = self.conv_k = self.conv_k_bias = self.wg = None
+    self.lr_gate = param(normal(rngs.params(), (d, heads), std, dtype), ("embed", "gate"))
+    self.lr_bias = param(jnp.zeros((heads,), dtype), ("gate",))
+    self.w0 = param(normal(rngs.params(), (heads, k, k), std, dtype),
+                    ("heads", "head_dim", "fast"))
+    self.b0 = param(jnp.zeros((heads, k), dtype), ("heads", "fast"))
+    self.ln_scale = param(jnp.ones((heads, k), dtype), ("heads", "norm"))
+    self.ln_bias = param(jnp.zeros((heads, k), dtype), ("heads", "norm"))
+    self.position_scale = param(
+        (1.0 / jnp.arange(1, spec.mini_batch + 1, dtype=F32)).astype(dtype), ("gate",))
+    self.post_scale = param(jnp.ones((n,), dtype), ("heads",))
+    self.post_bias = param(jnp.zeros((n,), dtype), ("heads",))
+
+  def params(self) -> TTTLinearParams:
+    value = lambda p: None if p is None else p[...]
+    return TTTLinearParams(
+        wq_DxN=value(self.wq), wk_DxN=value(self.wk), wv_DxN=value(self.wv),
+        wo_NxD=value(self.wo), conv_q_WxN=value(self.conv_q),
+        conv_q_bias_N=value(self.conv_q_bias), conv_k_WxN=value(self.conv_k),
+        conv_k_bias_N=value(self.conv_k_bias), wg_DxN=value(self.wg),
+        lr_gate_DxH=value(self.lr_gate), lr_bias_H=value(self.lr_bias),
+        inner=InnerParams(value(self.w0), value(self.b0), value(self.ln_scale),
+                          value(self.ln_bias), value(self.position_scale)),
+        post_scale_N=value(self.post_scale), post_bias_N=value(self.post_bias))
+
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+               segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+    del positions_BxT  # the mini-batch grid is the token order
+    y_BxTxD, _ = ttt_linear_forward(self.params(), self.spec, x_BxTxD, segment_ids_BxT)
+    return y_BxTxD
+
+  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> TTTCache:
+    del max_len  # O(1) state
+    return init_cache(self.params(), self.spec, batch_size, dtype)
+
+  def decode(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, cache: TTTCache
+             ) -> tuple[jax.Array, TTTCache]:
+    """S = 1: one primal anchored step; S > 1 (prefill): the dual form continuing the
+    cache's open mini-batch."""
+    del positions_BxS
+    if x_BxSxD.shape[1] == 1:
+      cache, y_BxD = ttt_linear_decode_step(self.params(), self.spec, cache, x_BxSxD[:, 0])
+      return y_BxD[:, None], cache
+    y_BxSxD, cache = ttt_linear_forward(self.params(), self.spec, x_BxSxD, cache=cache)
+    return y_BxSxD, cache
+
+  @staticmethod
+  def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    del seq_len  # linear in the sequence length
+    return flops_per_token(TTTSpec.from_config(cfg), cfg.d_model)
+
+
+class PreConv(nnx.Module):
+  """Mamba-backbone pre-convolution sublayer: a causal depthwise conv over the (normed)
+  residual stream, run by lm.py's Block before the mixer. Filter [W, D] ('conv',
+  'embed'), init N(0, 1/(W · 2 n_layers)) (an output into the residual stream); bias 0.
+  Decode keeps the last W-1 inputs."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.param_dtype)
+    width = cfg.ttt_conv_width
+    std = 1.0 / math.sqrt(width * 2 * cfg.n_layers)
+    self.width = width
+    self.filter = param(normal(rngs.params(), (width, cfg.d_model), std, dtype),
+                        ("conv", "embed"))
+    self.bias = param(jnp.zeros((cfg.d_model,), dtype), ("embed",))
+
+  def __call__(self, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array | None = None
+               ) -> jax.Array:
+    y_BxTxD, _ = causal_depthwise_conv(x_BxTxD, self.filter[...], self.bias[...], None,
+                                       segment_ids_BxT)
+    return y_BxTxD
+
+  def init_cache(self, batch_size: int, dtype: jnp.dtype) -> jax.Array:
+    return jnp.zeros((batch_size, self.width - 1, self.filter.shape[1]), dtype)
+
+  def decode(self, x_BxSxD: jax.Array, history_BxPxD: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    return causal_depthwise_conv(x_BxSxD, self.filter[...], self.bias[...], history_BxPxD)
