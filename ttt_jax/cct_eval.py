@@ -301,6 +301,8 @@ def tier_verdict(values: dict[str, float | None], criteria: dict[str, tuple[str,
 # ----------------------------------------------------------------------------- run level
 
 TASKS = ("sufficiency", "compression", "passkey", "perplexity", "all")
+BASELINE_DECODE_TOKENS = 4096
+"""compression: tokens actually decoded into the baseline's (static-shape) KV cache."""
 """The CCT tasks of ``python -m ttt_jax.evaluate``."""
 
 
@@ -338,7 +340,8 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
   if cfg.model.mixer != "cct":
     raise ValueError(f"{workdir}: compression needs a CCT run (model.mixer='cct')")
   return {"task": "compression", "workdir": str(workdir),
-          **compression_report(cfg.model, cfg.data.vocab_size, contexts, log=_stderr)}
+          **compression_report(cfg.model, cfg.data.vocab_size, contexts,
+                               baseline_decode_tokens=BASELINE_DECODE_TOKENS, log=_stderr)}
 
 
 def run_passkey(workdir, overrides: list[str], lengths: list[int], depths: list[float],

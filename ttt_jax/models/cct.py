@@ -463,8 +463,9 @@ def forward_with_summaries(model: Any, tokens_BxT: jax.Array, step_ids_BxT: jax.
                            summary_override: str = "none"
                            ) -> tuple[jax.Array, SummaryAux]:
   """Logits [B, T, V] of a CCT ``lm.LM`` and every layer's ``SummaryAux`` stacked on a
-  leading layers axis. Same computation as ``model(tokens, step_ids_BxT=...)`` (the
-  plain residual's blocks), run here to collect the per-layer summaries."""
+  leading layers axis. Same computation as ``model(tokens, step_ids_BxT=...)`` (each
+  block: residual(mixer), residual(SwiGLU)), run here to collect the per-layer summaries.
+  ``summary_override='zero'`` zeroes every injected summary (ablation)."""
   from ttt_jax.models import lm  # pylint: disable=import-outside-toplevel (lm imports us)
   cfg = model.cfg
   if cfg.mixer != "cct" or cfg.ttt_pre_conv:
