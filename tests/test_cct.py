@@ -225,11 +225,13 @@ def test_working_memory_decode_matches_full_forward(pool, prompt_len):
   tokens = random_tokens(14, 2, 15)
   full = model(tokens)  # no step ids: fixed steps of cct_step_len by position
   cache = model.init_cache(2, 16)
-  logits, cache = model.decode(tokens[:, :prompt_len],
-                               lm.default_positions(tokens[:, :prompt_len]), cache)
+  decode = nnx.jit(lambda model, tokens, positions, cache: model.decode(tokens, positions,
+                                                                        cache))
+  logits, cache = decode(model, tokens[:, :prompt_len],
+                         lm.default_positions(tokens[:, :prompt_len]), cache)
   pieces = [logits]
   for t in range(prompt_len, 15):
-    logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache)
+    logits, cache = decode(model, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache)
     pieces.append(logits)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full),
                              rtol=1e-4, atol=1e-4)
