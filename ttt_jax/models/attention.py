@@ -39,7 +39,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ttt_jax.config import ModelConfig
-from ttt_jax.models.layers import apply_rope, normal, param
+from ttt_jax.models.layers import apply_rope, dense, normal, param
 
 QUERY_PROJ = "query_proj"
 KEY_PROJ = "key_proj"
@@ -173,11 +173,11 @@ class Attention(nnx.Module):
     batch, length, _ = x_BxTxD.shape
     dtype = x_BxTxD.dtype
     q_BxTxN = checkpoint_name(
-        jnp.einsum("btd,dn->btn", x_BxTxD, self.wq[...].astype(dtype)), QUERY_PROJ)
+        dense(x_BxTxD, self.wq[...].astype(dtype)), QUERY_PROJ)
     k_BxTxM = checkpoint_name(
-        jnp.einsum("btd,dm->btm", x_BxTxD, self.wk[...].astype(dtype)), KEY_PROJ)
+        dense(x_BxTxD, self.wk[...].astype(dtype)), KEY_PROJ)
     v_BxTxM = checkpoint_name(
-        jnp.einsum("btd,dm->btm", x_BxTxD, self.wv[...].astype(dtype)), VALUE_PROJ)
+        dense(x_BxTxD, self.wv[...].astype(dtype)), VALUE_PROJ)
     q_BxTxHxK = q_BxTxN.reshape(batch, length, self.n_heads, self.head_dim)
     k_BxTxGxK = k_BxTxM.reshape(batch, length, self.n_kv_heads, self.head_dim)
     v_BxTxGxK = v_BxTxM.reshape(batch, length, self.n_kv_heads, self.head_dim)
@@ -188,7 +188,7 @@ class Attention(nnx.Module):
   def output_projection(self, o_BxTxHxK: jax.Array) -> jax.Array:
     batch, length = o_BxTxHxK.shape[:2]
     o_BxTxN = o_BxTxHxK.reshape(batch, length, self.n_heads * self.head_dim)
-    return jnp.einsum("btn,nd->btd", o_BxTxN, self.wo[...].astype(o_BxTxN.dtype))
+    return dense(o_BxTxN, self.wo[...].astype(o_BxTxN.dtype))
 
   def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
                segment_ids_BxT: jax.Array | None = None) -> jax.Array:
