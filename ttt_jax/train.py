@@ -244,7 +244,9 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
                  np.zeros(vocab_size, np.int32), np.int32), sharding.replicated(mesh))
 
+  # the whole schedule once, on the host: reading it per step would sync with the device
   schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
+  lr_by_step = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(cfg.train.steps)))
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   flops_per_step = train_flops_per_step(cfg, vocab_size)
   peak, peak_source = metrics_lib.mesh_peak_flops(cfg.train.peak_flops, mesh)
@@ -334,7 +336,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         log(f"wrote profile of steps {prof}..{step} to {profile_dir}")
       if pending is not None:
         drain(pending)
-      pending = (step, metrics, float(schedule(step - 1)))
+      pending = (step, metrics, float(lr_by_step[step - 1]))
       if cfg.train.eval_every and (step % cfg.train.eval_every == 0
                                    or step == cfg.train.steps):
         drain(pending)
