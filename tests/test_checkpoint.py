@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,44 @@ def test_async_save_then_restore_continues_exactly_once(tmp_path):
   stream = [i for b in seen + after_save for i in b]
   for epoch in range(len(stream) // WINDOWS):
     assert sorted(stream[epoch * WINDOWS:(epoch + 1) * WINDOWS]) == list(range(WINDOWS))
+
+
+def test_background_save_keeps_the_state_of_the_call_under_donation(tmp_path):
+  """The snapshot is taken when save() is called: donating steps that overwrite the
+  state's buffers right after it (as the train loop does) do not reach the checkpoint."""
+  state = small_state()
+  expected = jax.tree.map(lambda x: np.array(x, copy=True), state)  # no view of the buffer
+  step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True, device_snapshot=True)
+  assert ckpt.background
+  orbax_save, started = ckpt._save, threading.Event()
+
+  def late_save(*args):  # the writer reaches orbax only after the steps below
+    started.wait(timeout=30)
+    orbax_save(*args)
+
+  ckpt._save = late_save
+  ckpt.save(1, state, iter(dataset()), {"process_count": 1})
+  for _ in range(5):
+    state = step(state)
+  jax.block_until_ready(state)
+  started.set()
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = ckpt.restore(1, abstract, None).state
+  ckpt.close()
+  for key, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), value)
+
+
+def test_background_save_error_reaches_the_training_thread(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True, device_snapshot=True)
+  ckpt.save(1, small_state(), iter(dataset()), {"process_count": 1})
+  ckpt.save(1, {"other": jnp.zeros(2)}, iter(dataset()), {"process_count": 1})
+  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint save failed"):
+    ckpt.close()
 
 
 def test_data_position_rescales_to_another_process_count(tmp_path):

@@ -247,10 +247,13 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
 def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   """Checkpoint stall and data throughput against the trainer's consumption.
 
-  Steps are timed one by one (each waits for its result). Every ``steps // saves``-th
-  step also starts an async save; the stall of a save is the time of that step and the
-  next one (which overlaps the background write) above twice the median plain step.
-  The data pipeline (real corpus, this config's seq_len and batch) is timed alone.
+  Steps are timed one by one (each waits for its result) in intervals of
+  ``steps // saves`` steps that alternate between no save and one async save at the
+  interval's first step, with ``cfg.checkpoint``'s save settings. The background write
+  may spread over several steps, so the stall of a save is the saving interval's total
+  time above the median save-free interval's; alternating keeps slow drifts of the
+  machine out of the difference. The data pipeline (real corpus, this config's seq_len
+  and batch) is timed alone.
   """
   import tempfile
 
@@ -273,24 +276,27 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   jax.block_until_ready(metrics)
 
   every = max(steps // saves, 2)
-  times, save_calls, saved_at = [], [], []
+  intervals: dict[bool, list[list[float]]] = {False: [], True: []}
+  save_calls = []
   with tempfile.TemporaryDirectory() as directory:
-    ckpt = ckpt_lib.Checkpointer(Path(directory), keep=2, async_save=True)
+    ckpt = ckpt_lib.Checkpointer(Path(directory), keep=2, async_save=cfg.checkpoint.async_save,
+                                 device_snapshot=cfg.checkpoint.device_snapshot)
     meta = {"process_count": jax.process_count()}
-    for i in range(1, steps + 1):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batches[i % 4])
-      if i % every == 0:
-        call = time.perf_counter()
-        ckpt.save(i, state, data_iter, meta)
-        save_calls.append(time.perf_counter() - call)
-        saved_at.append(i)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
+    for interval in range(2 * saves):
+      saving, times = interval % 2 == 1, []
+      for i in range(every):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batches[i % 4])
+        if saving and i == 0:
+          ckpt.save(interval, state, data_iter, meta)
+          save_calls.append(time.perf_counter() - start)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+      intervals[saving].append(times)
     ckpt.close()
-  plain = [t for i, t in enumerate(times, 1) if i not in saved_at and i - 1 not in saved_at]
-  step_time = statistics.median(plain)
-  stalls = [times[i - 1] + times[i] - 2 * step_time for i in saved_at if i < steps]
+  step_time = statistics.median(t for times in intervals[False] for t in times)
+  baseline = statistics.median(sum(times) for times in intervals[False])
+  stalls = [sum(times) - baseline for times in intervals[True]]
   consumed = cfg.train.batch_size * cfg.data.seq_len / step_time
 
   data_iter = iter(data_lib.train_dataset(
@@ -309,6 +315,9 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
       "step_time_s": step_time,
       "checkpoint_bytes": state_bytes,
       "saves": len(stalls),
+      "steps_per_interval": every,
+      "async_save": cfg.checkpoint.async_save,
+      "device_snapshot": cfg.checkpoint.device_snapshot,
       "save_call_s": save_calls,
       "stall_per_save_s": stalls,
       "max_stall_fraction_of_step": max(stalls) / step_time if stalls else None,
@@ -354,8 +363,9 @@ def main(argv: list[str] | None = None) -> None:
   io_p = sub.add_parser("io", help="async checkpoint stall and data pipeline throughput")
   io_p.add_argument("--config", default="configs/quickstart.yaml")
   io_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-  io_p.add_argument("--steps", type=int, default=40, help="timed train steps")
-  io_p.add_argument("--saves", type=int, default=5, help="async saves among them")
+  io_p.add_argument("--steps", type=int, default=40,
+                    help="timed train steps per half (with saves / without)")
+  io_p.add_argument("--saves", type=int, default=5, help="async saves")
   args = parser.parse_args(argv)
   if args.what == "ttt":
     with user_errors():

@@ -231,6 +231,7 @@ class DataConfig:
   step_min_len: int = 8
   """semantic: the shortest step; a sentence end closer to the step's start is skipped."""
 
+
   def __post_init__(self):
     _check_positive("data", self, "seq_len", "vocab_size", "tokenizer_max_sentences",
                     "step_len", "step_min_len")
@@ -354,6 +355,12 @@ class CheckpointConfig:
   """Also keep every checkpoint whose step is a multiple of M; 0 disables."""
   async_save: bool = True
   """Write checkpoints in the background while training continues."""
+  device_snapshot: bool = True
+  """With async_save in a single-process run: copy the state on device and start orbax's
+  save on a low-priority background thread, so a save costs the step loop only that
+  copy. The copy holds one extra params + optimizer state in device memory until its
+  host transfer ends; set false where that does not fit, and orbax's save call (with its
+  synchronous device-to-host transfer) runs on the training thread instead."""
   init_from: str = ""
   """Start a new run (a workdir without checkpoints) from another run's parameters: its
   run directory, checkpoints directory or one step directory (also ``--init-from``).

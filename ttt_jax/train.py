@@ -256,7 +256,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   state, start_step = built.state, 0
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                keep_every=cfg.checkpoint.keep_every,
-                               async_save=cfg.checkpoint.async_save)
+                               async_save=cfg.checkpoint.async_save,
+                               device_snapshot=cfg.checkpoint.device_snapshot)
   restored = ckpt.restore_latest(ckpt_lib.with_shardings(state, built.state_shardings),
                                  data_iter, log=log,
                                  check=lambda meta: check_compatible(meta, cfg, vocab_size))
