@@ -34,16 +34,23 @@ def small_state():
           "count": jnp.asarray(3, jnp.int32)}
 
 
+def restore_state(directory, step: int, like):
+  """The state saved at ``step``, restored with the shardings of ``like``."""
+  ckpt = ckpt_lib.Checkpointer(directory, keep=2)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          like)
+  try:
+    return ckpt.restore(step, abstract, None).state
+  finally:
+    ckpt.close()
+
+
 def test_save_restore_keeps_dtypes_and_bits(tmp_path):
   state = small_state()
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
   ckpt.save(1, state, iter(dataset()), {"process_count": 1})
   ckpt.close()
-  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
-  restored = ckpt.restore(1, abstract, None).state
-  ckpt.close()
+  restored = restore_state(tmp_path, 1, state)
   for key, value in state.items():
     assert restored[key].dtype == value.dtype
     np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
@@ -93,11 +100,7 @@ def test_background_save_keeps_the_state_of_the_call_under_donation(tmp_path):
   jax.block_until_ready(state)
   started.set()
   ckpt.close()
-  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
-  restored = ckpt.restore(1, abstract, None).state
-  ckpt.close()
+  restored = restore_state(tmp_path, 1, state)
   for key, value in expected.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), value)
 

@@ -69,8 +69,9 @@ the flattened n*D input of phi)."""
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   mixer: str = "attention"
-  """Token mixer of every block: 'attention' (causal GQA softmax attention) or
-  'ttt_linear' (TTT-Linear, a linear inner model trained at test time; ttt_* fields)."""
+  """Token mixer of every block: 'attention' (causal GQA softmax attention),
+  'ttt_linear' (TTT-Linear, a linear inner model trained at test time; ttt_* fields) or
+  'cct' (commitment-constrained attention over step summaries; cct_* fields)."""
   residual: str = "plain"
   """Residual scheme around each sublayer: 'plain' (pre-norm x + f(norm(x))) or 'mhc'
   (manifold-constrained hyper-connections over mhc_streams parallel streams)."""
