@@ -217,24 +217,53 @@ def test_curriculum_values_at_phase_boundaries():
 # ----------------------------------------------------------------------------- decode
 
 
+def semantic_like_steps(rng: np.random.Generator, batch: int, length: int, step_len: int
+                        ) -> np.ndarray:
+  """Absolute step ids with boundaries at random (p = 0.3), steps of 1..step_len tokens."""
+  step_ids = np.zeros((batch, length), np.int32)
+  for row in range(batch):
+    step, count = 0, 0
+    for t in range(length):
+      if t and (count >= step_len or rng.random() < 0.3):
+        step, count = step + 1, 0
+      step_ids[row, t], count = step, count + 1
+  return step_ids
+
+
 @pytest.mark.parametrize("pool", ["last", "mean"])
-@pytest.mark.parametrize("prompt_len", [1, 6, 9])
-def test_working_memory_decode_matches_full_forward(pool, prompt_len):
+@pytest.mark.parametrize("prompt_len,steps", [(1, "given"), (6, "fixed"), (9, "given")])
+def test_working_memory_decode_matches_full_forward(pool, prompt_len, steps):
+  """Prefill + token-by-token decode == the training-form forward (every boundary
+  committed), with fixed steps by position or with explicit (semantic) step ids."""
   cfg = cct_config(cct_pool=pool)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(13))
   tokens = random_tokens(14, 2, 15)
-  full = model(tokens)  # no step ids: fixed steps of cct_step_len by position
-  cache = model.init_cache(2, 16)
-  decode = nnx.jit(lambda model, tokens, positions, cache: model.decode(tokens, positions,
-                                                                        cache))
+  if steps == "fixed":
+    step_ids, full = None, model(tokens)  # fixed steps of cct_step_len by position
+    cache = model.init_cache(2, 16)
+  else:
+    step_ids = jnp.asarray(semantic_like_steps(np.random.default_rng(prompt_len), 2, 15, 4))
+    assert len(np.unique(np.asarray(step_ids[0]))) > 15 // 4 + 1  # shorter than fixed
+    full = model(tokens, step_ids_BxT=step_ids)
+    cache = model.init_cache(2, 16, max_steps=15)
+  decode = nnx.jit(lambda model, tokens, positions, cache, step_ids: model.decode(
+      tokens, positions, cache, step_ids))
+
+  def chunk_steps(start, stop):
+    return None if step_ids is None else step_ids[:, start:stop]
+
   logits, cache = decode(model, tokens[:, :prompt_len],
-                         lm.default_positions(tokens[:, :prompt_len]), cache)
+                         lm.default_positions(tokens[:, :prompt_len]), cache,
+                         chunk_steps(0, prompt_len))
   pieces = [logits]
   for t in range(prompt_len, 15):
-    logits, cache = decode(model, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache)
+    logits, cache = decode(model, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32), cache,
+                           chunk_steps(t, t + 1))
     pieces.append(logits)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1)), np.asarray(full),
-                             rtol=1e-4, atol=1e-4)
+                             rtol=1e-5, atol=1e-5)
+  last_steps = np.asarray(step_ids[:, -1]) if step_ids is not None else np.full(2, 14 // 4)
+  np.testing.assert_array_equal(np.asarray(cache.step_B), np.broadcast_to(last_steps, (2, 2)))
 
 
 def test_decode_state_grows_only_by_summaries():
@@ -254,6 +283,11 @@ def test_decode_state_grows_only_by_summaries():
   local_shapes = [leaf.shape for leaf in jax.tree.leaves(small_cache)[1:]]
   assert local_shapes == [leaf.shape for leaf in jax.tree.leaves(large_cache)[1:]]
   assert small_cache.local_k_BxSxGxK.shape[2] == cfg.cct_step_len
+  # given step ids (semantic steps): max_steps summary slots, the rest as for fixed steps
+  semantic = [leaf.shape for leaf in jax.tree.leaves(
+      jax.eval_shape(lambda: model.init_cache(1, 400, max_steps=300)))]
+  assert semantic[0] == (cfg.n_layers, 1, 300, cfg.cct_d_summary)
+  assert semantic[1:] == local_shapes
 
 
 def test_flops_per_token_counts_summary_slots():

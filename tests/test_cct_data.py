@@ -1,24 +1,31 @@
-"""Step boundaries for CCT (data.StepAnnotator, the <STEP> piece) and per-token step ids
-in batches."""
+"""Step boundaries for CCT (data.StepAnnotator, the <STEP> piece), per-token step ids
+in batches, and the annotator's online form (models/cct.py StepRule)."""
 
 from __future__ import annotations
 
 import glob
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ttt_jax import data
 from ttt_jax.config import ConfigError, DataConfig
+from ttt_jax.models import cct
 from ttt_jax.tokenizer import STEP_PIECE, train_tokenizer, trainer_settings
 from train_util import copy_stdlib_corpus
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def corpus_texts(tmp_path_factory):
   corpus = copy_stdlib_corpus(tmp_path_factory.mktemp("corpus") / "src")
-  texts = [open(path).read() for path in sorted(glob.glob(corpus))]
-  return train_tokenizer(texts, 512, 100000, (STEP_PIECE,))
+  return [open(path).read() for path in sorted(glob.glob(corpus))]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus_texts):
+  return train_tokenizer(corpus_texts, 512, 100000, (STEP_PIECE,))
 
 
 def step_texts(tokenizer, ids, step_ids):
@@ -74,6 +81,30 @@ def test_semantic_boundaries_after_eos_and_step_piece(tokenizer):
                    + [tokenizer.eos_id] + tokenizer.encode("z = 3"))
   step_ids = data.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
   assert step_texts(tokenizer, ids, step_ids) == ["x = 1<STEP>", "y = 2", "z = 3"]
+
+
+def test_online_step_rule_agrees_with_the_annotator_on_every_token(tokenizer, corpus_texts):
+  """cct.StepRule (one token at a time, on device, as in generation) gives exactly the
+  annotator's step ids: on the real corpus, on text made of sentence/paragraph marks,
+  and on random tokens (byte pieces, EOS, <STEP>)."""
+  rng = np.random.default_rng(0)
+  marks = "".join(rng.choice(list(". \n\n\n?!Aab"), 4000))
+  step_id = tokenizer.processor.piece_to_id(STEP_PIECE)
+  random_ids = rng.integers(0, tokenizer.vocab_size, 4000)
+  random_ids[rng.random(4000) < 0.02] = step_id
+  sequences = [np.concatenate([tokenizer.encode(text) + [tokenizer.eos_id]
+                               for text in corpus_texts]),
+               np.asarray(tokenizer.encode(marks)), random_ids]
+  rule_ids = jax.jit(cct.step_rule_ids)
+  for step_len, step_min_len in ((100, 1), (12, 4)):
+    annotator = data.StepAnnotator("semantic", step_len, step_min_len, tokenizer)
+    rule = cct.step_rule(annotator)
+    for ids in sequences:
+      expected = annotator(ids)
+      got, _ = rule_ids(rule, cct.step_rule_start(1), jnp.asarray(ids, jnp.int32)[None])
+      np.testing.assert_array_equal(np.asarray(got[0]), expected)
+      assert expected[-1] > len(ids) // step_len  # boundaries besides the forced ones
+  assert len(sequences[0]) > 100000
 
 
 def test_windows_and_eval_batches_carry_step_ids(tokenizer):

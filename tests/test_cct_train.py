@@ -1,13 +1,15 @@
 """A tiny CCT model trained on real text: the loss goes down, every term and p_commit
-are logged along the curriculum, and the CCT evaluations run on the result."""
+are logged along the curriculum, and the CCT evaluations, generation with its
+commitment hash chain and the chain's verification run on the result."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from ttt_jax import cct_eval, train
+from ttt_jax import cct_chain, cct_eval, generate, train
 from ttt_jax.models import cct
 from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_config
 
@@ -62,3 +64,33 @@ def test_sufficiency_task_runs_on_the_trained_run(trained):
   assert len(result["layers"]) == 2
   assert result["shuffled_summary_r2"] < result["sufficiency_probe_r2"]
   assert math.isfinite(result["summary_ablation"]["delta_loss"])
+
+
+def test_generate_writes_the_hash_chain_and_verify_finds_a_tampered_token(trained, tmp_path,
+                                                                           capsys):
+  _, workdir, _ = trained
+  path = tmp_path / "chain.json"
+  generate.main(["--workdir", str(workdir), "--prompt", "def f(x):", "--max-new-tokens", "24",
+                 "--temperature", "0", "--hash-chain", str(path)])
+  record = json.loads(path.read_text())
+  assert record["header"]["steps"] == "fixed/8" and record["header"]["n_layers"] == 2
+  (sequence,) = record["sequences"]
+  assert sequence["n_decoded"] == len(sequence["tokens"]) - 1
+  # committed: the steps before the last decoded token's (fixed steps of 8)
+  assert sequence["n_steps"] == (sequence["n_decoded"] - 1) // 8 == len(sequence["hashes"])
+  assert sequence["n_steps"] >= 3 and sequence["head"] == sequence["hashes"][-1]
+  capsys.readouterr()
+  cct_chain.main(["--workdir", str(workdir), str(path)])
+  assert capsys.readouterr().out == (
+      f"sequence 0: OK: {sequence['n_steps']} committed steps verified\n")
+  sequence["tokens"][12] = (sequence["tokens"][12] + 1) % 512  # step 1
+  path.write_text(json.dumps(record))
+  with pytest.raises(SystemExit) as exit_info:
+    cct_chain.main(["--workdir", str(workdir), str(path)])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().out.startswith("sequence 0: MISMATCH: step 1: ")
+  with pytest.raises(SystemExit) as exit_info:
+    generate.main(["--workdir", str(workdir), "--prompt", "x",
+                   "--hash-chain", str(tmp_path / "missing" / "chain.json")])
+  assert exit_info.value.code == 2
+  assert "--hash-chain: directory" in capsys.readouterr().err

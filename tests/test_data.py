@@ -408,6 +408,94 @@ def test_eval_batches_in_order_and_split_across_processes():
                       process_count=1)
 
 
+def expected_segment_ids(inputs: np.ndarray, eos_id: int) -> list[int]:
+  """Loop reference: the number of EOS tokens among inputs[0..t-1]."""
+  ids, count = [], 0
+  for token in inputs:
+    ids.append(count)
+    count += int(token == eos_id)
+  return ids
+
+
+def test_segment_ids_count_the_eos_before_each_input_token():
+  eos = 0
+  #          window 0 (inputs 0..7)    | window 1                 | window 2
+  tokens = [eos, 3, 4, eos, eos, 5, 6, 7, 8, eos, 1, 2, 3, 4, 5, eos, 9, 9, eos, 9, 9, 9, 9, 9, 9]
+  source = data.TokenWindows(np.asarray(tokens, np.uint16), 8, eos_id=eos)
+  assert len(source) == 3
+  expected = [[0, 1, 1, 1, 2, 3, 3, 3],  # an EOS first: the next token starts document 1
+              [0, 0, 1, 1, 1, 1, 1, 1],  # the window's last input is an EOS: no id for it
+              [0, 0, 0, 1, 1, 1, 1, 1]]
+  for index, ids in enumerate(expected):
+    example = source[index]
+    assert example["segment_ids"].dtype == np.int32
+    np.testing.assert_array_equal(example["segment_ids"], ids)
+    assert ids == expected_segment_ids(example["inputs"], eos)
+  assert "segment_ids" not in data.TokenWindows(np.asarray(tokens, np.uint16), 8)[0]
+  batch = take(make_dataset(), 1)[0]
+  assert set(batch) == {"inputs", "targets"}
+  # The same windows in the same order, and the same (position-only) iterator state, so
+  # checkpoints resume with the option on or off.
+  plain, masked = iter(make_dataset(seed=7)), iter(make_dataset(seed=7, eos_id=5))
+  for _ in range(3):
+    a, b = next(plain), next(masked)
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    assert b["segment_ids"].tolist() == [expected_segment_ids(row, 5) for row in b["inputs"]]
+  assert plain.get_state() == masked.get_state()
+  resumed = iter(make_dataset(seed=7, eos_id=5))
+  resumed.set_state(plain.get_state())
+  for _ in range(3):
+    a, b = next(masked), next(resumed)
+    for key in ("inputs", "targets", "segment_ids"):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_segment_ids_of_train_windows_and_eval_batches_agree_on_real_text(sample):
+  _, corpus, _, _ = sample
+  eos, seq_len = corpus.tokenizer.eos_id, 32
+  tokens = corpus.train_tokens[:10000]  # the first few documents
+  source = data.TokenWindows(tokens, seq_len, eos_id=eos)
+  steps = len(source) // 4  # every full batch of the val split
+  train = take(data.train_dataset(tokens, seq_len=seq_len, global_batch_size=4, seed=0,
+                                  shuffle=False, process_index=0, process_count=1,
+                                  worker_count=0, eos_id=eos), steps)
+  evals = data.eval_batches(tokens, seq_len=seq_len, batch_size=4, num_batches=steps,
+                            process_index=0, process_count=1, eos_id=eos)
+  plain = data.eval_batches(tokens, seq_len=seq_len, batch_size=4, num_batches=1,
+                            process_index=0, process_count=1)
+  assert len(evals) == steps and "segment_ids" not in plain[0]
+  resets = 0
+  for step in range(steps):
+    for key in ("inputs", "targets", "segment_ids"):
+      np.testing.assert_array_equal(train[step][key], evals[step][key])
+    for row in range(4):
+      window = source[4 * step + row]
+      np.testing.assert_array_equal(train[step]["segment_ids"][row], window["segment_ids"])
+      assert window["segment_ids"].tolist() == expected_segment_ids(window["inputs"], eos)
+      resets += int(window["segment_ids"][-1])
+  assert resets > 0  # some windows hold a document end
+
+
+def test_document_eos_id_sources_and_the_error_without_one(sample, tmp_path):
+  cfg, corpus, _, _ = sample
+  assert data.document_eos_id(cfg, corpus) is None
+  masked = dataclasses.replace(cfg, document_mask=True)
+  assert data.document_eos_id(masked, corpus) == corpus.tokenizer.eos_id
+  tokens = np.arange(200) % 50
+  with_eos = _write_bin(tmp_path, tokens, {"vocab_size": 50, "dtype": "uint16",
+                                           "num_tokens": 200, "eos_id": 7}, "with_eos")
+  bin_cfg = small_config(tmp_path, [with_eos], seq_len=8, document_mask=True)
+  assert data.document_eos_id(bin_cfg, data.prepare_corpus(bin_cfg, log=LogLines())) == 7
+  without = _write_bin(tmp_path, tokens, {"vocab_size": 50, "dtype": "uint16",
+                                          "num_tokens": 200}, "no_eos")
+  bin_cfg = dataclasses.replace(bin_cfg, corpus=(without,))
+  packed = data.prepare_corpus(bin_cfg, log=LogLines())
+  with pytest.raises(data.DataError, match=r"^data\.document_mask: no valid EOS id for "
+                     r"data\.corpus .*no_eos\.bin.*\(got None\).*sidecar an 'eos_id'"):
+    data.document_eos_id(bin_cfg, packed)
+  assert data.document_eos_id(dataclasses.replace(bin_cfg, document_mask=False), packed) is None
+
+
 # ---------------------------------------------------------------------------- metrics
 
 

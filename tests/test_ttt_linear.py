@@ -1,7 +1,9 @@
 """Tests of ttt_jax/models/ttt_linear.py: dual form against the anchored primal form and
 a float64 oracle, remainder mini-batches, document resets, decode, fp32 state, W0,
-gradients, parameter routing, and a tiny TTT LM learning real text."""
+gradients, parameter routing, packed documents with the pipeline's segment ids, and a tiny
+TTT LM learning real text (alone and through train.train with data.document_mask)."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -11,10 +13,11 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, optim, sharding
+from ttt_jax import data, optim, sharding, train
 from ttt_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
 from ttt_jax.models import lm
 from ttt_jax.models import ttt_linear as ttt
+from train_util import tiny_config
 
 VOCAB = 64
 BF16_REL_BOUND = 3e-2
@@ -384,6 +387,35 @@ def test_lm_segment_ids_isolate_grid_aligned_documents():
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone", ["mamba", "transformer"])
+def test_lm_packed_window_with_pipeline_segment_ids_equals_documents_alone(backbone):
+  """[docA, EOS, docB] with ``data.document_segment_ids``: docA+EOS gives its standalone
+  logits; docB, starting at t = 7 (mid-mini-batch, b = 16), gives its standalone logits
+  (positions 0.., nothing passed but tokens and ids) up to the grid boundary at t = 16,
+  and logits independent of docA throughout. Seen as one document (the ids of a window
+  without EOS, as without data.document_mask) docB's logits differ. One compiled call:
+  rows 2 and 3 are single documents (all ids 0)."""
+  eos, b, first, length = 0, 16, 7, 37  # docA: 6 tokens + EOS; docB: 30 tokens
+  model = lm.LM(lm_config(ttt_backbone=backbone, ttt_mini_batch=b), VOCAB, rngs=nnx.Rngs(9))
+  rng = np.random.default_rng(9)
+  doc_a, other_a = rng.integers(1, VOCAB, size=(2, first - 1))
+  doc_b = rng.integers(1, VOCAB, size=length - first)
+  packed = np.concatenate([doc_a, [eos], doc_b])
+  rows = np.stack([packed, np.concatenate([other_a, [eos], doc_b]),
+                   np.concatenate([doc_b, doc_a, [eos]]), packed])  # row 2: docB alone
+  segment_ids = data.document_segment_ids(rows, eos)
+  segment_ids[3] = 0  # packed without document ids
+  assert segment_ids.tolist() == [[0] * first + [1] * (length - first)] * 2 + [[0] * length] * 2
+  logits = np.asarray(jax.jit(lambda t, s: model(t, segment_ids_BxT=s))(
+      jnp.asarray(rows), jnp.asarray(segment_ids)))
+  fragment = b - first  # docB's first mini-batch: tokens 7..15
+  np.testing.assert_allclose(logits[0, :first], logits[3, :first], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[0, first:first + fragment], logits[2, :fragment],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[0, first:], logits[1, first:], rtol=1e-5, atol=1e-5)
+  assert rel_err(logits[3, first:first + fragment], logits[2, :fragment]) > 1e-3
+
+
 def test_parameter_groups_and_sharding():
   """No weight decay on W0/b0, norms, biases or the lr gate; heads/projections over
   'tensor', TTT parameters over 'fsdp'; only tiny vectors stay replicated."""
@@ -471,3 +503,44 @@ def test_tiny_ttt_lm_loss_goes_down_on_real_text_and_grads_reach_ttt_params(tmp_
       assert flat["blocks/pre_conv/filter"] > 0
   assert np.isfinite(losses).all()
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+
+
+def test_tiny_ttt_run_with_document_mask_trains_on_segment_ids_from_the_pipeline(
+    tmp_path: Path, monkeypatch):
+  """``data.document_mask=true`` end to end: every train and eval batch reaching the
+  device carries the pipeline's segment ids (windows of many short documents, so the
+  fast weights reset inside windows), and a few steps lower the train and eval loss."""
+  root, _ = data.stdlib_files()
+  paragraphs = [p for name in STDLIB_SAMPLE
+                for p in (root / name).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+  corpus = tmp_path / "paragraphs.jsonl"
+  corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+  cfg = tiny_config(str(corpus), tmp_path / "cache", "model.mixer=ttt_linear",
+                    "model.ttt_backbone=transformer", "model.n_layers=1",  # quick to compile
+                    "data.document_mask=true", "train.steps=6", "train.eval_every=6",
+                    "eval.batches=1", "logging.tensorboard=false")
+  batches, traced_with_segment_ids = [], []
+  put, call = sharding.put_batch, lm.LM.__call__
+
+  def put_batch(batch, mesh):
+    batches.append({k: np.asarray(v) for k, v in batch.items()})
+    return put(batch, mesh)
+
+  def spy_call(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, step_ids_BxT=None):
+    traced_with_segment_ids.append(segment_ids_BxT is not None)
+    return call(self, tokens_BxT, positions_BxT, segment_ids_BxT, step_ids_BxT)
+
+  monkeypatch.setattr(sharding, "put_batch", put_batch)
+  monkeypatch.setattr(lm.LM, "__call__", spy_call)
+  summary = train.train(cfg, tmp_path / "run")
+  eos = data.prepare_corpus(cfg.data, log=lambda _: None).tokenizer.eos_id
+  assert traced_with_segment_ids == [True, True]  # the train step and the eval step
+  assert len(batches) == 1 + 6  # the eval batch, then one per step
+  for batch in batches:
+    assert set(batch) == {"inputs", "targets", "segment_ids"}
+    np.testing.assert_array_equal(batch["segment_ids"],
+                                  data.document_segment_ids(batch["inputs"], eos))
+  assert np.mean([batch["segment_ids"][:, -1] > 0 for batch in batches]) > 0.2
+  losses, evals = summary["losses"], summary["eval"]
+  assert np.isfinite(list(losses.values())).all()
+  assert losses[6] < losses[1] - 0.3 and evals[6]["eval_loss"] < evals[0]["eval_loss"] - 0.3

@@ -12,7 +12,8 @@
   state after actually decoding L tokens) of the CCT working memory against a causal
   attention KV cache of the same model shape, at several contexts.
 - ``passkey``: the standard passkey-retrieval prompt (``passkey_prompt``), greedy
-  decoding, accuracy by length and depth.
+  decoding (a run with semantic steps decodes with them: ``cct.StepRule``), accuracy by
+  length and depth.
 - ``perplexity``: validation perplexity of the CCT run (every boundary committed) and of
   a baseline run, and the delta in percent.
 """
@@ -104,10 +105,10 @@ def collect_steps(model: lm.LM, batches: list[dict[str, np.ndarray]], step_len: 
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def run(state, inputs, targets, step_ids):
+  def run(state, inputs, targets, step_ids, segment_ids):
     m = nnx.merge(graphdef, state)
-    logits, aux = cct.forward_with_summaries(m, inputs, step_ids)
-    zero_logits, _ = cct.forward_with_summaries(m, inputs, step_ids, "zero")
+    logits, aux = cct.forward_with_summaries(m, inputs, step_ids, segment_ids_BxT=segment_ids)
+    zero_logits, _ = cct.forward_with_summaries(m, inputs, step_ids, "zero", segment_ids)
     in_model = jnp.einsum("lbns,lsd->lbnd", aux.summary_BxNxS,
                           m.blocks.mixer.probe_w[...]) + m.blocks.mixer.probe_b[...][:, None, None]
     return (aux, in_model, lm.cross_entropy_loss(logits, targets)[1],
@@ -120,7 +121,8 @@ def collect_steps(model: lm.LM, batches: list[dict[str, np.ndarray]], step_len: 
     if step_ids is None:
       step_ids = np.asarray(cct.fixed_step_ids(lm.default_positions(batch["inputs"]), step_len))
     segments = cct.commitment_segments(jnp.asarray(step_ids), jnp.ones(step_ids.shape, bool))
-    aux, in_model, batch_nll, batch_zero = run(state, batch["inputs"], batch["targets"], segments)
+    aux, in_model, batch_nll, batch_zero = run(state, batch["inputs"], batch["targets"], segments,
+                                               batch.get("segment_ids"))
     keep = np.asarray(aux.complete_BxN[0])  # the same for every layer
     rows["summary"].append(np.asarray(aux.summary_BxNxS)[:, keep])
     rows["head_input"].append(np.asarray(aux.head_input_BxNxD)[:, keep])
@@ -259,8 +261,10 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int
 
 
 def passkey_report(model: lm.LM, tokenizer: Tokenizer, lengths: list[int],
-                   depths: list[float], trials: int, seed: int = 0) -> dict[str, Any]:
-  """Greedy accuracy: the first generated digits equal the key."""
+                   depths: list[float], trials: int, seed: int = 0,
+                   step_rule: cct.StepRule | None = None) -> dict[str, Any]:
+  """Greedy accuracy: the first generated digits equal the key. ``step_rule``: CCT
+  decoding with semantic steps (None: fixed steps)."""
   rng = np.random.default_rng(seed)
   by_length: dict[str, Any] = {}
   for length in lengths:
@@ -271,7 +275,7 @@ def passkey_report(model: lm.LM, tokenizer: Tokenizer, lengths: list[int],
         key = int(rng.integers(10000, 100000))
         prompt, _ = passkey_prompt(tokenizer, length, depth, key)
         out = generate(model, np.asarray([prompt], np.int32), 8, jax.random.key(0),
-                       temperature=0.0)
+                       temperature=0.0, step_rule=step_rule)
         text = tokenizer.decode(np.asarray(out)[0, len(prompt):].tolist())
         digits = "".join(ch for ch in text.strip().split(" ")[0] if ch.isdigit())
         correct += digits == str(key)
@@ -328,7 +332,8 @@ def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, An
       corpus.val_tokens, seq_len=cfg.data.seq_len,
       batch_size=cfg.eval.batch_size or cfg.train.batch_size, num_batches=batches,
       process_index=0, process_count=1,
-      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer))
+      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer),
+      eos_id=data_lib.document_eos_id(cfg.data, corpus))
   steps, loss = collect_steps(model, val, cfg.model.cct_step_len)
   return {"task": "sufficiency", "workdir": str(workdir), "step": step,
           **sufficiency_report(steps, loss, seed=cfg.train.seed)}
@@ -346,10 +351,19 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
 
 def run_passkey(workdir, overrides: list[str], lengths: list[int], depths: list[float],
                 trials: int) -> dict[str, Any]:
+  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if corpus.tokenizer is None:
     raise ValueError(f"{workdir}: passkey needs the run's sentencepiece tokenizer")
-  report = passkey_report(model, corpus.tokenizer, lengths, depths, trials, cfg.train.seed)
+  rule = None
+  if cfg.model.mixer == "cct" and cfg.data.step_boundaries == "semantic":
+    if cfg.data.step_len > cfg.model.cct_step_len:
+      raise ValueError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
+                       f"exceed model.cct_step_len={cfg.model.cct_step_len}, the decode "
+                       f"step buffer")
+    rule = cct.step_rule(data_lib.step_annotator(cfg.data, corpus.tokenizer))
+  report = passkey_report(model, corpus.tokenizer, lengths, depths, trials, cfg.train.seed,
+                          rule)
   return {"task": "passkey", "workdir": str(workdir), "step": step,
           "mixer": cfg.model.mixer, "train_seq_len": cfg.data.seq_len, **report}
 

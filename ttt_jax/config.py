@@ -143,7 +143,9 @@ class ModelConfig:
   """cct: commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
   cct_step_len: int = 50
   """cct: tokens per step when no step ids are given (evaluation without them,
-  generation) and the step length of working-memory decoding (step = position // S)."""
+  generation of runs without semantic steps: step = position // S), and the longest step
+  working-memory decoding holds (its local K/V buffer; semantic generation needs
+  data.step_len <= cct_step_len)."""
   cct_max_steps: int = 0
   """cct: summary slots per training sequence; 0 means one per token (always enough).
   Set it >= the most steps a window can hold: steps beyond it get no summary slot."""
@@ -231,7 +233,14 @@ class DataConfig:
   """fixed: tokens per step. semantic: the longest step (a boundary is forced after it)."""
   step_min_len: int = 8
   """semantic: the shortest step; a sentence end closer to the step's start is skipped."""
-
+  document_mask: bool = False
+  """Per-token document ids in every batch ('segment_ids', int32 [seq_len] of the inputs):
+  the id of input token t is the number of EOS tokens among inputs 0..t-1 of its window,
+  so ids start at 0 in every window and the EOS belongs to the document it ends. With
+  them attention does not cross documents, and TTT fast weights (and the causal convs)
+  reset to their learned initial state at each document's first token. The loss is
+  unchanged: the target of an EOS input (the next document's first token) stays in it.
+  Needs an EOS id: the sentencepiece tokenizer's, or 'eos_id' in a packed .bin's sidecar."""
 
   def __post_init__(self):
     _check_positive("data", self, "seq_len", "vocab_size", "tokenizer_max_sentences",

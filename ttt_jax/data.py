@@ -18,8 +18,11 @@ The pipeline cuts a token array into non-overlapping windows of ``seq_len + 1`` 
 (sharing one boundary token): window ``i`` is ``tokens[i*L : i*L + L + 1]``, giving
 ``inputs = window[:-1]`` and ``targets = window[1:]``. With ``data.step_boundaries``
 set (CCT), a ``StepAnnotator`` adds ``step_ids``: int32 [L], the step of each input
-token, 0 at the window's first token and +1 at each boundary. The order of training windows is
-a pure function of (seed, process_index, process_count, worker_count).
+token, 0 at the window's first token and +1 at each boundary. With ``data.document_mask``
+set, ``segment_ids``: int32 [L], the document of each input token, 0 at the window's first
+token and +1 right after each EOS (``document_segment_ids``; the model resets at each
+change of id). The order of training windows is a pure function of (seed,
+process_index, process_count, worker_count).
 """
 
 from __future__ import annotations
@@ -525,6 +528,29 @@ _SENTENCE_END = re.compile(r"[.?!] (?=[A-Z])|\n\n")
 """A sentence end ('. ', '? ', '! ' before a capital) or a paragraph break; the match's
 end is the first character of the next step."""
 
+TEXT_STATES = 5
+"""States of ``sentence_end_automaton``: 0 other, 1 after [.?!], 2 after '[.?!] ',
+3 after an odd run of newlines, 4 after an even (>= 2) run of newlines."""
+
+
+def sentence_end_automaton(text: str, state: int) -> tuple[bool, int]:
+  """``_SENTENCE_END`` read one piece at a time: (some match of it ends inside ``text``,
+  i.e. a character of ``text`` is the first of a step; the state after ``text``), given
+  the state after the text before it. Exact: a match end is a capital after '[.?!] ',
+  or any character after 2k newlines of a run (finditer splits a run into pairs)."""
+  starts = False
+  for char in text:
+    starts |= (state == 2 and "A" <= char <= "Z") or state == 4
+    if char in ".?!":
+      state = 1
+    elif char == " ":
+      state = 2 if state == 1 else 0
+    elif char == "\n":
+      state = 4 if state == 3 else 3
+    else:
+      state = 0
+  return starts, state
+
 
 def _piece_texts(tokenizer: Tokenizer) -> list[str]:
   """The text each piece decodes to (byte pieces: their ASCII character or one U+FFFD)."""
@@ -584,6 +610,20 @@ class StepAnnotator:
     starts[0] = False
     return starts
 
+  def online_tables(self) -> tuple[np.ndarray, np.ndarray]:
+    """semantic: (candidate [TEXT_STATES, V] bool, next state [TEXT_STATES, V] int32) of
+    ``sentence_end_automaton`` for every piece and text state, so that the candidates
+    can be found one token at a time (``models.cct.StepRule``, used in generation)."""
+    if self.mode != "semantic":
+      raise DataError(f"data.step_boundaries: {self.mode!r} steps have no online tables")
+    candidate = np.zeros((TEXT_STATES, len(self.piece_texts)), bool)
+    next_state = np.zeros((TEXT_STATES, len(self.piece_texts)), np.int32)
+    for state in range(TEXT_STATES):
+      for piece_id, text in enumerate(self.piece_texts):
+        candidate[state, piece_id], next_state[state, piece_id] = sentence_end_automaton(
+            text, state)
+    return candidate, next_state
+
   def __call__(self, tokens_T: np.ndarray) -> np.ndarray:
     tokens_T = np.asarray(tokens_T, np.int64)
     if self.mode == "fixed":
@@ -606,20 +646,51 @@ def step_annotator(cfg: DataConfig, tokenizer: Tokenizer | None) -> StepAnnotato
   return StepAnnotator(cfg.step_boundaries, cfg.step_len, cfg.step_min_len, tokenizer)
 
 
+# ------------------------------------------------------------------- document boundaries
+
+
+def document_eos_id(cfg: DataConfig, corpus: Corpus) -> int | None:
+  """The EOS id that ends every packed document when ``cfg.document_mask`` is on (None
+  when off): a packed .bin's sidecar ``eos_id``, else the tokenizer's."""
+  if not cfg.document_mask:
+    return None
+  eos_id = (corpus.meta.get("sidecar") or {}).get("eos_id")
+  if eos_id is None:
+    eos_id = corpus.meta.get("eos_id")
+  if (eos_id is None or isinstance(eos_id, bool) or not isinstance(eos_id, int)
+      or not 0 <= eos_id < corpus.vocab_size):
+    raise DataError(f"data.document_mask: no valid EOS id for data.corpus "
+                    f"{list(cfg.corpus)} (got {eos_id!r}); give a packed .bin's sidecar an "
+                    f"'eos_id' in [0, {corpus.vocab_size}), set data.tokenizer, or set "
+                    "data.document_mask=false")
+  return eos_id
+
+
+def document_segment_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+  """int32 segment ids of input tokens [..., T] (``data.document_mask``): the number of
+  EOS tokens before each token in its row, so 0 at the row's first token and +1 right
+  after each EOS (the EOS belongs to the document it ends)."""
+  segment_ids = np.zeros(inputs.shape, np.int32)
+  np.cumsum(inputs[..., :-1] == eos_id, axis=-1, dtype=np.int32, out=segment_ids[..., 1:])
+  return segment_ids
+
+
 # --------------------------------------------------------------------------- pipeline
 
 
 class TokenWindows:
   """grain random-access source: window ``i`` is ``tokens[i*L : i*L + L + 1]`` (with
-  the step ids of its inputs when an annotator is given)."""
+  the step ids of its inputs when an annotator is given, and their document segment ids
+  when ``eos_id`` is)."""
 
   def __init__(self, tokens: np.ndarray, seq_len: int,
-               annotator: StepAnnotator | None = None):
+               annotator: StepAnnotator | None = None, eos_id: int | None = None):
     if tokens.ndim != 1:
       raise DataError(f"token array must be 1-D, got shape {tokens.shape}")
     self.tokens = tokens
     self.seq_len = seq_len
     self.annotator = annotator
+    self.eos_id = eos_id
     self.num_windows = max(len(tokens) - 1, 0) // seq_len
 
   def __len__(self) -> int:
@@ -631,6 +702,8 @@ class TokenWindows:
     example = {"inputs": window[:-1], "targets": window[1:]}
     if self.annotator is not None:
       example["step_ids"] = self.annotator(window[:-1])
+    if self.eos_id is not None:
+      example["segment_ids"] = document_segment_ids(window[:-1], self.eos_id)
     return example
 
   def __repr__(self) -> str:
@@ -667,10 +740,11 @@ def _allow_grain_workers() -> None:
 
 def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
                   shuffle: bool, process_index: int, process_count: int,
-                  worker_count: int, annotator: StepAnnotator | None = None
-                  ) -> grain.IterDataset:
+                  worker_count: int, annotator: StepAnnotator | None = None,
+                  eos_id: int | None = None) -> grain.IterDataset:
   """Endless batches ``{"inputs", "targets"}: int32[global_batch_size // process_count,
-  seq_len]`` for this process.
+  seq_len]`` for this process (plus ``step_ids`` with an annotator and ``segment_ids``
+  with an ``eos_id``, both of that shape).
 
   The global stream is every window, shuffled afresh each epoch; process ``p`` takes
   elements ``p, p + P, ...`` of it, so one step's batches over all processes hold
@@ -683,7 +757,7 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, s
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise DataError(f"global batch size {global_batch_size} is not a positive multiple of "
                     f"the process count {process_count}")
-  source = TokenWindows(tokens, seq_len, annotator)
+  source = TokenWindows(tokens, seq_len, annotator, eos_id)
   if not len(source):
     raise DataError(f"train split has {len(tokens)} tokens: no window of seq_len={seq_len} "
                     f"+ 1 tokens")
@@ -701,10 +775,11 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, s
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int,
                  process_index: int, process_count: int,
-                 annotator: StepAnnotator | None = None) -> list[dict[str, np.ndarray]]:
+                 annotator: StepAnnotator | None = None,
+                 eos_id: int | None = None) -> list[dict[str, np.ndarray]]:
   """The first ``num_batches`` batches of val windows, in order (fewer, at least one, if
   val is short). Process ``p`` gets rows ``[p * b, (p + 1) * b)`` of each global batch,
-  ``b = batch_size // process_count``."""
+  ``b = batch_size // process_count``. Rows carry the keys of ``TokenWindows``."""
   if batch_size <= 0 or batch_size % process_count:
     raise DataError(f"eval batch size {batch_size} is not a positive multiple of the "
                     f"process count {process_count}")
@@ -722,6 +797,8 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batch
              "targets": block[1:].reshape(local, seq_len)}
     if annotator is not None:
       batch["step_ids"] = np.stack([annotator(row) for row in batch["inputs"]])
+    if eos_id is not None:
+      batch["segment_ids"] = document_segment_ids(batch["inputs"], eos_id)
     batches.append(batch)
   return batches
 

@@ -40,7 +40,8 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict:
       corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
       num_batches=batches or cfg.eval.batches, process_index=jax.process_index(),
       process_count=jax.process_count(),
-      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer))]
+      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer),
+      eos_id=data_lib.document_eos_id(cfg.data, corpus))]
   piece_bytes = np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
                            np.zeros(corpus.vocab_size), np.int32)
   eval_step = jax.jit(make_eval_step(graphdef))

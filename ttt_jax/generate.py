@@ -3,11 +3,18 @@
 Loads the newest usable checkpoint of ``W`` and the run's ``tokenizer.model``, prefills
 the prompt and decodes with the mixers' caches (attention: a KV cache), using
 temperature and nucleus (top-p) sampling. Temperature 0 is greedy.
+
+CCT runs decode with the run's steps: fixed (position // model.cct_step_len) or, for
+``data.step_boundaries: semantic``, the semantic rule applied token by token on device
+(``cct.StepRule``; needs data.step_len <= model.cct_step_len, the decode step buffer).
+``--hash-chain FILE.json`` (CCT) writes the commitment hash chain of the generation
+(``ttt_jax.cct_chain``); ``python -m ttt_jax.cct_chain --workdir W FILE.json`` verifies it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,28 +22,61 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ttt_jax import cct_chain
 from ttt_jax import data as data_lib
-from ttt_jax.config import ConfigError
-from ttt_jax.models import sampling
+from ttt_jax.config import Config, ConfigError
+from ttt_jax.models import cct, sampling
+from ttt_jax.models.lm import LM
 from ttt_jax.train import load_trained, user_errors
 
 
-def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
-                  temperature: float, top_p: float, seed: int, stop_at_eos: bool = True,
-                  overrides: list[str] = ()) -> str:
+def load_for_generation(workdir: str | Path, overrides: list[str] = ()
+                        ) -> tuple[Config, LM, data_lib.Tokenizer, data_lib.StepAnnotator | None]:
+  """(config, model, tokenizer, the semantic step annotator of a CCT run or None)."""
   workdir = Path(workdir)
   tokenizer_path = workdir / "tokenizer.model"
   if not tokenizer_path.exists():
     raise ConfigError(f"{tokenizer_path}: missing; generation needs the run's tokenizer")
   tokenizer = data_lib.Tokenizer(tokenizer_path)
-  _, graphdef, params, _, _ = load_trained(workdir, overrides, log=lambda m: print(m, file=sys.stderr))
+  cfg, graphdef, params, _, _ = load_trained(workdir, overrides,
+                                             log=lambda m: print(m, file=sys.stderr))
+  annotator = None
+  if cfg.model.mixer == "cct" and cfg.data.step_boundaries == "semantic":
+    if cfg.data.step_len > cfg.model.cct_step_len:
+      raise ConfigError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
+                        f"exceed model.cct_step_len={cfg.model.cct_step_len}, the decode step "
+                        f"buffer; --set model.cct_step_len={cfg.data.step_len}")
+    annotator = data_lib.step_annotator(cfg.data, tokenizer)
+  return cfg, nnx.merge(graphdef, params), tokenizer, annotator
+
+
+def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
+                  temperature: float, top_p: float, seed: int, stop_at_eos: bool = True,
+                  overrides: list[str] = (), hash_chain: str | Path | None = None) -> str:
+  """The generated text (after the prompt). ``hash_chain``: also write the commitment
+  hash chain record (``cct_chain.generation_record``) there (CCT runs)."""
+  if hash_chain is not None and not Path(hash_chain).parent.is_dir():
+    raise ConfigError(f"--hash-chain: directory {Path(hash_chain).parent} does not exist")
+  cfg, model, tokenizer, annotator = load_for_generation(workdir, overrides)
+  if hash_chain is not None and cfg.model.mixer != "cct":
+    raise ConfigError(f"--hash-chain: needs a CCT run (model.mixer='cct'), got "
+                      f"{cfg.model.mixer!r}")
   prompt_ids = tokenizer.encode(prompt)
   if not prompt_ids:
     raise ConfigError("--prompt: encodes to no tokens; give a non-empty prompt")
-  model = nnx.merge(graphdef, params)
-  tokens = sampling.generate(model, np.asarray([prompt_ids], np.int32), max_new_tokens,
-                             jax.random.key(seed), temperature=temperature, top_p=top_p,
-                             eos_id=tokenizer.eos_id if stop_at_eos else None)
+  prompt_BxP = np.asarray([prompt_ids], np.int32)
+  rng = jax.random.key(seed)
+  eos_id = tokenizer.eos_id if stop_at_eos else None
+  step_rule = cct.step_rule(annotator) if annotator is not None else None
+  if hash_chain is None:
+    tokens = sampling.generate(model, prompt_BxP, max_new_tokens, rng, temperature, top_p,
+                               eos_id, step_rule)
+  else:
+    generation = sampling.generate_with_state(model, prompt_BxP, max_new_tokens, rng,
+                                              temperature, top_p, eos_id, step_rule)
+    tokens = generation.tokens_BxT
+    record = cct_chain.generation_record(model, generation, annotator)
+    Path(hash_chain).write_text(json.dumps(record, indent=1) + "\n")
   new_ids = [int(t) for t in np.asarray(tokens)[0, len(prompt_ids):]]
   if stop_at_eos and tokenizer.eos_id in new_ids:
     new_ids = new_ids[:new_ids.index(tokenizer.eos_id)]
@@ -53,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override the run's config (e.g. model.dtype=bfloat16)")
+  parser.add_argument("--hash-chain", metavar="FILE.json", default=None,
+                      help="CCT: write the commitment hash chain of the generation here")
   args = parser.parse_args(argv)
   with user_errors():
     if args.max_new_tokens < 1:
@@ -61,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
       raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     text = generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         overrides=args.set)
+                         overrides=args.set, hash_chain=args.hash_chain)
   sys.stdout.write(args.prompt + text + "\n")
 
 

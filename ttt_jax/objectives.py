@@ -69,11 +69,12 @@ def commitment_constrained(cfg: Config) -> Objective:
     p_commit = cct.p_commit_schedule(step, total_steps)
     weights = cct.loss_weights(step, total_steps)
     sampled_BxT = cct.sample_segments(step_ids_BxT, p_commit, rng)
-    logits_BxTxV = model(inputs_BxT, segment_ids_BxT=batch.get("segment_ids"),
-                         step_ids_BxT=sampled_BxT)
+    segment_ids_BxT = batch.get("segment_ids")
+    logits_BxTxV = model(inputs_BxT, segment_ids_BxT=segment_ids_BxT, step_ids_BxT=sampled_BxT)
     standard, _, _ = lm.cross_entropy_loss(logits_BxTxV, targets_BxT)
     committed_BxT = cct.commitment_segments(step_ids_BxT, jnp.ones(step_ids_BxT.shape, bool))
-    committed_logits_BxTxV, aux = cct.forward_with_summaries(model, inputs_BxT, committed_BxT)
+    committed_logits_BxTxV, aux = cct.forward_with_summaries(
+        model, inputs_BxT, committed_BxT, segment_ids_BxT=segment_ids_BxT)
     later_BxT = committed_BxT > 0
     validity, _, _ = lm.cross_entropy_loss(committed_logits_BxTxV, targets_BxT, later_BxT)
     final_BxT = later_BxT & (committed_BxT == committed_BxT[:, -1:])

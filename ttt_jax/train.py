@@ -120,7 +120,9 @@ def jit_train_step(built: Built):
 
 def make_eval_step(graphdef: nnx.GraphDef):
   def eval_step(params: nnx.State, batch: dict[str, jax.Array], piece_bytes: jax.Array):
-    logits = nnx.merge(graphdef, params)(batch["inputs"], step_ids_BxT=batch.get("step_ids"))
+    logits = nnx.merge(graphdef, params)(batch["inputs"],
+                                         segment_ids_BxT=batch.get("segment_ids"),
+                                         step_ids_BxT=batch.get("step_ids"))
     _, sum_nll, n_tokens = lm.cross_entropy_loss(logits, batch["targets"])
     n_bytes = jnp.sum(piece_bytes[batch["targets"]])
     return {"nll": sum_nll, "tokens": n_tokens, "bytes": n_bytes}
@@ -207,6 +209,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
   corpus = data_lib.prepare_corpus(cfg.data, log=log)
   vocab_size = corpus.vocab_size
+  eos_id = data_lib.document_eos_id(cfg.data, corpus)  # None unless data.document_mask
   if is_main and corpus.tokenizer is not None:
     corpus.tokenizer.save(workdir / "tokenizer.model")
   mesh = sharding.make_mesh(cfg.mesh)
@@ -234,12 +237,13 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   dataset = data_lib.train_dataset(
       corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=micro_batch,
       seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=pi,
-      process_count=pc, worker_count=cfg.data.worker_count, annotator=annotator)
+      process_count=pc, worker_count=cfg.data.worker_count, annotator=annotator,
+      eos_id=eos_id)
   data_iter = iter(dataset)
   eval_batches = [sharding.put_batch(b, mesh) for b in data_lib.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=eval_batch_size,
       num_batches=cfg.eval.batches, process_index=pi, process_count=pc,
-      annotator=annotator)]
+      annotator=annotator, eos_id=eos_id)]
   piece_bytes = jax.device_put(
       np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
                  np.zeros(vocab_size, np.int32), np.int32), sharding.replicated(mesh))

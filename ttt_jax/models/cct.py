@@ -41,11 +41,23 @@ gradient of segment k's loss with respect to anything of segment k-1 is exactly 
 when the boundary is committed. The head is trained only by its own segment's losses
 (here the sufficiency probe, ``sufficiency_probe``: x_mean_s ~ c_s W_p + b_p).
 
-Working-memory decode (``CCTAttention.decode``) uses fixed steps of ``cct_step_len``
-tokens by position (step = position // S, every boundary committed) and holds per
-layer: the summary buffer [B, max_len // S + 1, d_summary], the current step's K/V
-[B, S, G, K] with their positions, and (pool 'mean') a running sum [B, D]. Nothing in
-it grows with context except the summary buffer, by d_summary values per layer per step.
+Working-memory decode (``CCTAttention.decode``, every boundary committed) takes the
+step of each token either fixed by position (step = position // S, S = cct_step_len;
+the default) or given explicitly as absolute step ids (semantic steps: 0 at position 0,
++1 at each boundary, at most S tokens per step). Per layer and row it holds the summary
+buffer [N, d_summary] (slot n = step n; N = max_len // S + 1 for fixed steps, or the
+``max_steps`` given to ``init_cache``), the current step's K/V [S, G, K] with their
+positions (slot = index in the step), the step's pool state [D] (pool 'last': x of its
+latest token; 'mean': the running sum of x), its step id and its first position. A token
+whose step id differs from the cached one closes that step: its summary (from the pool
+state) is written to that step's slot before the token attends, and the local K/V restart.
+So step k's summary is written when step k+1's first token arrives, and nothing grows
+with context except the summary buffer, by d_summary values per layer per step. In
+generation (``sampling.generate``) fixed steps need nothing more; semantic steps come
+from ``StepRule``, the online, exact form of ``data.StepAnnotator``'s semantic rule (per
+vocabulary tables of a 5-state sentence-end automaton, plus EOS/<STEP> pieces and the
+step_min_len / step_len limits), which decides each new token's step on device; the
+buffer then has (T - 1) // step_min_len + 1 slots for T tokens.
 
 Curriculum (``p_commit_schedule``, progress f = step / total): 0 for f < 0.1, then
 linear 0.1 -> 0.5 until f = 0.5, linear 0.5 -> 0.9 until f = 0.8, then 1. Loss weights
@@ -95,6 +107,74 @@ def loss_weights(step: jax.Array | int, total_steps: int) -> dict[str, jax.Array
 def fixed_step_ids(positions_BxT: jax.Array, step_len: int) -> jax.Array:
   """Step of each token when a boundary falls every ``step_len`` positions."""
   return positions_BxT.astype(jnp.int32) // step_len
+
+
+class StepRule(NamedTuple):
+  """The semantic step rule of ``data.StepAnnotator`` applied one token at a time, on
+  device (generation: a new token's step must be known before it is decoded)."""
+  candidate_QxV: jax.Array
+  """bool: in text state q, piece v holds the first character of a sentence or paragraph
+  (``data.sentence_end_automaton``)."""
+  next_state_QxV: jax.Array
+  """int32 text state after piece v read in state q."""
+  boundary_after_V: jax.Array
+  """bool: a step starts after piece v (EOS, <STEP>)."""
+  step_len: jax.Array
+  """int32: the longest step (a boundary is forced after it)."""
+  step_min_len: jax.Array
+  """int32: the shortest step (a candidate closer to the step's start is skipped)."""
+
+
+class StepRuleState(NamedTuple):
+  """Per-row state of ``StepRule`` after the tokens read so far."""
+  step_B: jax.Array
+  """int32 step of the latest token."""
+  length_B: jax.Array
+  """int32 tokens in the current step (0 before any token)."""
+  text_state_B: jax.Array
+  """int32 state of the sentence-end automaton."""
+  previous_token_B: jax.Array
+  """int32 latest token."""
+
+
+def step_rule(annotator: Any) -> StepRule:
+  """The ``StepRule`` of a semantic ``data.StepAnnotator``."""
+  candidate_QxV, next_state_QxV = annotator.online_tables()
+  return StepRule(jnp.asarray(candidate_QxV), jnp.asarray(next_state_QxV, jnp.int32),
+                  jnp.asarray(annotator.boundary_after), jnp.int32(annotator.step_len),
+                  jnp.int32(annotator.step_min_len))
+
+
+def step_rule_start(batch_size: int) -> StepRuleState:
+  zeros_B = jnp.zeros((batch_size,), jnp.int32)
+  return StepRuleState(zeros_B, zeros_B, zeros_B, zeros_B)
+
+
+def step_rule_next(rule: StepRule, state: StepRuleState, token_B: jax.Array
+                   ) -> tuple[jax.Array, StepRuleState]:
+  """(step id [B] of ``token``, the state after it), exactly as ``StepAnnotator``: a step
+  starts at a candidate at least step_min_len tokens into the current step, or after
+  step_len tokens (never at the first token: its length is 0)."""
+  token_B = token_B.astype(jnp.int32)
+  candidate_B = (rule.candidate_QxV[state.text_state_B, token_B]
+                 | rule.boundary_after_V[state.previous_token_B])
+  new_step_B = ((state.length_B >= rule.step_len)
+                | (candidate_B & (state.length_B >= rule.step_min_len)))
+  step_B = state.step_B + new_step_B.astype(jnp.int32)
+  return step_B, StepRuleState(
+      step_B, jnp.where(new_step_B, 1, state.length_B + 1),
+      rule.next_state_QxV[state.text_state_B, token_B], token_B)
+
+
+def step_rule_ids(rule: StepRule, state: StepRuleState, tokens_BxT: jax.Array
+                  ) -> tuple[jax.Array, StepRuleState]:
+  """``step_rule_next`` over T tokens: (step ids [B, T], the state after them)."""
+  def next_token(state, token_B):
+    step_B, state = step_rule_next(rule, state, token_B)
+    return state, step_B
+
+  state, steps_TxB = jax.lax.scan(next_token, state, tokens_BxT.T)
+  return steps_TxB.T, state
 
 
 def commitment_segments(step_ids_BxT: jax.Array, committed_BxT: jax.Array) -> jax.Array:
@@ -243,15 +323,21 @@ def cct_attention_reference(q_rot: np.ndarray, k: np.ndarray, v: np.ndarray, q: 
 class CCTCache(NamedTuple):
   """Working memory of one CCT layer (stacked over layers in lm.py)."""
   summaries_BxNxS: jax.Array
-  """Commitment summaries of completed steps, slot n = step n (compute dtype)."""
+  """Commitment summaries of closed steps, slot n = step n (compute dtype). A step is
+  closed, and its summary written, when the first token of the next step is decoded."""
   local_k_BxSxGxK: jax.Array
-  """Rotated keys of the current step's tokens, slot = position % step_len."""
+  """Rotated keys of the current step's tokens, slot = the token's index in its step."""
   local_v_BxSxGxK: jax.Array
   """Values of the current step's tokens."""
   local_positions_BxS: jax.Array
   """int32 position held in each local slot; -1 marks an empty slot."""
-  step_sum_BxD: jax.Array
-  """float32 running sum of x over the current step (pool 'mean'; [B, 0] for 'last')."""
+  step_pool_BxD: jax.Array
+  """float32 pool state of the current step: x of its latest token (pool 'last') or the
+  sum of x over its tokens (pool 'mean')."""
+  step_B: jax.Array
+  """int32 step id of the latest decoded token (0 before any token)."""
+  step_start_B: jax.Array
+  """int32 position of the current step's first token."""
 
 
 class SummaryAux(NamedTuple):
@@ -371,78 +457,91 @@ class CCTAttention(Attention):
 
   # -- working-memory decode
 
-  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> CCTCache:
-    n_steps = max_len // self.step_len + 1
+  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype,
+                 max_steps: int | None = None) -> CCTCache:
+    """Empty working memory. ``max_steps``: summary slots, the most steps a decoded
+    sequence may have (default: fixed steps, max_len // cct_step_len + 1)."""
+    n_steps = max_len // self.step_len + 1 if max_steps is None else max_steps
     local = (batch_size, self.step_len, self.n_kv_heads, self.head_dim)
-    sum_width = self.head_w1.shape[0] if self.pool == "mean" else 0
     return CCTCache(
         summaries_BxNxS=jnp.zeros((batch_size, n_steps, self.head_w2.shape[1]), dtype),
         local_k_BxSxGxK=jnp.zeros(local, dtype),
         local_v_BxSxGxK=jnp.zeros(local, dtype),
         local_positions_BxS=jnp.full((batch_size, self.step_len), -1, jnp.int32),
-        step_sum_BxD=jnp.zeros((batch_size, sum_width), jnp.float32))
+        step_pool_BxD=jnp.zeros((batch_size, self.head_w1.shape[0]), jnp.float32),
+        step_B=jnp.zeros((batch_size,), jnp.int32),
+        step_start_B=jnp.zeros((batch_size,), jnp.int32))
 
-  def _running_step_sums(self, x_BxCxD: jax.Array, positions_BxC: jax.Array,
-                         carried_BxD: jax.Array) -> jax.Array:
-    """Sum of x over each token's step up to and including it (float32 [B, C, D])."""
-    x = x_BxCxD.astype(jnp.float32)
-    cumsum_BxCxD = jnp.cumsum(x, axis=1)
-    step_start_BxC = positions_BxC - positions_BxC % self.step_len
-    first_BxC = jnp.maximum(step_start_BxC - positions_BxC[:, :1], 0)  # chunk index
-    before_BxCxD = jnp.take_along_axis(cumsum_BxCxD - x, first_BxC[..., None], axis=1)
-    began_before_BxC = step_start_BxC < positions_BxC[:, :1]
-    return (cumsum_BxCxD - before_BxCxD
-            + jnp.where(began_before_BxC[..., None], carried_BxD[:, None, :], 0.0))
-
-  def decode(self, x_BxCxD: jax.Array, positions_BxC: jax.Array, cache: CCTCache
-             ) -> tuple[jax.Array, CCTCache]:
+  def decode(self, x_BxCxD: jax.Array, positions_BxC: jax.Array, cache: CCTCache,
+             step_ids_BxC: jax.Array | None = None) -> tuple[jax.Array, CCTCache]:
     """C new tokens at consecutive positions (any number of steps) given the working
-    memory of all earlier ones."""
+    memory of all earlier ones. ``step_ids``: the absolute step of each token (0 at
+    position 0, non-decreasing, +1 at a boundary, at most cct_step_len tokens per step;
+    not checked); None means fixed steps, position // cct_step_len."""
     batch, chunk, _ = x_BxCxD.shape
-    step_len = self.step_len
     positions_BxC = positions_BxC.astype(jnp.int32)
-    steps_BxC = positions_BxC // step_len
+    steps_BxC = (fixed_step_ids(positions_BxC, self.step_len) if step_ids_BxC is None
+                 else step_ids_BxC.astype(jnp.int32))
     n_steps = cache.summaries_BxNxS.shape[1]
     rows_Bx1 = jnp.arange(batch)[:, None]
-    # 1. summaries of the steps that end inside this chunk
-    ends_BxC = positions_BxC % step_len == step_len - 1
+    index_C = jnp.arange(chunk, dtype=jnp.int32)
+    previous_steps_BxC = jnp.concatenate([cache.step_B[:, None], steps_BxC[:, :-1]], axis=1)
+    starts_BxC = steps_BxC != previous_steps_BxC  # begins a step, closing the previous one
+    first_BxC = jax.lax.cummax(jnp.where(starts_BxC, index_C, -1), axis=1)  # -1: began before
+    began_before_BxC = first_BxC < 0
+    first_BxC = jnp.maximum(first_BxC, 0)
+    step_start_BxC = jnp.where(began_before_BxC, cache.step_start_B[:, None],
+                               jnp.take_along_axis(positions_BxC, first_BxC, axis=1))
+    # 1. pool state after each token, and the summaries of the steps closed in this chunk
+    #    (closed at token t, which starts a step: from the pool state after token t-1)
+    x_f32 = x_BxCxD.astype(jnp.float32)
     if self.pool == "mean":
-      sums_BxCxD = self._running_step_sums(x_BxCxD, positions_BxC, cache.step_sum_BxD)
-      u_BxCxD = sums_BxCxD / (positions_BxC % step_len + 1)[..., None]
-      last_sum_BxD = sums_BxCxD[:, -1]
-      step_sum_BxD = jnp.where(ends_BxC[:, -1:], 0.0, last_sum_BxD)
+      cumsum_BxCxD = jnp.cumsum(x_f32, axis=1)
+      before_BxCxD = jnp.take_along_axis(cumsum_BxCxD - x_f32, first_BxC[..., None], axis=1)
+      pool_BxCxD = (cumsum_BxCxD - before_BxCxD
+                    + jnp.where(began_before_BxC[..., None], cache.step_pool_BxD[:, None], 0.0))
+      u_BxCxD = pool_BxCxD / (positions_BxC - step_start_BxC + 1)[..., None]
+      carried_count_B = jnp.maximum(positions_BxC[:, 0] - cache.step_start_B, 1)
+      carried_u_BxD = cache.step_pool_BxD / carried_count_B[:, None]
     else:
-      u_BxCxD = x_BxCxD
-      step_sum_BxD = cache.step_sum_BxD
-    new_summaries_BxCxS = self.summarize(u_BxCxD).astype(cache.summaries_BxNxS.dtype)
-    slot_BxC = jnp.where(ends_BxC, steps_BxC, n_steps)  # n_steps: dropped
+      pool_BxCxD = u_BxCxD = x_f32
+      carried_u_BxD = cache.step_pool_BxD
+    closed_u_BxCxD = jnp.concatenate([carried_u_BxD[:, None], u_BxCxD[:, :-1]], axis=1)
+    closed_BxCxS = self.summarize(closed_u_BxCxD.astype(x_BxCxD.dtype))
+    slot_BxC = jnp.where(starts_BxC, previous_steps_BxC, n_steps)  # n_steps: dropped
     summaries_BxNxS = cache.summaries_BxNxS.at[rows_Bx1, slot_BxC].set(
-        new_summaries_BxCxS, mode="drop")
+        closed_BxCxS.astype(cache.summaries_BxNxS.dtype), mode="drop")
     # 2. attention over (current step's cached tokens + chunk) and earlier summaries
     q, q_rot, k_rot, v = self.project(x_BxCxD, positions_BxC)
     dtype = x_BxCxD.dtype
     keys = jnp.concatenate([cache.local_k_BxSxGxK.astype(dtype), k_rot], axis=1)
     values = jnp.concatenate([cache.local_v_BxSxGxK.astype(dtype), v], axis=1)
-    key_positions_BxL = jnp.concatenate([cache.local_positions_BxS, positions_BxC], axis=1)
-    local_mask = ((key_positions_BxL[:, None, :] >= 0)
-                  & (key_positions_BxL[:, None, :] <= positions_BxC[:, :, None])
-                  & (key_positions_BxL[:, None, :] // step_len == steps_BxC[:, :, None]))
+    cached_mask_BxCxS = ((cache.local_positions_BxS[:, None, :] >= 0)
+                         & (steps_BxC == cache.step_B[:, None])[:, :, None])
+    chunk_mask_BxCxC = ((index_C[:, None] >= index_C[None, :])[None]
+                        & (steps_BxC[:, :, None] == steps_BxC[:, None, :]))
+    local_mask = jnp.concatenate([cached_mask_BxCxS, chunk_mask_BxCxC], axis=2)
     summary_mask = jnp.arange(n_steps)[None, None, :] < steps_BxC[:, :, None]
     summary_k, summary_v = self.summary_kv(jax.lax.stop_gradient(summaries_BxNxS), dtype)
     o_BxCxHxK = merged_attention(q_rot, keys, values, local_mask, q, summary_k, summary_v,
                                  summary_mask)
     # 3. keep only the last step's tokens as local memory
-    in_last_step_BxC = steps_BxC == steps_BxC[:, -1:]
-    local_slot_BxC = jnp.where(in_last_step_BxC, positions_BxC % step_len, step_len)
+    last_step_B = steps_BxC[:, -1]
+    kept_positions_BxS = jnp.where((last_step_B == cache.step_B)[:, None],
+                                   cache.local_positions_BxS, -1)
+    local_slot_BxC = jnp.where(steps_BxC == last_step_B[:, None],
+                               positions_BxC - step_start_BxC, self.step_len)  # S: dropped
     new_cache = CCTCache(
         summaries_BxNxS=summaries_BxNxS,
         local_k_BxSxGxK=cache.local_k_BxSxGxK.at[rows_Bx1, local_slot_BxC].set(
             k_rot.astype(cache.local_k_BxSxGxK.dtype), mode="drop"),
         local_v_BxSxGxK=cache.local_v_BxSxGxK.at[rows_Bx1, local_slot_BxC].set(
             v.astype(cache.local_v_BxSxGxK.dtype), mode="drop"),
-        local_positions_BxS=cache.local_positions_BxS.at[rows_Bx1, local_slot_BxC].set(
+        local_positions_BxS=kept_positions_BxS.at[rows_Bx1, local_slot_BxC].set(
             positions_BxC, mode="drop"),
-        step_sum_BxD=step_sum_BxD)
+        step_pool_BxD=pool_BxCxD[:, -1],
+        step_B=last_step_B,
+        step_start_B=step_start_BxC[:, -1])
     return self.output_projection(o_BxCxHxK), new_cache
 
   @staticmethod
@@ -460,12 +559,14 @@ class CCTAttention(Attention):
 
 
 def forward_with_summaries(model: Any, tokens_BxT: jax.Array, step_ids_BxT: jax.Array,
-                           summary_override: str = "none"
+                           summary_override: str = "none",
+                           segment_ids_BxT: jax.Array | None = None
                            ) -> tuple[jax.Array, SummaryAux]:
   """Logits [B, T, V] of a CCT ``lm.LM`` and every layer's ``SummaryAux`` stacked on a
-  leading layers axis. Same computation as ``model(tokens, step_ids_BxT=...)`` (each
-  block: residual(mixer), residual(SwiGLU)), run here to collect the per-layer summaries.
-  ``summary_override='zero'`` zeroes every injected summary (ablation)."""
+  leading layers axis. Same computation as ``model(tokens, segment_ids_BxT=...,
+  step_ids_BxT=...)`` (each block: residual(mixer), residual(SwiGLU)), run here to
+  collect the per-layer summaries. ``summary_override='zero'`` zeroes every injected
+  summary (ablation); ``segment_ids`` are packed documents, as in ``lm.LM``."""
   from ttt_jax.models import lm  # pylint: disable=import-outside-toplevel (lm imports us)
   cfg = model.cfg
   if cfg.mixer != "cct" or cfg.ttt_pre_conv:
@@ -479,8 +580,8 @@ def forward_with_summaries(model: Any, tokens_BxT: jax.Array, step_ids_BxT: jax.
     captured = []
 
     def mixer(x_BxTxD):
-      y_BxTxD, aux = block.mixer.forward(x_BxTxD, positions_BxT, None, step_ids_BxT,
-                                         summary_override)
+      y_BxTxD, aux = block.mixer.forward(x_BxTxD, positions_BxT, segment_ids_BxT,
+                                         step_ids_BxT, summary_override)
       captured.append(aux)
       return y_BxTxD
 

@@ -71,11 +71,13 @@ class Mixer(Protocol):
     per-token step ids; the model passes them to no other mixer."""
 
   def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> Any:
-    """Decode state before any token (a pytree; may depend on this layer's params)."""
+    """Decode state before any token (a pytree; may depend on this layer's params). A
+    mixer with ``uses_step_ids`` also takes ``max_steps`` (the most steps to hold)."""
 
   def decode(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, cache: Any
              ) -> tuple[jax.Array, Any]:
-    """Mixes S new tokens given the state of all earlier ones; returns (y, new cache)."""
+    """Mixes S new tokens given the state of all earlier ones; returns (y, new cache).
+    A mixer with ``uses_step_ids`` also takes the new tokens' ``step_ids_BxS``."""
 
   @staticmethod
   def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -204,14 +206,18 @@ class Block(nnx.Module):
         self.mixer(x_BxTxD, positions_BxT, segment_ids_BxT, step_ids_BxT))
     return self.mlp_residual(stream, self.mlp)
 
-  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> Any:
-    mixer_cache = self.mixer.init_cache(batch_size, max_len, dtype)
+  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype,
+                 max_steps: int | None = None) -> Any:
+    mixer_cache = (self.mixer.init_cache(batch_size, max_len, dtype, max_steps)
+                   if getattr(self.mixer, "uses_step_ids", False) else
+                   self.mixer.init_cache(batch_size, max_len, dtype))
     if self.pre_conv is None:
       return mixer_cache
     return (self.pre_conv.init_cache(batch_size, dtype), mixer_cache)
 
-  def decode(self, stream: jax.Array, positions_BxS: jax.Array, cache: Any
-             ) -> tuple[jax.Array, Any]:
+  def decode(self, stream: jax.Array, positions_BxS: jax.Array, cache: Any,
+             step_ids_BxS: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """``step_ids`` (None: the mixer's default) go to a mixer with ``uses_step_ids``."""
     conv_histories = []
     if self.pre_conv is not None:
       conv_history, cache = cache
@@ -225,7 +231,9 @@ class Block(nnx.Module):
     new_caches = []
 
     def mixer_step(x_BxSxD: jax.Array) -> jax.Array:
-      y_BxSxD, new_cache = self.mixer.decode(x_BxSxD, positions_BxS, cache)
+      y_BxSxD, new_cache = (self.mixer.decode(x_BxSxD, positions_BxS, cache)
+                            if step_ids_BxS is None else
+                            self.mixer.decode(x_BxSxD, positions_BxS, cache, step_ids_BxS))
       new_caches.append(new_cache)
       return y_BxSxD
 
@@ -337,26 +345,31 @@ class LM(nnx.Module):
       stream = apply_block(stream, _layer_slice(stacked_state, index))
     return stream
 
-  def init_cache(self, batch_size: int, max_len: int) -> Cache:
-    """Every layer's empty decode state, stacked on a leading layers axis."""
+  def init_cache(self, batch_size: int, max_len: int, max_steps: int | None = None) -> Cache:
+    """Every layer's empty decode state, stacked on a leading layers axis. ``max_steps``
+    (mixers with ``uses_step_ids``): the most steps a decoded sequence may have; None:
+    the mixer's default (CCT: fixed steps of cct_step_len)."""
     graphdef, stacked_state = nnx.split(self.blocks)
 
     def layer_cache(layer_state: nnx.State) -> Any:
       block = nnx.merge(graphdef, _layer_view(layer_state))
-      return block.init_cache(batch_size, max_len, self.dtype)
+      return block.init_cache(batch_size, max_len, self.dtype, max_steps)
 
     return jax.vmap(layer_cache)(stacked_state)
 
-  def decode(self, tokens_BxS: jax.Array, positions_BxS: jax.Array, cache: Cache
-             ) -> tuple[jax.Array, Cache]:
+  def decode(self, tokens_BxS: jax.Array, positions_BxS: jax.Array, cache: Cache,
+             step_ids_BxS: jax.Array | None = None) -> tuple[jax.Array, Cache]:
     """Float32 logits [B, S, V] of S new tokens (a prompt at prefill, 1 per step) and
-    the updated cache."""
+    the updated cache. ``step_ids`` (the tokens' absolute step ids) reach a mixer with
+    ``uses_step_ids`` and are ignored by the others."""
+    if not getattr(MIXERS[self.cfg.mixer], "uses_step_ids", False):
+      step_ids_BxS = None
     graphdef, stacked_state = nnx.split(self.blocks)
 
     def decode_block(stream: jax.Array, layer: tuple[nnx.State, Any]) -> tuple[jax.Array, Any]:
       layer_state, layer_cache = layer
       block = nnx.merge(graphdef, _layer_view(layer_state))
-      return block.decode(stream, positions_BxS, layer_cache)
+      return block.decode(stream, positions_BxS, layer_cache, step_ids_BxS)
 
     stream = self.streams.expand(self.embed(tokens_BxS, self.dtype))
     if self.cfg.scan_layers:

@@ -14,20 +14,28 @@ kept as well.
 first new token from the last prompt position, then runs ``jax.lax.scan`` over single-
 token decode steps. It is pure with respect to the model: the model is split into
 (graphdef, state) and merged again inside a jitted function, so it compiles once per
-(graphdef, shapes, max_new_tokens, eos_id) and temperature/top_p are traced values.
+(graphdef, shapes, max_new_tokens, eos_id, max_steps, with_state) and temperature/top_p
+(and a step rule's tables) are traced values.
 End of sequence: once a row has produced ``eos_id``, every later token of that row is
 ``eos_id`` (the loop still runs its fixed number of steps).
+
+CCT models decode with per-token step ids: fixed (position // cct_step_len) by default,
+or, with a ``cct.StepRule`` (semantic steps), decided on device token by token, the
+prompt's included, before each token is decoded. ``generate_with_state`` also returns
+the step ids and the final cache (for the commitment hash chain, ``ttt_jax.cct_chain``).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.models.lm import LM, default_positions
+from ttt_jax.models import cct
+from ttt_jax.models.lm import LM, Cache, default_positions
 
 
 def top_p_mask(logits_BxV: jax.Array, top_p: float | jax.Array) -> jax.Array:
@@ -51,47 +59,119 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, temperature: float | jax
   return jnp.where(temperature <= 0, greedy_B, sampled_B).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id"))
+class Generation(NamedTuple):
+  """What ``generate_with_state`` returns."""
+  tokens_BxT: jax.Array
+  """int32 prompt followed by the new tokens, T = P + N."""
+  step_ids_BxT: jax.Array | None
+  """int32 step of every token (CCT: fixed by position, or the ``step_rule``'s); None
+  for other mixers."""
+  cache: Cache
+  """The decode cache after the first T - 1 tokens (the last sampled token is never fed
+  back into the model)."""
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "max_steps",
+                                   "with_state"))
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.Array,
-              rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-              max_new_tokens: int, eos_id: int | None) -> jax.Array:
+              rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
+              rule: cct.StepRule | None, *, max_new_tokens: int, eos_id: int | None,
+              max_steps: int | None, with_state: bool) -> jax.Array | Generation:
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens_BxP.shape
-  cache = model.init_cache(batch, prompt_len + max_new_tokens)
+  total_len = prompt_len + max_new_tokens
+  uses_steps = model.cfg.mixer == "cct"
+  cache = model.init_cache(batch, total_len, max_steps)
+  if rule is None:
+    prompt_steps_BxP = (cct.fixed_step_ids(default_positions(prompt_tokens_BxP),
+                                           model.cfg.cct_step_len) if uses_steps else None)
+    rule_state = None
+  else:
+    prompt_steps_BxP, rule_state = cct.step_rule_ids(rule, cct.step_rule_start(batch),
+                                                     prompt_tokens_BxP)
   logits_BxPxV, cache = model.decode(prompt_tokens_BxP, default_positions(prompt_tokens_BxP),
-                                     cache)
+                                     cache, prompt_steps_BxP)
   first_rng, loop_rng = jax.random.split(rng)
   token_B = sample_token(logits_BxPxV[:, -1], first_rng, temperature, top_p)
   done_B = jnp.zeros((batch,), bool) if eos_id is None else token_B == eos_id
 
+  def token_step(token_B, position, rule_state):
+    """Step id [B, 1] of the token at ``position`` (None without step ids)."""
+    if not uses_steps:
+      return None, rule_state
+    if rule is None:
+      return jnp.full((batch, 1), position // model.cfg.cct_step_len, jnp.int32), rule_state
+    step_B, rule_state = cct.step_rule_next(rule, rule_state, token_B)
+    return step_B[:, None], rule_state
+
   def step(carry, step_rng):
-    token_B, done_B, cache, position = carry
+    token_B, done_B, cache, position, rule_state = carry
     positions_Bx1 = jnp.full((batch, 1), position, jnp.int32)
-    logits_Bx1xV, cache = model.decode(token_B[:, None], positions_Bx1, cache)
+    step_Bx1, rule_state = token_step(token_B, position, rule_state)
+    logits_Bx1xV, cache = model.decode(token_B[:, None], positions_Bx1, cache, step_Bx1)
     next_B = sample_token(logits_Bx1xV[:, 0], step_rng, temperature, top_p)
     if eos_id is not None:
       next_B = jnp.where(done_B, eos_id, next_B)
       done_B = done_B | (next_B == eos_id)
-    return (next_B, done_B, cache, position + 1), next_B
+    return (next_B, done_B, cache, position + 1, rule_state), (next_B, step_Bx1)
 
   step_rngs = jax.random.split(loop_rng, max_new_tokens - 1)
-  carry = (token_B, done_B, cache, jnp.int32(prompt_len))
-  _, later_tokens_NxB = jax.lax.scan(step, carry, step_rngs)
+  carry = (token_B, done_B, cache, jnp.int32(prompt_len), rule_state)
+  (last_B, _, cache, _, rule_state), (later_tokens_NxB, later_steps) = jax.lax.scan(
+      step, carry, step_rngs)
   new_tokens_BxN = jnp.concatenate([token_B[:, None], later_tokens_NxB.T], axis=1)
-  return jnp.concatenate([prompt_tokens_BxP.astype(jnp.int32), new_tokens_BxN], axis=1)
+  tokens_BxT = jnp.concatenate([prompt_tokens_BxP.astype(jnp.int32), new_tokens_BxN], axis=1)
+  if not with_state:
+    return tokens_BxT
+  step_ids_BxT = None
+  if uses_steps:
+    last_step_Bx1, _ = token_step(last_B, jnp.int32(total_len - 1), rule_state)
+    step_ids_BxT = jnp.concatenate(
+        [prompt_steps_BxP, later_steps[:, :, 0].T, last_step_Bx1], axis=1)
+  return Generation(tokens_BxT, step_ids_BxT, cache)
+
+
+def _run(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int, rng: jax.Array,
+         temperature: float, top_p: float, eos_id: int | None, step_rule: cct.StepRule | None,
+         with_state: bool) -> jax.Array | Generation:
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  max_steps = None
+  if step_rule is not None:
+    if model.cfg.mixer != "cct":
+      raise ValueError(f"a step rule needs model.mixer='cct', got {model.cfg.mixer!r}")
+    if int(step_rule.step_len) > model.cfg.cct_step_len:
+      raise ValueError(f"steps of up to {int(step_rule.step_len)} tokens exceed the decode "
+                       f"step buffer, model.cct_step_len={model.cfg.cct_step_len}")
+    # every step but the last has >= step_min_len tokens
+    total_len = prompt_tokens_BxP.shape[1] + max_new_tokens
+    max_steps = (total_len - 1) // int(step_rule.step_min_len) + 1
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, jnp.asarray(prompt_tokens_BxP), rng,
+                   jnp.float32(temperature), jnp.float32(top_p), step_rule,
+                   max_new_tokens=max_new_tokens, eos_id=eos_id, max_steps=max_steps,
+                   with_state=with_state)
 
 
 def generate(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int, rng: jax.Array,
-             temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None
-             ) -> jax.Array:
+             temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
+             step_rule: cct.StepRule | None = None) -> jax.Array:
   """Prompt followed by ``max_new_tokens`` sampled tokens: int32 [B, P + N].
 
   All prompts share one length P (positions 0..P-1). Rows that emitted ``eos_id`` are
-  padded with ``eos_id``. The model is not mutated.
+  padded with ``eos_id``. The model is not mutated. ``step_rule`` (CCT models trained
+  with semantic steps): the step of every token, prompt included, is decided by the
+  rule on device; without it CCT steps are fixed, position // cct_step_len.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, jnp.asarray(prompt_tokens_BxP), rng,
-                   jnp.float32(temperature), jnp.float32(top_p),
-                   max_new_tokens=max_new_tokens, eos_id=eos_id)
+  return _run(model, prompt_tokens_BxP, max_new_tokens, rng, temperature, top_p, eos_id,
+              step_rule, with_state=False)
+
+
+def generate_with_state(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int,
+                        rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0,
+                        eos_id: int | None = None, step_rule: cct.StepRule | None = None
+                        ) -> Generation:
+  """``generate`` that also returns the step ids and the final decode cache (a separate
+  compilation: ``generate`` itself returns only the tokens)."""
+  return _run(model, prompt_tokens_BxP, max_new_tokens, rng, temperature, top_p, eos_id,
+              step_rule, with_state=True)

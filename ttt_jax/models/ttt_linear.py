@@ -53,6 +53,15 @@ committed at the grid boundary with s of its last token (exactly like the remain
 mini-batch at the end of a sequence). Documents aligned to the grid are processed
 exactly as they would be alone.
 
+Where segment ids come from in training: ``data.document_mask`` (on in
+``configs/ttt_linear_*.yaml``) makes the data pipeline emit ``segment_ids`` with every
+window, the count of EOS tokens before each input token (data.py), which the objective
+and the eval step pass to the model. Nothing else is needed: the per-document positions
+(the ``rel`` of ``minibatch_layout``, for RoPE and s_i) are derived here from the segment
+ids, so the pipeline emits no positions. A document that starts mid-mini-batch therefore
+gives exactly its standalone outputs up to the next grid boundary (the whole document
+when it ends by then), and outputs that never depend on earlier documents after it.
+
 Decode. ``ttt_linear_decode_step`` takes one token at a time with the same anchored
 semantics, so prefill + decode reproduces the full-sequence forward: the state keeps
 the anchor (W, b), the running sums Σ η_j k_jᵀ g_j and Σ η_j g_j of the unfinished
