@@ -29,7 +29,11 @@ tokens/s the data pipeline delivers alone against what the trainer consumes.
 [--contexts 1024,4096,8192,32768]``) measures the live decode state of CCT working
 memory (summary buffer + current step's K/V) against the KV cache of the same model with
 causal attention: bytes of the arrays actually held after decoding each context of
-random tokens through a randomly initialised model (``ttt_jax.cct_eval``).
+random tokens through a randomly initialised model (``ttt_jax.cct_eval``). With
+``--hash-chain`` it instead measures the governance overhead (the guide's < 2% target):
+time per generated token of ``sampling.generate`` against ``generate_with_state`` plus
+the host-side commitment hash chain (``ttt_jax.cct_chain.generation_record``), fixed
+steps, greedy, on a randomly initialised model of the config, in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,7 +53,7 @@ import numpy as np
 
 from ttt_jax import metrics as metrics_lib
 from ttt_jax import sharding
-from ttt_jax.config import Config, load_config, to_dict
+from ttt_jax.config import Config, ConfigError, load_config, to_dict
 from ttt_jax.train import build, compile_step, jit_train_step, train_flops_per_step, user_errors
 
 
@@ -247,12 +252,16 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
 def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   """Checkpoint stall and data throughput against the trainer's consumption.
 
-  Steps are timed one by one (each waits for its result) in intervals of
-  ``steps // saves`` steps that alternate between no save and one async save at the
-  interval's first step, with ``cfg.checkpoint``'s save settings. The background write
-  may spread over several steps, so the stall of a save is the saving interval's total
-  time above the median save-free interval's; alternating keeps slow drifts of the
-  machine out of the difference. The data pipeline (real corpus, this config's seq_len
+  The steps run as in the train loop: each is dispatched before the previous one's
+  metrics are read, and a save first waits for its step's metrics (the loop never saves
+  a state whose loss it has not checked), then calls ``Checkpointer.save`` with
+  ``cfg.checkpoint``'s settings. Intervals of ``steps // saves`` steps alternate between
+  no save and one save at the interval's first step, and each interval's wall time is
+  taken from its first dispatch to its last result. The background write may spread
+  over several steps, so the stall of a save is the mean saving interval's wall time
+  above the mean save-free interval's (with its standard error); alternating keeps slow
+  drifts of the machine out of the difference. ``save_call_s`` is the time the save
+  call holds the training thread. The data pipeline (real corpus, this config's seq_len
   and batch) is timed alone.
   """
   import tempfile
@@ -267,7 +276,8 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   data_iter = iter(data_lib.train_dataset(
       corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
       seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=jax.process_index(),
-      process_count=jax.process_count(), worker_count=cfg.data.worker_count))
+      process_count=jax.process_count(), worker_count=cfg.data.worker_count,
+      eos_id=data_lib.document_eos_id(cfg.data, corpus)))
   batches = [sharding.put_batch(next(data_iter), mesh) for _ in range(4)]
   compiled, _, _ = compile_step(step_fn, built.state, batches[0], log=lambda _: None)
   state = built.state
@@ -276,33 +286,38 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   jax.block_until_ready(metrics)
 
   every = max(steps // saves, 2)
-  intervals: dict[bool, list[list[float]]] = {False: [], True: []}
+  walls: dict[bool, list[float]] = {False: [], True: []}
   save_calls = []
   with tempfile.TemporaryDirectory() as directory:
     ckpt = ckpt_lib.Checkpointer(Path(directory), keep=2, async_save=cfg.checkpoint.async_save,
                                  device_snapshot=cfg.checkpoint.device_snapshot)
     meta = {"process_count": jax.process_count()}
     for interval in range(2 * saves):
-      saving, times = interval % 2 == 1, []
+      saving, pending = interval % 2 == 1, None
+      start = time.perf_counter()
       for i in range(every):
-        start = time.perf_counter()
         state, metrics = compiled(state, batches[i % 4])
+        if pending is not None:
+          float(pending["loss"])
+        pending = metrics
         if saving and i == 0:
+          float(pending["loss"])
+          call = time.perf_counter()
           ckpt.save(interval, state, data_iter, meta)
-          save_calls.append(time.perf_counter() - start)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-      intervals[saving].append(times)
+          save_calls.append(time.perf_counter() - call)
+      float(pending["loss"])
+      walls[saving].append(time.perf_counter() - start)
     ckpt.close()
-  step_time = statistics.median(t for times in intervals[False] for t in times)
-  baseline = statistics.median(sum(times) for times in intervals[False])
-  stalls = [sum(times) - baseline for times in intervals[True]]
+  step_time = statistics.median(walls[False]) / every
+  stall = statistics.fmean(walls[True]) - statistics.fmean(walls[False])
+  stall_stderr = math.sqrt((statistics.variance(walls[True]) + statistics.variance(walls[False]))
+                           / saves) if saves > 1 else math.nan
   consumed = cfg.train.batch_size * cfg.data.seq_len / step_time
 
   data_iter = iter(data_lib.train_dataset(
       corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
       seed=cfg.train.seed + 1, shuffle=cfg.data.shuffle, process_index=0, process_count=1,
-      worker_count=cfg.data.worker_count))
+      worker_count=cfg.data.worker_count, eos_id=data_lib.document_eos_id(cfg.data, corpus)))
   next(data_iter)
   n_batches, start = 0, time.perf_counter()
   while time.perf_counter() - start < 2.0:
@@ -314,18 +329,88 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
       "benchmark": "io",
       "step_time_s": step_time,
       "checkpoint_bytes": state_bytes,
-      "saves": len(stalls),
+      "saves": saves,
       "steps_per_interval": every,
       "async_save": cfg.checkpoint.async_save,
       "device_snapshot": cfg.checkpoint.device_snapshot,
       "save_call_s": save_calls,
-      "stall_per_save_s": stalls,
-      "max_stall_fraction_of_step": max(stalls) / step_time if stalls else None,
-      "median_stall_fraction_of_step": statistics.median(stalls) / step_time if stalls else None,
+      "stall_per_save_s": stall,
+      "stall_per_save_stderr_s": stall_stderr,
+      "stall_fraction_of_step": stall / step_time,
+      "median_save_call_s": statistics.median(save_calls),
+      "interval_wall_s": {"without_save": walls[False], "with_save": walls[True]},
       "trainer_tokens_per_sec": consumed,
       "data_tokens_per_sec": delivered,
       "data_over_trainer": delivered / consumed,
       "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+  }
+
+
+def bench_hash_chain(cfg: Config, batch: int, prompt_len: int, new_tokens: int, rounds: int
+                     ) -> dict:
+  """Generation time per token without and with the commitment hash chain (the chain's
+  variant returns the decode state and hashes its committed summaries on the host)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from ttt_jax import cct_chain
+  from ttt_jax.models import lm, sampling
+
+  model = lm.LM(cfg.model, cfg.data.vocab_size, rngs=nnx.Rngs(cfg.train.seed))
+  prompt = np.random.default_rng(cfg.train.seed).integers(
+      0, cfg.data.vocab_size, (batch, prompt_len), np.int32)
+  rng = jax.random.key(0)
+
+  def without_chain():
+    jax.block_until_ready(sampling.generate(model, prompt, new_tokens, rng, 0.0))
+
+  chain_s = []
+
+  def with_chain():
+    generation = sampling.generate_with_state(model, prompt, new_tokens, rng, 0.0)
+    jax.block_until_ready(generation)
+    start = time.perf_counter()
+    record = cct_chain.generation_record(model, generation)
+    chain_s.append(time.perf_counter() - start)
+    return record
+
+  variants = {"without_chain": without_chain, "with_chain": with_chain}
+  compile_s = {}
+  for name, run in variants.items():
+    start = time.perf_counter()
+    run()
+    compile_s[name] = time.perf_counter() - start
+  chain_s.clear()
+  times = {name: [] for name in variants}
+  for _ in range(rounds):  # interleaved: a busy shared CPU slows both alike
+    for name, run in variants.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  record = with_chain()
+  per_token = {name: {"median_ms": 1e3 * statistics.median(t) / new_tokens,
+                      "best_ms": 1e3 * min(t) / new_tokens} for name, t in times.items()}
+  overhead = {key: per_token["with_chain"][key] / per_token["without_chain"][key] - 1.0
+              for key in ("median_ms", "best_ms")}
+  paired = [w / wo - 1.0 for w, wo in zip(times["with_chain"], times["without_chain"])]
+  return {
+      "benchmark": "cct_hash_chain",
+      "per_token": per_token,
+      "overhead_pct_median": 100.0 * overhead["median_ms"],
+      "overhead_pct_best": 100.0 * overhead["best_ms"],
+      "overhead_pct_paired_median": 100.0 * statistics.median(paired),
+      "chain_host_ms_median": 1e3 * statistics.median(chain_s),
+      "chain_host_pct_of_generation": 100.0 * statistics.median(chain_s)
+                                      / statistics.median(times["without_chain"]),
+      "target_pct": 2.0,
+      "committed_steps_per_sequence": [s["n_steps"] for s in record["sequences"]],
+      "compile_and_first_run_s": compile_s,
+      "shape": {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                "rounds": rounds, "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model,
+                "d_summary": cfg.model.cct_d_summary, "step_len": cfg.model.cct_step_len,
+                "dtype": str(jnp.dtype(cfg.model.dtype)), "vocab": cfg.data.vocab_size},
+      "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+      "jax": jax.__version__, "backend": jax.default_backend(),
   }
 
 
@@ -360,6 +445,13 @@ def main(argv: list[str] | None = None) -> None:
   cct_p.add_argument("--contexts", default="1024,4096,8192,32768")
   cct_p.add_argument("--baseline-decode-tokens", type=int, default=0,
                      help="decode only this many tokens into the baseline's cache (0: all)")
+  cct_p.add_argument("--hash-chain", action="store_true",
+                     help="measure the commitment hash chain's overhead instead of memory")
+  cct_p.add_argument("--batch", type=int, default=1, help="--hash-chain: sequences")
+  cct_p.add_argument("--prompt-len", type=int, default=32, help="--hash-chain: prompt tokens")
+  cct_p.add_argument("--new-tokens", type=int, default=256,
+                     help="--hash-chain: generated tokens per sequence")
+  cct_p.add_argument("--rounds", type=int, default=10, help="--hash-chain: timing rounds")
   io_p = sub.add_parser("io", help="async checkpoint stall and data pipeline throughput")
   io_p.add_argument("--config", default="configs/quickstart.yaml")
   io_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -380,6 +472,14 @@ def main(argv: list[str] | None = None) -> None:
       result = bench_mhc(cfg, args.steps, args.warmup, args.rounds)
     elif args.what == "io":
       result = bench_io(cfg, args.steps, args.saves)
+    elif args.what == "cct" and args.hash_chain:
+      if cfg.model.mixer != "cct":
+        raise ConfigError(f"model.mixer: --hash-chain needs 'cct', got {cfg.model.mixer!r}")
+      for name in ("batch", "prompt_len", "new_tokens", "rounds"):
+        if getattr(args, name) < 1:
+          raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got "
+                            f"{getattr(args, name)}")
+      result = bench_hash_chain(cfg, args.batch, args.prompt_len, args.new_tokens, args.rounds)
     elif args.what == "cct":
       from ttt_jax import cct_eval  # pylint: disable=import-outside-toplevel
       result = {"benchmark": "cct", **cct_eval.compression_report(
