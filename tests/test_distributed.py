@@ -99,12 +99,16 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(corpus, tmp
                              [ref_losses[s] for s in range(11, 21)], rtol=RTOL)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for_checkpoint(directory: Path, step: int, proc: subprocess.Popen,
+                         timeout: float) -> None:
+  """Until a checkpoint of ``step`` or later exists (with keep=K an early one may be
+  deleted again before a poll sees it)."""
   deadline = time.monotonic() + timeout
-  while not path.exists():
+  while not any(p.name.isdigit() and int(p.name) >= step
+                for p in (directory.iterdir() if directory.is_dir() else ())):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.monotonic() < deadline, f"{path} did not appear"
-    time.sleep(0.05)
+    assert time.monotonic() < deadline, f"no checkpoint >= {step} appeared in {directory}"
+    time.sleep(0.02)
 
 
 def test_sigterm_and_sigkill_at_random_moments_resume_bit_exactly(corpus, tmp_path):
@@ -122,8 +126,9 @@ def test_sigterm_and_sigkill_at_random_moments_resume_bit_exactly(corpus, tmp_pa
   for sig, first_checkpoint in ((signal.SIGTERM, 4), (signal.SIGKILL, 12)):
     proc = subprocess.Popen(args, env=cli_env(8), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(workdir / "checkpoints" / str(first_checkpoint), proc, timeout=120)
-    time.sleep(rng.uniform(0.0, 1.0))
+    _wait_for_checkpoint(workdir / "checkpoints", first_checkpoint, proc, timeout=120)
+    time.sleep(rng.uniform(0.0, 0.5))
+    assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     if sig == signal.SIGTERM:
