@@ -185,3 +185,18 @@ def test_verify_accepts_the_record_and_finds_a_tampered_token(semantic):
   # another step rule (header) mismatches before any step
   fixed = cct_chain.verify_record(model, record, None)[0]
   assert not fixed.ok and fixed.first_mismatch == 0 and "header" in fixed.reason
+
+
+def test_semantic_decode_annotator_only_for_semantic_cct_runs_that_fit_the_buffer():
+  """None for other mixers and fixed steps; a clear error when semantic steps exceed the
+  decode step buffer (checked before any tokenizer is used)."""
+  from ttt_jax.config import ConfigError, load_config  # pylint: disable=import-outside-toplevel
+  from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
+  semantic = ["data.step_boundaries=semantic", "data.step_len=6", "data.step_min_len=2"]
+  attention = load_config(None, semantic + ["model.mixer=attention"])
+  assert semantic_decode_annotator(attention, None) is None
+  fixed = load_config(None, ["model.mixer=cct", "data.step_boundaries=fixed"])
+  assert semantic_decode_annotator(fixed, None) is None
+  too_long = load_config(None, semantic + ["model.mixer=cct", "model.cct_step_len=4"])
+  with pytest.raises(ConfigError, match="data.step_len"):
+    semantic_decode_annotator(too_long, None)

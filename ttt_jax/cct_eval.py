@@ -351,17 +351,12 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
 
 def run_passkey(workdir, overrides: list[str], lengths: list[int], depths: list[float],
                 trials: int) -> dict[str, Any]:
-  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if corpus.tokenizer is None:
     raise ValueError(f"{workdir}: passkey needs the run's sentencepiece tokenizer")
-  rule = None
-  if cfg.model.mixer == "cct" and cfg.data.step_boundaries == "semantic":
-    if cfg.data.step_len > cfg.model.cct_step_len:
-      raise ValueError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
-                       f"exceed model.cct_step_len={cfg.model.cct_step_len}, the decode "
-                       f"step buffer")
-    rule = cct.step_rule(data_lib.step_annotator(cfg.data, corpus.tokenizer))
+  annotator = semantic_decode_annotator(cfg, corpus.tokenizer)
+  rule = cct.step_rule(annotator) if annotator is not None else None
   report = passkey_report(model, corpus.tokenizer, lengths, depths, trials, cfg.train.seed,
                           rule)
   return {"task": "passkey", "workdir": str(workdir), "step": step,

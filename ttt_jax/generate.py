@@ -40,14 +40,20 @@ def load_for_generation(workdir: str | Path, overrides: list[str] = ()
   tokenizer = data_lib.Tokenizer(tokenizer_path)
   cfg, graphdef, params, _, _ = load_trained(workdir, overrides,
                                              log=lambda m: print(m, file=sys.stderr))
-  annotator = None
-  if cfg.model.mixer == "cct" and cfg.data.step_boundaries == "semantic":
-    if cfg.data.step_len > cfg.model.cct_step_len:
-      raise ConfigError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
-                        f"exceed model.cct_step_len={cfg.model.cct_step_len}, the decode step "
-                        f"buffer; --set model.cct_step_len={cfg.data.step_len}")
-    annotator = data_lib.step_annotator(cfg.data, tokenizer)
-  return cfg, nnx.merge(graphdef, params), tokenizer, annotator
+  return cfg, nnx.merge(graphdef, params), tokenizer, semantic_decode_annotator(cfg, tokenizer)
+
+
+def semantic_decode_annotator(cfg: Config, tokenizer: data_lib.Tokenizer
+                              ) -> data_lib.StepAnnotator | None:
+  """The step annotator a CCT run with semantic steps decodes with (None otherwise); its
+  steps must fit the decode step buffer (model.cct_step_len tokens)."""
+  if cfg.model.mixer != "cct" or cfg.data.step_boundaries != "semantic":
+    return None
+  if cfg.data.step_len > cfg.model.cct_step_len:
+    raise ConfigError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
+                      f"exceed model.cct_step_len={cfg.model.cct_step_len}, the decode step "
+                      f"buffer; --set model.cct_step_len={cfg.data.step_len}")
+  return data_lib.step_annotator(cfg.data, tokenizer)
 
 
 def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
