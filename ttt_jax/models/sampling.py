@@ -80,13 +80,9 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.A
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens_BxP.shape
   total_len = prompt_len + max_new_tokens
-  uses_steps = model.cfg.mixer == "cct"
   cache = model.init_cache(batch, total_len, max_steps)
-  if rule is None:
-    prompt_steps_BxP = (cct.fixed_step_ids(default_positions(prompt_tokens_BxP),
-                                           model.cfg.cct_step_len) if uses_steps else None)
-    rule_state = None
-  else:
+  prompt_steps_BxP = rule_state = None  # None: a CCT mixer's own fixed steps
+  if rule is not None:
     prompt_steps_BxP, rule_state = cct.step_rule_ids(rule, cct.step_rule_start(batch),
                                                      prompt_tokens_BxP)
   logits_BxPxV, cache = model.decode(prompt_tokens_BxP, default_positions(prompt_tokens_BxP),
@@ -95,19 +91,17 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.A
   token_B = sample_token(logits_BxPxV[:, -1], first_rng, temperature, top_p)
   done_B = jnp.zeros((batch,), bool) if eos_id is None else token_B == eos_id
 
-  def token_step(token_B, position, rule_state):
-    """Step id [B, 1] of the token at ``position`` (None without step ids)."""
-    if not uses_steps:
-      return None, rule_state
+  def token_step(token_B, rule_state):
+    """Step id [B, 1] of ``token`` from the rule (None without one)."""
     if rule is None:
-      return jnp.full((batch, 1), position // model.cfg.cct_step_len, jnp.int32), rule_state
+      return None, rule_state
     step_B, rule_state = cct.step_rule_next(rule, rule_state, token_B)
     return step_B[:, None], rule_state
 
   def step(carry, step_rng):
     token_B, done_B, cache, position, rule_state = carry
     positions_Bx1 = jnp.full((batch, 1), position, jnp.int32)
-    step_Bx1, rule_state = token_step(token_B, position, rule_state)
+    step_Bx1, rule_state = token_step(token_B, rule_state)
     logits_Bx1xV, cache = model.decode(token_B[:, None], positions_Bx1, cache, step_Bx1)
     next_B = sample_token(logits_Bx1xV[:, 0], step_rng, temperature, top_p)
     if eos_id is not None:
@@ -123,11 +117,13 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.A
   tokens_BxT = jnp.concatenate([prompt_tokens_BxP.astype(jnp.int32), new_tokens_BxN], axis=1)
   if not with_state:
     return tokens_BxT
-  step_ids_BxT = None
-  if uses_steps:
-    last_step_Bx1, _ = token_step(last_B, jnp.int32(total_len - 1), rule_state)
+  step_ids_BxT = None  # a rule implies a CCT model (checked by _run)
+  if rule is not None:
+    last_step_Bx1, _ = token_step(last_B, rule_state)
     step_ids_BxT = jnp.concatenate(
         [prompt_steps_BxP, later_steps[:, :, 0].T, last_step_Bx1], axis=1)
+  elif model.cfg.mixer == "cct":
+    step_ids_BxT = cct.fixed_step_ids(default_positions(tokens_BxT), model.cfg.cct_step_len)
   return Generation(tokens_BxT, step_ids_BxT, cache)
 
 
