@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 
 import jax
@@ -103,6 +105,25 @@ def test_background_save_keeps_the_state_of_the_call_under_donation(tmp_path):
   restored = restore_state(tmp_path, 1, state)
   for key, value in expected.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), value)
+
+
+def test_background_saves_share_one_lowest_priority_writer_thread(tmp_path):
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True, device_snapshot=True)
+  orbax_save, writers = ckpt._save, []
+
+  def recording_save(*args):
+    writers.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)))
+    orbax_save(*args)
+
+  ckpt._save = recording_save
+  for step in (1, 2):
+    ckpt.save(step, small_state(), iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  assert len(writers) == 2 and writers[0] == writers[1]
+  assert writers[0][0] != threading.get_native_id()
+  if sys.platform == "linux":
+    assert writers[0][1] == 19
+  assert ckpt.all_steps() == [1, 2]
 
 
 def test_background_save_error_reaches_the_training_thread(tmp_path):

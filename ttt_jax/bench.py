@@ -258,10 +258,10 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   ``cfg.checkpoint``'s settings. Intervals of ``steps // saves`` steps alternate between
   no save and one save at the interval's first step, and each interval's wall time is
   taken from its first dispatch to its last result. The background write may spread
-  over several steps, so the stall of a save is the mean saving interval's wall time
-  above the mean save-free interval's (with its standard error); alternating keeps slow
-  drifts of the machine out of the difference. ``save_call_s`` is the time the save
-  call holds the training thread. The data pipeline (real corpus, this config's seq_len
+  over several steps, so the stall of a save is the mean, over consecutive pairs, of
+  the saving interval's wall time minus the save-free one's just before it, with the
+  standard error of that mean; pairing keeps slow drifts of a shared machine out of the
+  difference. ``save_call_s`` is the time the save call holds the training thread. The data pipeline (real corpus, this config's seq_len
   and batch) is timed alone.
   """
   import tempfile
@@ -309,9 +309,10 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
       walls[saving].append(time.perf_counter() - start)
     ckpt.close()
   step_time = statistics.median(walls[False]) / every
-  stall = statistics.fmean(walls[True]) - statistics.fmean(walls[False])
-  stall_stderr = math.sqrt((statistics.variance(walls[True]) + statistics.variance(walls[False]))
-                           / saves) if saves > 1 else math.nan
+  differences = [w - wo for w, wo in zip(walls[True], walls[False])]
+  stall = statistics.fmean(differences)
+  stall_stderr = (statistics.stdev(differences) / math.sqrt(saves) if saves > 1
+                  else math.nan)
   consumed = cfg.train.batch_size * cfg.data.seq_len / step_time
 
   data_iter = iter(data_lib.train_dataset(

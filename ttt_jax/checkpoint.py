@@ -14,14 +14,16 @@ never leaves a step that ``all_steps()`` would list. A step that still fails to 
 Async saves in a single-process run with ``device_snapshot`` take a device-side copy of
 the state (the next train step donates the original buffers) and hand it to orbax on a
 background thread at the lowest CPU priority, so the training thread pays only for the
-copy's dispatch; orbax's own save call (its device-to-host transfer and Python
-bookkeeping, ~60 ms here) and its writer threads (which inherit the priority) then run
-in the gaps XLA leaves. Multi-process runs call orbax on the training thread: orbax's
+copy's dispatch (~2 ms here); orbax's own save call (its device-to-host transfer and
+Python bookkeeping, ~25 ms here) and its writer threads (which inherit the priority) then
+run in the gaps XLA leaves. The thread lives as long as the checkpointer, so a save does
+not start one. Multi-process runs call orbax on the training thread: orbax's
 barriers there are collectives and must stay in program order with the train steps.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import importlib.metadata
@@ -108,8 +110,10 @@ class Checkpointer:
                async_save: bool = True, device_snapshot: bool = True):
     self.directory = Path(directory).absolute()
     self.background = async_save and device_snapshot and jax.process_count() == 1
-    self._writer: threading.Thread | None = None
-    self._writer_error: BaseException | None = None
+    self._writer = (concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="ttt_jax-checkpoint",
+        initializer=_lower_thread_priority) if self.background else None)
+    self._pending: concurrent.futures.Future | None = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None,
         enable_async_checkpointing=async_save, create=True)
@@ -130,9 +134,7 @@ class Checkpointer:
       self._save(step, state, data_state, meta)
       return
     snapshot = jax.device_put(state, may_alias=False)
-    self._writer = threading.Thread(target=self._background_save, name="ttt_jax-checkpoint",
-                                    args=(step, snapshot, data_state, meta))
-    self._writer.start()
+    self._pending = self._writer.submit(self._save, step, snapshot, data_state, meta)
 
   def _save(self, step: int, state: Any, data_state: _IteratorState,
             meta: dict[str, Any]) -> None:
@@ -141,20 +143,13 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
 
-  def _background_save(self, *args: Any) -> None:
-    _lower_thread_priority()
-    try:
-      self._save(*args)
-    except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
-      self._writer_error = e
-
   def _join_writer(self) -> None:
     """Waits for the background thread to hand its save to orbax; re-raises its error."""
-    if self._writer is not None:
-      self._writer.join()
-      self._writer = None
-    if self._writer_error is not None:
-      error, self._writer_error = self._writer_error, None
+    if self._pending is None:
+      return
+    pending, self._pending = self._pending, None
+    error = pending.exception()
+    if error is not None:
       raise CheckpointError(f"checkpoint save failed: {type(error).__name__}: {error}"
                             ) from error
 
@@ -253,6 +248,8 @@ class Checkpointer:
     try:
       self.wait()
     finally:
+      if self._writer is not None:
+        self._writer.shutdown()
       self.manager.close()
 
 
