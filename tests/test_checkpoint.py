@@ -108,11 +108,15 @@ def test_background_save_keeps_the_state_of_the_call_under_donation(tmp_path):
 
 
 def test_background_saves_share_one_lowest_priority_writer_thread(tmp_path):
-  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True, device_snapshot=True)
+  linux = sys.platform == "linux"
+  cpus = frozenset([min(os.sched_getaffinity(0))]) if linux else None
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True, device_snapshot=True,
+                               writer_cpus=cpus)
   orbax_save, writers = ckpt._save, []
 
   def recording_save(*args):
-    writers.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)))
+    writers.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0),
+                    os.sched_getaffinity(0) if linux else None))
     orbax_save(*args)
 
   ckpt._save = recording_save
@@ -121,8 +125,9 @@ def test_background_saves_share_one_lowest_priority_writer_thread(tmp_path):
   ckpt.close()
   assert len(writers) == 2 and writers[0] == writers[1]
   assert writers[0][0] != threading.get_native_id()
-  if sys.platform == "linux":
-    assert writers[0][1] == 19
+  if linux:
+    assert writers[0][1:] == (19, cpus)
+    assert os.sched_getaffinity(0) != cpus or os.cpu_count() == 1  # the caller's is unchanged
   assert ckpt.all_steps() == [1, 2]
 
 

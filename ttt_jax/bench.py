@@ -21,9 +21,10 @@ median and best times, tokens/s and the compiled peak memory (for decode also th
 one step, which does not grow with the sequence). Variants are compiled first, then
 timed in interleaved rounds.
 
-``io`` (``python -m ttt_jax.bench io [--config configs/quickstart.yaml]``) measures the
-training stall caused by each async checkpoint save, as a fraction of one step, and the
-tokens/s the data pipeline delivers alone against what the trainer consumes.
+``io`` (``python -m ttt_jax.bench io [--config configs/quickstart.yaml] [--steps N]
+[--saves S] [--spare-writer-cpu]``) measures the training stall caused by each async
+checkpoint save, as a fraction of one step, and the tokens/s the data pipeline delivers
+alone against what the trainer consumes.
 
 ``cct`` (``python -m ttt_jax.bench cct [--config configs/cct_tier1_160m.yaml]
 [--contexts 1024,4096,8192,32768]``) measures the live decode state of CCT working
@@ -249,7 +250,7 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
   }
 
 
-def bench_io(cfg: Config, steps: int, saves: int) -> dict:
+def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False) -> dict:
   """Checkpoint stall and data throughput against the trainer's consumption.
 
   The steps run as in the train loop: each is dispatched before the previous one's
@@ -261,14 +262,27 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   over several steps, so the stall of a save is the mean, over consecutive pairs, of
   the saving interval's wall time minus the save-free one's just before it, with the
   standard error of that mean; pairing keeps slow drifts of a shared machine out of the
-  difference. ``save_call_s`` is the time the save call holds the training thread. The data pipeline (real corpus, this config's seq_len
-  and batch) is timed alone.
+  difference (the median of those differences is reported too: it is robust to the rare
+  multi-second hiccups of a shared VM). ``save_call_s`` is the time the save call holds
+  the training thread. The data pipeline (real corpus, this config's seq_len and batch)
+  is timed alone.
+
+  ``spare_writer_cpu`` models a host with a CPU core that training leaves free (as on a
+  GPU host, where the step runs on the accelerator): XLA runs on all CPUs but the last
+  and the checkpoint writer on the last one. Call it before JAX starts its CPU backend.
   """
   import tempfile
 
   from ttt_jax import checkpoint as ckpt_lib
   from ttt_jax import data as data_lib
 
+  writer_cpus = None
+  if spare_writer_cpu:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+      raise ConfigError("--spare-writer-cpu: needs at least 2 CPUs")
+    writer_cpus = frozenset(cpus[-1:])
+    os.sched_setaffinity(0, cpus[:-1])  # XLA's threads, started below, inherit this
   corpus = data_lib.prepare_corpus(cfg.data, log=lambda _: None)
   mesh = sharding.make_mesh(cfg.mesh)
   built = build(cfg, corpus.vocab_size, mesh)
@@ -290,7 +304,8 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
   save_calls = []
   with tempfile.TemporaryDirectory() as directory:
     ckpt = ckpt_lib.Checkpointer(Path(directory), keep=2, async_save=cfg.checkpoint.async_save,
-                                 device_snapshot=cfg.checkpoint.device_snapshot)
+                                 device_snapshot=cfg.checkpoint.device_snapshot,
+                                 writer_cpus=writer_cpus)
     meta = {"process_count": jax.process_count()}
     for interval in range(2 * saves):
       saving, pending = interval % 2 == 1, None
@@ -334,9 +349,12 @@ def bench_io(cfg: Config, steps: int, saves: int) -> dict:
       "steps_per_interval": every,
       "async_save": cfg.checkpoint.async_save,
       "device_snapshot": cfg.checkpoint.device_snapshot,
+      "xla_cpus": sorted(os.sched_getaffinity(0)),
+      "writer_cpus": sorted(writer_cpus) if writer_cpus else "shared",
       "save_call_s": save_calls,
       "stall_per_save_s": stall,
       "stall_per_save_stderr_s": stall_stderr,
+      "stall_per_save_median_s": statistics.median(differences),
       "stall_fraction_of_step": stall / step_time,
       "median_save_call_s": statistics.median(save_calls),
       "interval_wall_s": {"without_save": walls[False], "with_save": walls[True]},
@@ -459,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
   io_p.add_argument("--steps", type=int, default=40,
                     help="timed train steps per half (with saves / without)")
   io_p.add_argument("--saves", type=int, default=5, help="async saves")
+  io_p.add_argument("--spare-writer-cpu", action="store_true",
+                    help="run XLA on all CPUs but the last and the checkpoint writer on it")
   args = parser.parse_args(argv)
   if args.what == "ttt":
     with user_errors():
@@ -472,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "mhc":
       result = bench_mhc(cfg, args.steps, args.warmup, args.rounds)
     elif args.what == "io":
-      result = bench_io(cfg, args.steps, args.saves)
+      result = bench_io(cfg, args.steps, args.saves, args.spare_writer_cpu)
     elif args.what == "cct" and args.hash_chain:
       if cfg.model.mixer != "cct":
         raise ConfigError(f"model.mixer: --hash-chain needs 'cct', got {cfg.model.mixer!r}")

@@ -87,11 +87,13 @@ class _IteratorState:
     return self.state
 
 
-def _lower_thread_priority() -> None:
-  """Lowest CPU priority (nice 19) for the calling thread and the threads it starts
-  (Linux; elsewhere a no-op)."""
+def _start_writer_thread(cpus: frozenset[int] | None) -> None:
+  """Lowest CPU priority (nice 19) for the calling thread and the threads it starts, and
+  with ``cpus`` only those CPUs (Linux; elsewhere a no-op)."""
   try:
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    if cpus is not None:
+      os.sched_setaffinity(0, cpus)
   except (AttributeError, OSError):
     pass
 
@@ -107,12 +109,16 @@ class Checkpointer:
   """Thin policy layer over ``ocp.CheckpointManager``: cadence, metadata, fallback."""
 
   def __init__(self, directory: str | Path, *, keep: int, keep_every: int = 0,
-               async_save: bool = True, device_snapshot: bool = True):
+               async_save: bool = True, device_snapshot: bool = True,
+               writer_cpus: frozenset[int] | None = None):
+    """``writer_cpus`` pins the background writer (and the orbax and tensorstore threads
+    it starts) to those CPUs, e.g. cores the training process leaves free."""
     self.directory = Path(directory).absolute()
     self.background = async_save and device_snapshot and jax.process_count() == 1
     self._writer = (concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="ttt_jax-checkpoint",
-        initializer=_lower_thread_priority) if self.background else None)
+        initializer=_start_writer_thread, initargs=(writer_cpus,))
+        if self.background else None)
     self._pending: concurrent.futures.Future | None = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None,
