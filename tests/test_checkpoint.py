@@ -129,6 +129,9 @@ def test_background_saves_share_one_lowest_priority_writer_thread(tmp_path):
     assert writers[0][1:] == (19, cpus)
     assert os.sched_getaffinity(0) != cpus or os.cpu_count() == 1  # the caller's is unchanged
   assert ckpt.all_steps() == [1, 2]
+  with pytest.raises(ValueError, match="writer_cpus"):
+    ckpt_lib.Checkpointer(tmp_path / "sync", keep=2, async_save=False,
+                          writer_cpus=frozenset({0}))
 
 
 def test_background_save_error_reaches_the_training_thread(tmp_path):

@@ -281,6 +281,9 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
       raise ConfigError("--spare-writer-cpu: needs at least 2 CPUs")
+    if not (cfg.checkpoint.async_save and cfg.checkpoint.device_snapshot):
+      raise ConfigError("--spare-writer-cpu: needs checkpoint.async_save and "
+                        "checkpoint.device_snapshot (the background writer)")
     writer_cpus = frozenset(cpus[-1:])
     os.sched_setaffinity(0, cpus[:-1])  # XLA's threads, started below, inherit this
   corpus = data_lib.prepare_corpus(cfg.data, log=lambda _: None)

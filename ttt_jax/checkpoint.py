@@ -115,6 +115,9 @@ class Checkpointer:
     it starts) to those CPUs, e.g. cores the training process leaves free."""
     self.directory = Path(directory).absolute()
     self.background = async_save and device_snapshot and jax.process_count() == 1
+    if writer_cpus is not None and not self.background:
+      raise ValueError("writer_cpus: only a background writer (one process, async_save and "
+                       "device_snapshot) can be pinned")
     self._writer = (concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="ttt_jax-checkpoint",
         initializer=_start_writer_thread, initargs=(writer_cpus,))
