@@ -66,6 +66,19 @@ def test_sufficiency_task_runs_on_the_trained_run(trained):
   assert math.isfinite(result["summary_ablation"]["delta_loss"])
 
 
+def test_governance_task_times_the_hash_chain_on_the_trained_run(trained):
+  _, workdir, _ = trained
+  result = cct_eval.run_governance(workdir, [], {"prompt_len": 8, "new_tokens": 24,
+                                                 "rounds": 2})
+  assert result["shape"]["steps"] == "fixed/8" and result["shape"]["new_tokens"] == 24
+  # 8 + 24 tokens, 31 decoded: the last decoded token's step (3) is open
+  assert result["committed_steps_per_sequence"] == [3]
+  for variant in result["per_token"].values():
+    assert 0 < variant["best_ms"] <= variant["median_ms"]
+  assert result["chain_host_ms_median"] > 0
+  assert math.isfinite(result["overhead_pct_median"])
+
+
 def test_generate_writes_the_hash_chain_and_verify_finds_a_tampered_token(trained, tmp_path,
                                                                            capsys):
   _, workdir, _ = trained

@@ -370,70 +370,24 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
 
 def bench_hash_chain(cfg: Config, batch: int, prompt_len: int, new_tokens: int, rounds: int
                      ) -> dict:
-  """Generation time per token without and with the commitment hash chain (the chain's
-  variant returns the decode state and hashes its committed summaries on the host)."""
+  """Generation time per token without and with the commitment hash chain
+  (``cct_chain.overhead_report``) on a randomly initialised model of the config."""
   import jax.numpy as jnp
   from flax import nnx
 
   from ttt_jax import cct_chain
-  from ttt_jax.models import lm, sampling
+  from ttt_jax.models import lm
 
   model = lm.LM(cfg.model, cfg.data.vocab_size, rngs=nnx.Rngs(cfg.train.seed))
   prompt = np.random.default_rng(cfg.train.seed).integers(
       0, cfg.data.vocab_size, (batch, prompt_len), np.int32)
-  rng = jax.random.key(0)
-
-  def without_chain():
-    jax.block_until_ready(sampling.generate(model, prompt, new_tokens, rng, 0.0))
-
-  chain_s = []
-
-  def with_chain():
-    generation = sampling.generate_with_state(model, prompt, new_tokens, rng, 0.0)
-    jax.block_until_ready(generation)
-    start = time.perf_counter()
-    record = cct_chain.generation_record(model, generation)
-    chain_s.append(time.perf_counter() - start)
-    return record
-
-  variants = {"without_chain": without_chain, "with_chain": with_chain}
-  compile_s = {}
-  for name, run in variants.items():
-    start = time.perf_counter()
-    run()
-    compile_s[name] = time.perf_counter() - start
-  chain_s.clear()
-  times = {name: [] for name in variants}
-  for _ in range(rounds):  # interleaved: a busy shared CPU slows both alike
-    for name, run in variants.items():
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
-  record = with_chain()
-  per_token = {name: {"median_ms": 1e3 * statistics.median(t) / new_tokens,
-                      "best_ms": 1e3 * min(t) / new_tokens} for name, t in times.items()}
-  overhead = {key: per_token["with_chain"][key] / per_token["without_chain"][key] - 1.0
-              for key in ("median_ms", "best_ms")}
-  paired = [w / wo - 1.0 for w, wo in zip(times["with_chain"], times["without_chain"])]
-  return {
-      "benchmark": "cct_hash_chain",
-      "per_token": per_token,
-      "overhead_pct_median": 100.0 * overhead["median_ms"],
-      "overhead_pct_best": 100.0 * overhead["best_ms"],
-      "overhead_pct_paired_median": 100.0 * statistics.median(paired),
-      "chain_host_ms_median": 1e3 * statistics.median(chain_s),
-      "chain_host_pct_of_generation": 100.0 * statistics.median(chain_s)
-                                      / statistics.median(times["without_chain"]),
-      "target_pct": 2.0,
-      "committed_steps_per_sequence": [s["n_steps"] for s in record["sequences"]],
-      "compile_and_first_run_s": compile_s,
-      "shape": {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                "rounds": rounds, "n_layers": cfg.model.n_layers, "d_model": cfg.model.d_model,
-                "d_summary": cfg.model.cct_d_summary, "step_len": cfg.model.cct_step_len,
-                "dtype": str(jnp.dtype(cfg.model.dtype)), "vocab": cfg.data.vocab_size},
-      "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-      "jax": jax.__version__, "backend": jax.default_backend(),
-  }
+  report = cct_chain.overhead_report(model, prompt, new_tokens, rounds)
+  report["shape"].update(n_layers=cfg.model.n_layers, d_model=cfg.model.d_model,
+                         d_summary=cfg.model.cct_d_summary, step_len=cfg.model.cct_step_len,
+                         dtype=str(jnp.dtype(cfg.model.dtype)), vocab=cfg.data.vocab_size)
+  return {"benchmark": "cct_hash_chain", **report,
+          "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+          "jax": jax.__version__, "backend": jax.default_backend()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -148,6 +148,69 @@ def generation_record(model: lm.LM, generation: Generation, annotator: Any | Non
           "genesis": genesis.hex(), "sequences": sequences}
 
 
+def overhead_report(model: lm.LM, prompt_tokens_BxP: np.ndarray, new_tokens: int,
+                    rounds: int, annotator: Any | None = None) -> dict[str, Any]:
+  """The chain's governance overhead (the guide's < 2% target): greedy generation time per
+  token with ``sampling.generate`` against ``generate_with_state`` plus
+  ``generation_record``, timed in ``rounds`` interleaved rounds after one compiling run
+  of each (a busy shared CPU slows both alike). ``annotator`` (semantic steps) decides
+  the steps on device in both variants and names the rule in the record."""
+  import statistics  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+
+  from ttt_jax.models import sampling  # pylint: disable=import-outside-toplevel
+  rule = cct.step_rule(annotator) if annotator is not None else None
+  rng = jax.random.key(0)
+  chain_s: list[float] = []
+  records: list[dict[str, Any]] = []
+
+  def without_chain() -> None:
+    jax.block_until_ready(sampling.generate(model, prompt_tokens_BxP, new_tokens, rng, 0.0,
+                                            step_rule=rule))
+
+  def with_chain() -> None:
+    generation = sampling.generate_with_state(model, prompt_tokens_BxP, new_tokens, rng, 0.0,
+                                              step_rule=rule)
+    jax.block_until_ready(generation)
+    start = time.perf_counter()
+    records.append(generation_record(model, generation, annotator))
+    chain_s.append(time.perf_counter() - start)
+
+  variants = {"without_chain": without_chain, "with_chain": with_chain}
+  compile_s = {}
+  for name, run in variants.items():
+    start = time.perf_counter()
+    run()
+    compile_s[name] = time.perf_counter() - start
+  chain_s.clear()
+  times: dict[str, list[float]] = {name: [] for name in variants}
+  for _ in range(rounds):
+    for name, run in variants.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  per_token = {name: {"median_ms": 1e3 * statistics.median(t) / new_tokens,
+                      "best_ms": 1e3 * min(t) / new_tokens} for name, t in times.items()}
+  overhead = {key: per_token["with_chain"][key] / per_token["without_chain"][key] - 1.0
+              for key in ("median_ms", "best_ms")}
+  paired = [w / wo - 1.0 for w, wo in zip(times["with_chain"], times["without_chain"])]
+  return {
+      "per_token": per_token,
+      "overhead_pct_median": 100.0 * overhead["median_ms"],
+      "overhead_pct_best": 100.0 * overhead["best_ms"],
+      "overhead_pct_paired_median": 100.0 * statistics.median(paired),
+      "chain_host_ms_median": 1e3 * statistics.median(chain_s),
+      "chain_host_pct_of_generation": 100.0 * statistics.median(chain_s)
+                                      / statistics.median(times["without_chain"]),
+      "target_pct": 2.0,
+      "committed_steps_per_sequence": [s["n_steps"] for s in records[-1]["sequences"]],
+      "compile_and_first_run_s": compile_s,
+      "shape": {"batch": int(prompt_tokens_BxP.shape[0]),
+                "prompt_len": int(prompt_tokens_BxP.shape[1]), "new_tokens": new_tokens,
+                "rounds": rounds, "steps": records[-1]["header"]["steps"]},
+  }
+
+
 # ----------------------------------------------------------------------------- verification
 
 

@@ -304,10 +304,13 @@ def tier_verdict(values: dict[str, float | None], criteria: dict[str, tuple[str,
 
 # ----------------------------------------------------------------------------- run level
 
-TASKS = ("sufficiency", "compression", "passkey", "perplexity", "all")
+TASKS = ("sufficiency", "compression", "passkey", "perplexity", "governance", "all")
+"""The CCT tasks of ``python -m ttt_jax.evaluate``."""
 BASELINE_DECODE_TOKENS = 4096
 """compression: tokens actually decoded into the baseline's (static-shape) KV cache."""
-"""The CCT tasks of ``python -m ttt_jax.evaluate``."""
+GOVERNANCE_SHAPE = {"batch": 1, "prompt_len": 32, "new_tokens": 256, "rounds": 10}
+"""governance: the generation timed with and without the hash chain (the
+``bench cct --hash-chain`` defaults), prompts taken from the validation split."""
 
 
 def _stderr(message: str) -> None:
@@ -363,6 +366,28 @@ def run_passkey(workdir, overrides: list[str], lengths: list[int], depths: list[
           "mixer": cfg.model.mixer, "train_seq_len": cfg.data.seq_len, **report}
 
 
+def run_governance(workdir, overrides: list[str], shape: dict[str, int] | None = None
+                   ) -> dict[str, Any]:
+  """The commitment hash chain's overhead per generated token on the trained model, with
+  the run's step rule (``cct_chain.overhead_report``)."""
+  from ttt_jax import cct_chain  # pylint: disable=import-outside-toplevel
+  from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
+  shape = {**GOVERNANCE_SHAPE, **(shape or {})}
+  cfg, model, step, corpus = _load_model(workdir, overrides)
+  if cfg.model.mixer != "cct":
+    raise ValueError(f"{workdir}: governance needs a CCT run (model.mixer='cct')")
+  batch, prompt_len = shape["batch"], shape["prompt_len"]
+  val = np.asarray(corpus.val_tokens)
+  if val.size < batch * prompt_len:
+    raise ValueError(f"{workdir}: the validation split has {val.size} tokens, fewer than "
+                     f"the {batch} x {prompt_len} governance prompts")
+  prompts = val[:batch * prompt_len].reshape(batch, prompt_len).astype(np.int32)
+  annotator = semantic_decode_annotator(cfg, corpus.tokenizer)
+  report = cct_chain.overhead_report(model, prompts, shape["new_tokens"], shape["rounds"],
+                                     annotator)
+  return {"task": "governance", "workdir": str(workdir), "step": step, **report}
+
+
 def run_perplexity(workdir, baseline, overrides: list[str], batches: int,
                    evaluate_lm: Callable) -> dict[str, Any]:
   ours = evaluate_lm(workdir, overrides, batches)
@@ -403,6 +428,7 @@ def run_all(workdir, baseline, overrides: list[str], batches: int, contexts: lis
   compression = run_compression(workdir, overrides, contexts)
   perplexity = run_perplexity(workdir, baseline, overrides, batches, evaluate_lm)
   passkey = run_passkey(workdir, overrides, lengths, depths, trials)
+  governance = run_governance(workdir, overrides)
   baseline_passkey = (run_passkey(baseline, overrides, lengths, depths, trials)
                       if baseline else None)
   ratios = {_context_key(c): row["ratio"] for c, row in compression["contexts"].items()}
@@ -432,13 +458,13 @@ def run_all(workdir, baseline, overrides: list[str], batches: int, contexts: lis
                          "delta_pct": perplexity["delta_pct"]},
           "passkey_accuracy": accuracy,
           "benchmarks": {"hellaswag": None, "arc_easy": None, "winogrande": None},
-          "governance_overhead_pct": None,
+          "governance_overhead_pct": governance["overhead_pct_paired_median"],
       },
       "conclusion": verdict,
       "next_action": ("tier-1 criteria all met" if verdict == "PASS" else
                       "see criteria: the thesis is not supported at this scale"),
       "criteria": criteria,
       "details": {"sufficiency": sufficiency, "compression": compression,
-                  "perplexity": perplexity, "passkey": passkey,
+                  "perplexity": perplexity, "passkey": passkey, "governance": governance,
                   "baseline_passkey": baseline_passkey},
   }

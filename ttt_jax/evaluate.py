@@ -6,8 +6,10 @@ Tasks:
   ``--batches N`` of them).
 - CCT runs (``ttt_jax.cct_eval``): ``sufficiency``, ``compression`` (``--contexts``),
   ``passkey`` (``--passkey-lengths/-depths/-trials``), ``perplexity`` (against
-  ``--baseline W2``, a run of the same config without CCT) and ``all`` (every one of
-  them in the guide's "Results JSON" shape, tier-1 criteria as PASS/FAIL).
+  ``--baseline W2``, a run of the same config without CCT), ``governance`` (the
+  commitment hash chain's overhead per generated token, ``cct_eval.GOVERNANCE_SHAPE``)
+  and ``all`` (every one of them in the guide's "Results JSON" shape, tier-1 criteria as
+  PASS/FAIL).
 
 Prints a JSON object and writes it to ``W/eval_<task>.json``.
 """
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
       elif args.task == "passkey":
         result = cct_eval.run_passkey(workdir, args.set, ints(args.passkey_lengths), depths,
                                       args.passkey_trials)
+      elif args.task == "governance":
+        result = cct_eval.run_governance(workdir, args.set)
       elif args.task == "perplexity":
         result = cct_eval.run_perplexity(workdir, args.baseline, args.set, args.batches,
                                          evaluate_lm)
