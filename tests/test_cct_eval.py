@@ -63,6 +63,21 @@ def test_measured_state_bytes_cct_bounded_baseline_linear():
   assert large["cct_bytes"] - small["cct_bytes"] == 2 * (256 // 8 - 64 // 8) * 4 * 4
   assert large["ratio"] > small["ratio"] > 1
   assert large["cct_decoded_tokens"] == 256
+  # semantic steps: the summary buffer holds the text's steps (here 3 to 5 tokens each,
+  # shorter than cct_step_len), so it is larger than with fixed steps; chunks end at step
+  # starts
+  lengths = np.resize([3, 5, 4], 64)
+  step_ids = np.repeat(np.arange(64), lengths)[:64]
+  semantic = cct_eval.compression_report(cfg, 64, [64], log=lambda _: None,
+                                         step_ids_of=lambda context: step_ids[:context])
+  row = semantic["contexts"][64]
+  # a slot per step of the context plus one, for both
+  assert row["cct_summary_slots"] == step_ids[-1] + 2 and small["cct_summary_slots"] == 9
+  assert row["cct_bytes"] - small["cct_bytes"] == 2 * (row["cct_summary_slots"] - 9) * 4 * 4
+  assert row["baseline_bytes"] == small["baseline_bytes"]
+  assert semantic["model"]["steps"].startswith("semantic")
+  chunked = cct_eval.decode_state_bytes(cfg, 64, 64, chunk=16, step_ids_T=step_ids)
+  assert chunked["bytes"] == row["cct_bytes"] and chunked["decoded_tokens"] == 64
 
 
 def test_tier_verdict_reports_each_criterion():

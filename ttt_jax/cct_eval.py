@@ -169,32 +169,49 @@ def sufficiency_report(steps: dict[str, np.ndarray], loss: dict[str, float], see
 
 
 def decode_state_bytes(cfg: ModelConfig, vocab_size: int, context: int, *, chunk: int,
-                       decode_tokens: int = 0, seed: int = 0) -> dict[str, Any]:
+                       decode_tokens: int = 0, seed: int = 0,
+                       step_ids_T: np.ndarray | None = None) -> dict[str, Any]:
   """Decodes ``context`` random tokens (chunks of ``chunk``; only the first
   ``decode_tokens`` if nonzero) into a decode state sized for ``context`` of a randomly
   initialised model of ``cfg``, and returns the bytes of every array of the state then
   held (the measured live state), with the wall time. Both caches here have static
   shapes fixed at ``init_cache(max_len=context)``, so decoding fewer tokens changes
-  what the arrays hold, not their size."""
+  what the arrays hold, not their size.
+
+  ``step_ids_T`` (CCT with semantic steps): the context's step ids, from the run's step
+  rule on real text. The summary buffer then has a slot per step of that text plus one,
+  as fixed steps have (``CCTAttention.init_cache``), and each chunk ends at the first
+  step boundary at least ``chunk`` tokens after its start."""
   model = lm.LM(cfg, vocab_size, rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def step(state, cache, tokens_BxC, start):
+  def step(state, cache, tokens_BxC, start, step_ids_BxC):
     m = nnx.merge(graphdef, state)
     positions = lm.default_positions(tokens_BxC, start)
-    logits, cache = m.decode(tokens_BxC, positions, cache)
+    logits, cache = m.decode(tokens_BxC, positions, cache, step_ids_BxC)
     return logits[:, -1], cache
 
-  cache = model.init_cache(1, context)
   decoded = min(decode_tokens or context, context)
   tokens = np.random.default_rng(seed).integers(0, vocab_size, (1, decoded), np.int32)
+  if step_ids_T is None:
+    cache = model.init_cache(1, context)
+    bounds = list(range(0, decoded, chunk)) + [decoded]
+  else:
+    if len(step_ids_T) != context:
+      raise ValueError(f"step ids for {len(step_ids_T)} tokens, context {context}")
+    cache = model.init_cache(1, context, int(step_ids_T[-1]) + 2)
+    starts = np.flatnonzero(np.diff(step_ids_T[:decoded], prepend=-1))  # step starts
+    bounds = [0]
+    while bounds[-1] < decoded:
+      later = starts[starts >= bounds[-1] + chunk]
+      bounds.append(int(later[0]) if later.size else decoded)
+  step_ids = (None if step_ids_T is None else
+              np.asarray(step_ids_T[None, :decoded], np.int32))
   start_time = time.perf_counter()
-  for start in range(0, decoded - decoded % chunk, chunk):
-    _, cache = step(state, cache, tokens[:, start:start + chunk], jnp.int32(start))
-  if decoded % chunk:
-    _, cache = step(state, cache, tokens[:, decoded - decoded % chunk:],
-                    jnp.int32(decoded - decoded % chunk))
+  for start, end in zip(bounds[:-1], bounds[1:]):
+    _, cache = step(state, cache, tokens[:, start:end], jnp.int32(start),
+                    None if step_ids is None else step_ids[:, start:end])
   jax.block_until_ready(cache)
   leaves = jax.tree_util.tree_leaves_with_path(cache)
   return {"bytes": int(sum(leaf.nbytes for _, leaf in leaves)),
@@ -205,16 +222,22 @@ def decode_state_bytes(cfg: ModelConfig, vocab_size: int, context: int, *, chunk
 
 def compression_report(cct_cfg: ModelConfig, vocab_size: int, contexts: list[int],
                        baseline_decode_tokens: int = 0,
-                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       log: Callable[[str], None] | None = None,
+                       step_ids_of: Callable[[int], np.ndarray] | None = None
+                       ) -> dict[str, Any]:
   """Measured bytes and ratio (attention KV cache / CCT working memory) per context.
   The CCT state always decodes the whole context; the baseline only its first
-  ``baseline_decode_tokens`` if nonzero (its full-context attention is the slow part)."""
+  ``baseline_decode_tokens`` if nonzero (its full-context attention is the slow part).
+  ``step_ids_of(context)`` (semantic steps): the step ids of a context of real text;
+  without it steps are fixed, cct_step_len tokens."""
   log = log or _stderr
   baseline_cfg = dataclasses.replace(cct_cfg, mixer="attention")
   rows = {}
   for context in contexts:
     step = cct_cfg.cct_step_len
-    ours = decode_state_bytes(cct_cfg, vocab_size, context, chunk=step * max(1, 512 // step))
+    step_ids = step_ids_of(context) if step_ids_of else None
+    ours = decode_state_bytes(cct_cfg, vocab_size, context, chunk=step * max(1, 512 // step),
+                              step_ids_T=step_ids)
     theirs = decode_state_bytes(baseline_cfg, vocab_size, context, chunk=512,
                                 decode_tokens=baseline_decode_tokens)
     rows[context] = {"cct_bytes": ours["bytes"], "baseline_bytes": theirs["bytes"],
@@ -222,13 +245,17 @@ def compression_report(cct_cfg: ModelConfig, vocab_size: int, contexts: list[int
                      "baseline_arrays": theirs["arrays"], "cct_decode_s": ours["decode_s"],
                      "baseline_decode_s": theirs["decode_s"],
                      "cct_decoded_tokens": ours["decoded_tokens"],
-                     "baseline_decoded_tokens": theirs["decoded_tokens"]}
+                     "baseline_decoded_tokens": theirs["decoded_tokens"],
+                     "cct_summary_slots": (int(step_ids[-1]) + 2 if step_ids is not None
+                                           else context // step + 1)}
     log(f"compression @ {context}: CCT {ours['bytes']:,} B vs KV cache {theirs['bytes']:,} B "
         f"= {rows[context]['ratio']:.1f}x")
   return {"model": {"n_layers": cct_cfg.n_layers, "d_model": cct_cfg.d_model,
                     "n_heads": cct_cfg.n_heads, "kv_heads": cct_cfg.kv_heads,
                     "dtype": cct_cfg.dtype, "d_summary": cct_cfg.cct_d_summary,
-                    "step_len": cct_cfg.cct_step_len},
+                    "step_len": cct_cfg.cct_step_len,
+                    "steps": "semantic (the run's rule on its validation text)"
+                             if step_ids_of else f"fixed/{cct_cfg.cct_step_len}"},
           "contexts": rows}
 
 
@@ -343,13 +370,29 @@ def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, An
 
 
 def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[str, Any]:
+  """Working memory vs KV cache of the run's model shape. Semantic runs count the steps
+  their rule makes on the validation text (repeated to the context length if shorter)."""
+  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from ttt_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
   cfg = load_config(f"{workdir}/config.yaml", overrides)
   if cfg.model.mixer != "cct":
     raise ValueError(f"{workdir}: compression needs a CCT run (model.mixer='cct')")
+  step_ids_of = None
+  if cfg.data.step_boundaries == "semantic":
+    corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
+    if corpus.tokenizer is None:
+      raise ValueError(f"{workdir}: semantic compression needs the run's tokenizer")
+    annotator = semantic_decode_annotator(cfg, corpus.tokenizer)
+    text = np.asarray(corpus.val_tokens, np.int32)
+
+    def step_ids_of(context: int) -> np.ndarray:
+      return np.asarray(annotator(np.resize(text, context)))
+
   return {"task": "compression", "workdir": str(workdir),
           **compression_report(cfg.model, cfg.data.vocab_size, contexts,
-                               baseline_decode_tokens=BASELINE_DECODE_TOKENS, log=_stderr)}
+                               baseline_decode_tokens=BASELINE_DECODE_TOKENS, log=_stderr,
+                               step_ids_of=step_ids_of)}
 
 
 def run_passkey(workdir, overrides: list[str], lengths: list[int], depths: list[float],
