@@ -132,6 +132,9 @@ def test_background_saves_share_one_lowest_priority_writer_thread(tmp_path):
   with pytest.raises(ValueError, match="writer_cpus"):
     ckpt_lib.Checkpointer(tmp_path / "sync", keep=2, async_save=False,
                           writer_cpus=frozenset({0}))
+  if linux:  # a CPU the machine does not have
+    with pytest.raises(ValueError, match="writer_cpus"):
+      ckpt_lib.Checkpointer(tmp_path / "nowhere", keep=2, writer_cpus=frozenset({4096}))
 
 
 def test_background_save_error_reaches_the_training_thread(tmp_path):

@@ -33,7 +33,7 @@ causal attention: bytes of the arrays actually held after decoding each context 
 random tokens through a randomly initialised model (``ttt_jax.cct_eval``). With
 ``--hash-chain`` it instead measures the governance overhead (the guide's < 2% target):
 time per generated token of ``sampling.generate`` against ``generate_with_state`` plus
-the host-side commitment hash chain (``ttt_jax.cct_chain.generation_record``), fixed
+the host-side commitment hash chain (``ttt_jax.cct_chain.overhead_report``), fixed
 steps, greedy, on a randomly initialised model of the config, in interleaved rounds.
 """
 

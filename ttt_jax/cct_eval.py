@@ -214,7 +214,9 @@ def decode_state_bytes(cfg: ModelConfig, vocab_size: int, context: int, *, chunk
                     None if step_ids is None else step_ids[:, start:end])
   jax.block_until_ready(cache)
   leaves = jax.tree_util.tree_leaves_with_path(cache)
+  summaries = getattr(cache, "summaries_BxNxS", None)  # CCT: [layers, B, slots, S]
   return {"bytes": int(sum(leaf.nbytes for _, leaf in leaves)),
+          "summary_slots": None if summaries is None else int(summaries.shape[2]),
           "arrays": {jax.tree_util.keystr(path): [list(leaf.shape), str(leaf.dtype)]
                      for path, leaf in leaves},
           "decoded_tokens": decoded, "decode_s": time.perf_counter() - start_time}
@@ -246,8 +248,7 @@ def compression_report(cct_cfg: ModelConfig, vocab_size: int, contexts: list[int
                      "baseline_decode_s": theirs["decode_s"],
                      "cct_decoded_tokens": ours["decoded_tokens"],
                      "baseline_decoded_tokens": theirs["decoded_tokens"],
-                     "cct_summary_slots": (int(step_ids[-1]) + 2 if step_ids is not None
-                                           else context // step + 1)}
+                     "cct_summary_slots": ours["summary_slots"]}
     log(f"compression @ {context}: CCT {ours['bytes']:,} B vs KV cache {theirs['bytes']:,} B "
         f"= {rows[context]['ratio']:.1f}x")
   return {"model": {"n_layers": cct_cfg.n_layers, "d_model": cct_cfg.d_model,

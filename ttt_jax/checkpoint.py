@@ -88,14 +88,14 @@ class _IteratorState:
 
 
 def _start_writer_thread(cpus: frozenset[int] | None) -> None:
-  """Lowest CPU priority (nice 19) for the calling thread and the threads it starts, and
-  with ``cpus`` only those CPUs (Linux; elsewhere a no-op)."""
+  """Lowest CPU priority (nice 19, best effort: Linux only) for the calling thread and
+  the threads it starts, and with ``cpus`` only those CPUs (raises if that fails)."""
   try:
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    if cpus is not None:
-      os.sched_setaffinity(0, cpus)
   except (AttributeError, OSError):
     pass
+  if cpus is not None:
+    os.sched_setaffinity(0, cpus)
 
 
 @dataclasses.dataclass
@@ -123,6 +123,13 @@ class Checkpointer:
         initializer=_start_writer_thread, initargs=(writer_cpus,))
         if self.background else None)
     self._pending: concurrent.futures.Future | None = None
+    if self._writer is not None:  # start the thread now: not in the first save, and a
+      try:                        # failed pinning is reported here
+        self._writer.submit(lambda: None).result()
+      except concurrent.futures.BrokenExecutor:
+        self._writer.shutdown()
+        raise ValueError(f"writer_cpus: cannot run the checkpoint writer on CPUs "
+                         f"{sorted(writer_cpus or ())}") from None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None,
         enable_async_checkpointing=async_save, create=True)
