@@ -58,6 +58,64 @@ def test_save_restore_keeps_dtypes_and_bits(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
 
 
+def state_files(directory, step: int) -> set[str]:
+  return set(os.listdir(directory / str(step) / "state"))
+
+
+def stored_bytes(directory) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(directory) for name in names)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_state_is_saved_without_sharding_files_and_restores_resharded(tmp_path, compress):
+  """The state item holds the array data and pytree metadata but no per-array sharding
+  file or array-metadata store; it restores bit-exactly onto another sharding (the
+  target's, which is all a restore reads), compressed or not."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  state = {"w": jax.device_put(jnp.arange(64, dtype=jnp.float32).reshape(8, 8) / 9, rows),
+           "zeros": jnp.zeros((256, 256), jnp.float32), "step": jnp.asarray(7, jnp.int32)}
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, compress=compress)
+  ckpt.save(1, state, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  files = state_files(tmp_path, 1)
+  assert "_METADATA" in files and "manifest.ocdbt" in files
+  assert not files & {"_sharding", "array_metadatas"}
+  # 256 KiB of zeros: stored raw without compression, to almost nothing with it
+  assert (stored_bytes(tmp_path / "1" / "state") > 256 * 1024) == (not compress)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  like = jax.tree.map(lambda x: jax.device_put(x, replicated), state)
+  restored = restore_state(tmp_path, 1, like)
+  for key, value in state.items():
+    assert restored[key].sharding == replicated
+    np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+
+def test_restores_checkpoints_of_orbaxs_standard_handler(tmp_path):
+  """Checkpoints whose state item was written by ``StandardCheckpointHandler`` (with
+  sharding files, as this project wrote them before) restore and init-from unchanged."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  state = {"params": small_state(), "step": jnp.asarray(4, jnp.int32)}
+  manager = ocp.CheckpointManager(
+      tmp_path, options=ocp.CheckpointManagerOptions(create=True),
+      item_names=("state", "meta"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave({"process_count": 1})))
+  manager.close()
+  assert "_sharding" in state_files(tmp_path, 4)
+  restored = restore_state(tmp_path, 4, state)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state["params"])
+  step, params, _ = ckpt_lib.load_params(tmp_path / "4", abstract, check=lambda meta: None)
+  assert step == 4
+  for key, value in state["params"].items():
+    np.testing.assert_array_equal(np.asarray(restored["params"][key]), np.asarray(value))
+    np.testing.assert_array_equal(np.asarray(params[key]), np.asarray(value))
+
+
 def test_async_save_then_restore_continues_exactly_once(tmp_path):
   """Batches after a restore are exactly those the original run saw after the save,
   even though the original kept iterating while the save was in flight; within an

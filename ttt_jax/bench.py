@@ -316,7 +316,7 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
   with tempfile.TemporaryDirectory() as directory:
     ckpt = ckpt_lib.Checkpointer(Path(directory), keep=2, async_save=cfg.checkpoint.async_save,
                                  device_snapshot=cfg.checkpoint.device_snapshot,
-                                 writer_cpus=writer_cpus)
+                                 writer_cpus=writer_cpus, compress=cfg.checkpoint.compress)
     meta = {"process_count": jax.process_count()}
     for interval in range(2 * saves):
       saving, pending = interval % 2 == 1, None
@@ -360,6 +360,7 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
       "steps_per_interval": every,
       "async_save": cfg.checkpoint.async_save,
       "device_snapshot": cfg.checkpoint.device_snapshot,
+      "compress": cfg.checkpoint.compress,
       "xla_cpus": sorted(os.sched_getaffinity(0)),
       "writer_cpus": sorted(writer_cpus) if writer_cpus else "shared",
       "save_call_s": save_calls,

@@ -7,6 +7,14 @@ Each step directory holds three items:
 - ``data``: the grain iterator state (grain's own checkpoint handler, one file per process);
 - ``meta``: JSON with the config hashes, mesh shape, process/worker counts, versions.
 
+The ``state`` item is written by orbax's PyTree handler with an ``ArrayHandler`` that
+skips the per-array sharding file and array-metadata store (``state_handler``): this
+project always restores against explicit target shardings (which orbax's own docs call
+the only safe way onto another topology), so neither is ever read, and writing them was
+about a fifth of a save's CPU here (benchmarks/RESULTS.md). The array data, its
+tensorstore metadata and the pytree metadata are unchanged, so checkpoints written with
+or without them restore the same way.
+
 Orbax writes into a temporary directory and renames it when complete, so a crash mid-save
 never leaves a step that ``all_steps()`` would list. A step that still fails to restore
 (truncated files) is reported and the previous one is tried.
@@ -35,6 +43,7 @@ from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -98,6 +107,27 @@ def _start_writer_thread(cpus: frozenset[int] | None) -> None:
     os.sched_setaffinity(0, cpus)
 
 
+def state_handler(compress: bool = True) -> ocp.PyTreeCheckpointHandler:
+  """The ``state`` item's handler: orbax's PyTree format (OCDBT, zstd-compressed unless
+  ``compress`` is false), jax arrays written without the sharding file or array-metadata
+  store (module docstring)."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(enable_write_sharding_file=False,
+                                                 array_metadata_store=None)),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()),
+      (int, ocp.type_handlers.ScalarHandler()),
+      (float, ocp.type_handlers.ScalarHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
+
+
+def restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
+  """Restore ``abstract_state`` (ShapeDtypeStructs with shardings) in full."""
+  return ocp.args.PyTreeRestore(
+      item=abstract_state,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+
+
 @dataclasses.dataclass
 class Restored:
   step: int
@@ -110,9 +140,10 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, keep: int, keep_every: int = 0,
                async_save: bool = True, device_snapshot: bool = True,
-               writer_cpus: frozenset[int] | None = None):
+               writer_cpus: frozenset[int] | None = None, compress: bool = True):
     """``writer_cpus`` pins the background writer (and the orbax and tensorstore threads
-    it starts) to those CPUs, e.g. cores the training process leaves free."""
+    it starts) to those CPUs, e.g. cores the training process leaves free. ``compress``
+    zstd-compresses the arrays it saves (restores read either kind)."""
     self.directory = Path(directory).absolute()
     self.background = async_save and device_snapshot and jax.process_count() == 1
     if writer_cpus is not None and not self.background:
@@ -135,7 +166,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "meta"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={"state": state_handler(compress),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
@@ -155,7 +186,7 @@ class Checkpointer:
   def _save(self, step: int, state: Any, data_state: _IteratorState,
             meta: dict[str, Any]) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.PyTreeSave(state),
         data=grain.checkpoint.CheckpointSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -177,7 +208,7 @@ class Checkpointer:
     ``data_iter`` to the checkpoint's position in the global sample stream."""
     meta = self.read_meta(step)
     same_processes = meta.get("process_count") == jax.process_count()
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": restore_args(abstract_state)}
     if data_iter is not None and same_processes:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -290,7 +321,7 @@ def load_params(path: str | Path, abstract_params: Any,
   directory, step = resolve_source(path)
   manager = ocp.CheckpointManager(
       directory, item_names=("state", "meta"),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+      item_handlers={"state": state_handler(),
                      "meta": ocp.JsonCheckpointHandler()})
   try:
     steps = sorted(manager.all_steps())

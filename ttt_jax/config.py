@@ -371,6 +371,11 @@ class CheckpointConfig:
   copy. The copy holds one extra params + optimizer state in device memory until its
   host transfer ends; set false where that does not fit, and orbax's save call (with its
   synchronous device-to-host transfer) runs on the training thread instead."""
+  compress: bool = True
+  """zstd-compress the saved arrays (orbax's default). Trained float32 weights and
+  moments shrink only ~11% (quickstart: 26 -> 23 MB), for ~15% of a save's CPU time
+  (benchmarks/RESULTS.md), which matters where the step keeps every host core busy;
+  checkpoints of either kind restore the same way."""
   init_from: str = ""
   """Start a new run (a workdir without checkpoints) from another run's parameters: its
   run directory, checkpoints directory or one step directory (also ``--init-from``).

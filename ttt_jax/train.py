@@ -261,7 +261,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                keep_every=cfg.checkpoint.keep_every,
                                async_save=cfg.checkpoint.async_save,
-                               device_snapshot=cfg.checkpoint.device_snapshot)
+                               device_snapshot=cfg.checkpoint.device_snapshot,
+                               compress=cfg.checkpoint.compress)
   restored = ckpt.restore_latest(ckpt_lib.with_shardings(state, built.state_shardings),
                                  data_iter, log=log,
                                  check=lambda meta: check_compatible(meta, cfg, vocab_size))
