@@ -121,7 +121,7 @@ def state_handler(compress: bool = True) -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
 
 
-def restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
+def state_restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
   """Restore ``abstract_state`` (ShapeDtypeStructs with shardings) in full."""
   return ocp.args.PyTreeRestore(
       item=abstract_state,
@@ -208,7 +208,7 @@ class Checkpointer:
     ``data_iter`` to the checkpoint's position in the global sample stream."""
     meta = self.read_meta(step)
     same_processes = meta.get("process_count") == jax.process_count()
-    items = {"state": restore_args(abstract_state)}
+    items = {"state": state_restore_args(abstract_state)}
     if data_iter is not None and same_processes:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
