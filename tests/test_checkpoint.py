@@ -36,13 +36,17 @@ def small_state():
           "count": jnp.asarray(3, jnp.int32)}
 
 
+def abstract_like(tree):
+  """ShapeDtypeStructs with the shapes, dtypes and shardings of ``tree``'s arrays."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
 def restore_state(directory, step: int, like):
   """The state saved at ``step``, restored with the shardings of ``like``."""
   ckpt = ckpt_lib.Checkpointer(directory, keep=2)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          like)
   try:
-    return ckpt.restore(step, abstract, None).state
+    return ckpt.restore(step, abstract_like(like), None).state
   finally:
     ckpt.close()
 
@@ -107,9 +111,8 @@ def test_restores_checkpoints_of_orbaxs_standard_handler(tmp_path):
   manager.close()
   assert "_sharding" in state_files(tmp_path, 4)
   restored = restore_state(tmp_path, 4, state)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state["params"])
-  step, params, _ = ckpt_lib.load_params(tmp_path / "4", abstract, check=lambda meta: None)
+  step, params, _ = ckpt_lib.load_params(tmp_path / "4", abstract_like(state["params"]),
+                                         check=lambda meta: None)
   assert step == 4
   for key, value in state["params"].items():
     np.testing.assert_array_equal(np.asarray(restored["params"][key]), np.asarray(value))
@@ -129,9 +132,7 @@ def test_async_save_then_restore_continues_exactly_once(tmp_path):
 
   resumed = iter(dataset())
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          small_state())
-  ckpt.restore(3, abstract, resumed)
+  ckpt.restore(3, abstract_like(small_state()), resumed)
   ckpt.close()
   assert [ids(next(resumed)) for _ in range(9)] == after_save
   stream = [i for b in seen + after_save for i in b]

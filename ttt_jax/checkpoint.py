@@ -121,11 +121,13 @@ def state_handler(compress: bool = True) -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress)
 
 
-def state_restore_args(abstract_state: Any) -> ocp.args.PyTreeRestore:
-  """Restore ``abstract_state`` (ShapeDtypeStructs with shardings) in full."""
+def state_restore_args(abstract_state: Any, *, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Restore ``abstract_state`` (ShapeDtypeStructs with shardings) into those shardings:
+  in full, or with ``partial`` only the subtree it names (e.g. ``{"params": ...}``)."""
   return ocp.args.PyTreeRestore(
       item=abstract_state,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+      partial_restore=partial)
 
 
 @dataclasses.dataclass
@@ -333,11 +335,8 @@ def load_params(path: str | Path, abstract_params: Any,
       raise CheckpointError(f"{directory}/{step}: not a complete checkpoint")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     check(meta)
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                                abstract_params)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args},
-        partial_restore=True)))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=state_restore_args({"params": abstract_params}, partial=True)))
   finally:
     manager.close()
   return step, restored["state"]["params"], meta
