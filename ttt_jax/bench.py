@@ -54,8 +54,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ttt_jax import host_memory, sharding
 from ttt_jax import metrics as metrics_lib
-from ttt_jax import sharding
 from ttt_jax.config import Config, ConfigError, load_config, to_dict
 from ttt_jax.train import build, compile_step, jit_train_step, train_flops_per_step, user_errors
 
@@ -451,14 +451,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="run XLA on all CPUs but the last and the checkpoint writer on it")
   args = parser.parse_args(argv)
   if args.what == "ttt":
+    malloc_note = host_memory.retain_freed_memory()  # train.retain_host_memory's default
     with user_errors():
       result = bench_ttt(args.backbone, args.batch, args.seq, args.width, args.heads,
                          args.mini_batch, args.dtype, args.remat_group, args.iters,
                          args.warmup)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({**result, "host_malloc": malloc_note}, indent=2))
     return
   with user_errors():
     cfg = load_config(args.config, args.set)
+    malloc_note = host_memory.configure(cfg.train.retain_host_memory)
     if args.what == "mhc":
       if not args.reference_tokens_per_sec > 0:
         raise ConfigError("--reference-tokens-per-sec: must be > 0, got "
@@ -484,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
                 "jax": jax.__version__, "backend": jax.default_backend()}
     else:
       result = bench_train(cfg, args.steps, args.warmup)
-  print(json.dumps(result, indent=2))
+  print(json.dumps({**result, "host_malloc": malloc_note}, indent=2))
 
 
 if __name__ == "__main__":

@@ -332,6 +332,12 @@ class TrainConfig:
   """Stop (saving a checkpoint) after this many steps in this invocation; 0 runs to
   train.steps. The schedule still spans train.steps, so a run of time-limited jobs
   (rerun on the same workdir) equals one uninterrupted run."""
+  retain_host_memory: bool = True
+  """Keep freed host memory in the process (glibc: one malloc arena, no mmap, no heap
+  trimming; ``ttt_jax.host_memory``) so XLA:CPU reuses each step's temporary buffer
+  instead of page-faulting it in again: measured 8-20% faster CPU steps, for a higher
+  settled host RSS. Applied by the train and bench entry points before the runtime
+  starts (not by in-process callers of ``train``); false leaves malloc as it is."""
 
   def __post_init__(self):
     _check_positive("train", self, "steps", "batch_size", "log_every")

@@ -26,7 +26,7 @@ from flax import nnx
 
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import data as data_lib
-from ttt_jax import distributed
+from ttt_jax import distributed, host_memory
 from ttt_jax import metrics as metrics_lib
 from ttt_jax import objectives, optim, sharding
 from ttt_jax.config import Config, ConfigError, load_config, save_config, to_dict
@@ -220,6 +220,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   sharding.check_batch(eval_batch_size, mesh, "eval.batch_size")
   log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} devices "
       f"({jax.process_count()} processes); vocab {vocab_size}")
+  log(host_memory.status())
 
   built = build(cfg, vocab_size, mesh)
   n_params = lm.count_params(built.state.params)
@@ -499,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.init_from:
       overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)
+    host_memory.configure(cfg.train.retain_host_memory)  # before runtime threads allocate
     distributed.initialize_from_env()
     train(cfg, args.workdir)
 
