@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ import numpy as np
 
 from ttt_jax import host_memory, sharding
 from ttt_jax import metrics as metrics_lib
-from ttt_jax.config import Config, ConfigError, load_config, to_dict
+from ttt_jax.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from ttt_jax.train import build, compile_step, jit_train_step, train_flops_per_step, user_errors
 
 
@@ -399,7 +400,8 @@ def bench_hash_chain(cfg: Config, batch: int, prompt_len: int, new_tokens: int, 
           "jax": jax.__version__, "backend": jax.default_backend()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, reexec: bool = False) -> None:
+  """``reexec``: see ``ttt_jax.train.main``."""
   parser = argparse.ArgumentParser(prog="python -m ttt_jax.bench", description=__doc__)
   sub = parser.add_subparsers(dest="what", required=True)
   train_p = sub.add_parser("train", help="time the compiled train step")
@@ -451,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="run XLA on all CPUs but the last and the checkpoint writer on it")
   args = parser.parse_args(argv)
   if args.what == "ttt":
-    malloc_note = host_memory.retain_freed_memory()  # train.retain_host_memory's default
+    if reexec and TrainConfig.host_hugepages:  # no config: the field's default
+      host_memory.reexec_with_hugepages("ttt_jax.bench", argv)
+    malloc_note = host_memory.status(TrainConfig.host_hugepages)
     with user_errors():
       result = bench_ttt(args.backbone, args.batch, args.seq, args.width, args.heads,
                          args.mini_batch, args.dtype, args.remat_group, args.iters,
@@ -460,7 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     return
   with user_errors():
     cfg = load_config(args.config, args.set)
-    malloc_note = host_memory.configure(cfg.train.retain_host_memory)
+    if reexec and cfg.train.host_hugepages:
+      host_memory.reexec_with_hugepages("ttt_jax.bench", argv)
+    malloc_note = host_memory.status(cfg.train.host_hugepages)
     if args.what == "mhc":
       if not args.reference_tokens_per_sec > 0:
         raise ConfigError("--reference-tokens-per-sec: must be > 0, got "
@@ -490,4 +496,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  main(reexec=True)

@@ -1,68 +1,106 @@
-"""Host allocator settings for XLA:CPU (``train.retain_host_memory``).
+"""Transparent huge pages for XLA:CPU's step buffers (``train.host_hugepages``).
 
 XLA:CPU allocates each executable's temporary buffer (one block holding every
 intermediate of the program: 238 MiB for the bench_dense train step) when the program
 starts and frees it when it ends, from whichever XLA worker thread runs it. glibc serves
-such a thread from a secondary malloc arena, whose heaps are at most 64 MiB, so a larger
-block always comes from a fresh ``mmap`` and goes back with ``munmap``: every step
-page-faults its whole temporary buffer in again (61k-176k minor faults a step measured on
-the train steps of benchmarks/RESULTS.md, 7-15% of the step time).
+a block that large with a fresh ``mmap`` and returns it with ``munmap``, so every step
+page-faults its whole temporary buffer in again, 4 KiB at a time: 61k minor faults and
+0.14 s of kernel time per bench_dense step on the VM of benchmarks/RESULTS.md, 61k-176k
+faults across the train steps measured there.
 
-``retain_freed_memory`` configures glibc so freed memory stays in the process and the
-next step reuses it: one arena (the main one, which grows with ``sbrk`` and has no size
-limit), no ``mmap`` for large blocks, and no trimming of the heap top. The cost is that
-the process keeps its peak host memory until it exits, which a training or benchmark
-process does anyway. Call it before the first XLA computation: threads that already
-allocated keep the arena they have.
+glibc's ``glibc.malloc.hugetlb=1`` tunable makes malloc ask for transparent huge pages
+(``madvise(MADV_HUGEPAGE)``) on the memory it maps, so the same buffer arrives in 2 MiB
+pages: ~550 faults a step. Nothing else about allocation changes (arenas, trimming and
+returning memory to the system stay glibc's defaults), so host RSS does not grow.
+glibc reads tunables only when a process starts, so ``reexec_with_hugepages`` restarts
+the entry point's own command (same PID, same arguments) with the tunable added to
+``GLIBC_TUNABLES``; it is a no-op when the tunable is already set, when the C library is
+not glibc, or when the kernel's THP mode is 'never'. Only the command-line entry points
+use it (``python -m ttt_jax.train`` / ``ttt_jax.bench``); a library caller keeps its
+process as it is.
 
-Only the command-line entry points apply it (``configure`` in ``train.main`` and
-``bench.main``): it is a process-wide setting, and XLA compilation, which allocates
-from many threads at once, is slower with a single arena (bench_dense compile 3.2-4.5 s
-against 2.7-3.2 s; the compile-heavy test suite ~25% slower), so a library caller such
-as the tests keeps its process's default.
+Tried and not kept: ``mallopt`` at run time (one arena, no mmap, no trim) also removes
+the faults, but the single arena's lock slows XLA compilation (+1 s on bench_dense) and
+makes the many-kernel mHC step wait on it (3x the context switches), and the heap
+settles a few buffers higher (quickstart RSS 0.94 to 1.37 GB).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import os
 import platform
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
 
-# mallopt parameters from glibc's <malloc.h>.
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-M_ARENA_MAX = -8
-TRIM_THRESHOLD_BYTES = 2**31 - 1
-"""Largest value mallopt takes (an int): a free heap top below 2 GiB is never trimmed."""
-
-_applied = "host malloc: system default"
-"""What this process's entry point did (``status``)."""
+TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def retain_freed_memory() -> str:
-  """Applies the settings above; returns a one-line description of what was done
-  (also when nothing could be, e.g. on a C library other than glibc)."""
-  libc_name, _ = platform.libc_ver()
-  if libc_name != "glibc":
-    return f"host malloc unchanged: C library is {libc_name or 'unknown'}, not glibc"
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-  settings = ((M_ARENA_MAX, 1, "arena_max=1"), (M_MMAP_MAX, 0, "mmap_max=0"),
-              (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES, "trim_threshold=2GiB"))
-  failed = [name for param, value, name in settings if libc.mallopt(param, value) != 1]
-  if failed:
-    return f"host malloc: glibc rejected {', '.join(failed)}"
-  return "host malloc: freed memory retained (glibc " + ", ".join(s[2] for s in settings) + ")"
+def thp_mode(path: Path = THP_MODE) -> str:
+  """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), or
+  'unavailable' where the file does not exist or cannot be read."""
+  try:
+    text = path.read_text()
+  except OSError:
+    return "unavailable"
+  for word in text.split():
+    if word.startswith("[") and word.endswith("]"):
+      return word[1:-1]
+  return "unavailable"
 
 
-def configure(retain: bool) -> str:
-  """``train.retain_host_memory``: ``retain_freed_memory()`` when true; returns (and
-  records for ``status``) the log line."""
-  global _applied
-  _applied = (retain_freed_memory() if retain
-              else "host malloc unchanged (train.retain_host_memory false)")
-  return _applied
+MIN_GLIBC = (2, 35)
+"""The first glibc with the hugetlb tunable (older ones ignore unknown tunables)."""
 
 
-def status() -> str:
-  """The line ``configure`` returned in this process, or that nothing was changed."""
-  return _applied
+def supported(libc: tuple[str, str], mode: str) -> str | None:
+  """Why huge pages cannot be had here (``platform.libc_ver()``, ``thp_mode()``), or
+  None when they can."""
+  name, version = libc
+  if name != "glibc":
+    return f"C library {name or 'unknown'}, not glibc"
+  parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+  if parts < MIN_GLIBC:
+    return f"glibc {version} predates the hugetlb tunable (2.35)"
+  if mode not in ("always", "madvise"):
+    return f"kernel THP mode {mode}"
+  return None
+
+
+def hugepage_environ(environ: Mapping[str, str], libc: tuple[str, str], mode: str
+                     ) -> dict[str, str] | None:
+  """``environ`` with the tunable appended to GLIBC_TUNABLES, or None when restarting
+  would change nothing (already set, or ``supported`` gives a reason)."""
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if supported(libc, mode) is not None:
+    return None
+  if TUNABLE in tunables.split(":"):
+    return None
+  return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
+
+
+def reexec_with_hugepages(module: str, argv: Sequence[str] | None) -> None:
+  """Replaces this process with ``python -m module *argv`` (argv None: this process's
+  own arguments) with huge pages on, unless that would change nothing
+  (``hugepage_environ``); returns only in that case."""
+  environ = hugepage_environ(os.environ, platform.libc_ver(), thp_mode())
+  if environ is None:
+    return
+  args = sys.argv[1:] if argv is None else list(argv)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, "-m", module, *args], environ)
+
+
+def status(enabled: bool) -> str:
+  """One log line on what this process runs with (``train.host_hugepages`` = enabled)."""
+  if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    return f"host malloc: transparent huge pages ({TUNABLE}, kernel THP {thp_mode()})"
+  if not enabled:
+    return "host malloc: system default (train.host_hugepages false)"
+  reason = supported(platform.libc_ver(), thp_mode())
+  if reason is not None:
+    return f"host malloc: system default ({reason})"
+  return ("host malloc: system default (in-process caller; `python -m ttt_jax.train` "
+          "restarts itself with huge pages)")

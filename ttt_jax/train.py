@@ -220,7 +220,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   sharding.check_batch(eval_batch_size, mesh, "eval.batch_size")
   log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} devices "
       f"({jax.process_count()} processes); vocab {vocab_size}")
-  log(host_memory.status())
+  log(host_memory.status(cfg.train.host_hugepages))
 
   built = build(cfg, vocab_size, mesh)
   n_params = lm.count_params(built.state.params)
@@ -493,17 +493,20 @@ def user_errors():
     raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, reexec: bool = False) -> None:
+  """``reexec``: the command line's own call, which may restart the process with huge
+  pages on (``train.host_hugepages``) after the config has been checked."""
   args = parse_args(argv)
   with user_errors():
     overrides = list(args.set)
     if args.init_from:
       overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)
-    host_memory.configure(cfg.train.retain_host_memory)  # before runtime threads allocate
+    if reexec and cfg.train.host_hugepages:
+      host_memory.reexec_with_hugepages("ttt_jax.train", argv)
     distributed.initialize_from_env()
     train(cfg, args.workdir)
 
 
 if __name__ == "__main__":
-  main()
+  main(reexec=True)
