@@ -557,7 +557,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
   for name, value in values.items():
     key = f"{prefix}.{name}" if prefix else str(name)
     if name not in names:
-      close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+      close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
       dot = f"{prefix}." if prefix else ""
       hint = f"; did you mean {', '.join(dot + c for c in close)}?" if close else ""
       raise ConfigError(f"unknown config key '{key}'{hint}")
