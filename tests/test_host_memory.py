@@ -71,6 +71,8 @@ def test_hugepage_environ():
   # Nothing to gain: already set, THP off, not glibc, or a glibc without the tunable.
   assert host_memory.hugepage_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, glibc,
                                       "madvise") is None
+  assert host_memory.hugepage_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc,
+                                      "madvise") is None  # the user's choice stands
   assert host_memory.hugepage_environ({}, glibc, "never") is None
   assert host_memory.hugepage_environ({}, ("musl", "1.2"), "madvise") is None
   assert host_memory.hugepage_environ({}, ("glibc", "2.31"), "madvise") is None
@@ -88,6 +90,9 @@ def test_thp_mode(tmp_path):
 def test_status_says_what_applies(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", host_memory.TUNABLE)
   assert host_memory.status(True).startswith("host malloc: transparent huge pages")
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+  assert host_memory.status(True) == (
+      "host malloc: system default (GLIBC_TUNABLES sets glibc.malloc.hugetlb=0)")
   monkeypatch.delenv("GLIBC_TUNABLES")
   assert host_memory.status(False) == "host malloc: system default (train.host_hugepages false)"
   monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("musl", "1.2"))

@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+TUNABLE_NAME = "glibc.malloc.hugetlb"
+TUNABLE = f"{TUNABLE_NAME}=1"
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -71,12 +72,13 @@ def supported(libc: tuple[str, str], mode: str) -> str | None:
 def hugepage_environ(environ: Mapping[str, str], libc: tuple[str, str], mode: str
                      ) -> dict[str, str] | None:
   """``environ`` with the tunable appended to GLIBC_TUNABLES, or None when restarting
-  would change nothing (already set, or ``supported`` gives a reason)."""
+  would change nothing (the tunable already set, to any value, or ``supported`` gives a
+  reason)."""
   tunables = environ.get("GLIBC_TUNABLES", "")
   if supported(libc, mode) is not None:
     return None
-  if TUNABLE in tunables.split(":"):
-    return None
+  if any(t.startswith(TUNABLE_NAME + "=") for t in tunables.split(":")):
+    return None  # already chosen, by us or by the user
   return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
 
@@ -95,8 +97,12 @@ def reexec_with_hugepages(module: str, argv: Sequence[str] | None) -> None:
 
 def status(enabled: bool) -> str:
   """One log line on what this process runs with (``train.host_hugepages`` = enabled)."""
-  if TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+  tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+  if TUNABLE in tunables:
     return f"host malloc: transparent huge pages ({TUNABLE}, kernel THP {thp_mode()})"
+  chosen = [t for t in tunables if t.startswith(TUNABLE_NAME + "=")]
+  if chosen:
+    return f"host malloc: system default (GLIBC_TUNABLES sets {chosen[-1]})"
   if not enabled:
     return "host malloc: system default (train.host_hugepages false)"
   reason = supported(platform.libc_ver(), thp_mode())
