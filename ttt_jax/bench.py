@@ -452,10 +452,13 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   io_p.add_argument("--spare-writer-cpu", action="store_true",
                     help="run XLA on all CPUs but the last and the checkpoint writer on it")
   args = parser.parse_args(argv)
+  with user_errors():
+    cfg = None if args.what == "ttt" else load_config(args.config, args.set)
+  hugepages = TrainConfig.host_hugepages if cfg is None else cfg.train.host_hugepages
+  if reexec and hugepages:  # bench ttt has no config: the field's default
+    host_memory.reexec_with_hugepages("ttt_jax.bench", argv)
+  malloc_note = host_memory.status(hugepages)
   if args.what == "ttt":
-    if reexec and TrainConfig.host_hugepages:  # no config: the field's default
-      host_memory.reexec_with_hugepages("ttt_jax.bench", argv)
-    malloc_note = host_memory.status(TrainConfig.host_hugepages)
     with user_errors():
       result = bench_ttt(args.backbone, args.batch, args.seq, args.width, args.heads,
                          args.mini_batch, args.dtype, args.remat_group, args.iters,
@@ -463,10 +466,6 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
     print(json.dumps({**result, "host_malloc": malloc_note}, indent=2))
     return
   with user_errors():
-    cfg = load_config(args.config, args.set)
-    if reexec and cfg.train.host_hugepages:
-      host_memory.reexec_with_hugepages("ttt_jax.bench", argv)
-    malloc_note = host_memory.status(cfg.train.host_hugepages)
     if args.what == "mhc":
       if not args.reference_tokens_per_sec > 0:
         raise ConfigError("--reference-tokens-per-sec: must be > 0, got "
