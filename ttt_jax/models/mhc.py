@@ -146,14 +146,21 @@ def sinkhorn_knopp(logits_XxNxN: jax.Array, iters: int, eps: float, clamp: float
 
   The iteration runs as a ``lax.scan`` on the matrices moved to [n, n, ...] (the
   batch axes minor): on CPU this is ~3x faster than unrolled normalisations over the
-  two minor axes of size n, forward plus backward.
+  two minor axes of size n, forward plus backward. The row and column sums are unrolled
+  adds of the n slices, so each step is one elementwise fusion with no reduce kernel:
+  3.3 ms against 4.1 ms with ``jnp.sum`` (2048 tokens, n = 4, t_max = 20, forward plus
+  rematerialised backward, 2 CPU threads).
   """
   matrix_NxNxX = jnp.moveaxis(jnp.exp(jnp.clip(logits_XxNxN.astype(jnp.float32), -clamp, clamp)),
                               (-2, -1), (0, 1))
 
+  n = matrix_NxNxX.shape[0]
+
   def normalise(matrix_NxNxX: jax.Array, _) -> tuple[jax.Array, None]:
-    matrix_NxNxX = matrix_NxNxX / (jnp.sum(matrix_NxNxX, axis=0, keepdims=True) + eps)  # T_c
-    matrix_NxNxX = matrix_NxNxX / (jnp.sum(matrix_NxNxX, axis=1, keepdims=True) + eps)  # T_r
+    column_sums_NxX = sum(matrix_NxNxX[i] for i in range(n))
+    matrix_NxNxX = matrix_NxNxX / (column_sums_NxX[None] + eps)  # T_c
+    row_sums_NxX = sum(matrix_NxNxX[:, j] for j in range(n))
+    matrix_NxNxX = matrix_NxNxX / (row_sums_NxX[:, None] + eps)  # T_r
     return matrix_NxNxX, None
 
   matrix_NxNxX, _ = jax.lax.scan(normalise, matrix_NxNxX, None, length=iters)
@@ -174,23 +181,85 @@ def constrained_maps(pre_logits: jax.Array, post_logits: jax.Array, res_logits: 
   return h_pre, h_post, h_res
 
 
+# The two stream ops below carry hand-written VJPs. Their forward passes are unrolled
+# sums over the n streams (one elementwise pass over X each), and so are the stream
+# cotangents of their backward passes; only the per-token contractions over D (the map
+# gradients) stay batched dots. Autodiff of the einsum forms instead runs B*T tiny
+# [n, n] x [n, D] batched matmuls for H_res X and its transpose: at the bench shapes
+# (B*T = 2048, n = 4, D = 256, float32, 2 CPU threads) aggregate took 2.7 ms forward
+# plus backward against 1.1 ms here, and mix_and_distribute 9.4 ms against 6.0 ms.
+# In the bench_dense training step (4 layers, 8 sites) the two ops and the unrolled
+# Sinkhorn sums together cut the mHC step by ~80 ms, about 8% of a 0.9-1.0 s step
+# (benchmarks/RESULTS.md, mHC, session 7). The math is unchanged: tests/test_mhc.py
+# compares both ops and Sinkhorn with float64 references, values and gradients.
+
+
+def _weighted_stream_sum(weights_XxN: jax.Array, stream_XxNxD: jax.Array) -> jax.Array:
+  """sum_m w[..., m] X[..., m, :] in float32, as an unrolled elementwise sum."""
+  return sum(weights_XxN[..., m, None] * stream_XxNxD[..., m, :].astype(jnp.float32)
+             for m in range(stream_XxNxD.shape[-2]))
+
+
+def _mixed_streams(h_res_XxNxN: jax.Array, stream_XxNxD: jax.Array) -> jax.Array:
+  """(H X)[..., i, :] = sum_m H[..., i, m] X[..., m, :] in float32, unrolled over m."""
+  return sum(h_res_XxNxN[..., :, m, None] * stream_XxNxD[..., None, m, :].astype(jnp.float32)
+             for m in range(stream_XxNxD.shape[-2]))
+
+
+@jax.custom_vjp
 def aggregate(h_pre_BxTxN: jax.Array, stream_BxTxNxD: jax.Array) -> jax.Array:
-  """H_pre X: [B, T, D] in the stream's dtype (summed in float32)."""
-  x_BxTxD = jnp.einsum("btn,btnd->btd", h_pre_BxTxN, stream_BxTxNxD.astype(jnp.float32))
-  return x_BxTxD.astype(stream_BxTxNxD.dtype)
+  """H_pre X: [B, T, D] in the stream's dtype (summed in float32).
+
+  VJP for the cotangent g [B, T, D]: dH_pre[n] = <g, X_n> and dX_n = H_pre[n] g.
+  """
+  return _weighted_stream_sum(h_pre_BxTxN, stream_BxTxNxD).astype(stream_BxTxNxD.dtype)
 
 
+def _aggregate_fwd(h_pre_BxTxN, stream_BxTxNxD):
+  return aggregate(h_pre_BxTxN, stream_BxTxNxD), (h_pre_BxTxN, stream_BxTxNxD)
+
+
+def _aggregate_bwd(residuals, g_BxTxD):
+  h_pre_BxTxN, stream_BxTxNxD = residuals
+  g_BxTxD = g_BxTxD.astype(jnp.float32)
+  d_h_pre = jnp.einsum("...d,...nd->...n", g_BxTxD, stream_BxTxNxD.astype(jnp.float32))
+  d_stream = h_pre_BxTxN[..., :, None] * g_BxTxD[..., None, :]
+  return d_h_pre.astype(h_pre_BxTxN.dtype), d_stream.astype(stream_BxTxNxD.dtype)
+
+
+aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
+
+
+@jax.custom_vjp
 def mix_and_distribute(h_res_BxTxNxN: jax.Array, stream_BxTxNxD: jax.Array,
                        h_post_BxTxN: jax.Array, y_BxTxD: jax.Array) -> jax.Array:
   """H_res X + H_post^T y: [B, T, n, D] in the stream's dtype (computed in float32).
 
-  Batched contractions over the B*T tokens: on CPU, forward plus backward, these run
-  ~4x faster than the equivalent broadcast-multiply-sum over a [B, T, n, n, D] product.
+  VJP for the cotangent G [B, T, n, D]: dH_res[i, m] = <G_i, X_m>, dH_post[i] = <G_i, y>,
+  dX_m = sum_i H_res[i, m] G_i (= H_res^T G) and dy = sum_i H_post[i] G_i.
   """
-  mixed_BxTxNxD = jnp.einsum("btnm,btmd->btnd", h_res_BxTxNxN,
-                             stream_BxTxNxD.astype(jnp.float32))
-  update_BxTxNxD = jnp.einsum("btn,btd->btnd", h_post_BxTxN, y_BxTxD.astype(jnp.float32))
-  return (mixed_BxTxNxD + update_BxTxNxD).astype(stream_BxTxNxD.dtype)
+  update_BxTxNxD = h_post_BxTxN[..., :, None] * y_BxTxD[..., None, :].astype(jnp.float32)
+  return (_mixed_streams(h_res_BxTxNxN, stream_BxTxNxD) + update_BxTxNxD
+          ).astype(stream_BxTxNxD.dtype)
+
+
+def _mix_fwd(h_res_BxTxNxN, stream_BxTxNxD, h_post_BxTxN, y_BxTxD):
+  return (mix_and_distribute(h_res_BxTxNxN, stream_BxTxNxD, h_post_BxTxN, y_BxTxD),
+          (h_res_BxTxNxN, stream_BxTxNxD, h_post_BxTxN, y_BxTxD))
+
+
+def _mix_bwd(residuals, g_BxTxNxD):
+  h_res_BxTxNxN, stream_BxTxNxD, h_post_BxTxN, y_BxTxD = residuals
+  g_BxTxNxD = g_BxTxNxD.astype(jnp.float32)
+  d_h_res = jnp.einsum("...id,...md->...im", g_BxTxNxD, stream_BxTxNxD.astype(jnp.float32))
+  d_h_post = jnp.einsum("...id,...d->...i", g_BxTxNxD, y_BxTxD.astype(jnp.float32))
+  d_stream = _mixed_streams(jnp.swapaxes(h_res_BxTxNxN, -1, -2), g_BxTxNxD)
+  d_y = _weighted_stream_sum(h_post_BxTxN, g_BxTxNxD)
+  return (d_h_res.astype(h_res_BxTxNxN.dtype), d_stream.astype(stream_BxTxNxD.dtype),
+          d_h_post.astype(h_post_BxTxN.dtype), d_y.astype(y_BxTxD.dtype))
+
+
+mix_and_distribute.defvjp(_mix_fwd, _mix_bwd)
 
 
 def mhc_site(stream_BxTxNxD: jax.Array, sublayer: Callable[[jax.Array], jax.Array],
