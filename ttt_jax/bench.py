@@ -8,7 +8,8 @@ memory analysis. Record results, with the machine, in ``benchmarks/RESULTS.md``.
 ``mhc`` (``python -m ttt_jax.bench mhc [--config C] [--rounds R]``) compares the mHC
 residual (model.mhc_streams streams) with the plain residual on the same model: the
 variants are compiled once, then timed in R interleaved rounds (so a busy shared CPU
-slows them alike); it reports median and best step times, the overhead of mHC, and the
+slows them alike); it reports median and best step times, the overhead of mHC (ratio of
+medians, and paired: median and mean +- standard error of the per-round ratios), and the
 compiled peak memory with and without the 'mhc_streams' remat policy, and mHC's
 throughput against the PyTorch reference's (``--reference-tokens-per-sec``, measured on
 the same machine with ``benchmarks/torch_reference.py``).
@@ -139,7 +140,7 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
     for _ in range(warmup):
       state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    runs[name] = {"compiled": compiled, "state": state, "times": [],
+    runs[name] = {"compiled": compiled, "state": state, "times": [], "round_means": [],
                   "compile_s": compile_s, "memory": memory}
   for _ in range(rounds):
     for run in runs.values():
@@ -148,6 +149,7 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
         run["state"], metrics = run["compiled"](run["state"], batch)
         jax.block_until_ready(metrics)
         run["times"].append(time.perf_counter() - start)
+      run["round_means"].append(statistics.fmean(run["times"][-steps:]))
   tokens = cfg.train.batch_size * cfg.data.seq_len
   variants = {}
   for name, run in runs.items():
@@ -164,12 +166,23 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
   def overhead(a: str, b: str, key: str) -> float:
     return variants[a][key] / variants[b][key] - 1.0
 
+  def paired_overhead(a: str, b: str) -> dict:
+    """Per-round ratios of mean step times (rounds are adjacent in time, so a slow
+    stretch of a shared machine slows both variants of a pair)."""
+    ratios = [ta / tb - 1.0 for ta, tb in zip(runs[a]["round_means"], runs[b]["round_means"])]
+    return {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
+            "stderr": (statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1
+                       else math.nan),
+            "rounds": len(ratios)}
+
   return {
       "benchmark": "mhc",
       "variants": variants,
       "overhead_median": overhead("mhc", "plain", "step_time_median_s"),
       "overhead_best": overhead("mhc", "plain", "step_time_min_s"),
       "overhead_remat_median": overhead("mhc_remat", "plain_remat", "step_time_median_s"),
+      "overhead_paired": paired_overhead("mhc", "plain"),
+      "overhead_remat_paired": paired_overhead("mhc_remat", "plain_remat"),
       "mhc_peak_bytes_remat_vs_none": (variants["mhc_remat"]["peak_bytes"]
                                        / variants["mhc"]["peak_bytes"]),
       "pytorch_reference_tokens_per_sec": reference_tokens_per_sec,
@@ -412,8 +425,8 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   mhc_p = sub.add_parser("mhc", help="mHC vs plain residual: step time and peak memory")
   mhc_p.add_argument("--config", default="configs/bench_dense.yaml")
   mhc_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-  mhc_p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-  mhc_p.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+  mhc_p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+  mhc_p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
   mhc_p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
   mhc_p.add_argument("--reference-tokens-per-sec", type=float,
                      default=PYTORCH_REFERENCE_TOKENS_PER_SEC,
