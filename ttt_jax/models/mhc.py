@@ -190,8 +190,9 @@ def constrained_maps(pre_logits: jax.Array, post_logits: jax.Array, res_logits: 
 # plus backward against 1.1 ms here, and mix_and_distribute 9.4 ms against 6.0 ms.
 # In the bench_dense training step (4 layers, 8 sites) the two ops and the unrolled
 # Sinkhorn sums together cut the mHC step by 57 and 82 ms in two interleaved A/B runs,
-# 5-7% of a 1.1 s step (benchmarks/RESULTS.md, mHC, session 7). The math is unchanged: tests/test_mhc.py
-# compares both ops and Sinkhorn with float64 references, values and gradients.
+# 5-7% of a 1.1 s step (benchmarks/RESULTS.md, mHC, session 7). The math is unchanged:
+# tests/test_mhc.py compares both ops and Sinkhorn with float64 references, values and
+# gradients.
 
 
 def _weighted_stream_sum(weights_XxN: jax.Array, stream_XxNxD: jax.Array) -> jax.Array:
