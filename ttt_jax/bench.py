@@ -62,6 +62,11 @@ from ttt_jax.config import Config, ConfigError, TrainConfig, load_config, to_dic
 from ttt_jax.train import build, compile_step, jit_train_step, train_flops_per_step, user_errors
 
 
+def standard_error(values: list[float]) -> float:
+  """Standard error of the mean of ``values`` (nan for fewer than two)."""
+  return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
 def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
   micro = cfg.train.batch_size // cfg.optim.grad_accum_steps // jax.process_count()
   tokens = rng.integers(0, cfg.data.vocab_size, (micro, cfg.data.seq_len + 1), np.int32)
@@ -171,9 +176,7 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
     stretch of a shared machine slows both variants of a pair)."""
     ratios = [ta / tb - 1.0 for ta, tb in zip(runs[a]["round_means"], runs[b]["round_means"])]
     return {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
-            "stderr": (statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1
-                       else math.nan),
-            "rounds": len(ratios)}
+            "stderr": standard_error(ratios), "rounds": len(ratios)}
 
   return {
       "benchmark": "mhc",
@@ -351,8 +354,7 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
   step_time = statistics.median(walls[False]) / every
   differences = [w - wo for w, wo in zip(walls[True], walls[False])]
   stall = statistics.fmean(differences)
-  stall_stderr = (statistics.stdev(differences) / math.sqrt(saves) if saves > 1
-                  else math.nan)
+  stall_stderr = standard_error(differences)
   consumed = cfg.train.batch_size * cfg.data.seq_len / step_time
 
   data_iter = iter(data_lib.train_dataset(
