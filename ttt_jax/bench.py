@@ -6,10 +6,12 @@ MFU against the measured (or configured) peak, compile time and the compiled ste
 memory analysis. Record results, with the machine, in ``benchmarks/RESULTS.md``.
 
 ``mhc`` (``python -m ttt_jax.bench mhc [--config C] [--rounds R]``) compares the mHC
-residual (model.mhc_streams streams) with the plain residual on the same model: the
-variants are compiled once, then timed in R interleaved rounds (so a busy shared CPU
-slows them alike); it reports median and best step times, the overhead of mHC (ratio of
-medians, and paired: median and mean +- standard error of the per-round ratios), and the
+residual (model.mhc_streams streams) with the plain residual on the same model: each
+variant is compiled ``--replicas`` times (default 2), then all instances are timed in R
+interleaved rounds (so a busy shared CPU slows them alike); it reports median and best
+step times, the spread between replicas of the same program (a systematic error of one
+instance that interleaving does not remove), the overhead of mHC (ratio of medians, and
+paired: median and mean +- standard error of the per-round ratios), and the
 compiled peak memory with and without the 'mhc_streams' remat policy, and mHC's
 throughput against the PyTorch reference's (``--reference-tokens-per-sec``, measured on
 the same machine with ``benchmarks/torch_reference.py``).
@@ -131,22 +133,33 @@ another machine, measure it there and pass ``bench mhc --reference-tokens-per-se
 
 
 def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
-              reference_tokens_per_sec: float = PYTORCH_REFERENCE_TOKENS_PER_SEC) -> dict:
+              reference_tokens_per_sec: float = PYTORCH_REFERENCE_TOKENS_PER_SEC,
+              replicas: int = 2) -> dict:
+  """Each variant is built and compiled ``replicas`` times (own executable, own state).
+
+  On a shared CPU two instances of the *same* program keep different speeds for the
+  whole run (their buffers land differently), so one instance per variant carries a
+  systematic error that interleaving cannot average out. The spread between replicas of
+  one variant measures it; the paired overheads pair replica k of one variant with
+  replica k of the other, round by round.
+  """
   mesh = sharding.make_mesh(cfg.mesh)
   rng = np.random.default_rng(cfg.train.seed)
   batch = sharding.put_batch(synthetic_batch(cfg, rng), mesh)
   runs = {}
   for name, fields in MHC_VARIANTS.items():
     variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields))
-    built = build(variant, variant.data.vocab_size, mesh)
-    step_fn = jit_train_step(built)
-    compiled, compile_s, memory = compile_step(step_fn, built.state, batch, log=lambda _: None)
-    state = built.state
-    for _ in range(warmup):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    runs[name] = {"compiled": compiled, "state": state, "times": [], "round_means": [],
-                  "compile_s": compile_s, "memory": memory}
+    for replica in range(replicas):
+      built = build(variant, variant.data.vocab_size, mesh)
+      step_fn = jit_train_step(built)
+      compiled, compile_s, memory = compile_step(step_fn, built.state, batch,
+                                                 log=lambda _: None)
+      state = built.state
+      for _ in range(warmup):
+        state, _ = compiled(state, batch)
+      jax.block_until_ready(state)
+      runs[name, replica] = {"compiled": compiled, "state": state, "times": [],
+                             "round_means": [], "compile_s": compile_s, "memory": memory}
   for _ in range(rounds):
     for run in runs.values():
       for _ in range(steps):
@@ -157,26 +170,37 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
       run["round_means"].append(statistics.fmean(run["times"][-steps:]))
   tokens = cfg.train.batch_size * cfg.data.seq_len
   variants = {}
-  for name, run in runs.items():
-    median = statistics.median(run["times"])
+  for name in MHC_VARIANTS:
+    replica_runs = [runs[name, replica] for replica in range(replicas)]
+    times = [t for run in replica_runs for t in run["times"]]
+    replica_medians = [statistics.median(run["times"]) for run in replica_runs]
+    median = statistics.median(times)
+    memory = replica_runs[0]["memory"]
     variants[name] = {
-        "step_time_median_s": median, "step_time_min_s": min(run["times"]),
+        "step_time_median_s": median, "step_time_min_s": min(times),
+        "replica_step_time_medians_s": replica_medians,
+        "replica_spread": (max(replica_medians) - min(replica_medians)) / median,
         "tokens_per_sec_median": tokens / median,
-        "tokens_per_sec_best": tokens / min(run["times"]),
-        "peak_bytes": run["memory"].get("peak_bytes"),
-        "temp_bytes": run["memory"].get("temp_size_in_bytes"),
-        "compile_s": run["compile_s"],
+        "tokens_per_sec_best": tokens / min(times),
+        "peak_bytes": memory.get("peak_bytes"),
+        "temp_bytes": memory.get("temp_size_in_bytes"),
+        "compile_s": statistics.fmean(run["compile_s"] for run in replica_runs),
     }
 
   def overhead(a: str, b: str, key: str) -> float:
     return variants[a][key] / variants[b][key] - 1.0
 
   def paired_overhead(a: str, b: str) -> dict:
-    """Per-round ratios of mean step times (rounds are adjacent in time, so a slow
-    stretch of a shared machine slows both variants of a pair)."""
-    ratios = [ta / tb - 1.0 for ta, tb in zip(runs[a]["round_means"], runs[b]["round_means"])]
+    """Per-round ratios of mean step times, replica k of ``a`` over replica k of ``b``
+    (rounds are adjacent in time, so a slow stretch of a shared machine slows both
+    variants of a pair); ``per_replica``: the mean ratio of each replica pair."""
+    pairs = [[ta / tb - 1.0 for ta, tb in zip(runs[a, k]["round_means"],
+                                              runs[b, k]["round_means"])]
+             for k in range(replicas)]
+    ratios = [r for pair in pairs for r in pair]
     return {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
-            "stderr": standard_error(ratios), "rounds": len(ratios)}
+            "stderr": standard_error(ratios), "rounds": rounds, "replicas": replicas,
+            "per_replica": [statistics.fmean(pair) for pair in pairs]}
 
   return {
       "benchmark": "mhc",
@@ -186,6 +210,8 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
       "overhead_remat_median": overhead("mhc_remat", "plain_remat", "step_time_median_s"),
       "overhead_paired": paired_overhead("mhc", "plain"),
       "overhead_remat_paired": paired_overhead("mhc_remat", "plain_remat"),
+      "identical_program_spread": (max(v["replica_spread"] for v in variants.values())
+                                   if replicas > 1 else None),
       "mhc_peak_bytes_remat_vs_none": (variants["mhc_remat"]["peak_bytes"]
                                        / variants["mhc"]["peak_bytes"]),
       "pytorch_reference_tokens_per_sec": reference_tokens_per_sec,
@@ -194,7 +220,7 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
       "speedup_vs_pytorch_reference_remat_median": (
           variants["mhc_remat"]["tokens_per_sec_median"] / reference_tokens_per_sec),
       "mhc_streams": cfg.model.mhc_streams,
-      "steps_per_round": steps, "rounds": rounds,
+      "steps_per_round": steps, "rounds": rounds, "replicas": replicas,
       "devices": jax.device_count(),
       "jax": jax.__version__,
       "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.processor() or ''}".strip(", "),
@@ -428,7 +454,9 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   mhc_p.add_argument("--config", default="configs/bench_dense.yaml")
   mhc_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   mhc_p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-  mhc_p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
+  mhc_p.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
+  mhc_p.add_argument("--replicas", type=int, default=2,
+                     help="separately compiled instances of each variant")
   mhc_p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
   mhc_p.add_argument("--reference-tokens-per-sec", type=float,
                      default=PYTORCH_REFERENCE_TOKENS_PER_SEC,
@@ -485,8 +513,13 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
       if not args.reference_tokens_per_sec > 0:
         raise ConfigError("--reference-tokens-per-sec: must be > 0, got "
                           f"{args.reference_tokens_per_sec}")
+      for name in ("steps", "rounds", "replicas"):
+        if getattr(args, name) < 1:
+          raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+      if args.warmup < 0:
+        raise ConfigError(f"--warmup: must be >= 0, got {args.warmup}")
       result = bench_mhc(cfg, args.steps, args.warmup, args.rounds,
-                         args.reference_tokens_per_sec)
+                         args.reference_tokens_per_sec, args.replicas)
     elif args.what == "io":
       result = bench_io(cfg, args.steps, args.saves, args.spare_writer_cpu)
     elif args.what == "cct" and args.hash_chain:
