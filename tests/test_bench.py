@@ -21,6 +21,7 @@ def test_bench_mhc_times_every_replica_and_pairs_them():
     medians = variant["replica_step_time_medians_s"]
     assert len(medians) == 2 and all(m > 0 for m in medians)
     assert variant["step_time_min_s"] <= min(medians)
+    assert variant["switch_step_time_median_s"] > 0
     assert variant["replica_spread"] == (max(medians) - min(medians)) / variant[
         "step_time_median_s"]
   assert result["identical_program_spread"] == max(

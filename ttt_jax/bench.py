@@ -8,7 +8,9 @@ memory analysis. Record results, with the machine, in ``benchmarks/RESULTS.md``.
 ``mhc`` (``python -m ttt_jax.bench mhc [--config C] [--rounds R]``) compares the mHC
 residual (model.mhc_streams streams) with the plain residual on the same model: each
 variant is compiled ``--replicas`` times (default 2), then all instances are timed in R
-interleaved rounds (so a busy shared CPU slows them alike); it reports median and best
+interleaved rounds (so a busy shared CPU slows them alike), each round of an instance
+one untimed step after a switch of program and then ``--steps`` timed; it reports the
+median switch step, median and best
 step times, the spread between replicas of the same program (a systematic error of one
 instance that interleaving does not remove), the overhead of mHC (ratio of medians, and
 paired: median and mean +- standard error of the per-round ratios), and the
@@ -142,6 +144,11 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
   systematic error that interleaving cannot average out. The spread between replicas of
   one variant measures it; the paired overheads pair replica k of one variant with
   replica k of the other, round by round.
+
+  Each round of an instance starts with one untimed step (``switch_step_time_median_s``):
+  the first step after another program ran is slower (by ~0.1 s for the mHC step at
+  the bench_dense config), a cost of interleaving that back-to-back training steps do
+  not pay. ``steps`` timed steps follow.
   """
   mesh = sharding.make_mesh(cfg.mesh)
   rng = np.random.default_rng(cfg.train.seed)
@@ -159,14 +166,15 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
         state, _ = compiled(state, batch)
       jax.block_until_ready(state)
       runs[name, replica] = {"compiled": compiled, "state": state, "times": [],
+                             "switch_times": [],
                              "round_means": [], "compile_s": compile_s, "memory": memory}
   for _ in range(rounds):
     for run in runs.values():
-      for _ in range(steps):
+      for step in range(steps + 1):
         start = time.perf_counter()
         run["state"], metrics = run["compiled"](run["state"], batch)
         jax.block_until_ready(metrics)
-        run["times"].append(time.perf_counter() - start)
+        (run["times"] if step else run["switch_times"]).append(time.perf_counter() - start)
       run["round_means"].append(statistics.fmean(run["times"][-steps:]))
   tokens = cfg.train.batch_size * cfg.data.seq_len
   variants = {}
@@ -180,6 +188,8 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
         "step_time_median_s": median, "step_time_min_s": min(times),
         "replica_step_time_medians_s": replica_medians,
         "replica_spread": (max(replica_medians) - min(replica_medians)) / median,
+        "switch_step_time_median_s": statistics.median(
+            t for run in replica_runs for t in run["switch_times"]),
         "tokens_per_sec_median": tokens / median,
         "tokens_per_sec_best": tokens / min(times),
         "peak_bytes": memory.get("peak_bytes"),
@@ -453,8 +463,9 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   mhc_p = sub.add_parser("mhc", help="mHC vs plain residual: step time and peak memory")
   mhc_p.add_argument("--config", default="configs/bench_dense.yaml")
   mhc_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-  mhc_p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-  mhc_p.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
+  mhc_p.add_argument("--steps", type=int, default=3,
+                     help="timed steps per round, after one untimed step")
+  mhc_p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
   mhc_p.add_argument("--replicas", type=int, default=2,
                      help="separately compiled instances of each variant")
   mhc_p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
