@@ -10,13 +10,13 @@ residual (model.mhc_streams streams) with the plain residual on the same model: 
 variant is compiled ``--replicas`` times (default 2), then all instances are timed in R
 interleaved rounds (so a busy shared CPU slows them alike), each round of an instance
 one untimed step after a switch of program and then ``--steps`` timed; it reports the
-median switch step, median and best
-step times, the spread between replicas of the same program (a systematic error of one
-instance that interleaving does not remove), the overhead of mHC (ratio of medians, and
-paired: median and mean +- standard error of the per-round ratios), and the
-compiled peak memory with and without the 'mhc_streams' remat policy, and mHC's
-throughput against the PyTorch reference's (``--reference-tokens-per-sec``, measured on
-the same machine with ``benchmarks/torch_reference.py``).
+median switch step, median and best step times, the spread between replicas of the
+same program (a systematic error of one instance that interleaving does not remove),
+the overhead of mHC (ratio of medians, and paired: median and mean +- standard error of
+the per-round ratios), the compiled peak memory with and without the 'mhc_streams'
+remat policy, and mHC's throughput against the PyTorch reference's
+(``--reference-tokens-per-sec``, measured on the same machine with
+``benchmarks/torch_reference.py``).
 
 ``ttt`` (``python -m ttt_jax.bench ttt [--backbone mamba] [--batch 2] [--seq 512]
 [--width 256] [--heads 4] [--mini-batch 16] [--dtype float32] [--remat-group 0]``)
@@ -451,6 +451,13 @@ def bench_hash_chain(cfg: Config, batch: int, prompt_len: int, new_tokens: int, 
           "jax": jax.__version__, "backend": jax.default_backend()}
 
 
+def check_counts(args: argparse.Namespace, *names: str) -> None:
+  """ConfigError naming the first of the command-line counts ``names`` that is < 1."""
+  for name in names:
+    if getattr(args, name) < 1:
+      raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+
+
 def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   """``reexec``: see ``ttt_jax.train.main``."""
   parser = argparse.ArgumentParser(prog="python -m ttt_jax.bench", description=__doc__)
@@ -524,9 +531,7 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
       if not args.reference_tokens_per_sec > 0:
         raise ConfigError("--reference-tokens-per-sec: must be > 0, got "
                           f"{args.reference_tokens_per_sec}")
-      for name in ("steps", "rounds", "replicas"):
-        if getattr(args, name) < 1:
-          raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+      check_counts(args, "steps", "rounds", "replicas")
       if args.warmup < 0:
         raise ConfigError(f"--warmup: must be >= 0, got {args.warmup}")
       result = bench_mhc(cfg, args.steps, args.warmup, args.rounds,
@@ -536,10 +541,7 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
     elif args.what == "cct" and args.hash_chain:
       if cfg.model.mixer != "cct":
         raise ConfigError(f"model.mixer: --hash-chain needs 'cct', got {cfg.model.mixer!r}")
-      for name in ("batch", "prompt_len", "new_tokens", "rounds"):
-        if getattr(args, name) < 1:
-          raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got "
-                            f"{getattr(args, name)}")
+      check_counts(args, "batch", "prompt_len", "new_tokens", "rounds")
       result = bench_hash_chain(cfg, args.batch, args.prompt_len, args.new_tokens, args.rounds)
     elif args.what == "cct":
       from ttt_jax import cct_eval  # pylint: disable=import-outside-toplevel
