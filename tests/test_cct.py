@@ -1,5 +1,7 @@
 """CCT (models/cct.py): attention against a dense-mask oracle, no-leak, gradient
-isolation, p_commit = 0 is causal attention, curriculum, working-memory decode."""
+isolation, p_commit = 0 is causal attention, curriculum, working-memory decode. The
+model-level properties are checked with both residuals: CCT's isolation must survive the
+mHC residual (n streams mixed per token, never across tokens)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from ttt_jax.config import ModelConfig
 from ttt_jax.models import attention, cct, lm
 
 VOCAB = 61
+RESIDUALS = ("plain", "mhc")
 
 
 def cct_config(**overrides) -> ModelConfig:
@@ -108,55 +111,57 @@ def test_committed_token_sees_no_earlier_step_token_only_its_summary():
 # ----------------------------------------------------------------------------- model level
 
 
-def test_no_leak_through_the_model_except_the_summary():
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_no_leak_through_the_model_except_the_summary(residual):
   """Changing step k-1's tokens changes step k's logits (through the summary); with a
   constant (zero) summary swapped in, step k is independent of step k-1's tokens."""
-  cfg = cct_config()
+  cfg = cct_config(residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(5))
   tokens = random_tokens(6, 2, 12)
   step_ids = cct.fixed_step_ids(lm.default_positions(tokens), 4)
   changed = tokens.at[:, 4:8].set((tokens[:, 4:8] + 7) % VOCAB)
-  base, _ = cct.forward_with_summaries(model, tokens, step_ids)
-  other, _ = cct.forward_with_summaries(model, changed, step_ids)
+  forward = jax.jit(lambda tokens, override: cct.forward_with_summaries(
+      model, tokens, step_ids, override)[0], static_argnums=1)
+  base, other = forward(tokens, "none"), forward(changed, "none")
   np.testing.assert_array_equal(np.asarray(base[:, :4]), np.asarray(other[:, :4]))
   assert not np.allclose(np.asarray(base[:, 8:]), np.asarray(other[:, 8:]), atol=1e-6)
-  zero_base, _ = cct.forward_with_summaries(model, tokens, step_ids, "zero")
-  zero_other, _ = cct.forward_with_summaries(model, changed, step_ids, "zero")
+  zero_base, zero_other = forward(tokens, "zero"), forward(changed, "zero")
   np.testing.assert_array_equal(np.asarray(zero_base[:, 8:]), np.asarray(zero_other[:, 8:]))
   # the model's ordinary call is the same computation
   np.testing.assert_allclose(np.asarray(model(tokens, step_ids_BxT=step_ids)),
                              np.asarray(base), rtol=1e-5, atol=1e-5)
 
 
-def test_gradient_isolation_across_committed_boundaries():
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_gradient_isolation_across_committed_boundaries(residual):
   """d(loss of step k) / d(activations of earlier steps) is exactly zero, although the
-  forward value depends on them."""
-  cfg = cct_config()
+  forward value depends on them. With mHC the activations are the n expanded streams."""
+  cfg = cct_config(residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(7))
   tokens = random_tokens(8, 2, 12)
   positions = lm.default_positions(tokens)
   step_ids = cct.fixed_step_ids(positions, 4)
-  embedded = model.embed(tokens, jnp.float32)
+  expanded = model.streams.expand(model.embed(tokens, jnp.float32))
+  assert expanded.ndim == (4 if residual == "mhc" else 3)
 
-  def step2_loss(stream):
-    features = model.final_norm(model._run_blocks(stream, positions, None, step_ids))
-    logits = model.logits(features)
+  def step2_loss(stream, step_ids):
+    stream = model._run_blocks(stream, positions, None, step_ids)
+    logits = model.logits(model.final_norm(model.streams.reduce(stream)))
     return lm.cross_entropy_loss(logits[:, 8:], tokens[:, 8:])[0]
 
-  grads = jax.grad(step2_loss)(embedded)
+  grad_fn, loss_fn = jax.jit(jax.grad(step2_loss)), jax.jit(step2_loss)
+  grads = grad_fn(expanded, step_ids)
   assert float(jnp.abs(grads[:, :8]).max()) == 0.0
   assert float(jnp.abs(grads[:, 8:]).max()) > 0.0
-  assert step2_loss(embedded) != step2_loss(embedded.at[:, 7].add(1.0))
+  assert loss_fn(expanded, step_ids) != loss_fn(expanded.at[:, 7].add(1.0), step_ids)
   # without commitment the earlier tokens do receive gradient
-  uncommitted = jnp.zeros_like(step_ids)
-  open_grads = jax.grad(lambda s: lm.cross_entropy_loss(
-      model.logits(model.final_norm(model._run_blocks(s, positions, None, uncommitted)))[:, 8:],
-      tokens[:, 8:])[0])(embedded)
+  open_grads = grad_fn(expanded, jnp.zeros_like(step_ids))
   assert float(jnp.abs(open_grads[:, :8]).max()) > 0.0
 
 
-def test_commitment_head_trains_only_through_sufficiency():
-  cfg = cct_config()
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_commitment_head_trains_only_through_sufficiency(residual):
+  cfg = cct_config(residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(9))
   tokens = random_tokens(10, 2, 12)
   step_ids = cct.fixed_step_ids(lm.default_positions(tokens), 4)
@@ -167,8 +172,8 @@ def test_commitment_head_trains_only_through_sufficiency():
     logits, aux = cct.forward_with_summaries(m, tokens, step_ids)
     return lm.cross_entropy_loss(logits, tokens)[0], cct.sufficiency_loss(m, aux)
 
-  lm_grads = jax.grad(lambda p: losses(p)[0])(params)
-  suff_grads = jax.grad(lambda p: losses(p)[1])(params)
+  lm_grads = jax.jit(jax.grad(lambda p: losses(p)[0]))(params)
+  suff_grads = jax.jit(jax.grad(lambda p: losses(p)[1]))(params)
   head = lm_grads["blocks"]["mixer"]
   for name in ("head_w1", "head_b1", "head_ln_scale", "head_ln_bias", "head_w2", "head_b2"):
     assert float(jnp.abs(head[name][...]).max()) == 0.0, name
@@ -230,12 +235,13 @@ def semantic_like_steps(rng: np.random.Generator, batch: int, length: int, step_
   return step_ids
 
 
-@pytest.mark.parametrize("pool", ["last", "mean"])
+@pytest.mark.parametrize("pool,residual", [("last", "plain"), ("mean", "plain"),
+                                           ("last", "mhc")])
 @pytest.mark.parametrize("prompt_len,steps", [(1, "given"), (6, "fixed"), (9, "given")])
-def test_working_memory_decode_matches_full_forward(pool, prompt_len, steps):
+def test_working_memory_decode_matches_full_forward(pool, residual, prompt_len, steps):
   """Prefill + token-by-token decode == the training-form forward (every boundary
   committed), with fixed steps by position or with explicit (semantic) step ids."""
-  cfg = cct_config(cct_pool=pool)
+  cfg = cct_config(cct_pool=pool, residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(13))
   tokens = random_tokens(14, 2, 15)
   if steps == "fixed":

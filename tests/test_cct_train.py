@@ -16,26 +16,47 @@ from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_confi
 STEPS = 60
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp("cct")
+CCT_OVERRIDES = ("model.mixer=cct", "train.objective=cct", "data.step_boundaries=fixed",
+                 "data.step_len=8", "model.cct_step_len=8", "model.cct_max_steps=8",
+                 "model.cct_d_summary=8", f"train.steps={STEPS}", "train.eval_every=30",
+                 "checkpoint.every=0", "logging.tensorboard=false")
+
+
+def train_cct(root, *overrides: str):
   corpus = copy_stdlib_corpus(root / "src")
-  cfg = tiny_config(corpus, root / "cache", "model.mixer=cct", "train.objective=cct",
-                    "data.step_boundaries=fixed", "data.step_len=8", "model.cct_step_len=8",
-                    "model.cct_max_steps=8", "model.cct_d_summary=8",
-                    f"train.steps={STEPS}", "train.eval_every=30", "checkpoint.every=0",
-                    "logging.tensorboard=false")
+  cfg = tiny_config(corpus, root / "cache", *CCT_OVERRIDES, *overrides)
   workdir = root / "run"
   return cfg, workdir, train.train(cfg, workdir)
 
 
-def test_cct_loss_goes_down_on_real_text(trained):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  return train_cct(tmp_path_factory.mktemp("cct"))
+
+
+def check_cct_loss_goes_down(trained):
   cfg, workdir, _ = trained
   evals = eval_losses(workdir)
   assert sorted(evals) == [0, 30, STEPS]
   assert evals[0] > 0.95 * math.log(cfg.data.vocab_size)
   # evaluation commits every boundary: 8-token steps plus summaries as the only context
   assert evals[STEPS] < evals[0] - 0.75
+
+
+def test_cct_loss_goes_down_on_real_text(trained):
+  check_cct_loss_goes_down(trained)
+
+
+@pytest.mark.slow
+def test_cct_with_the_mhc_residual_loss_goes_down_on_real_text(tmp_path):
+  """The CCT objective (all four terms) through mHC's n streams and its remat policy."""
+  trained = train_cct(tmp_path, "model.residual=mhc", "model.remat=mhc_streams")
+  cfg, workdir, _ = trained
+  assert (cfg.model.residual, cfg.model.remat) == ("mhc", "mhc_streams")
+  check_cct_loss_goes_down(trained)
+  rows = [r for r in read_metrics(workdir) if "loss" in r]
+  sufficiency = [r["loss_sufficiency"] for r in rows]
+  assert all(math.isfinite(v) for v in sufficiency) and sufficiency[-1] < sufficiency[0]
 
 
 def test_every_term_and_p_commit_logged_along_the_curriculum(trained):

@@ -512,6 +512,15 @@ def test_tiny_configs_load():
   assert tiny.model.residual == "mhc" and tiny.model.mixer == "attention"
   combined = load_config(CONFIGS / "mhc_ttt_linear_tiny.yaml")
   assert combined.model.residual == "mhc" and combined.model.mixer == "ttt_linear"
+  with_cct = load_config(CONFIGS / "mhc_cct_tiny.yaml")
+  assert with_cct.model.residual == "mhc" and with_cct.model.mixer == "cct"
+  assert with_cct.train.objective == "cct"
+  # the same run as cct_tiny.yaml but for the residual
+  cct_tiny = load_config(CONFIGS / "cct_tiny.yaml")
+  assert dataclasses.replace(with_cct.model, residual="plain", remat="none",
+                             mhc_streams=cct_tiny.model.mhc_streams) == cct_tiny.model
+  assert (with_cct.data, with_cct.optim, with_cct.train) == (
+      cct_tiny.data, cct_tiny.optim, cct_tiny.train)
 
 
 @pytest.mark.slow
