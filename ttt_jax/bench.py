@@ -166,8 +166,7 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
         state, _ = compiled(state, batch)
       jax.block_until_ready(state)
       runs[name, replica] = {"compiled": compiled, "state": state, "times": [],
-                             "switch_times": [],
-                             "round_means": [], "compile_s": compile_s, "memory": memory}
+                             "switch_times": [], "compile_s": compile_s, "memory": memory}
   for _ in range(rounds):
     for run in runs.values():
       for step in range(steps + 1):
@@ -175,7 +174,6 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
         run["state"], metrics = run["compiled"](run["state"], batch)
         jax.block_until_ready(metrics)
         (run["times"] if step else run["switch_times"]).append(time.perf_counter() - start)
-      run["round_means"].append(statistics.fmean(run["times"][-steps:]))
   tokens = cfg.train.batch_size * cfg.data.seq_len
   variants = {}
   for name in MHC_VARIANTS:
@@ -204,8 +202,11 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
     """Per-round ratios of mean step times, replica k of ``a`` over replica k of ``b``
     (rounds are adjacent in time, so a slow stretch of a shared machine slows both
     variants of a pair); ``per_replica``: the mean ratio of each replica pair."""
-    pairs = [[ta / tb - 1.0 for ta, tb in zip(runs[a, k]["round_means"],
-                                              runs[b, k]["round_means"])]
+    def round_means(run: dict) -> list[float]:
+      return [statistics.fmean(run["times"][i:i + steps])
+              for i in range(0, len(run["times"]), steps)]
+
+    pairs = [[ta / tb - 1.0 for ta, tb in zip(round_means(runs[a, k]), round_means(runs[b, k]))]
              for k in range(replicas)]
     ratios = [r for pair in pairs for r in pair]
     return {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
