@@ -174,7 +174,25 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
         run["state"], metrics = run["compiled"](run["state"], batch)
         jax.block_until_ready(metrics)
         (run["times"] if step else run["switch_times"]).append(time.perf_counter() - start)
-  tokens = cfg.train.batch_size * cfg.data.seq_len
+  return {
+      "benchmark": "mhc",
+      **mhc_summary(runs, steps=steps, tokens=cfg.train.batch_size * cfg.data.seq_len,
+                    reference_tokens_per_sec=reference_tokens_per_sec),
+      "mhc_streams": cfg.model.mhc_streams,
+      "steps_per_round": steps, "rounds": rounds, "replicas": replicas,
+      "devices": jax.device_count(),
+      "jax": jax.__version__,
+      "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.processor() or ''}".strip(", "),
+      "config": {k: to_dict(getattr(cfg, k)) for k in ("model", "optim", "train", "data")},
+  }
+
+
+def mhc_summary(runs: dict[tuple[str, int], dict], *, steps: int, tokens: int,
+                reference_tokens_per_sec: float) -> dict:
+  """``bench mhc``'s statistics from its timed runs, keyed (variant, replica), each with
+  ``times`` (the timed steps, ``steps`` per round in round order), ``switch_times``,
+  ``compile_s`` and ``memory`` (``compile_step``'s memory analysis)."""
+  replicas = 1 + max(replica for _, replica in runs)
   variants = {}
   for name in MHC_VARIANTS:
     replica_runs = [runs[name, replica] for replica in range(replicas)]
@@ -210,11 +228,10 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
              for k in range(replicas)]
     ratios = [r for pair in pairs for r in pair]
     return {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
-            "stderr": standard_error(ratios), "rounds": rounds, "replicas": replicas,
+            "stderr": standard_error(ratios), "rounds": len(pairs[0]), "replicas": replicas,
             "per_replica": [statistics.fmean(pair) for pair in pairs]}
 
   return {
-      "benchmark": "mhc",
       "variants": variants,
       "overhead_median": overhead("mhc", "plain", "step_time_median_s"),
       "overhead_best": overhead("mhc", "plain", "step_time_min_s"),
@@ -230,12 +247,6 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
                                               / reference_tokens_per_sec),
       "speedup_vs_pytorch_reference_remat_median": (
           variants["mhc_remat"]["tokens_per_sec_median"] / reference_tokens_per_sec),
-      "mhc_streams": cfg.model.mhc_streams,
-      "steps_per_round": steps, "rounds": rounds, "replicas": replicas,
-      "devices": jax.device_count(),
-      "jax": jax.__version__,
-      "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.processor() or ''}".strip(", "),
-      "config": {k: to_dict(getattr(cfg, k)) for k in ("model", "optim", "train", "data")},
   }
 
 
