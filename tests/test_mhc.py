@@ -297,9 +297,9 @@ def test_bf16_extreme_inputs_give_finite_outputs_and_grads():
     residual = nnx.merge(graphdef, params)
     return residual(stream, lambda x: jnp.tanh(x) * 3.0)
 
-  out = site(params, stream)
+  out = jax.jit(site)(params, stream)
   assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
-  h_pre, h_post, h_res = module.maps(stream)
+  h_pre, h_post, h_res = jax.jit(lambda p, s: nnx.merge(graphdef, p).maps(s))(params, stream)
   assert all(bool(jnp.all(jnp.isfinite(h))) for h in (h_pre, h_post, h_res))
   grads = jax.jit(jax.grad(lambda p, s: jnp.sum(jnp.tanh(site(p, s).astype(jnp.float32))),
                            argnums=(0, 1)))(params, stream)
