@@ -1,13 +1,17 @@
-"""ttt_jax.bench: the mHC comparison's statistics on a tiny model, and its argument errors."""
+"""ttt_jax.bench: the mHC comparison's statistics on a tiny model, the checkpoint-stall
+benchmark, and argument errors."""
 
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from ttt_jax import bench
+from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +73,44 @@ def test_mhc_summary_pairs_replica_k_with_replica_k_round_by_round():
   assert result["overhead_median"] == pytest.approx(1.3 / 1.0 - 1)
   assert result["mhc_peak_bytes_remat_vs_none"] == pytest.approx(0.5)
   assert result["speedup_vs_pytorch_reference_median"] == pytest.approx(10 / 1.3 / 2.0)
+
+
+class _Position:
+  def get_state(self) -> dict:
+    return {"next_index": 3}
+
+
+def test_save_cost_times_saves_that_land_as_complete_checkpoints(tmp_path):
+  state = {"w": jax.numpy.arange(4096, dtype=jax.numpy.float32)}
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=5)
+  try:
+    cost = bench.save_cost(ckpt, state, _Position(), {"process_count": 1}, saves=3,
+                           first_step=10)
+    assert ckpt.all_steps() == [10, 11, 12]
+    restored = ckpt.restore(12, {"w": jax.ShapeDtypeStruct((4096,), np.float32,
+                                                           sharding=state["w"].sharding)},
+                            data_iter=None)
+  finally:
+    ckpt.close()
+  np.testing.assert_array_equal(restored.state["w"], state["w"])
+  assert cost["save_alone_wall_s"] > 0 and cost["save_alone_cpu_s"] > 0
+
+
+def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate():
+  # The quickstart's corpus and tokenizer (real text), a tiny model.
+  cfg = load_config(str(REPO / "configs" / "quickstart.yaml"),
+                    [o for o in TINY if not o.startswith("data.vocab_size=")])
+  result = bench.bench_io(cfg, steps=4, saves=2)
+  assert result["steps_per_interval"] == 2 and len(result["save_call_s"]) == 2
+  assert len(result["interval_wall_s"]["with_save"]) == 2
+  assert result["stall_fraction_of_step"] == pytest.approx(
+      result["stall_per_save_s"] / result["step_time_s"])
+  assert result["save_alone_cpu_fraction_of_step"] == pytest.approx(
+      result["save_alone_cpu_s"] / result["step_time_s"])
+  assert result["save_alone_wall_s"] > 0 and result["checkpoint_bytes"] > 0
+  assert result["trainer_tokens_per_sec"] == pytest.approx(8 * 16 / result["step_time_s"])
+  assert result["data_over_trainer"] == pytest.approx(
+      result["data_tokens_per_sec"] / result["trainer_tokens_per_sec"])
 
 
 def test_bench_mhc_rejects_a_bad_count_in_one_line():

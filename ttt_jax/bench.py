@@ -30,7 +30,8 @@ timed in interleaved rounds.
 
 ``io`` (``python -m ttt_jax.bench io [--config configs/quickstart.yaml] [--steps N]
 [--saves S] [--spare-writer-cpu]``) measures the training stall caused by each async
-checkpoint save, as a fraction of one step, and the tokens/s the data pipeline delivers
+checkpoint save, as a fraction of one step, the wall and CPU time of a save run alone,
+and the tokens/s the data pipeline delivers
 alone against what the trainer consumes.
 
 ``cct`` (``python -m ttt_jax.bench cct [--config configs/cct_tier1_160m.yaml]
@@ -56,6 +57,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -323,6 +325,24 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
   }
 
 
+def save_cost(ckpt: Any, state: Any, data_iter: Any, meta: dict, saves: int, first_step: int
+              ) -> dict[str, float]:
+  """Wall and process CPU time (user + system, every thread) of ``saves`` checkpoint saves
+  of ``state`` at steps ``first_step``, ``first_step + 1``, ..., each run alone and waited
+  for: the work a save adds to the machine, which the train step must share when no CPU
+  core is spare. Medians over the saves."""
+  walls, cpus = [], []
+  ckpt.wait()
+  for k in range(saves):
+    wall, cpu = time.perf_counter(), time.process_time()
+    ckpt.save(first_step + k, state, data_iter, meta)
+    ckpt.wait()
+    cpus.append(time.process_time() - cpu)
+    walls.append(time.perf_counter() - wall)
+  return {"save_alone_wall_s": statistics.median(walls),
+          "save_alone_cpu_s": statistics.median(cpus)}
+
+
 def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False) -> dict:
   """Checkpoint stall and data throughput against the trainer's consumption.
 
@@ -398,6 +418,7 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
           save_calls.append(time.perf_counter() - call)
       float(pending["loss"])
       walls[saving].append(time.perf_counter() - start)
+    cost = save_cost(ckpt, state, data_iter, meta, saves, first_step=2 * saves)
     ckpt.close()
   step_time = statistics.median(walls[False]) / every
   differences = [w - wo for w, wo in zip(walls[True], walls[False])]
@@ -433,6 +454,8 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
       "stall_per_save_median_s": statistics.median(differences),
       "stall_fraction_of_step": stall / step_time,
       "median_save_call_s": statistics.median(save_calls),
+      **cost,
+      "save_alone_cpu_fraction_of_step": cost["save_alone_cpu_s"] / step_time,
       "interval_wall_s": {"without_save": walls[False], "with_save": walls[True]},
       "trainer_tokens_per_sec": consumed,
       "data_tokens_per_sec": delivered,
