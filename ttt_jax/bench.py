@@ -31,8 +31,7 @@ timed in interleaved rounds.
 ``io`` (``python -m ttt_jax.bench io [--config configs/quickstart.yaml] [--steps N]
 [--saves S] [--spare-writer-cpu]``) measures the training stall caused by each async
 checkpoint save, as a fraction of one step, the wall and CPU time of a save run alone,
-and the tokens/s the data pipeline delivers
-alone against what the trainer consumes.
+and the tokens/s the data pipeline delivers alone against what the trainer consumes.
 
 ``cct`` (``python -m ttt_jax.bench cct [--config configs/cct_tier1_160m.yaml]
 [--contexts 1024,4096,8192,32768]``) measures the live decode state of CCT working
@@ -57,7 +56,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -66,6 +65,9 @@ from ttt_jax import host_memory, sharding
 from ttt_jax import metrics as metrics_lib
 from ttt_jax.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from ttt_jax.train import build, compile_step, jit_train_step, train_flops_per_step, user_errors
+
+if TYPE_CHECKING:
+  from ttt_jax.checkpoint import Checkpointer
 
 
 def standard_error(values: list[float]) -> float:
@@ -325,8 +327,8 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
   }
 
 
-def save_cost(ckpt: Any, state: Any, data_iter: Any, meta: dict, saves: int, first_step: int
-              ) -> dict[str, float]:
+def save_cost(ckpt: Checkpointer, state: Any, data_iter: Any, meta: dict, saves: int,
+              first_step: int) -> dict[str, float]:
   """Wall and process CPU time (user + system, every thread) of ``saves`` checkpoint saves
   of ``state`` at steps ``first_step``, ``first_step + 1``, ..., each run alone and waited
   for: the work a save adds to the machine, which the train step must share when no CPU
