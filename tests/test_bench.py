@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ttt_jax import bench
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax.config import load_config
+from train_util import copy_stdlib_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
@@ -81,7 +83,7 @@ class _Position:
 
 
 def test_save_cost_times_saves_that_land_as_complete_checkpoints(tmp_path):
-  state = {"w": jax.numpy.arange(4096, dtype=jax.numpy.float32)}
+  state = {"w": jnp.arange(4096, dtype=jnp.float32)}
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=5)
   try:
     cost = bench.save_cost(ckpt, state, _Position(), {"process_count": 1}, saves=3,
@@ -96,10 +98,8 @@ def test_save_cost_times_saves_that_land_as_complete_checkpoints(tmp_path):
   assert cost["save_alone_wall_s"] > 0 and cost["save_alone_cpu_s"] > 0
 
 
-def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate():
-  # The quickstart's corpus and tokenizer (real text), a tiny model.
-  cfg = load_config(str(REPO / "configs" / "quickstart.yaml"),
-                    [o for o in TINY if not o.startswith("data.vocab_size=")])
+def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate(tmp_path):
+  cfg = tiny_config(copy_stdlib_corpus(tmp_path / "src"), tmp_path / "cache", "data.seq_len=16")
   result = bench.bench_io(cfg, steps=4, saves=2)
   assert result["steps_per_interval"] == 2 and len(result["save_call_s"]) == 2
   assert len(result["interval_wall_s"]["with_save"]) == 2
