@@ -140,20 +140,30 @@ def coefficient_logits(stream_BxTxNxD: jax.Array, phi_FxM: jax.Array, alpha_3: j
   return pre_BxTxN, post_BxTxN, res_BxTxNxN
 
 
-def _column_sums(matrix_NxNxX: jax.Array) -> jax.Array:
-  return sum(matrix_NxNxX[i] for i in range(matrix_NxNxX.shape[0]))[None]
+def _unrolled_sum(x: jax.Array, axis: int) -> jax.Array:
+  """``jnp.sum(x, axis, keepdims=True)`` as adds of the slices: one elementwise fusion,
+  no reduce kernel."""
+  return sum(jax.lax.index_in_dim(x, i, axis) for i in range(x.shape[axis]))
 
 
-def _row_sums(matrix_NxNxX: jax.Array) -> jax.Array:
-  return sum(matrix_NxNxX[:, j] for j in range(matrix_NxNxX.shape[1]))[:, None]
+def _reduce_sum(x: jax.Array, axis: int) -> jax.Array:
+  return jnp.sum(x, axis=axis, keepdims=True)
+
+
+def _sinkhorn_step_parts(matrix_NxNxX: jax.Array, eps: float,
+                         axis_sum: Callable[[jax.Array, int], jax.Array]
+                         ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(column sums + eps, T_c(M), row sums + eps, T_r(T_c(M))) on [n, n, ...]."""
+  column_1xNxX = axis_sum(matrix_NxNxX, 0) + eps
+  normalised_NxNxX = matrix_NxNxX / column_1xNxX  # T_c
+  row_Nx1xX = axis_sum(normalised_NxNxX, 1) + eps
+  return column_1xNxX, normalised_NxNxX, row_Nx1xX, normalised_NxNxX / row_Nx1xX  # T_r
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _sinkhorn_step(matrix_NxNxX: jax.Array, eps: float) -> jax.Array:
-  """One iteration T_r(T_c(M)) on [n, n, ...]: unrolled adds of the n slices, so the
-  step is one elementwise fusion with no reduce kernel."""
-  normalised_NxNxX = matrix_NxNxX / (_column_sums(matrix_NxNxX) + eps)  # T_c
-  return normalised_NxNxX / (_row_sums(normalised_NxNxX) + eps)  # T_r
+  """One iteration T_r(T_c(M)) on [n, n, ...], with unrolled sums (one fusion)."""
+  return _sinkhorn_step_parts(matrix_NxNxX, eps, _unrolled_sum)[3]
 
 
 def _sinkhorn_step_fwd(matrix_NxNxX, eps):
@@ -163,15 +173,11 @@ def _sinkhorn_step_fwd(matrix_NxNxX, eps):
 def _sinkhorn_step_bwd(eps, matrix_NxNxX, g_NxNxX):
   """The VJP of a normalisation y = M / (s + eps), s the sums over one axis, is
   (g - <g, y>) / (s + eps), with <g, y> summed over that axis. The step is recomputed
-  from its input M, the only residual the scan stacks."""
-  column_NxX = jnp.sum(matrix_NxNxX, axis=0, keepdims=True) + eps
-  normalised_NxNxX = matrix_NxNxX / column_NxX
-  row_NxX = jnp.sum(normalised_NxNxX, axis=1, keepdims=True) + eps
-  out_NxNxX = normalised_NxNxX / row_NxX
-  g_normalised = (g_NxNxX - jnp.sum(g_NxNxX * out_NxNxX, axis=1, keepdims=True)) / row_NxX
-  g_matrix = (g_normalised - jnp.sum(g_normalised * normalised_NxNxX, axis=0, keepdims=True)
-              ) / column_NxX
-  return (g_matrix,)
+  from its input M, the only residual the scan stacks, with reduce kernels (inside the
+  backward scan they are faster than unrolled sums)."""
+  column, normalised, row, out = _sinkhorn_step_parts(matrix_NxNxX, eps, _reduce_sum)
+  g_normalised = (g_NxNxX - _reduce_sum(g_NxNxX * out, 1)) / row
+  return ((g_normalised - _reduce_sum(g_normalised * normalised, 0)) / column,)
 
 
 _sinkhorn_step.defvjp(_sinkhorn_step_fwd, _sinkhorn_step_bwd)
