@@ -53,7 +53,14 @@ def test_run_directory_holds_config_tokenizer_metrics_and_events(trained):
   assert [r["step"] for r in train_rows] == list(range(1, 61))
   for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s", "mfu"):
     assert all(math.isfinite(r[key]) for r in train_rows), key
-  assert all(0 < r["mfu"] < 1 for r in train_rows)
+  # the tiny config's peak (train.peak_flops=1e11) is nominal, so MFU is checked against
+  # its definition here rather than bounded by 1; tests/test_metrics.py covers the peaks
+  flops = train.train_flops_per_step(cfg, cfg.data.vocab_size)
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  for r in train_rows:
+    assert r["step_time_s"] > 0
+    assert r["mfu"] == pytest.approx(flops / (r["step_time_s"] * cfg.train.peak_flops), rel=1e-9)
+    assert r["tokens_per_sec"] == pytest.approx(tokens / r["step_time_s"], rel=1e-9)
   eval_rows = [r for r in rows if "eval_loss" in r]
   assert all(r["eval_bpb"] > 0 and r["eval_ppl"] > 1 for r in eval_rows)
   # bpb = nats/token / ln 2 * tokens/byte: consistent with the loss and ~3-4 bytes/token

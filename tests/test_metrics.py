@@ -1,0 +1,67 @@
+"""Metric sinks and the MFU denominator."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+from ttt_jax import metrics
+
+
+def _mesh(n: int) -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:n]).reshape(n), ("data",))
+
+
+def test_configured_peak_is_per_device_and_scales_with_the_mesh():
+  for n in (1, 4, 8):
+    peak, source = metrics.mesh_peak_flops(2.5e12, _mesh(n))
+    assert (peak, source) == (n * 2.5e12, "config")
+
+
+def test_measured_cpu_peak_is_per_host_not_per_simulated_device():
+  # the 8 simulated CPU devices share one process's cores: the peak must not grow 8x
+  assert jax.devices()[0].device_kind not in metrics.PEAK_FLOPS_BY_KIND
+  one, source = metrics.mesh_peak_flops(0.0, _mesh(1))
+  eight, source8 = metrics.mesh_peak_flops(0.0, _mesh(8))
+  assert source.startswith("measured f32 matmul") and source.endswith("(per host)")
+  assert source8 == source
+  # two independent best-of-5 measurements: equal up to timing noise, not 8x apart
+  assert 0.2 < eight / one < 5.0
+
+
+def test_measured_peak_is_a_plausible_matmul_rate():
+  rate = metrics.measure_peak_flops(size=256, repeats=3)
+  assert 1e8 < rate < 1e14
+
+
+def test_writer_rows_tags_and_truncation_on_resume(tmp_path):
+  writer = metrics.MetricsWriter(tmp_path, tensorboard=True, enabled=True)
+  for step in (1, 2, 3):
+    writer.write(step, {"loss": np.float32(4.0 - step), "mfu": jax.numpy.asarray(0.25),
+                        "ttt/inner_loss": 1.5})
+  writer.write(3, {"eval_loss": 2.0})
+  writer.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 3]
+  assert rows[0] == {"step": 1, "loss": 3.0, "mfu": 0.25, "ttt/inner_loss": 1.5}
+  assert all(type(v) in (int, float) for r in rows for v in r.values())
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert [metrics._tag(k) for k in ("loss", "mfu", "eval_loss", "ttt/inner_loss", "ce")] == [
+      "train/loss", "perf/mfu", "eval/loss", "ttt/inner_loss", "train/ce"]
+
+  # a run resumed from step 1 drops what the interrupted run logged after it
+  resumed = metrics.MetricsWriter(tmp_path, tensorboard=False, enabled=True, resume_step=1)
+  resumed.write(2, {"loss": 9.0})
+  resumed.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r.get("loss")) for r in rows] == [(1, 3.0), (2, 9.0)]
+
+
+def test_a_disabled_writer_writes_nothing(tmp_path):
+  writer = metrics.MetricsWriter(tmp_path, tensorboard=True, enabled=False, resume_step=0)
+  writer.write(1, {"loss": 1.0})
+  writer.close()
+  assert not list(tmp_path.iterdir())
+
