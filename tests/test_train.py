@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -103,6 +104,24 @@ def test_generation_samples_from_the_trained_run(trained, capsys):
                  "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"])
   out = capsys.readouterr().out
   assert out.startswith("import ") and len(out) > len("import ")
+
+
+def test_eval_time_is_not_counted_as_step_time(corpus, tmp_path, monkeypatch):
+  evaluate = train.evaluate
+
+  def slow_evaluate(*args):
+    time.sleep(2.0)
+    return evaluate(*args)
+
+  monkeypatch.setattr(train, "evaluate", slow_evaluate)
+  train.train(tiny_config(*corpus, "train.steps=6", "train.eval_every=2",
+                          "checkpoint.every=0"), tmp_path)
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4, 6]
+  step_times = {r["step"]: r["step_time_s"] for r in rows if "loss" in r}
+  assert sorted(step_times) == [1, 2, 3, 4, 5, 6]
+  # steps 3 and 5 follow an eval: with it counted, they would take over 2 s
+  assert max(step_times.values()) < 1.0, step_times
 
 
 def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):

@@ -4,6 +4,10 @@ Only process 0 writes. ``metrics.jsonl`` holds one JSON object per line: train r
 with ``step, loss, lr, grad_norm, tokens_per_sec, step_time_s, mfu`` and eval rows
 with ``step, eval_loss, eval_ppl, eval_bpb``. Tensorboard tags are namespaced
 (``train/loss``, ``eval/bpb``, ``perf/mfu``).
+
+``step_time_s`` is wall time per step over the rows' window, measured between the
+steps' completions. Evals and profile writing are left out of it; the blocking part of
+a checkpoint save is kept in, since that stall is the training loop's own cost.
 """
 
 from __future__ import annotations

@@ -284,8 +284,14 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   summary: dict[str, Any] = {"compile_s": compile_s, "memory": memory, "n_params": n_params,
                              "losses": {}, "eval": {}, "start_step": start_step}
 
+  # seconds of evals and profile writing since the last train row: not step time
+  excluded_s = 0.0
+
   def run_eval(step: int):
+    nonlocal excluded_s
+    start = time.perf_counter()
     row = evaluate(eval_step, state.params, eval_batches, piece_bytes)
+    excluded_s += time.perf_counter() - start
     writer.write(step, row)
     summary["eval"][step] = row
     log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
@@ -296,11 +302,11 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   profile_dir = workdir / "profile"
   prof = cfg.logging.profile_start
   pending: tuple[int, dict, float] | None = None
-  last_log_time, last_log_step = time.perf_counter(), start_step
+  last_log_time, last_log_step, excluded_s = time.perf_counter(), start_step, 0.0
 
   def drain(entry):
     """Reads a finished step's metrics (the device has moved on by now)."""
-    nonlocal last_log_time, last_log_step
+    nonlocal last_log_time, last_log_step, excluded_s
     step, metrics, lr = entry
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
@@ -309,8 +315,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     progress.update(step, loss)
     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
       now = time.perf_counter()
-      step_time = (now - last_log_time) / max(step - last_log_step, 1)
-      last_log_time, last_log_step = now, step
+      step_time = (now - last_log_time - excluded_s) / max(step - last_log_step, 1)
+      last_log_time, last_log_step, excluded_s = now, step, 0.0
       extra = {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")}
       writer.write(step, {
           "loss": loss, "lr": lr, "grad_norm": float(metrics["grad_norm"]),
@@ -339,7 +345,9 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
           metrics = jax.tree.map(lambda *xs: sum(xs) / accum, *micro_metrics)
       if prof > 0 and step == prof + cfg.logging.profile_steps - 1:
         jax.block_until_ready(state)
+        start = time.perf_counter()
         jax.profiler.stop_trace()
+        excluded_s += time.perf_counter() - start
         log(f"wrote profile of steps {prof}..{step} to {profile_dir}")
       if pending is not None:
         drain(pending)
