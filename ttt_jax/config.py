@@ -167,15 +167,18 @@ class ModelConfig:
     _check_positive("model", self, "ttt_mini_batch", "ttt_base_lr", "ttt_conv_width")
     if self.ttt_remat_group < 0:
       raise ConfigError(f"model.ttt_remat_group: must be >= 0, got {self.ttt_remat_group}")
-    if self.mixer == "ttt_linear" and self.dim_per_head % 2:
-      raise ConfigError(f"model.head_dim: ttt_linear applies RoPE, which needs an even "
-                        f"head_dim, got {self.dim_per_head}")
     _check_positive("model", self, "n_layers", "d_model", "n_heads", "d_ff",
                     "rope_theta", "norm_eps", "init_std", "mhc_streams",
                     "mhc_sinkhorn_iters", "mhc_sinkhorn_eps", "mhc_logit_clamp")
+    for name in ("head_dim", "n_kv_heads"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"model.{name}: must be >= 0 (0: derived), got {getattr(self, name)}")
     if self.head_dim == 0 and self.d_model % self.n_heads:
       raise ConfigError(f"model.n_heads: d_model={self.d_model} is not divisible by "
                         f"n_heads={self.n_heads}; set model.head_dim explicitly")
+    if self.dim_per_head % 2:  # every mixer rotates its queries and keys
+      raise ConfigError(f"model.head_dim: RoPE needs an even head_dim, got "
+                        f"{self.dim_per_head} (d_model={self.d_model}, n_heads={self.n_heads})")
     if self.n_heads % self.kv_heads:
       raise ConfigError(f"model.n_kv_heads: n_heads={self.n_heads} is not a multiple "
                         f"of n_kv_heads={self.kv_heads}")
