@@ -42,6 +42,7 @@ def test_defaults_and_overrides(tmp_path):
     ("model.d_model=100", "model.head_dim: RoPE needs an even head_dim, got 25"),
     ("model.head_dim=-4", "model.head_dim: must be >= 0"),
     ("model.n_kv_heads=-1", "model.n_kv_heads: must be >= 0"),
+    (("model.residual=mhc", "model.mhc_streams=1"), "model.mhc_streams: mhc needs at least 2"),
     ("mesh.fsdp=-2", "mesh: sizes must be positive"),
     ("optim.grad_accum_steps=3", "optim.grad_accum_steps: train.batch_size=8"),
     ("model=3", "model: expected a mapping"),
@@ -49,7 +50,7 @@ def test_defaults_and_overrides(tmp_path):
 ])
 def test_errors_name_the_key(override, message):
   with pytest.raises(ConfigError) as err:
-    load_config(None, [override])
+    load_config(None, list(override) if isinstance(override, tuple) else [override])
   assert message in str(err.value)
   assert "\n" not in str(err.value)
 

@@ -287,7 +287,6 @@ def test_sinkhorn_and_its_gradient_match_a_float64_reference(n, remat):
     assert float(np.abs(ref_grad).max()) > 1e-3
 
 
-
 def test_bf16_extreme_inputs_give_finite_outputs_and_grads():
   """Stream entries from 1e-30 to 1e15 (the float32 sum of squares over nD stays below
   the float32 max up to |x| ~ 1e17) and gates pushing every logit far past the clamp."""

@@ -170,6 +170,10 @@ class ModelConfig:
     _check_positive("model", self, "n_layers", "d_model", "n_heads", "d_ff",
                     "rope_theta", "norm_eps", "init_std", "mhc_streams",
                     "mhc_sinkhorn_iters", "mhc_sinkhorn_eps", "mhc_logit_clamp")
+    if self.residual == "mhc" and self.mhc_streams < 2:
+      raise ConfigError(f"model.mhc_streams: mhc needs at least 2 streams, got "
+                        f"{self.mhc_streams} (its init sets H_pre = 1/n through a sigmoid, "
+                        f"which has no finite logit at n = 1; use model.residual=plain)")
     for name in ("head_dim", "n_kv_heads"):
       if getattr(self, name) < 0:
         raise ConfigError(f"model.{name}: must be >= 0 (0: derived), got {getattr(self, name)}")
