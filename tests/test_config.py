@@ -43,6 +43,9 @@ def test_defaults_and_overrides(tmp_path):
     ("model.head_dim=-4", "model.head_dim: must be >= 0"),
     ("model.n_kv_heads=-1", "model.n_kv_heads: must be >= 0"),
     (("model.residual=mhc", "model.mhc_streams=1"), "model.mhc_streams: mhc needs at least 2"),
+    ("model.attention_impl=cudnn", "model.attention_impl: 'cudnn' is the fused kernel"),
+    (("model.attention_impl=cudnn", "model.dtype=bfloat16", "model.mixer=cct"),
+     "got mixer='cct', dtype='bfloat16'"),
     ("mesh.fsdp=-2", "mesh: sizes must be positive"),
     ("optim.grad_accum_steps=3", "optim.grad_accum_steps: train.batch_size=8"),
     ("model=3", "model: expected a mapping"),
@@ -53,6 +56,14 @@ def test_errors_name_the_key(override, message):
     load_config(None, list(override) if isinstance(override, tuple) else [override])
   assert message in str(err.value)
   assert "\n" not in str(err.value)
+
+
+def test_platform_only_options_fail_on_other_devices():
+  cfg = load_config(None, ["model.attention_impl=cudnn", "model.dtype=bfloat16"])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  with pytest.raises(ConfigError, match="model.attention_impl: 'cudnn' needs GPU devices, "
+                                        "these are cpu"):
+    train.abstract_state(cfg, cfg.data.vocab_size, mesh)
 
 
 def test_yaml_file_errors(tmp_path):

@@ -104,7 +104,8 @@ class ModelConfig:
   save_qkv_proj | mhc_streams (dots_no_batch plus the mHC maps; recomputes every
   n-stream-wide tensor)."""
   attention_impl: str = "xla"
-  """Implementation for jax.nn.dot_product_attention: 'xla' or 'cudnn' (GPU only)."""
+  """Implementation for jax.nn.dot_product_attention: 'xla' or 'cudnn' (GPU only; needs
+  mixer=attention and dtype=bfloat16)."""
   scan_layers: bool = True
   """Run the blocks with jax.lax.scan (compile time independent of depth); False unrolls."""
   mhc_streams: int = 4
@@ -170,6 +171,10 @@ class ModelConfig:
     _check_positive("model", self, "n_layers", "d_model", "n_heads", "d_ff",
                     "rope_theta", "norm_eps", "init_std", "mhc_streams",
                     "mhc_sinkhorn_iters", "mhc_sinkhorn_eps", "mhc_logit_clamp")
+    if self.attention_impl == "cudnn" and (self.mixer, self.dtype) != ("attention", "bfloat16"):
+      raise ConfigError(f"model.attention_impl: 'cudnn' is the fused kernel of "
+                        f"mixer=attention in bfloat16, got mixer={self.mixer!r}, "
+                        f"dtype={self.dtype!r}")
     if self.residual == "mhc" and self.mhc_streams < 2:
       raise ConfigError(f"model.mhc_streams: mhc needs at least 2 streams, got "
                         f"{self.mhc_streams} (its init sets H_pre = 1/n through a sigmoid, "

@@ -60,8 +60,17 @@ def model_fn(cfg: Config, vocab_size: int) -> Callable[[], lm.LM]:
   return lambda: lm.LM(cfg.model, vocab_size, rngs=nnx.Rngs(cfg.train.seed))
 
 
+def check_platform(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+  """Model options that only exist on some platforms fail here, naming the field."""
+  platform = mesh.devices.flat[0].platform
+  if cfg.model.attention_impl == "cudnn" and platform != "gpu":
+    raise ConfigError(f"model.attention_impl: 'cudnn' needs GPU devices, these are "
+                      f"{platform}; set model.attention_impl=xla")
+
+
 def abstract_state(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh):
   """Shapes, graphdef, optimizer and shardings of the train state, without allocating."""
+  check_platform(cfg, mesh)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(model_fn(cfg, vocab_size)))
   logical_axes = nnx.get_partition_spec(abstract_params)
   tx = optim.build_optimizer(cfg.optim, cfg.train.steps, logical_axes)
