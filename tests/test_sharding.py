@@ -46,7 +46,7 @@ def test_rules_map_logical_axes_and_use_each_mesh_axis_once():
 
 
 def test_indivisible_parameter_is_a_clear_error():
-  cfg = load_config(None, ["model.d_model=60", "model.n_heads=4", "mesh.fsdp=8"])
+  cfg = load_config(None, ["model.d_model=60", "model.n_heads=6", "mesh.fsdp=8"])
   with pytest.raises(ConfigError, match=r"parameter '.*' dimension 60 is not divisible by "
                                         r"mesh axes \('fsdp',\) of total size 8"):
     train.abstract_state(cfg, 512, sharding.make_mesh(cfg.mesh))
