@@ -135,8 +135,25 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained, corpus, tmp_path)
   _, workdir, _ = trained
   run = tmp_path / "run"
   train.train(tiny_config(*corpus, "train.steps=2", "train.eval_every=0"), run)
+  files = {name: (run / name).read_bytes() for name in ("config.yaml", "tokenizer.model")}
   with pytest.raises(ckpt_lib.CheckpointError, match=r"model.d_model: 64 -> 32"):
-    train.train(tiny_config(*corpus, "train.steps=4", "model.d_model=32"), run)
+    train.train(tiny_config(*corpus, "train.steps=4", "model.d_model=32",
+                            "data.vocab_size=384"), run)
+  # the refused run left the run's config and tokenizer as they were
+  assert {name: (run / name).read_bytes() for name in files} == files
+
+
+def test_checkpoint_of_another_optimizer_is_a_clear_error_not_damage(corpus, tmp_path):
+  train.train(tiny_config(*corpus, "train.steps=2", "train.eval_every=0"), tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"optim: the checkpoint's train state does not fit this run's "
+                           r"\(optim.name: 'adamw' -> 'muon'; \.opt_state"):
+    train.train(tiny_config(*corpus, "train.steps=4", "optim.name=muon"), tmp_path)
+  # nothing was quarantined as damaged, and a change that keeps the state's form resumes
+  assert not (tmp_path / "checkpoints.damaged").exists()
+  summary = train.train(tiny_config(*corpus, "train.steps=4", "train.eval_every=0",
+                                    "optim.lr=1e-3"), tmp_path)
+  assert summary["start_step"] == 2
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, capsys):
@@ -195,7 +212,9 @@ def test_check_compatible_allows_new_fields_and_compute_choices():
   from ttt_jax import sharding
   from ttt_jax.config import MeshConfig, load_config
   cfg = load_config(None, ["model.d_model=64"])
-  meta = ckpt_lib.run_metadata(cfg, sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1)), 512)
+  mesh = sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1))
+  state = train.abstract_state(cfg, 512, mesh)[2]
+  meta = ckpt_lib.run_metadata(cfg, mesh, 512, state)
   del meta["model"]["rope_theta"]  # written before the field existed: had the default
   train.check_compatible(meta, cfg, 512)
   train.check_compatible(meta, load_config(None, ["model.d_model=64", "model.remat=full"]), 512)
@@ -204,3 +223,12 @@ def test_check_compatible_allows_new_fields_and_compute_choices():
                                                     "model.rope_theta=500"]), 512)
   with pytest.raises(ckpt_lib.CheckpointError, match="train.seed: the checkpoint's sample"):
     train.check_compatible(meta, load_config(None, ["model.d_model=64", "train.seed=3"]), 512)
+  # the optimizer state's form: momentum 0 drops SGD's trace; another lr keeps the form
+  sgd = load_config(None, ["model.d_model=64", "optim.name=sgd"])
+  sgd_meta = ckpt_lib.run_metadata(sgd, mesh, 512, train.abstract_state(sgd, 512, mesh)[2])
+  relaxed = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.lr=1e-4"])
+  train.check_compatible(sgd_meta, relaxed, 512, state=train.abstract_state(relaxed, 512, mesh)[2])
+  plain = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.momentum=0"])
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"optim.momentum: 0.9 -> 0.0; "):
+    train.check_compatible(sgd_meta, plain, 512, state=train.abstract_state(plain, 512, mesh)[2])
+  train.check_compatible(sgd_meta, plain, 512)  # no state given: nothing to compare

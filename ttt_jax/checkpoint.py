@@ -5,7 +5,9 @@ Each step directory holds three items:
   abstract state that carries the *current* mesh's shardings (so a different mesh
   reshards on load);
 - ``data``: the grain iterator state (grain's own checkpoint handler, one file per process);
-- ``meta``: JSON with the config hashes, mesh shape, process/worker counts, versions.
+- ``meta``: JSON with the config hashes, the model and optimizer configs, the state's
+  signature (each leaf's path, dtype and shape), mesh shape, process/worker counts and
+  versions.
 
 The ``state`` item is written by orbax's PyTree handler with an ``ArrayHandler`` that
 skips the per-array sharding file and array-metadata store (``state_handler``): this
@@ -57,7 +59,16 @@ class CheckpointError(RuntimeError):
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
 
 
-def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int) -> dict[str, Any]:
+def state_signature(state: Any) -> dict[str, str]:
+  """``{path: "dtype[shape]"}`` of every leaf of a train state (arrays or
+  ShapeDtypeStructs): what a restore needs to match, readable in the meta item."""
+  return {jax.tree_util.keystr(path): f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
+                 state: Any) -> dict[str, Any]:
+  """The meta item; ``state`` (the train state or its shapes) gives ``state_signature``."""
   versions = {}
   for name in _VERSIONED:
     try:
@@ -68,6 +79,8 @@ def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int) -> dict[
       "config_hash": config_hash(cfg),
       "model_config_hash": config_hash(cfg.model),
       "model": to_dict(cfg.model),
+      "optim": to_dict(cfg.optim),
+      "state_signature": state_signature(state),
       "vocab_size": vocab_size,
       "seq_len": cfg.data.seq_len,
       "seed": cfg.train.seed,

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -643,7 +644,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-  Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  """Writes ``cfg`` as YAML, atomically (a crash never leaves a half-written file)."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  os.replace(tmp, path)
 
 
 def config_hash(cfg: Any) -> str:

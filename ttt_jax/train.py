@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -209,18 +210,16 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-      save_config(cfg, workdir / "config.yaml")
   except OSError as e:
     raise TrainingError(f"{workdir}: workdir is not writable ({e.strerror})") from None
+  if not os.access(workdir, os.W_OK):
+    raise TrainingError(f"{workdir}: workdir is not writable (permission denied)")
   progress = _Progress(is_main and cfg.logging.progress_bar, cfg.train.steps, 0)
   log = progress.write if is_main else (lambda _: None)
 
   corpus = data_lib.prepare_corpus(cfg.data, log=log)
   vocab_size = corpus.vocab_size
   eos_id = data_lib.document_eos_id(cfg.data, corpus)  # None unless data.document_mask
-  if is_main and corpus.tokenizer is not None:
-    corpus.tokenizer.save(workdir / "tokenizer.model")
   mesh = sharding.make_mesh(cfg.mesh)
   accum = cfg.optim.grad_accum_steps
   micro_batch = cfg.train.batch_size // accum
@@ -275,17 +274,22 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                                compress=cfg.checkpoint.compress)
   restored = ckpt.restore_latest(ckpt_lib.with_shardings(state, built.state_shardings),
                                  data_iter, log=log,
-                                 check=lambda meta: check_compatible(meta, cfg, vocab_size))
+                                 check=lambda meta: check_compatible(meta, cfg, vocab_size,
+                                                                     state=state))
   if restored is not None:
     state, start_step = restored.state, restored.step
     log(f"resumed from checkpoint at step {start_step}")
   elif cfg.checkpoint.init_from:
     state, start_step = init_from(cfg, built, state, data_iter, vocab_size, log)
+  if is_main:  # only now: a run refused above leaves the workdir's files as they were
+    save_config(cfg, workdir / "config.yaml")
+    if corpus.tokenizer is not None:
+      corpus.tokenizer.save(workdir / "tokenizer.model")
   # rows an earlier, interrupted attempt logged past the starting step are dropped
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
                                      enabled=is_main,
                                      resume_step=start_step if restored is not None else -1)
-  run_meta = ckpt_lib.run_metadata(cfg, mesh, vocab_size)
+  run_meta = ckpt_lib.run_metadata(cfg, mesh, vocab_size, built.state)
   progress.update(start_step)
 
   first_batch = sharding.put_batch(next(data_iter), mesh)
@@ -398,7 +402,7 @@ def init_from(cfg: Config, built: Built, state: TrainState, data_iter: Any, voca
       step = step if step is not None else (other.all_steps() or [None])[-1]
       if step is None:
         raise ckpt_lib.CheckpointError(f"{directory}: no complete checkpoint to initialise from")
-      check_compatible(other.read_meta(step), cfg, vocab_size)
+      check_compatible(other.read_meta(step), cfg, vocab_size, state=state)
       restored = other.restore(step, ckpt_lib.with_shardings(state, built.state_shardings),
                                data_iter)
     finally:
@@ -438,9 +442,11 @@ may differ between a checkpoint and the run resuming it."""
 
 
 def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
-                     resume_data: bool = True) -> None:
+                     resume_data: bool = True, state: Any = None) -> None:
   """A checkpoint from another model config cannot be loaded here; one from another
-  sample stream (seed, sequence length, worker count) cannot be resumed."""
+  sample stream (seed, sequence length, worker count) cannot be resumed; one whose state
+  (``state_signature``, when the meta has it) differs from ``state``, the train state to
+  restore, cannot be restored, which otherwise would look like damage."""
   if resume_data:
     for key, current_value in (("worker_count", cfg.data.worker_count),
                                ("seq_len", cfg.data.seq_len), ("seed", cfg.train.seed)):
@@ -462,6 +468,26 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
     raise ckpt_lib.CheckpointError(
         f"checkpoint in the workdir was written by a different model ({what}); "
         "use a new --workdir or the original config")
+  if state is not None and "state_signature" in meta:
+    _check_state_signature(meta, cfg, state)
+
+
+def _check_state_signature(meta: dict[str, Any], cfg: Config, state: Any) -> None:
+  saved, current = meta["state_signature"], ckpt_lib.state_signature(state)
+  if saved == current:
+    return
+  old_optim = {**to_dict(type(cfg.optim)()), **meta.get("optim", {})}
+  new_optim = to_dict(cfg.optim)
+  changed = [f"optim.{k}: {old_optim.get(k)!r} -> {new_optim.get(k)!r}"
+             for k in sorted(new_optim) if old_optim.get(k) != new_optim.get(k)]
+  first = next(k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
+  detail = (f"{first}: {saved.get(first, 'absent')} in the checkpoint, "
+            f"{current.get(first, 'absent')} here")
+  cause = ", ".join(changed) if changed else "no optim field changed; another version?"
+  raise ckpt_lib.CheckpointError(
+      f"optim: the checkpoint's train state does not fit this run's ({cause}; {detail}); "
+      "resume with the original optim settings or use a new --workdir "
+      "(--init-from to start from its params)")
 
 
 def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
@@ -481,7 +507,8 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
     graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
     restored = ckpt.restore_latest(
         ckpt_lib.with_shardings(abstract, shardings), None, log=log,
-        check=lambda meta: check_compatible(meta, cfg, vocab_size, resume_data=False))
+        check=lambda meta: check_compatible(meta, cfg, vocab_size, resume_data=False,
+                                            state=abstract))
   finally:
     ckpt.close()
   if restored is None:
