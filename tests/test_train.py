@@ -149,6 +149,9 @@ def test_checkpoint_of_another_optimizer_is_a_clear_error_not_damage(corpus, tmp
                      match=r"optim: the checkpoint's train state does not fit this run's "
                            r"\(optim.name: 'adamw' -> 'muon'; \.opt_state"):
     train.train(tiny_config(*corpus, "train.steps=4", "optim.name=muon"), tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"data.val_fraction: the checkpoint's "
+                                                     r"sample stream was made with"):
+    train.train(tiny_config(*corpus, "train.steps=4", "data.val_fraction=0.3"), tmp_path)
   # nothing was quarantined as damaged, and a change that keeps the state's form resumes
   assert not (tmp_path / "checkpoints.damaged").exists()
   summary = train.train(tiny_config(*corpus, "train.steps=4", "train.eval_every=0",
@@ -214,18 +217,34 @@ def test_check_compatible_allows_new_fields_and_compute_choices():
   cfg = load_config(None, ["model.d_model=64"])
   mesh = sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1))
   state = train.abstract_state(cfg, 512, mesh)[2]
-  meta = ckpt_lib.run_metadata(cfg, mesh, 512, state)
+  text = {"corpus_hash": "ab" * 32, "tokenizer_hash": "cd" * 32}
+  stream = lambda c, **other: train.stream_identity(c, {**text, **other})
+  meta = ckpt_lib.run_metadata(cfg, mesh, 512, state, stream(cfg))
   del meta["model"]["rope_theta"]  # written before the field existed: had the default
-  train.check_compatible(meta, cfg, 512)
+  del meta["shuffle"]  # likewise: not compared
+  train.check_compatible(meta, cfg, 512, stream=stream(cfg))
   train.check_compatible(meta, load_config(None, ["model.d_model=64", "model.remat=full"]), 512)
   with pytest.raises(ckpt_lib.CheckpointError, match="model.rope_theta: 10000.0 -> 500.0"):
     train.check_compatible(meta, load_config(None, ["model.d_model=64",
                                                     "model.rope_theta=500"]), 512)
+  reseeded = load_config(None, ["model.d_model=64", "train.seed=3"])
   with pytest.raises(ckpt_lib.CheckpointError, match="train.seed: the checkpoint's sample"):
-    train.check_compatible(meta, load_config(None, ["model.d_model=64", "train.seed=3"]), 512)
+    train.check_compatible(meta, reseeded, 512, stream=stream(reseeded))
+  train.check_compatible(meta, reseeded, 512)  # params only: the stream is not compared
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r"data.corpus: the checkpoint's sample stream was read from other "
+                           r"text \(sha256 abababababab..., this run's efefefefefef...\)"):
+    train.check_compatible(meta, cfg, 512, stream=stream(cfg, corpus_hash="ef" * 32))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"data.tokenizer: .* another tokenizer"):
+    train.check_compatible(meta, cfg, 512, stream=stream(cfg, tokenizer_hash="00" * 32))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"data.val_fraction: .*=0.05, this run "
+                                                     r"has 0.2"):
+    frac = load_config(None, ["model.d_model=64", "data.val_fraction=0.2"])
+    train.check_compatible(meta, frac, 512, stream=stream(frac))
   # the optimizer state's form: momentum 0 drops SGD's trace; another lr keeps the form
   sgd = load_config(None, ["model.d_model=64", "optim.name=sgd"])
-  sgd_meta = ckpt_lib.run_metadata(sgd, mesh, 512, train.abstract_state(sgd, 512, mesh)[2])
+  sgd_meta = ckpt_lib.run_metadata(sgd, mesh, 512, train.abstract_state(sgd, 512, mesh)[2],
+                                   stream(sgd))
   relaxed = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.lr=1e-4"])
   train.check_compatible(sgd_meta, relaxed, 512, state=train.abstract_state(relaxed, 512, mesh)[2])
   plain = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.momentum=0"])

@@ -6,8 +6,9 @@ Each step directory holds three items:
   reshards on load);
 - ``data``: the grain iterator state (grain's own checkpoint handler, one file per process);
 - ``meta``: JSON with the config hashes, the model and optimizer configs, the state's
-  signature (each leaf's path, dtype and shape), mesh shape, process/worker counts and
-  versions.
+  signature (each leaf's path, dtype and shape), what fixes the sample stream (its
+  settings and the content hashes of the text and tokenizer), mesh shape, process count
+  and versions.
 
 The ``state`` item is written by orbax's PyTree handler with an ``ArrayHandler`` that
 skips the per-array sharding file and array-metadata store (``state_handler``): this
@@ -66,9 +67,10 @@ def state_signature(state: Any) -> dict[str, str]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
 
 
-def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
-                 state: Any) -> dict[str, Any]:
-  """The meta item; ``state`` (the train state or its shapes) gives ``state_signature``."""
+def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int, state: Any,
+                 stream: dict[str, Any]) -> dict[str, Any]:
+  """The meta item; ``state`` (the train state or its shapes) gives ``state_signature``,
+  ``stream`` what fixes the sample stream (``train.stream_identity``)."""
   versions = {}
   for name in _VERSIONED:
     try:
@@ -82,12 +84,10 @@ def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int,
       "optim": to_dict(cfg.optim),
       "state_signature": state_signature(state),
       "vocab_size": vocab_size,
-      "seq_len": cfg.data.seq_len,
-      "seed": cfg.train.seed,
+      **stream,
       "rng": "stateless: per-step randomness is fold_in(key(train.seed), step)",
       "mesh_shape": dict(mesh.shape),
       "process_count": jax.process_count(),
-      "worker_count": cfg.data.worker_count,
       "python": platform.python_version(),
       "versions": versions,
   }

@@ -272,15 +272,16 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                                async_save=cfg.checkpoint.async_save,
                                device_snapshot=cfg.checkpoint.device_snapshot,
                                compress=cfg.checkpoint.compress)
+  stream = stream_identity(cfg, corpus.meta)
   restored = ckpt.restore_latest(ckpt_lib.with_shardings(state, built.state_shardings),
                                  data_iter, log=log,
-                                 check=lambda meta: check_compatible(meta, cfg, vocab_size,
-                                                                     state=state))
+                                 check=lambda meta: check_compatible(
+                                     meta, cfg, vocab_size, stream=stream, state=state))
   if restored is not None:
     state, start_step = restored.state, restored.step
     log(f"resumed from checkpoint at step {start_step}")
   elif cfg.checkpoint.init_from:
-    state, start_step = init_from(cfg, built, state, data_iter, vocab_size, log)
+    state, start_step = init_from(cfg, built, state, data_iter, vocab_size, stream, log)
   if is_main:  # only now: a run refused above leaves the workdir's files as they were
     save_config(cfg, workdir / "config.yaml")
     if corpus.tokenizer is not None:
@@ -289,7 +290,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
                                      enabled=is_main,
                                      resume_step=start_step if restored is not None else -1)
-  run_meta = ckpt_lib.run_metadata(cfg, mesh, vocab_size, built.state)
+  run_meta = ckpt_lib.run_metadata(cfg, mesh, vocab_size, built.state, stream)
   progress.update(start_step)
 
   first_batch = sharding.put_batch(next(data_iter), mesh)
@@ -392,7 +393,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
 
 def init_from(cfg: Config, built: Built, state: TrainState, data_iter: Any, vocab_size: int,
-              log: Callable[[str], None]) -> tuple[TrainState, int]:
+              stream: dict[str, Any], log: Callable[[str], None]) -> tuple[TrainState, int]:
   """(state, start step) of a new run initialised from ``cfg.checkpoint.init_from``."""
   source = cfg.checkpoint.init_from
   if cfg.checkpoint.init_from_full:
@@ -402,7 +403,7 @@ def init_from(cfg: Config, built: Built, state: TrainState, data_iter: Any, voca
       step = step if step is not None else (other.all_steps() or [None])[-1]
       if step is None:
         raise ckpt_lib.CheckpointError(f"{directory}: no complete checkpoint to initialise from")
-      check_compatible(other.read_meta(step), cfg, vocab_size, state=state)
+      check_compatible(other.read_meta(step), cfg, vocab_size, stream=stream, state=state)
       restored = other.restore(step, ckpt_lib.with_shardings(state, built.state_shardings),
                                data_iter)
     finally:
@@ -411,7 +412,7 @@ def init_from(cfg: Config, built: Built, state: TrainState, data_iter: Any, voca
     return restored.state, restored.step
   step, params, _ = ckpt_lib.load_params(
       source, ckpt_lib.with_shardings(state.params, built.state_shardings.params),
-      check=lambda meta: check_compatible(meta, cfg, vocab_size, resume_data=False))
+      check=lambda meta: check_compatible(meta, cfg, vocab_size))
   log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
   return TrainState(state.step, params, state.opt_state), 0
 
@@ -441,21 +442,41 @@ COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers",
 may differ between a checkpoint and the run resuming it."""
 
 
+STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
+                 "worker_count": "data.worker_count", "shuffle": "data.shuffle",
+                 "val_fraction": "data.val_fraction", "corpus_hash": "data.corpus",
+                 "tokenizer_hash": "data.tokenizer"}
+"""Meta keys that fix the sample stream, and the config field each is named by."""
+
+
+def stream_identity(cfg: Config, corpus_meta: dict[str, Any]) -> dict[str, Any]:
+  """What fixes the run's sample stream: the sampling settings, and the content hashes
+  of the text and the tokenizer (``data.Corpus.meta``). Saved in each checkpoint."""
+  return {"seq_len": cfg.data.seq_len, "seed": cfg.train.seed,
+          "worker_count": cfg.data.worker_count, "shuffle": cfg.data.shuffle,
+          "val_fraction": cfg.data.val_fraction,
+          "corpus_hash": corpus_meta.get("corpus_hash"),
+          "tokenizer_hash": corpus_meta.get("tokenizer_hash")}
+
+
 def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
-                     resume_data: bool = True, state: Any = None) -> None:
+                     stream: dict[str, Any] | None = None, state: Any = None) -> None:
   """A checkpoint from another model config cannot be loaded here; one from another
-  sample stream (seed, sequence length, worker count) cannot be resumed; one whose state
-  (``state_signature``, when the meta has it) differs from ``state``, the train state to
-  restore, cannot be restored, which otherwise would look like damage."""
-  if resume_data:
-    for key, current_value in (("worker_count", cfg.data.worker_count),
-                               ("seq_len", cfg.data.seq_len), ("seed", cfg.train.seed)):
-      if key in meta and meta[key] != current_value:
-        section = "train" if key == "seed" else "data"
-        raise ckpt_lib.CheckpointError(
-            f"{section}.{key}: the checkpoint's sample stream was made with "
-            f"{section}.{key}={meta[key]}, this run has {current_value}; resume with the "
-            "original value or use a new --workdir (--init-from to start from its params)")
+  sample stream than ``stream`` (given when the data position is resumed) cannot be
+  resumed; one whose state (``state_signature``, when the meta has it) differs from
+  ``state``, the train state to restore, cannot be restored, which otherwise would look
+  like damage. Keys a checkpoint predates are not compared."""
+  for key, current_value in (stream or {}).items():
+    if key in meta and meta[key] != current_value:
+      field = STREAM_FIELDS[key]
+      what = ("other text" if key == "corpus_hash" else "another tokenizer"
+              if key == "tokenizer_hash" else None)
+      detail = (f"was read from {what} (sha256 {str(meta[key])[:12]}..., this run's "
+                f"{str(current_value)[:12]}...)" if what else
+                f"was made with {field}={meta[key]}, this run has {current_value}")
+      raise ckpt_lib.CheckpointError(
+          f"{field}: the checkpoint's sample stream {detail}; resume with the original "
+          "value or use a new --workdir (--init-from to start from its params)")
   current = to_dict(cfg.model)
   # a field added to ModelConfig after the checkpoint was written had its default then
   saved = {**to_dict(type(cfg.model)()), **meta.get("model", {})}
@@ -507,8 +528,7 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
     graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
     restored = ckpt.restore_latest(
         ckpt_lib.with_shardings(abstract, shardings), None, log=log,
-        check=lambda meta: check_compatible(meta, cfg, vocab_size, resume_data=False,
-                                            state=abstract))
+        check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))
   finally:
     ckpt.close()
   if restored is None:
