@@ -466,17 +466,6 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
   resumed; one whose state (``state_signature``, when the meta has it) differs from
   ``state``, the train state to restore, cannot be restored, which otherwise would look
   like damage. Keys a checkpoint predates are not compared."""
-  for key, current_value in (stream or {}).items():
-    if key in meta and meta[key] != current_value:
-      field = STREAM_FIELDS[key]
-      what = ("other text" if key == "corpus_hash" else "another tokenizer"
-              if key == "tokenizer_hash" else None)
-      detail = (f"was read from {what} (sha256 {str(meta[key])[:12]}..., this run's "
-                f"{str(current_value)[:12]}...)" if what else
-                f"was made with {field}={meta[key]}, this run has {current_value}")
-      raise ckpt_lib.CheckpointError(
-          f"{field}: the checkpoint's sample stream {detail}; resume with the original "
-          "value or use a new --workdir (--init-from to start from its params)")
   current = to_dict(cfg.model)
   # a field added to ModelConfig after the checkpoint was written had its default then
   saved = {**to_dict(type(cfg.model)()), **meta.get("model", {})}
@@ -489,6 +478,16 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
     raise ckpt_lib.CheckpointError(
         f"checkpoint in the workdir was written by a different model ({what}); "
         "use a new --workdir or the original config")
+  for key, current_value in (stream or {}).items():
+    if key in meta and meta[key] != current_value:
+      field = STREAM_FIELDS[key]
+      what = {"corpus_hash": "other text", "tokenizer_hash": "another tokenizer"}.get(key)
+      detail = (f"was read from {what} (sha256 {str(meta[key])[:12]}..., this run's "
+                f"{str(current_value)[:12]}...)" if what else
+                f"was made with {field}={meta[key]}, this run has {current_value}")
+      raise ckpt_lib.CheckpointError(
+          f"{field}: the checkpoint's sample stream {detail}; resume with the original "
+          "value or use a new --workdir (--init-from to start from its params)")
   if state is not None and "state_signature" in meta:
     _check_state_signature(meta, cfg, state)
 
