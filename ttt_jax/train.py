@@ -412,7 +412,8 @@ def init_from(cfg: Config, built: Built, state: TrainState, data_iter: Any, voca
     return restored.state, restored.step
   step, params, _ = ckpt_lib.load_params(
       source, ckpt_lib.with_shardings(state.params, built.state_shardings.params),
-      check=lambda meta: check_compatible(meta, cfg, vocab_size))
+      check=lambda meta: check_compatible(meta, cfg, vocab_size,
+                                          tokenizer_hash=stream["tokenizer_hash"]))
   log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
   return TrainState(state.step, params, state.opt_state), 0
 
@@ -460,12 +461,15 @@ def stream_identity(cfg: Config, corpus_meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
-                     stream: dict[str, Any] | None = None, state: Any = None) -> None:
+                     stream: dict[str, Any] | None = None, state: Any = None,
+                     tokenizer_hash: str | None = None) -> None:
   """A checkpoint from another model config cannot be loaded here; one from another
   sample stream than ``stream`` (given when the data position is resumed) cannot be
   resumed; one whose state (``state_signature``, when the meta has it) differs from
   ``state``, the train state to restore, cannot be restored, which otherwise would look
-  like damage. Keys a checkpoint predates are not compared."""
+  like damage; params trained with another tokenizer than ``tokenizer_hash`` (given for
+  params-only fine-tuning) would read the token ids as other pieces. Keys a checkpoint
+  predates are not compared."""
   current = to_dict(cfg.model)
   # a field added to ModelConfig after the checkpoint was written had its default then
   saved = {**to_dict(type(cfg.model)()), **meta.get("model", {})}
@@ -488,6 +492,12 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
       raise ckpt_lib.CheckpointError(
           f"{field}: the checkpoint's sample stream {detail}; resume with the original "
           "value or use a new --workdir (--init-from to start from its params)")
+  saved_tokenizer = meta.get("tokenizer_hash")
+  if tokenizer_hash and saved_tokenizer and saved_tokenizer != tokenizer_hash:
+    raise ckpt_lib.CheckpointError(
+        f"data.tokenizer: the params were trained with another tokenizer (sha256 "
+        f"{saved_tokenizer[:12]}..., this run's {tokenizer_hash[:12]}...); set "
+        "data.tokenizer to the source run's tokenizer.model to fine-tune with it")
   if state is not None and "state_signature" in meta:
     _check_state_signature(meta, cfg, state)
 
