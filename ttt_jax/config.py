@@ -53,6 +53,12 @@ def _check_positive(section: str, obj: Any, *names: str) -> None:
       raise ConfigError(f"{section}.{name}: must be > 0, got {getattr(obj, name)!r}")
 
 
+def _check_non_negative(section: str, obj: Any, *names: str) -> None:
+  for name in names:
+    if getattr(obj, name) < 0:
+      raise ConfigError(f"{section}.{name}: must be >= 0, got {getattr(obj, name)!r}")
+
+
 MIXERS = ("attention", "ttt_linear", "cct")
 """Registered token mixers; later mechanisms append to this in ``models/lm.py``."""
 OBJECTIVES = ("lm", "cct")
@@ -163,15 +169,12 @@ class ModelConfig:
     _check_choice("model", "ttt_backbone", self.ttt_backbone, ("mamba", "transformer"))
     _check_choice("model", "cct_pool", self.cct_pool, ("last", "mean"))
     _check_positive("model", self, "cct_d_summary", "cct_step_len")
-    for name in ("cct_d_bottleneck", "cct_max_steps"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"model.{name}: must be >= 0, got {getattr(self, name)}")
-    _check_positive("model", self, "ttt_mini_batch", "ttt_base_lr", "ttt_conv_width")
-    if self.ttt_remat_group < 0:
-      raise ConfigError(f"model.ttt_remat_group: must be >= 0, got {self.ttt_remat_group}")
-    _check_positive("model", self, "n_layers", "d_model", "n_heads", "d_ff",
-                    "rope_theta", "norm_eps", "init_std", "mhc_streams",
-                    "mhc_sinkhorn_iters", "mhc_sinkhorn_eps", "mhc_logit_clamp")
+    _check_non_negative("model", self, "cct_d_bottleneck", "cct_max_steps", "ttt_remat_group",
+                        "head_dim", "n_kv_heads")
+    _check_positive("model", self, "ttt_mini_batch", "ttt_base_lr", "ttt_conv_width",
+                    "n_layers", "d_model", "n_heads", "d_ff", "rope_theta", "norm_eps",
+                    "init_std", "mhc_streams", "mhc_sinkhorn_iters", "mhc_sinkhorn_eps",
+                    "mhc_logit_clamp")
     if self.attention_impl == "cudnn" and (self.mixer, self.dtype) != ("attention", "bfloat16"):
       raise ConfigError(f"model.attention_impl: 'cudnn' is the fused kernel of "
                         f"mixer=attention in bfloat16, got mixer={self.mixer!r}, "
@@ -180,9 +183,6 @@ class ModelConfig:
       raise ConfigError(f"model.mhc_streams: mhc needs at least 2 streams, got "
                         f"{self.mhc_streams} (its init sets H_pre = 1/n through a sigmoid, "
                         f"which has no finite logit at n = 1; use model.residual=plain)")
-    for name in ("head_dim", "n_kv_heads"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"model.{name}: must be >= 0 (0: derived), got {getattr(self, name)}")
     if self.head_dim == 0 and self.d_model % self.n_heads:
       raise ConfigError(f"model.n_heads: d_model={self.d_model} is not divisible by "
                         f"n_heads={self.n_heads}; set model.head_dim explicitly")
@@ -266,8 +266,7 @@ class DataConfig:
       raise ConfigError("data.corpus: must name at least one source")
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
-    if self.worker_count < 0:
-      raise ConfigError(f"data.worker_count: must be >= 0, got {self.worker_count}")
+    _check_non_negative("data", self, "worker_count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,9 +313,8 @@ class OptimConfig:
     _check_choice("optim", "name", self.name, ("adamw", "sgd", "muon"))
     _check_choice("optim", "schedule", self.schedule, ("cosine", "wsd", "constant"))
     _check_positive("optim", self, "lr", "grad_accum_steps", "ns_steps")
-    for name in ("warmup_steps", "weight_decay", "clip_norm", "adam_lr", "eps"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"optim.{name}: must be >= 0, got {getattr(self, name)}")
+    _check_non_negative("optim", self, "warmup_steps", "weight_decay", "clip_norm", "adam_lr",
+                        "eps")
     for name in ("min_lr_ratio", "decay_fraction", "b1", "b2", "adam_b1", "adam_b2",
                  "momentum"):
       if not 0.0 <= getattr(self, name) <= 1.0:
@@ -355,9 +353,7 @@ class TrainConfig:
   def __post_init__(self):
     _check_positive("train", self, "steps", "batch_size", "log_every")
     _check_choice("train", "objective", self.objective, OBJECTIVES)
-    for name in ("eval_every", "peak_flops", "stop_after"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+    _check_non_negative("train", self, "eval_every", "peak_flops", "stop_after")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,8 +365,7 @@ class EvalConfig:
 
   def __post_init__(self):
     _check_positive("eval", self, "batches")
-    if self.batch_size < 0:
-      raise ConfigError(f"eval.batch_size: must be >= 0, got {self.batch_size}")
+    _check_non_negative("eval", self, "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,9 +399,7 @@ class CheckpointConfig:
   the source run into this workdir (the model and sample stream must match)."""
 
   def __post_init__(self):
-    for name in ("every", "keep_every"):
-      if getattr(self, name) < 0:
-        raise ConfigError(f"checkpoint.{name}: must be >= 0, got {getattr(self, name)}")
+    _check_non_negative("checkpoint", self, "every", "keep_every")
     _check_positive("checkpoint", self, "keep")
 
 
@@ -436,8 +429,7 @@ class MeshConfig:
 
   def __post_init__(self):
     sizes = (self.data, self.fsdp, self.tensor)
-    if self.num_devices < 0:
-      raise ConfigError(f"mesh.num_devices: must be >= 0, got {self.num_devices}")
+    _check_non_negative("mesh", self, "num_devices")
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
       raise ConfigError(f"mesh: sizes must be positive or a single -1, got "
                         f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
