@@ -3,7 +3,8 @@
 Every parameter is classified once, from its logical axis names alone (``param_group``):
 
   'embedding'  any axis named 'vocab' (token embedding [V, D], untied LM head [D, V]);
-  'vector'     an axis named 'norm', 'conv' or 'streams', or fewer than two matrix axes
+  'vector'     an axis registered as a vector axis (``registry.AxisInfo.vector``: 'norm',
+               'conv', 'streams', 'fast', 'gate'), or fewer than two matrix axes
                (norm scales, biases, scalars, gates, per-head vectors);
   'matrix'     everything else: at least two matrix axes (hidden weight matrices).
 
@@ -50,6 +51,7 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
+from ttt_jax import registry
 from ttt_jax.config import OptimConfig
 
 MATRIX, EMBEDDING, VECTOR = "matrix", "embedding", "vector"
@@ -62,8 +64,6 @@ HEAD_AXES = ("heads", "kv_heads")
 """Axes of independent per-head parameters: batch axes unless 'embed' is present."""
 RESIDUAL_AXIS = "embed"
 """The residual-stream axis: one side of a projection matrix."""
-VECTOR_AXES = ("norm", "conv", "streams", "fast", "gate")
-"""Axes that mark a parameter as not a hidden matrix, whatever its rank."""
 
 
 # ----------------------------------------------------------------------------- classification
@@ -89,7 +89,7 @@ def param_group(spec: P) -> str:
   names = [a for entry in spec for a in _axis_names(entry)]
   if VOCAB_AXIS in names:
     return EMBEDDING
-  if any(a in VECTOR_AXES for a in names):
+  if any(a in registry.LOGICAL_AXES and registry.LOGICAL_AXES.get(a).vector for a in names):
     return VECTOR
   return MATRIX if len(_matrix_axes(spec)) >= 2 else VECTOR
 

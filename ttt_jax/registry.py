@@ -42,6 +42,7 @@ BUILTINS = "ttt_jax.catalog"
 """The module whose import registers every built-in mechanism."""
 
 T = TypeVar("T")
+_DECORATE = object()
 
 
 def load_builtins() -> None:
@@ -57,16 +58,16 @@ class Registry(Generic[T]):
     self.kind, self.key = kind, key
     self._entries: dict[str, T] = {}
 
-  def register(self, name: str, entry: T | None = None) -> Any:
-    """Registers ``entry`` under ``name``; without ``entry``, a decorator that
-    registers what it decorates. A name is registered once."""
+  def register(self, name: str, entry: Any = _DECORATE) -> Any:
+    """Registers ``entry`` (which may be None) under ``name``; without ``entry``, a
+    decorator that registers what it decorates. A name is registered once."""
     def add(value: T) -> T:
       if name in self._entries and self._entries[name] is not value:
         raise ValueError(f"{self.kind} {name!r} is registered twice")
       self._entries[name] = value
       return value
 
-    return add if entry is None else add(entry)
+    return add if entry is _DECORATE else add(entry)
 
   def get(self, name: str) -> T:
     """The entry of ``name``; a ``ConfigError`` naming ``key`` and the choices if none."""

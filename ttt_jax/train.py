@@ -29,8 +29,10 @@ from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import data as data_lib
 from ttt_jax import distributed, host_memory
 from ttt_jax import metrics as metrics_lib
-from ttt_jax import objectives, optim, sharding
-from ttt_jax.config import Config, ConfigError, load_config, save_config, to_dict
+from ttt_jax import optim, sharding
+from ttt_jax.config import (SLOTS, Config, ConfigError, flatten, load_config, model_from_dict,
+                            save_config, to_dict)
+from ttt_jax.training import objectives
 from ttt_jax.models import lm
 
 
@@ -64,9 +66,8 @@ def model_fn(cfg: Config, vocab_size: int) -> Callable[[], lm.LM]:
 def check_platform(cfg: Config, mesh: jax.sharding.Mesh) -> None:
   """Model options that only exist on some platforms fail here, naming the field."""
   platform = mesh.devices.flat[0].platform
-  if cfg.model.attention_impl == "cudnn" and platform != "gpu":
-    raise ConfigError(f"model.attention_impl: 'cudnn' needs GPU devices, these are "
-                      f"{platform}; set model.attention_impl=xla")
+  for slot in SLOTS:
+    getattr(cfg.model, slot).check_platform(platform)
 
 
 def abstract_state(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh):
@@ -108,7 +109,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     rng = jax.random.fold_in(base_key, state.step)
 
     def loss_fn(params):
-      return objective(nnx.merge(graphdef, params), batch, step, rng)
+      return objective(nnx.merge(graphdef, params), batch,
+                       objectives.StepContext(step, rng, {}))
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -130,9 +132,7 @@ def jit_train_step(built: Built):
 
 def make_eval_step(graphdef: nnx.GraphDef):
   def eval_step(params: nnx.State, batch: dict[str, jax.Array], piece_bytes: jax.Array):
-    logits = nnx.merge(graphdef, params)(batch["inputs"],
-                                         segment_ids_BxT=batch.get("segment_ids"),
-                                         step_ids_BxT=batch.get("step_ids"))
+    logits = objectives.batch_logits(nnx.merge(graphdef, params), batch)
     _, sum_nll, n_tokens = lm.cross_entropy_loss(logits, batch["targets"])
     n_bytes = jnp.sum(piece_bytes[batch["targets"]])
     return {"nll": sum_nll, "tokens": n_tokens, "bytes": n_bytes}
@@ -232,8 +232,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
   built = build(cfg, vocab_size, mesh)
   n_params = lm.count_params(built.state.params)
-  log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer}, "
-      f"residual={cfg.model.residual}, optimizer={cfg.optim.name}")
+  log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer.type}, "
+      f"residual={cfg.model.residual.type}, optimizer={cfg.optim.name}")
 
   train_step = jit_train_step(built)
   eval_step = jax.jit(make_eval_step(built.graphdef),
@@ -437,12 +437,6 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers",
-                             "ttt_remat_group")
-"""Model fields that change how the step computes, not what the parameters are: they
-may differ between a checkpoint and the run resuming it."""
-
-
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
                  "worker_count": "data.worker_count", "shuffle": "data.shuffle",
                  "val_fraction": "data.val_fraction", "corpus_hash": "data.corpus",
@@ -470,11 +464,17 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
   like damage; params trained with another tokenizer than ``tokenizer_hash`` (given for
   params-only fine-tuning) would read the token ids as other pieces. Keys a checkpoint
   predates are not compared."""
-  current = to_dict(cfg.model)
-  # a field added to ModelConfig after the checkpoint was written had its default then
-  saved = {**to_dict(type(cfg.model)()), **meta.get("model", {})}
+  current = flatten(to_dict(cfg.model))
+  # a field added to ModelConfig after the checkpoint was written had its default then;
+  # a checkpoint from before model slots has its flat model upgraded
+  try:
+    saved_model = model_from_dict(meta.get("model", {}))
+    saved = flatten(to_dict(saved_model))
+    compute_only = cfg.model.compute_only_keys() & saved_model.compute_only_keys()
+  except ConfigError:
+    saved, compute_only = flatten(meta.get("model", {})), cfg.model.compute_only_keys()
   differing = sorted(k for k in set(current) | set(saved)
-                     if k not in COMPUTE_ONLY_MODEL_FIELDS and current.get(k) != saved.get(k))
+                     if k not in compute_only and current.get(k) != saved.get(k))
   if differing or meta.get("vocab_size") != vocab_size:
     what = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
     if meta.get("vocab_size") != vocab_size:
@@ -525,7 +525,7 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
   workdir = Path(workdir)
   if not (workdir / "config.yaml").exists():
     raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
-  cfg = load_config(workdir / "config.yaml", overrides)
+  cfg = load_config(workdir / "config.yaml", overrides, legacy=True)
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                async_save=False)
   try:

@@ -12,23 +12,12 @@ angle m * w_i at position m, with w_i = theta^(-2i/K), i = 0..K/2-1:
 
 Rotations preserve norms and <rope(q, m), rope(k, n)> depends only on (m - n).
 
-SwiGLU MLP (Shazeer, 2020):
-
-    swiglu(x) = (silu(x W_gate) * (x W_up)) W_down
-
 Parameters are created through ``param``, which attaches logical axis names (the
 ``out_sharding`` metadata that ``nnx.get_partition_spec`` reads) and never shards eagerly;
-the sharding code maps the names to mesh axes. Vocabulary of names: 'vocab', 'embed',
-'mlp', 'heads', 'kv_heads', 'head_dim', 'norm', 'layers' (the last is added by the
-stacking transform in lm.py, never by a layer itself), and for mHC (models/mhc.py)
-'streams' (the n residual streams), 'mhc_flat' (the flattened n*D stream) and
-'mhc_coeffs' (the 2n + n^2 map logits) and 'mhc_gates' (the three alpha gates); the
-first two are never sharded.
-For TTT-Linear (models/ttt_linear.py): 'conv' (the taps of a depthwise convolution),
-'fast' (the output axis of the learned initial fast weights W0, b0) and 'gate' (the
-inner learning-rate gate).
-For CCT (models/cct.py): 'summary' (the commitment head's bottleneck and summary
-widths; small, never sharded).
+the sharding code maps the names to mesh axes. Every name is registered in
+``registry.LOGICAL_AXES`` with what it means to the optimizer and the mesh: the core
+names below here ('layers' is added by the stacking transform in lm.py, never by a
+layer itself), a mechanism's own names in its module.
 
 Dtypes: parameters are stored in ``param_dtype`` and cast to the activation's dtype at use,
 so matmuls run in the compute dtype (float32 or bfloat16).
@@ -40,10 +29,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "layers",
-                "streams", "mhc_flat", "mhc_coeffs", "mhc_gates",
-                "conv", "fast", "gate", "summary")
-"""Every logical axis name a parameter may carry."""
+from ttt_jax import registry
+from ttt_jax.registry import AxisInfo
+
+for _name, _info in {
+    "vocab": AxisInfo("the vocabulary (embedding, head)"),
+    "embed": AxisInfo("the residual stream width"),
+    "mlp": AxisInfo("the feed-forward hidden width"),
+    "heads": AxisInfo("query heads (times head_dim)"),
+    "kv_heads": AxisInfo("key/value heads (times head_dim)"),
+    "head_dim": AxisInfo("the width of one head"),
+    "norm": AxisInfo("a normalisation's scale or shift", vector=True),
+    "layers": AxisInfo("stacked copies of a block"),
+}.items():
+  registry.LOGICAL_AXES.register(_name, _info)
 
 
 # ----------------------------------------------------------------------------- params
@@ -58,9 +57,10 @@ def param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
   """
   if len(names) != value.ndim:
     raise ValueError(f"param of shape {value.shape} got {len(names)} axis names {names}")
-  unknown = [n for n in names if n not in LOGICAL_AXES]
+  unknown = [n for n in names if n not in registry.LOGICAL_AXES]
   if unknown:
-    raise ValueError(f"unknown logical axis names {unknown}; allowed: {LOGICAL_AXES}")
+    raise ValueError(f"unknown logical axis names {unknown}; registered: "
+                     f"{registry.LOGICAL_AXES.names()}")
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
@@ -114,16 +114,6 @@ def dense(x_BxTxD: jax.Array, w_DxF: jax.Array,
   return y_NxF.reshape(*leading, w_DxF.shape[-1])
 
 
-def swiglu(x_BxTxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
-           w_down_FxD: jax.Array) -> jax.Array:
-  """(silu(x W_gate) * x W_up) W_down, with the weights cast to x's dtype."""
-  dtype = x_BxTxD.dtype
-  gate_BxTxF = dense(x_BxTxD, w_gate_DxF.astype(dtype))
-  up_BxTxF = dense(x_BxTxD, w_up_DxF.astype(dtype))
-  hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
-  return dense(hidden_BxTxF, w_down_FxD.astype(dtype))
-
-
 def embed_tokens(tokens_BxT: jax.Array, embedding_VxD: jax.Array, dtype: jnp.dtype) -> jax.Array:
   """Row lookup into the embedding table, returned in the compute dtype."""
   return jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(dtype)
@@ -152,41 +142,3 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x, self.scale[...], self.eps)
-
-
-class SwiGLU(nnx.Module):
-  """Holds W_gate, W_up [D, F] and W_down [F, D] of ``swiglu``.
-
-  Inits are N(0, init_std^2); W_down (an output projection into the residual stream) is
-  further scaled by 1/sqrt(2 * n_layers).
-  """
-
-  def __init__(self, d_model: int, d_ff: int, *, init_std: float, n_layers: int,
-               param_dtype: jnp.dtype, rngs: nnx.Rngs):
-    out_std = init_std / (2 * n_layers) ** 0.5
-    self.w_gate = param(normal(rngs.params(), (d_model, d_ff), init_std, param_dtype),
-                        ("embed", "mlp"))
-    self.w_up = param(normal(rngs.params(), (d_model, d_ff), init_std, param_dtype),
-                      ("embed", "mlp"))
-    self.w_down = param(normal(rngs.params(), (d_ff, d_model), out_std, param_dtype),
-                        ("mlp", "embed"))
-
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    return swiglu(x_BxTxD, self.w_gate[...], self.w_up[...], self.w_down[...])
-
-
-class Embedding(nnx.Module):
-  """Token embedding [V, D] ('vocab', 'embed'), init N(0, init_std^2) (GPT-2 style, no
-  sqrt(D) multiplier), which also serves as the LM head when embeddings are tied."""
-
-  def __init__(self, vocab_size: int, d_model: int, *, init_std: float,
-               param_dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.embedding = param(normal(rngs.params(), (vocab_size, d_model), init_std, param_dtype),
-                           ("vocab", "embed"))
-
-  def __call__(self, tokens_BxT: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return embed_tokens(tokens_BxT, self.embedding[...], dtype)
-
-  def attend(self, x_BxTxD: jax.Array) -> jax.Array:
-    """Tied-head logits [B, T, V] in float32."""
-    return logits_from_embedding(x_BxTxD, self.embedding[...])

@@ -66,7 +66,7 @@ Decode. ``ttt_linear_decode_step`` takes one token at a time with the same ancho
 semantics, so prefill + decode reproduces the full-sequence forward: the state keeps
 the anchor (W, b), the running sums Σ η_j k_jᵀ g_j and Σ η_j g_j of the unfinished
 mini-batch and the position in it, and commits at the end of each mini-batch. Memory
-per token is O(1) (no KV cache). With ``ttt_mini_batch = 1`` this is plain online GD,
+per token is O(1) (no KV cache). With ``mini_batch = 1`` this is plain online GD,
 u_t computed at the current W_t (the seed's decode invariant); for b > 1 decoding by
 online GD would not reproduce the model that was trained, so it is not used.
 
@@ -81,6 +81,11 @@ Precision (cast points, C1-C4):
 
 ``ttt_linear_primal_anchored`` is the token-by-token reference of the same semantics:
 it takes each g_j by autodiff of ℓ_j (not the hand-derived LN backward of the dual).
+
+Config: ``model.mixer: {type: ttt_linear, backbone, mini_batch, base_lr, remat_group,
+conv_width}`` (``TTTLinearConfig``); the mamba backbone's pre-convolution is the
+mixer's pre-sublayer ``pre_conv`` (``PreConv``), which lm.py's block runs inside its
+own residual before the mixer.
 """
 
 from __future__ import annotations
@@ -94,14 +99,49 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.config import ModelConfig
+from ttt_jax import registry
+from ttt_jax.config import ModelConfig, Section, check_choice, check_non_negative, check_positive
+from ttt_jax.models.context import SequenceContext
 from ttt_jax.models.layers import apply_rope, normal, param
+from ttt_jax.registry import AxisInfo
 
 F32 = jnp.float32
 INNER_LN_EPS = 1e-6
 """Epsilon of the per-head inner LayerNorm."""
 POST_LN_EPS = 1e-6
 """Epsilon of the post-LayerNorm over the concatenated heads."""
+
+registry.LOGICAL_AXES.register("conv", AxisInfo("the taps of a causal depthwise "
+                                                "convolution", vector=True))
+registry.LOGICAL_AXES.register("fast", AxisInfo("the output axis of TTT's learned initial "
+                                                "fast weights W0, b0", vector=True))
+registry.LOGICAL_AXES.register("gate", AxisInfo("TTT's inner learning-rate gate", vector=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTLinearConfig(Section):
+  type: str = "ttt_linear"
+  backbone: str = "mamba"
+  """'mamba' (shared Q/K projection, causal depthwise convs for Q and K, output gate
+  gelu(x W_g), and a causal conv sublayer before the mixer in every block) or
+  'transformer' (separate Q, K, V projections, no convs, no gate)."""
+  mini_batch: int = 16
+  """Inner mini-batch size b (anchored mini-batch GD; the last mini-batch of a sequence
+  may be shorter)."""
+  base_lr: float = 1.0
+  """eta_base of the inner learning rate eta_j = eta_base*sigmoid(x_j w_lr + b_lr)/head_dim."""
+  remat_group: int = 0
+  """Rematerialise the inner scan in groups of this many mini-batches (the backward
+  recomputes a group from its carried fast weights); 0 disables."""
+  conv_width: int = 4
+  """Mamba backbone: width of the causal depthwise convolutions."""
+
+  COMPUTE_ONLY = ("remat_group",)
+
+  def __post_init__(self):
+    check_choice("model.mixer", "backbone", self.backbone, ("mamba", "transformer"))
+    check_positive("model.mixer", self, "mini_batch", "base_lr", "conv_width")
+    check_non_negative("model.mixer", self, "remat_group")
 
 
 # ----------------------------------------------------------------------------- containers
@@ -180,10 +220,10 @@ class TTTSpec:
 
   @classmethod
   def from_config(cls, cfg: ModelConfig) -> "TTTSpec":
-    return cls(n_heads=cfg.n_heads, head_dim=cfg.dim_per_head, mini_batch=cfg.ttt_mini_batch,
-               base_lr=cfg.ttt_base_lr, backbone=cfg.ttt_backbone,
-               conv_width=cfg.ttt_conv_width, remat_group=cfg.ttt_remat_group,
-               rope_theta=cfg.rope_theta)
+    mixer = cfg.mixer
+    return cls(n_heads=cfg.n_heads, head_dim=cfg.dim_per_head, mini_batch=mixer.mini_batch,
+               base_lr=mixer.base_lr, backbone=mixer.backbone, conv_width=mixer.conv_width,
+               remat_group=mixer.remat_group, rope_theta=cfg.rope_theta)
 
   @property
   def width(self) -> int:
@@ -761,6 +801,7 @@ def flops_per_token(spec: TTTSpec, d_model: int) -> float:
 # ----------------------------------------------------------------------------- modules
 
 
+@registry.MIXERS.register("ttt_linear")
 class TTTLinear(nnx.Module):
   """TTT-Linear mixer (lm.py's ``Mixer`` interface); holds the parameters and calls the
   functions above. ``positions`` are not read: the mini-batch grid is the token order.
@@ -773,6 +814,8 @@ class TTTLinear(nnx.Module):
   initial state (Adam, no weight decay; sharded over fsdp by the default rules); θ_lr
   ('embed', 'gate') and β, s ('gate'): the inner learning-rate gate (no weight decay).
   """
+
+  Config = TTTLinearConfig
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     spec = TTTSpec.from_config(cfg)
@@ -822,21 +865,25 @@ class TTTLinear(nnx.Module):
                           value(self.ln_bias), value(self.position_scale)),
         post_scale_N=value(self.post_scale), post_bias_N=value(self.post_bias))
 
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-    del positions_BxT  # the mini-batch grid is the token order
-    y_BxTxD, _ = ttt_linear_forward(self.params(), self.spec, x_BxTxD, segment_ids_BxT)
+  @staticmethod
+  def pre_sublayers(cfg: ModelConfig) -> tuple[tuple[str, type], ...]:
+    """The mamba backbone's causal conv sublayer."""
+    return (("pre_conv", PreConv),) if cfg.mixer.backbone == "mamba" else ()
+
+  def __call__(self, x_BxTxD: jax.Array, ctx: SequenceContext) -> jax.Array:
+    # positions are not read: the mini-batch grid is the token order
+    y_BxTxD, _ = ttt_linear_forward(self.params(), self.spec, x_BxTxD, ctx.segment_ids_BxT)
     return y_BxTxD
 
-  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> TTTCache:
-    del max_len  # O(1) state
+  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype,
+                 options: dict | None = None) -> TTTCache:
+    del max_len, options  # O(1) state
     return init_cache(self.params(), self.spec, batch_size, dtype)
 
-  def decode(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, cache: TTTCache
+  def decode(self, x_BxSxD: jax.Array, ctx: SequenceContext, cache: TTTCache
              ) -> tuple[jax.Array, TTTCache]:
     """S = 1: one primal anchored step; S > 1 (prefill): the dual form continuing the
     cache's open mini-batch."""
-    del positions_BxS
     if x_BxSxD.shape[1] == 1:
       cache, y_BxD = ttt_linear_decode_step(self.params(), self.spec, cache, x_BxSxD[:, 0])
       return y_BxD[:, None], cache
@@ -857,22 +904,30 @@ class PreConv(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.param_dtype)
-    width = cfg.ttt_conv_width
+    width = cfg.mixer.conv_width
     std = 1.0 / math.sqrt(width * 2 * cfg.n_layers)
     self.width = width
     self.filter = param(normal(rngs.params(), (width, cfg.d_model), std, dtype),
                         ("conv", "embed"))
     self.bias = param(jnp.zeros((cfg.d_model,), dtype), ("embed",))
 
-  def __call__(self, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array | None = None
-               ) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, ctx: SequenceContext) -> jax.Array:
     y_BxTxD, _ = causal_depthwise_conv(x_BxTxD, self.filter[...], self.bias[...], None,
-                                       segment_ids_BxT)
+                                       ctx.segment_ids_BxT)
     return y_BxTxD
 
-  def init_cache(self, batch_size: int, dtype: jnp.dtype) -> jax.Array:
+  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype,
+                 options: dict | None = None) -> jax.Array:
+    del max_len, options  # the last W-1 inputs
     return jnp.zeros((batch_size, self.width - 1, self.filter.shape[1]), dtype)
 
-  def decode(self, x_BxSxD: jax.Array, history_BxPxD: jax.Array
+  def decode(self, x_BxSxD: jax.Array, ctx: SequenceContext, history_BxPxD: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
+    del ctx  # the history is the causal context
     return causal_depthwise_conv(x_BxSxD, self.filter[...], self.bias[...], history_BxPxD)
+
+  @staticmethod
+  def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """A depthwise convolution: no matmul FLOPs (the module docstring of lm.py)."""
+    del cfg, seq_len
+    return 0.0

@@ -26,11 +26,15 @@ is written at slots end..end+S-1 and attends to every filled slot whose position
     mask[b, s, l] = (cache_pos[b, l] >= 0) and (cache_pos[b, l] <= query_pos[b, s])
 
 ``attention_reference`` is the float64 numpy oracle the tests compare against.
+
+Config: ``model.mixer: {type: attention, impl: xla | cudnn}``; the heads, head width
+and RoPE base are the model's (``model.n_heads``, ...).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +42,9 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.config import ModelConfig
+from ttt_jax import registry
+from ttt_jax.config import ConfigError, ModelConfig, Section, check_choice
+from ttt_jax.models.context import SequenceContext
 from ttt_jax.models.layers import apply_rope, dense, normal, param
 
 QUERY_PROJ = "query_proj"
@@ -46,6 +52,32 @@ KEY_PROJ = "key_proj"
 VALUE_PROJ = "value_proj"
 QKV_PROJ_NAMES = (QUERY_PROJ, KEY_PROJ, VALUE_PROJ)
 """``checkpoint_name`` tags on the q/k/v projections (saved by remat='save_qkv_proj')."""
+
+registry.REMAT_POLICIES.register("save_qkv_proj",
+                                 jax.checkpoint_policies.save_only_these_names(*QKV_PROJ_NAMES))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(Section):
+  type: str = "attention"
+  impl: str = "xla"
+  """Implementation of jax.nn.dot_product_attention: 'xla' or 'cudnn' (the fused flash
+  kernel: GPU only, model.dtype=bfloat16)."""
+
+  COMPUTE_ONLY = ("impl",)
+
+  def __post_init__(self):
+    check_choice("model.mixer", "impl", self.impl, ("xla", "cudnn"))
+
+  def check(self, cfg: Any) -> None:
+    if self.impl == "cudnn" and cfg.model.dtype != "bfloat16":
+      raise ConfigError(f"model.mixer.impl: 'cudnn' is the fused kernel of attention in "
+                        f"bfloat16, got model.dtype={cfg.model.dtype!r}")
+
+  def check_platform(self, platform: str) -> None:
+    if self.impl == "cudnn" and platform != "gpu":
+      raise ConfigError(f"model.mixer.impl: 'cudnn' needs GPU devices, these are "
+                        f"{platform}; set model.mixer.impl=xla")
 
 
 class KVCache(NamedTuple):
@@ -140,15 +172,19 @@ def cached_attention(q_BxSxHxK: jax.Array, positions_BxS: jax.Array,
 # ----------------------------------------------------------------------------- module
 
 
+@registry.MIXERS.register("attention")
 class Attention(nnx.Module):
   """Causal GQA attention mixer: holds W_q, W_k, W_v, W_o and calls the functions above.
 
   Implements the mixer interface of lm.py: ``__call__`` (training / full sequence),
   ``init_cache`` and ``decode`` (KV cache), ``flops_per_token`` (analytic FLOPs).
   Inits: N(0, init_std^2); W_o additionally scaled by 1/sqrt(2 * n_layers).
+  ``implementation`` overrides ``model.mixer.impl`` (a subclass with its own config).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  Config = AttentionConfig
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, implementation: str | None = None):
     d_model, n_heads, n_kv_heads, head_dim = (cfg.d_model, cfg.n_heads, cfg.kv_heads,
                                               cfg.dim_per_head)
     dtype = jnp.dtype(cfg.param_dtype)
@@ -157,7 +193,7 @@ class Attention(nnx.Module):
     self.n_kv_heads = n_kv_heads
     self.head_dim = head_dim
     self.rope_theta = cfg.rope_theta
-    self.implementation = cfg.attention_impl
+    self.implementation = implementation or cfg.mixer.impl
     self.wq = param(normal(rngs.params(), (d_model, n_heads * head_dim), cfg.init_std, dtype),
                     ("embed", "heads"))
     self.wk = param(normal(rngs.params(), (d_model, n_kv_heads * head_dim), cfg.init_std,
@@ -190,19 +226,26 @@ class Attention(nnx.Module):
     o_BxTxN = o_BxTxHxK.reshape(batch, length, self.n_heads * self.head_dim)
     return dense(o_BxTxN, self.wo[...].astype(o_BxTxN.dtype))
 
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               segment_ids_BxT: jax.Array | None = None) -> jax.Array:
-    q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self.project_qkv(x_BxTxD, positions_BxT)
+  @staticmethod
+  def pre_sublayers(cfg: ModelConfig) -> tuple:
+    del cfg
+    return ()
+
+  def __call__(self, x_BxTxD: jax.Array, ctx: SequenceContext) -> jax.Array:
+    q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self.project_qkv(x_BxTxD, ctx.positions_BxT)
     o_BxTxHxK = causal_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
-                                 segment_ids_BxT=segment_ids_BxT,
+                                 segment_ids_BxT=ctx.segment_ids_BxT,
                                  implementation=self.implementation)
     return self.output_projection(o_BxTxHxK)
 
-  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+  def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype,
+                 options: dict[str, Any] | None = None) -> KVCache:
+    del options
     return init_kv_cache(batch_size, max_len, self.n_kv_heads, self.head_dim, dtype)
 
-  def decode(self, x_BxSxD: jax.Array, positions_BxS: jax.Array, cache: KVCache
+  def decode(self, x_BxSxD: jax.Array, ctx: SequenceContext, cache: KVCache
              ) -> tuple[jax.Array, KVCache]:
+    positions_BxS = ctx.positions_BxT
     q_BxSxHxK, k_BxSxGxK, v_BxSxGxK = self.project_qkv(x_BxSxD, positions_BxS)
     cache = update_kv_cache(cache, k_BxSxGxK, v_BxSxGxK, positions_BxS)
     o_BxSxHxK = cached_attention(q_BxSxHxK, positions_BxS, cache)

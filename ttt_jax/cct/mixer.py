@@ -1,6 +1,6 @@
 """Commitment-Constrained Training (CCT): step-local attention plus commitment summaries.
 
-Source: ``shared/seeds/cct_training_guide.md`` (issue #6). A sequence is cut into steps
+From the Commitment-Constrained Training guide. A sequence is cut into steps
 (step ids per token, non-decreasing). A boundary between steps is *committed* with
 probability p_commit (training curriculum; 1 at inference); merging every uncommitted
 boundary into its neighbour gives the *commitment segments*, numbered 0, 1, ... per
@@ -42,7 +42,7 @@ when the boundary is committed. The head is trained only by its own segment's lo
 (here the sufficiency probe, ``sufficiency_probe``: x_mean_s ~ c_s W_p + b_p).
 
 Working-memory decode (``CCTAttention.decode``, every boundary committed) takes the
-step of each token either fixed by position (step = position // S, S = cct_step_len;
+step of each token either fixed by position (step = position // S, S = model.mixer.step_len;
 the default) or given explicitly as absolute step ids (semantic steps: 0 at position 0,
 +1 at each boundary, at most S tokens per step). Per layer and row it holds the summary
 buffer [N, d_summary] (slot n = step n; N = max_len // S + 1 for fixed steps, or the
@@ -67,20 +67,68 @@ beta = 0.5 w, gamma = 0.3 w, delta = 0.2 w.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import spmd
 
-from ttt_jax.config import ModelConfig
-from ttt_jax.models.attention import Attention
+from ttt_jax import registry
+from ttt_jax.config import (ConfigError, ModelConfig, Section, check_choice,
+                            check_non_negative, check_positive)
+from ttt_jax.models import lm
+from ttt_jax.models.context import SequenceContext
 from ttt_jax.models.layers import apply_rope, normal, param
+from ttt_jax.models.mixers.attention import Attention
+from ttt_jax.registry import AxisInfo
 
 MASKED = -1e30
 """Logit of a masked key: finite, so fully masked rows give zero weight and no NaNs."""
+
+STEP_IDS = "step_ids"
+"""The side input (``SequenceContext.side``) holding each token's step id."""
+SUMMARIES = "mixer.summaries"
+"""Aux key (lm.py's channel) of every layer's ``SummaryAux``."""
+SUMMARY_OVERRIDE = "cct.summary_override"
+"""Context option: 'none' (default) or 'zero' (every injected summary is 0: ablation)."""
+
+registry.LOGICAL_AXES.register("summary", AxisInfo("the CCT commitment head's bottleneck "
+                                                   "and summary widths"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CCTConfig(Section):
+  type: str = "cct"
+  d_summary: int = 16
+  """Width of a commitment summary (d_summary; the guide uses 16-64)."""
+  d_bottleneck: int = 0
+  """Hidden width of the commitment head; 0 means 2 * d_summary."""
+  pool: str = "last"
+  """Commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
+  step_len: int = 50
+  """Tokens per step when no step ids are given (evaluation without them, generation of
+  runs without semantic steps: step = position // S), and the longest step
+  working-memory decoding holds (its local K/V buffer; semantic generation needs
+  data.step_len <= model.mixer.step_len)."""
+  max_steps: int = 0
+  """Summary slots per training sequence; 0 means one per token (always enough). Set it
+  >= the most steps a window can hold: steps beyond it get no summary slot."""
+
+  def __post_init__(self):
+    check_choice("model.mixer", "pool", self.pool, ("last", "mean"))
+    check_positive("model.mixer", self, "d_summary", "step_len")
+    check_non_negative("model.mixer", self, "d_bottleneck", "max_steps")
+
+  @property
+  def bottleneck(self) -> int:
+    return self.d_bottleneck or 2 * self.d_summary
+
+  def check(self, cfg: Any) -> None:
+    if cfg.data.step_boundaries == "fixed" and cfg.data.step_len != self.step_len:
+      raise ConfigError(f"data.step_len: fixed steps of {cfg.data.step_len} tokens differ "
+                        f"from model.mixer.step_len={self.step_len}, the decode step length")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -352,20 +400,23 @@ class SummaryAux(NamedTuple):
   """The segment exists and is not the sequence's last one (it was committed)."""
 
 
+@registry.MIXERS.register("cct")
 class CCTAttention(Attention):
   """CCT mixer: the GQA projections of ``Attention`` plus, per layer, the commitment
   head (W_1, b_1, LayerNorm, W_2, b_2), the summary key/value projections W_ks, W_vs
-  and the sufficiency probe (W_p, b_p). Takes per-token ``step_ids_BxT``."""
+  and the sufficiency probe (W_p, b_p). Reads the side input ``step_ids`` and records
+  each layer's ``SummaryAux`` in the aux channel (``SUMMARIES``)."""
 
-  uses_step_ids = True
+  Config = CCTConfig
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, rngs=rngs)
+    super().__init__(cfg, rngs=rngs, implementation="xla")
     dtype = jnp.dtype(cfg.param_dtype)
-    d_model, d_summary, d_bottleneck = cfg.d_model, cfg.cct_d_summary, cfg.cct_bottleneck
-    self.step_len = cfg.cct_step_len
-    self.max_steps = cfg.cct_max_steps
-    self.pool = cfg.cct_pool
+    section = cfg.mixer
+    d_model, d_summary, d_bottleneck = cfg.d_model, section.d_summary, section.bottleneck
+    self.step_len = section.step_len
+    self.max_steps = section.max_steps
+    self.pool = section.pool
     self.head_w1 = param(normal(rngs.params(), (d_model, d_bottleneck), d_model ** -0.5, dtype),
                          ("embed", "summary"))
     self.head_b1 = param(jnp.zeros((d_bottleneck,), dtype), ("summary",))
@@ -427,7 +478,7 @@ class CCTAttention(Attention):
               segment_ids_BxT: jax.Array | None = None, step_ids_BxT: jax.Array | None = None,
               summary_override: str = "none") -> tuple[jax.Array, SummaryAux]:
     """(y [B, T, D], per-segment aux). ``step_ids`` are commitment segments (every change
-    of id is a committed boundary); None means fixed steps of cct_step_len by position.
+    of id is a committed boundary); None means fixed steps of step_len by position.
     ``summary_override``: 'none', or 'zero' (ablation: every injected summary is 0)."""
     if step_ids_BxT is None:
       step_ids_BxT = fixed_step_ids(positions_BxT, self.step_len)
@@ -450,17 +501,21 @@ class CCTAttention(Attention):
     aux = SummaryAux(summary_BxNxS, mean_BxNxD, u_BxNxD.astype(jnp.float32), complete_BxN)
     return self.output_projection(o_BxTxHxK), aux
 
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-               segment_ids_BxT: jax.Array | None = None,
-               step_ids_BxT: jax.Array | None = None) -> jax.Array:
-    return self.forward(x_BxTxD, positions_BxT, segment_ids_BxT, step_ids_BxT)[0]
+  def __call__(self, x_BxTxD: jax.Array, ctx: SequenceContext) -> jax.Array:
+    """``forward`` with the context's step ids and summary override; the aux is
+    recorded under ``SUMMARIES``."""
+    y_BxTxD, aux = self.forward(x_BxTxD, ctx.positions_BxT, ctx.segment_ids_BxT,
+                                ctx.side_input(STEP_IDS), ctx.option(SUMMARY_OVERRIDE, "none"))
+    self.sow(nnx.Intermediate, "summaries", aux)
+    return y_BxTxD
 
   # -- working-memory decode
 
   def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype,
-                 max_steps: int | None = None) -> CCTCache:
-    """Empty working memory. ``max_steps``: summary slots, the most steps a decoded
-    sequence may have (default: fixed steps, max_len // cct_step_len + 1)."""
+                 options: dict[str, Any] | None = None) -> CCTCache:
+    """Empty working memory. ``options['max_steps']``: summary slots, the most steps a
+    decoded sequence may have (default: fixed steps, max_len // step_len + 1)."""
+    max_steps = (options or {}).get("max_steps")
     n_steps = max_len // self.step_len + 1 if max_steps is None else max_steps
     local = (batch_size, self.step_len, self.n_kv_heads, self.head_dim)
     return CCTCache(
@@ -472,14 +527,15 @@ class CCTAttention(Attention):
         step_B=jnp.zeros((batch_size,), jnp.int32),
         step_start_B=jnp.zeros((batch_size,), jnp.int32))
 
-  def decode(self, x_BxCxD: jax.Array, positions_BxC: jax.Array, cache: CCTCache,
-             step_ids_BxC: jax.Array | None = None) -> tuple[jax.Array, CCTCache]:
+  def decode(self, x_BxCxD: jax.Array, ctx: SequenceContext, cache: CCTCache
+             ) -> tuple[jax.Array, CCTCache]:
     """C new tokens at consecutive positions (any number of steps) given the working
-    memory of all earlier ones. ``step_ids``: the absolute step of each token (0 at
-    position 0, non-decreasing, +1 at a boundary, at most cct_step_len tokens per step;
-    not checked); None means fixed steps, position // cct_step_len."""
+    memory of all earlier ones. The side input ``step_ids``: the absolute step of each
+    token (0 at position 0, non-decreasing, +1 at a boundary, at most step_len tokens
+    per step; not checked); without it fixed steps, position // step_len."""
     batch, chunk, _ = x_BxCxD.shape
-    positions_BxC = positions_BxC.astype(jnp.int32)
+    positions_BxC = ctx.positions_BxT.astype(jnp.int32)
+    step_ids_BxC = ctx.side_input(STEP_IDS)
     steps_BxC = (fixed_step_ids(positions_BxC, self.step_len) if step_ids_BxC is None
                  else step_ids_BxC.astype(jnp.int32))
     n_steps = cache.summaries_BxNxS.shape[1]
@@ -549,49 +605,29 @@ class CCTAttention(Attention):
     """Attention's projections and dense causal logits/values (the block-diagonal mask is
     applied to a dense T x T product), plus 2*2*H*K*N for the N summary slots and the
     head 2*(D*Db + Db*Ds) evaluated at every token (sufficiency probe excluded)."""
-    n_slots = min(cfg.cct_max_steps, seq_len) if cfg.cct_max_steps else seq_len
+    section = cfg.mixer
+    n_slots = min(section.max_steps, seq_len) if section.max_steps else seq_len
     summary_attention = 2 * 2 * cfg.n_heads * cfg.dim_per_head * n_slots
-    head = 2 * (cfg.d_model * cfg.cct_bottleneck + cfg.cct_bottleneck * cfg.cct_d_summary)
+    head = 2 * (cfg.d_model * section.bottleneck + section.bottleneck * section.d_summary)
     return Attention.flops_per_token(cfg, seq_len) + summary_attention + head
 
 
 # ----------------------------------------------------------------------------- model level
 
 
-def forward_with_summaries(model: Any, tokens_BxT: jax.Array, step_ids_BxT: jax.Array,
-                           summary_override: str = "none",
-                           segment_ids_BxT: jax.Array | None = None
-                           ) -> tuple[jax.Array, SummaryAux]:
-  """Logits [B, T, V] of a CCT ``lm.LM`` and every layer's ``SummaryAux`` stacked on a
-  leading layers axis. Same computation as ``model(tokens, segment_ids_BxT=...,
-  step_ids_BxT=...)`` (each block: residual(mixer), residual(SwiGLU)), run here to
-  collect the per-layer summaries. ``summary_override='zero'`` zeroes every injected
-  summary (ablation); ``segment_ids`` are packed documents, as in ``lm.LM``."""
-  from ttt_jax.models import lm  # pylint: disable=import-outside-toplevel (lm imports us)
-  cfg = model.cfg
-  if cfg.mixer != "cct" or cfg.ttt_pre_conv:
-    raise ValueError(f"forward_with_summaries needs model.mixer='cct', got {cfg.mixer!r}")
-  positions_BxT = lm.default_positions(tokens_BxT)
-  graphdef, stacked_state = nnx.split(model.blocks)
-
-  def apply_block(stream, layer_state):
-    block = nnx.merge(graphdef, spmd.remove_axis(layer_state, 0,
-                                                  {nnx.PARTITION_NAME: "layers"}))
-    captured = []
-
-    def mixer(x_BxTxD):
-      y_BxTxD, aux = block.mixer.forward(x_BxTxD, positions_BxT, segment_ids_BxT,
-                                         step_ids_BxT, summary_override)
-      captured.append(aux)
-      return y_BxTxD
-
-    stream = block.mixer_residual(stream, mixer)
-    return block.mlp_residual(stream, block.mlp), captured[0]
-
-  apply_block = lm.remat(apply_block, cfg.remat)
-  stream = model.streams.expand(model.embed(tokens_BxT, model.dtype))
-  stream, aux = jax.lax.scan(apply_block, stream, stacked_state)
-  return model.logits(model.final_norm(model.streams.reduce(stream))), aux
+def logits_and_summaries(model: lm.LM, tokens_BxT: jax.Array, step_ids_BxT: jax.Array,
+                         summary_override: str = "none",
+                         segment_ids_BxT: jax.Array | None = None
+                         ) -> tuple[jax.Array, SummaryAux]:
+  """Logits [B, T, V] of a CCT ``lm.LM`` whose commitment segments are ``step_ids``,
+  and every layer's ``SummaryAux`` stacked on a leading layers axis (taken from the aux
+  channel). ``summary_override='zero'`` zeroes every injected summary (ablation);
+  ``segment_ids`` are packed documents."""
+  ctx = SequenceContext.for_tokens(tokens_BxT, segment_ids_BxT=segment_ids_BxT,
+                                   side={STEP_IDS: step_ids_BxT},
+                                   options=((SUMMARY_OVERRIDE, summary_override),))
+  logits_BxTxV = model(tokens_BxT, ctx)
+  return logits_BxTxV, lm.pop_aux(model)[SUMMARIES]
 
 
 def sufficiency_loss(model: Any, aux: SummaryAux) -> jax.Array:

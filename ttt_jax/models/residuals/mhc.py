@@ -1,7 +1,7 @@
 """mHC: manifold-constrained hyper-connections (Xie et al., 2025, arXiv 2512.24880).
 
 The residual stream is widened to n parallel streams X in R^{n x D} per token (shape
-[B, T, n, D]; n = ``mhc_streams``). It is expanded **once** after the embedding and
+[B, T, n, D]; n = ``model.residual.streams``). It is expanded **once** after the embedding and
 reduced **once** before the final norm:
 
     X_0[i] = x_0 + e_i                   copy plus a learnable per-stream embedding e [n, D]
@@ -41,7 +41,7 @@ A doubly stochastic H_res preserves the per-token mean over streams:
 (1/n) 1^T H_res X = (1/n) 1^T X. Rows are exact after the last T_r; columns converge
 at a rate set by the spread of the logits (measured in tests/test_mhc.py).
 
-Bias initialisation (``INIT_CONVENTIONS``, chosen by ``mhc_init``); a = ``mhc_alpha_init``
+Bias initialisation (``INIT_CONVENTIONS``, chosen by ``init``); a = ``alpha_init``
 (0.01), phi ~ N(0, init_std^2):
 
     'seed'         b_pre = logit(1/n), b_post = logit(1/(2n)), b_res = +2 on the
@@ -62,6 +62,7 @@ RMS statistics and the expand/reduce are elementwise and not counted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from typing import Callable
@@ -71,16 +72,61 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.config import MHC_INITS, ModelConfig
+from ttt_jax import registry
+from ttt_jax.config import (ConfigError, ModelConfig, Section, check_choice, check_positive)
 from ttt_jax.models.layers import RMSNorm, normal, param
+from ttt_jax.registry import AxisInfo
 
 MHC_COEFFS = "mhc_coeffs"
 """``checkpoint_name`` of H_pre, H_post and H_res (n + n + n^2 floats per token per
 site), saved by the 'mhc_streams' remat policy: the block's recomputation in the
 backward pass then needs no second RMS/Sinkhorn forward to get the maps back."""
 
-INIT_CONVENTIONS = MHC_INITS
-"""Named bias initialisations (module docstring), validated by ``ModelConfig.mhc_init``."""
+INIT_CONVENTIONS = ("seed", "seed_uniform", "unit_post")
+"""Named bias initialisations (module docstring), chosen by ``MHCConfig.init``."""
+
+registry.REMAT_POLICIES.register("mhc_streams", jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(MHC_COEFFS)))
+"""'mhc_streams' keeps the weight-matmul outputs (at most max(D, d_ff, 2n + n^2) wide per
+token) and the mHC maps (2n + n^2), and recomputes every n*D-wide stream tensor of the
+block in the backward pass."""
+
+for _name, _info in {
+    "streams": AxisInfo("the mHC residual streams", vector=True, shardable=False),
+    "mhc_flat": AxisInfo("the flattened n*D mHC stream", shardable=False),
+    "mhc_coeffs": AxisInfo("the 2n + n^2 mHC map logits"),
+    "mhc_gates": AxisInfo("the three mHC alpha gates"),
+}.items():
+  registry.LOGICAL_AXES.register(_name, _info)
+
+
+@dataclasses.dataclass(frozen=True)
+class MHCConfig(Section):
+  type: str = "mhc"
+  streams: int = 4
+  """Expansion rate n, the number of parallel residual streams (at least 2)."""
+  alpha_init: float = 0.01
+  """Initial value of the gates a_pre, a_post, a_res on the dynamic (phi) terms."""
+  init: str = "seed"
+  """Bias init convention: 'seed' (H_pre = H_post = 1/n, H_res ~ identity from diagonal
+  +2 / off-diagonal -2 logits), 'seed_uniform' (as seed, H_res uniform 1/n) or
+  'unit_post' (as seed, H_post = 1)."""
+  sinkhorn_iters: int = 20
+  """Sinkhorn-Knopp iterations t_max (each a column then a row normalisation)."""
+  sinkhorn_eps: float = 1e-6
+  """Epsilon added to the Sinkhorn column/row sums."""
+  logit_clamp: float = 15.0
+  """The H~_pre/H~_post/H~_res logits are clamped to [-c, c] before sigmoid/exp."""
+
+  def __post_init__(self):
+    check_choice("model.residual", "init", self.init, INIT_CONVENTIONS)
+    check_positive("model.residual", self, "streams", "sinkhorn_iters", "sinkhorn_eps",
+                   "logit_clamp")
+    if self.streams < 2:
+      raise ConfigError(f"model.residual.streams: mhc needs at least 2 streams, got "
+                        f"{self.streams} (its init sets H_pre = 1/n through a sigmoid, "
+                        f"which has no finite logit at n = 1; use model.residual=plain)")
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -333,7 +379,7 @@ class MHCStreams(nnx.Module):
   ('streams', 'embed'), init N(0, init_std^2)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.embedding = param(normal(rngs.params(), (cfg.mhc_streams, cfg.d_model), cfg.init_std,
+    self.embedding = param(normal(rngs.params(), (cfg.residual.streams, cfg.d_model), cfg.init_std,
                                   jnp.dtype(cfg.param_dtype)), ("streams", "embed"))
 
   def expand(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -343,6 +389,7 @@ class MHCStreams(nnx.Module):
     return reduce_streams(stream_BxTxNxD)
 
 
+@registry.RESIDUALS.register("mhc")
 class MHCResidual(nnx.Module):
   """One mHC site (``Residual`` interface of lm.py): the sublayer's pre-norm [D], the fused
   phi [nD, 2n + n^2] ('mhc_flat', 'mhc_coeffs'), the gates alpha = (a_pre, a_post, a_res)
@@ -353,21 +400,23 @@ class MHCResidual(nnx.Module):
   a single matrix axis, so both go to AdamW without weight decay (optim.param_group).
   """
 
+  Config = MHCConfig
   streams = MHCStreams
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    n, d_model = cfg.mhc_streams, cfg.d_model
+    section = cfg.residual
+    n, d_model = section.streams, cfg.d_model
     param_dtype = jnp.dtype(cfg.param_dtype)
     self.n_streams = n
-    self.iters = cfg.mhc_sinkhorn_iters
-    self.sinkhorn_eps = cfg.mhc_sinkhorn_eps
-    self.clamp = cfg.mhc_logit_clamp
+    self.iters = section.sinkhorn_iters
+    self.sinkhorn_eps = section.sinkhorn_eps
+    self.clamp = section.logit_clamp
     self.norm_eps = cfg.norm_eps
     self.norm = RMSNorm(d_model, cfg.norm_eps, param_dtype)
     self.phi = param(normal(rngs.params(), (n * d_model, 2 * n + n * n), cfg.init_std,
                             param_dtype), ("mhc_flat", "mhc_coeffs"))
-    self.alpha = param(jnp.full((3,), cfg.mhc_alpha_init, param_dtype), ("mhc_gates",))
-    b_pre_N, b_post_N, b_res_NxN = init_biases(cfg.mhc_init, n)
+    self.alpha = param(jnp.full((3,), section.alpha_init, param_dtype), ("mhc_gates",))
+    b_pre_N, b_post_N, b_res_NxN = init_biases(section.init, n)
     self.b_pre = param(b_pre_N.astype(param_dtype), ("streams",))
     self.b_post = param(b_post_N.astype(param_dtype), ("streams",))
     self.b_res = param(b_res_NxN.astype(param_dtype), ("streams", "streams"))
@@ -389,4 +438,4 @@ class MHCResidual(nnx.Module):
 
   @staticmethod
   def flops_per_token(cfg: ModelConfig) -> float:
-    return site_flops_per_token(cfg.mhc_streams, cfg.d_model)
+    return site_flops_per_token(cfg.residual.streams, cfg.d_model)

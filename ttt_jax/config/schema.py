@@ -1,0 +1,467 @@
+"""The config tree: frozen dataclasses, one section per concern, one per model slot.
+
+Every field carries a docstring (the string literal right below it); ``describe()``
+prints them. Values are validated in ``__post_init__``; a bad one raises
+``ConfigError`` naming the dotted key.
+
+The model has slots (``SLOTS``: embedding, mixer, residual, ffn, trunk, head), each
+filled by a mechanism chosen by name from its registry (``ttt_jax.registry``). A slot's
+section is that mechanism's own frozen dataclass, a ``Section`` whose ``type`` field
+names it and whose other fields are the mechanism's settings, documented where the
+mechanism is defined::
+
+    model:
+      mixer: {type: ttt_linear, mini_batch: 16}
+      residual: {type: mhc, streams: 4}
+
+Checks that span sections go through one hook, ``Section.check(cfg)`` (and the
+objective's ``check``), called once the whole ``Config`` exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from typing import Any, ClassVar
+
+from ttt_jax import registry
+from ttt_jax.errors import ConfigError
+
+SLOTS = ("embedding", "mixer", "residual", "ffn", "trunk", "head")
+"""The model's slots, in the order a block meets them; each is a ``ModelConfig`` field."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+  """Maps field name -> the string literal written right below the field, over ``cls``
+  and its dataclass bases."""
+  docs: dict[str, str] = {}
+  for klass in reversed(cls.__mro__):
+    if not dataclasses.is_dataclass(klass):
+      continue
+    try:
+      tree = ast.parse(inspect.getsource(klass))
+    except (OSError, TypeError):
+      continue
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+      if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+          and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+          and isinstance(nxt.value.value, str)):
+        docs[node.target.id] = " ".join(nxt.value.value.split())
+  return docs
+
+
+def check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    raise ConfigError(f"{section}.{name}: {value!r} is not one of {list(choices)}")
+
+
+def check_positive(section: str, obj: Any, *names: str) -> None:
+  for name in names:
+    if getattr(obj, name) <= 0:
+      raise ConfigError(f"{section}.{name}: must be > 0, got {getattr(obj, name)!r}")
+
+
+def check_non_negative(section: str, obj: Any, *names: str) -> None:
+  for name in names:
+    if getattr(obj, name) < 0:
+      raise ConfigError(f"{section}.{name}: must be >= 0, got {getattr(obj, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """The config of one model slot: ``type`` names the registered mechanism, the
+  subclass's other fields are its settings."""
+
+  type: str
+  """The registered name of the mechanism in this slot."""
+
+  COMPUTE_ONLY: ClassVar[tuple[str, ...]] = ()
+  """Fields that change how the step computes, not what the parameters are: they may
+  differ between a checkpoint and the run that resumes it."""
+
+  def check(self, cfg: Any) -> None:
+    """Checks against the rest of the config (``cfg``: the whole ``Config``); raises
+    ``ConfigError``. A section with no cross-section constraint keeps this one."""
+    del cfg
+
+  def check_platform(self, platform: str) -> None:
+    """Raises ``ConfigError`` where this setting cannot run on devices of ``platform``
+    ('cpu', 'gpu', 'tpu'); called once the mesh is known."""
+    del platform
+
+
+def default_section(slot: str, name: str) -> Section:
+  """The section of the mechanism registered as ``name`` in ``slot``, with its defaults."""
+  return registry.SLOTS[slot].get(name).Config()
+
+
+def _slot_field(slot: str, name: str) -> Any:
+  return dataclasses.field(default_factory=lambda: default_section(slot, name),
+                           metadata={"slot": slot})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  n_layers: int = 4
+  """Number of decoder blocks."""
+  d_model: int = 256
+  """Width of the residual stream."""
+  n_heads: int = 4
+  """Number of query heads (every mixer is multi-head)."""
+  n_kv_heads: int = 0
+  """Number of key/value heads for grouped-query attention; 0 means n_heads."""
+  head_dim: int = 0
+  """Per-head width; 0 means d_model // n_heads."""
+  rope_theta: float = 10000.0
+  """RoPE base frequency."""
+  norm_eps: float = 1e-5
+  """Epsilon inside RMSNorm."""
+  tie_embeddings: bool = False
+  """Use the transposed token embedding as the LM head."""
+  init_std: float = 0.02
+  """Std of the normal init of matrices; output projections are scaled by 1/sqrt(2*n_layers)."""
+  dtype: str = "float32"
+  """Compute (activation) dtype: 'float32' or 'bfloat16'. Params stay in param_dtype."""
+  param_dtype: str = "float32"
+  """Storage dtype of the parameters."""
+  remat: str = "none"
+  """Rematerialisation of each block, a name in ``registry.REMAT_POLICIES``: none | full |
+  dots | dots_no_batch | save_qkv_proj (attention's q/k/v projections) | mhc_streams
+  (dots_no_batch plus the mHC maps; recomputes every n-stream-wide tensor)."""
+  embedding: Section = _slot_field("embedding", "token")
+  """Token embedding slot: 'token' (a [V, D] table)."""
+  mixer: Section = _slot_field("mixer", "attention")
+  """Token mixer of every block: 'attention' (causal GQA softmax attention),
+  'ttt_linear' (TTT-Linear, a linear inner model trained at test time) or 'cct'
+  (commitment-constrained attention over step summaries). A bare name is the section
+  with its defaults."""
+  residual: Section = _slot_field("residual", "plain")
+  """Residual scheme around each sublayer: 'plain' (pre-norm x + f(norm(x))) or 'mhc'
+  (manifold-constrained hyper-connections over parallel streams)."""
+  ffn: Section = _slot_field("ffn", "swiglu")
+  """Feed-forward sublayer of every block: 'swiglu'."""
+  trunk: Section = _slot_field("trunk", "scan")
+  """How the blocks run: 'scan' (jax.lax.scan over the stacked blocks: compile time
+  independent of depth) or 'unrolled' (a Python loop over them)."""
+  head: Section = _slot_field("head", "linear")
+  """Output head: 'linear' (final hidden states to vocabulary logits; E^T when
+  tie_embeddings)."""
+
+  def __post_init__(self):
+    check_choice("model", "dtype", self.dtype, ("float32", "bfloat16"))
+    check_choice("model", "param_dtype", self.param_dtype, ("float32", "bfloat16"))
+    check_non_negative("model", self, "head_dim", "n_kv_heads")
+    check_positive("model", self, "n_layers", "d_model", "n_heads", "rope_theta", "norm_eps",
+                   "init_std")
+    registry.REMAT_POLICIES.get(self.remat)
+    for slot in SLOTS:
+      section = getattr(self, slot)
+      expected = registry.SLOTS[slot].get(section.type).Config
+      if type(section) is not expected:
+        raise ConfigError(f"model.{slot}: a {type(section).__name__} is not the config of "
+                          f"the {slot} {section.type!r} ({expected.__name__})")
+    if self.head_dim == 0 and self.d_model % self.n_heads:
+      raise ConfigError(f"model.n_heads: d_model={self.d_model} is not divisible by "
+                        f"n_heads={self.n_heads}; set model.head_dim explicitly")
+    if self.dim_per_head % 2:  # every mixer rotates its queries and keys
+      raise ConfigError(f"model.head_dim: RoPE needs an even head_dim, got "
+                        f"{self.dim_per_head} (d_model={self.d_model}, n_heads={self.n_heads})")
+    if self.n_heads % self.kv_heads:
+      raise ConfigError(f"model.n_kv_heads: n_heads={self.n_heads} is not a multiple "
+                        f"of n_kv_heads={self.kv_heads}")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  def compute_only_keys(self) -> frozenset[str]:
+    """Dotted keys under ``model`` that may differ between a checkpoint and the run that
+    resumes it (``Section.COMPUTE_ONLY`` of every slot, plus dtype and remat)."""
+    keys = {"dtype", "remat"}
+    for slot in SLOTS:
+      keys.update(f"{slot}.{name}" for name in getattr(self, slot).COMPUTE_ONLY)
+    return frozenset(keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpus: tuple[str, ...] = ("stdlib",)
+  """'stdlib' (the running Python's standard-library .py files), or paths/globs of
+  .txt/.md/.py/... text files, .jsonl files with a 'text' field, or one packed .bin
+  token file with a .json sidecar."""
+  seq_len: int = 256
+  """Tokens per training window (each sample holds seq_len + 1 tokens)."""
+  vocab_size: int = 8192
+  """Vocabulary size of the trained sentencepiece tokenizer (or of the .bin file)."""
+  tokenizer: str = ""
+  """Path of an existing sentencepiece .model to load; empty trains one on the train split."""
+  val_fraction: float = 0.05
+  """Fraction of documents (chosen by a hash of their path) held out for validation."""
+  stdlib_include_tests: bool = False
+  """Include the stdlib's test/tests packages in the 'stdlib' corpus."""
+  tokenizer_max_sentences: int = 300000
+  """Lines sampled by sentencepiece when training the tokenizer (keeps it to seconds)."""
+  cache_dir: str = ""
+  """Cache of trained tokenizers and packed tokens (by content hash); empty means
+  $TTT_JAX_CACHE or ~/.cache/ttt_jax."""
+  worker_count: int = 0
+  """grain worker processes; pinned because element order depends on it."""
+  shuffle: bool = True
+  """Seeded global shuffle of the training windows."""
+  step_boundaries: str = "none"
+  """Per-token step ids in every batch ('step_ids', for CCT): 'none', 'fixed' (a boundary
+  every step_len tokens of the window) or 'semantic' (sentence ends '. '/'? '/'! ' before
+  a capital, paragraph breaks, document ends and <STEP> pieces, found from the
+  sentencepiece pieces). Any mode but 'none' adds the user-defined piece <STEP> to a
+  trained tokenizer."""
+  step_len: int = 50
+  """fixed: tokens per step. semantic: the longest step (a boundary is forced after it)."""
+  step_min_len: int = 8
+  """semantic: the shortest step; a sentence end closer to the step's start is skipped."""
+  document_mask: bool = False
+  """Per-token document ids in every batch ('segment_ids', int32 [seq_len] of the inputs):
+  the id of input token t is the number of EOS tokens among inputs 0..t-1 of its window,
+  so ids start at 0 in every window and the EOS belongs to the document it ends. With
+  them attention does not cross documents, and TTT fast weights (and the causal convs)
+  reset to their learned initial state at each document's first token. The loss is
+  unchanged: the target of an EOS input (the next document's first token) stays in it.
+  Needs an EOS id: the sentencepiece tokenizer's, or 'eos_id' in a packed .bin's sidecar."""
+
+  def __post_init__(self):
+    check_positive("data", self, "seq_len", "vocab_size", "tokenizer_max_sentences",
+                    "step_len", "step_min_len")
+    check_choice("data", "step_boundaries", self.step_boundaries, ("none", "fixed", "semantic"))
+    if self.step_min_len > self.step_len:
+      raise ConfigError(f"data.step_min_len: {self.step_min_len} exceeds data.step_len="
+                        f"{self.step_len}")
+    if not self.corpus:
+      raise ConfigError("data.corpus: must name at least one source")
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+    check_non_negative("data", self, "worker_count")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  name: str = "adamw"
+  """Optimizer: adamw | sgd | muon (Muon for hidden matrices, AdamW for the rest)."""
+  lr: float = 3e-3
+  """Peak learning rate (for Muon: of the Muon-routed matrices)."""
+  schedule: str = "cosine"
+  """'cosine' (warmup, cosine to min_lr_ratio*lr), 'wsd' (warmup, constant, linear
+  warmdown over the last decay_fraction) or 'constant' (warmup then constant)."""
+  warmup_steps: int = 100
+  """Linear warmup steps from 0 to lr."""
+  min_lr_ratio: float = 0.1
+  """Final lr as a fraction of peak (cosine floor, wsd end point)."""
+  decay_fraction: float = 0.2
+  """wsd: fraction of total steps spent in the final linear warmdown."""
+  b1: float = 0.9
+  """Adam beta1."""
+  b2: float = 0.95
+  """Adam beta2."""
+  eps: float = 1e-8
+  """Adam epsilon."""
+  weight_decay: float = 0.1
+  """Decoupled weight decay; never applied to norms, biases, scalars or 1-D params."""
+  momentum: float = 0.9
+  """SGD momentum (0 disables); Muon momentum (beta) for Muon params."""
+  nesterov: bool = False
+  """Nesterov momentum for SGD and Muon."""
+  adam_lr: float = 0.0
+  """muon: peak lr of the AdamW-routed params (embeddings, head, norms, scalars); 0 means lr."""
+  adam_b1: float = 0.9
+  """muon: beta1 of the AdamW-routed params."""
+  adam_b2: float = 0.95
+  """muon: beta2 of the AdamW-routed params."""
+  ns_steps: int = 5
+  """muon: Newton-Schulz iterations."""
+  clip_norm: float = 1.0
+  """Global gradient-norm clip; 0 disables."""
+  grad_accum_steps: int = 1
+  """Micro-batches accumulated per optimizer update (optax.MultiSteps)."""
+
+  def __post_init__(self):
+    check_choice("optim", "name", self.name, ("adamw", "sgd", "muon"))
+    check_choice("optim", "schedule", self.schedule, ("cosine", "wsd", "constant"))
+    check_positive("optim", self, "lr", "grad_accum_steps", "ns_steps")
+    check_non_negative("optim", self, "warmup_steps", "weight_decay", "clip_norm", "adam_lr",
+                        "eps")
+    for name in ("min_lr_ratio", "decay_fraction", "b1", "b2", "adam_b1", "adam_b2",
+                 "momentum"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ConfigError(f"optim.{name}: must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  """Total optimizer steps."""
+  seed: int = 0
+  """Seed of parameter init, data shuffle and dropout-free sampling."""
+  batch_size: int = 8
+  """Global batch size in sequences per step (summed over processes and micro-batches)."""
+  log_every: int = 10
+  """Write train metrics every N steps."""
+  eval_every: int = 100
+  """Evaluate on the validation split every N steps (and at the last step); 0 disables."""
+  peak_flops: float = 0.0
+  """Peak FLOP/s per device for MFU; 0 measures a large f32 matmul once at startup."""
+  objective: str = "lm"
+  """What the step minimises, a name in ``registry.OBJECTIVES``: 'lm' (next-token
+  cross-entropy) or 'cct' (commitment-constrained training: curriculum p_commit and the
+  standard/validity/conclusion/sufficiency losses; needs model.mixer.type='cct')."""
+  stop_after: int = 0
+  """Stop (saving a checkpoint) after this many steps in this invocation; 0 runs to
+  train.steps. The schedule still spans train.steps, so a run of time-limited jobs
+  (rerun on the same workdir) equals one uninterrupted run."""
+  host_hugepages: bool = True
+  """``python -m ttt_jax.train`` / ``ttt_jax.bench`` restart themselves once with glibc's
+  ``glibc.malloc.hugetlb=1`` tunable (``ttt_jax.host_memory``), so XLA:CPU's per-step
+  temporary buffer is mapped in 2 MiB pages instead of page-faulting in 4 KiB at a time
+  every step: quickstart steps ~20% faster on CPU. A no-op off glibc or with THP off in
+  the kernel; false runs with the system default."""
+
+  def __post_init__(self):
+    check_positive("train", self, "steps", "batch_size", "log_every")
+    registry.OBJECTIVES.get(self.objective)
+    check_non_negative("train", self, "eval_every", "peak_flops", "stop_after")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  batches: int = 8
+  """Validation batches per evaluation (fixed, unshuffled, the same every time)."""
+  batch_size: int = 0
+  """Sequences per validation batch; 0 means train.batch_size."""
+
+  def __post_init__(self):
+    check_positive("eval", self, "batches")
+    check_non_negative("eval", self, "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 0
+  """Save a checkpoint every N steps; 0 saves only at the end (and on SIGTERM/SIGINT).
+  Rerunning on the same workdir resumes from the newest complete checkpoint."""
+  keep: int = 3
+  """Keep the last K checkpoints."""
+  keep_every: int = 0
+  """Also keep every checkpoint whose step is a multiple of M; 0 disables."""
+  async_save: bool = True
+  """Write checkpoints in the background while training continues."""
+  device_snapshot: bool = True
+  """With async_save in a single-process run: copy the state on device and start orbax's
+  save on a low-priority background thread, so a save costs the step loop only that
+  copy. The copy holds one extra params + optimizer state in device memory until its
+  host transfer ends; set false where that does not fit, and orbax's save call (with its
+  synchronous device-to-host transfer) runs on the training thread instead."""
+  compress: bool = True
+  """zstd-compress the saved arrays (orbax's default). Trained float32 weights and
+  moments shrink only ~11% (quickstart: 26 -> 23 MB), for ~15% of a save's CPU time
+  (benchmarks/RESULTS.md), which matters where the step keeps every host core busy;
+  checkpoints of either kind restore the same way."""
+  init_from: str = ""
+  """Start a new run (a workdir without checkpoints) from another run's parameters: its
+  run directory, checkpoints directory or one step directory (also ``--init-from``).
+  The optimizer, step and data start fresh unless init_from_full."""
+  init_from_full: bool = False
+  """With init_from: also take the optimizer state, step and data position, branching
+  the source run into this workdir (the model and sample stream must match)."""
+
+  def __post_init__(self):
+    check_non_negative("checkpoint", self, "every", "keep_every")
+    check_positive("checkpoint", self, "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = 1
+  """Data-parallel axis size; -1 fills the remaining devices."""
+  fsdp: int = -1
+  """Fully-sharded data-parallel axis size (params and batch sharded); -1 fills."""
+  tensor: int = 1
+  """Tensor-parallel axis size (heads / mlp / vocab sharded); -1 fills."""
+  num_devices: int = 0
+  """Devices the mesh spans; 0 means all of them. A smaller number uses the first N
+  devices (single-process runs only), e.g. 1 to reproduce a one-device run."""
+  rules: tuple[tuple[str, str], ...] = (
+      ("batch", "data+fsdp"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("vocab", "tensor"),
+      ("fast", "fsdp"),
+  )
+  """Logical axis -> mesh axes ('+'-joined, or '' for replicated). Logical axes not
+  listed (layers, head_dim, norm, ...) are replicated. 'fast' is the output axis of
+  TTT's learned initial fast weights W0 [H, K, K] and b0 [H, K]."""
+
+  def __post_init__(self):
+    sizes = (self.data, self.fsdp, self.tensor)
+    check_non_negative("mesh", self, "num_devices")
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+      raise ConfigError(f"mesh: sizes must be positive or a single -1, got "
+                        f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
+    for logical, mesh_axes in self.rules:
+      if mesh_axes and logical in registry.LOGICAL_AXES:
+        axis = registry.LOGICAL_AXES.get(logical)
+        if not axis.shardable:
+          raise ConfigError(f"mesh.rules[{logical}]: {axis.doc} is never sharded; map it "
+                            f"to '' or drop the rule")
+      for axis in filter(None, mesh_axes.split("+")):
+        check_choice("mesh", f"rules[{logical}]", axis, ("data", "fsdp", "tensor"))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  progress_bar: bool = True
+  """Show a tqdm progress bar on process 0."""
+  tensorboard: bool = True
+  """Write tensorboardX events under WORKDIR/tb (process 0)."""
+  profile_start: int = -1
+  """First step of the jax.profiler trace window (into WORKDIR/profile); -1 disables."""
+  profile_steps: int = 5
+  """Number of steps traced."""
+
+  def __post_init__(self):
+    check_positive("logging", self, "profile_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  """Model architecture."""
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  """Corpus, tokenizer and pipeline."""
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  """Optimizer and learning-rate schedule."""
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  """Training loop."""
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  """Validation."""
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  """Checkpointing."""
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  """Device mesh and sharding rules."""
+  logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+  """Logging and profiling."""
+
+  def __post_init__(self):
+    if self.train.batch_size % self.optim.grad_accum_steps:
+      raise ConfigError(f"optim.grad_accum_steps: train.batch_size={self.train.batch_size} "
+                        f"is not divisible by {self.optim.grad_accum_steps}")
+    # the one hook for checks across sections: each model slot's, then the objective's
+    for slot in SLOTS:
+      getattr(self.model, slot).check(self)
+    objective = registry.OBJECTIVES.get(self.train.objective)
+    if objective.check is not None:
+      objective.check(self)

@@ -1,0 +1,1 @@
+"""Embeddings (``model.embedding``), each registered in ``registry.EMBEDDINGS``."""

@@ -1,0 +1,1 @@
+"""Feed-forward sublayers (``model.ffn``), each registered in ``registry.FFNS``."""

@@ -1,0 +1,1 @@
+"""Output heads (``model.head``), each registered in ``registry.HEADS``."""

@@ -1,0 +1,1 @@
+"""Token mixers (``model.mixer``), each registered in ``registry.MIXERS``."""

@@ -1,0 +1,1 @@
+"""Residual schemes (``model.residual``), each registered in ``registry.RESIDUALS``."""

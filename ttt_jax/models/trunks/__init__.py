@@ -1,0 +1,1 @@
+"""Trunks (``model.trunk``): how the blocks run, each registered in ``registry.TRUNKS``."""

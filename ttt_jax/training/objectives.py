@@ -1,0 +1,91 @@
+"""Training objectives: what the train step differentiates, chosen by ``train.objective``.
+
+An objective maps ``(model, batch, ctx)`` to ``(loss, metrics)``:
+
+- ``model``: the LM merged from the current params (inside the jitted step);
+- ``batch``: this micro-batch, ``inputs``/``targets`` int32 [B, T] plus the per-token
+  fields the data pipeline adds for the mechanisms (``segment_ids``, ``step_ids``, ...);
+- ``ctx``: the ``StepContext``: the 0-based optimizer ``step`` (curricula and
+  loss-weight schedules are functions of it), ``rng`` = ``fold_in(key(train.seed),
+  micro_step)`` (randomness is a pure function of the seed and the step and needs no
+  checkpointing) and ``extras``, the train state's extra trees (a teacher's or a
+  reference model's params, EMA weights, ...);
+- ``metrics``: float32 scalars, logged as ``metrics.jsonl`` columns and tensorboard
+  ``train/<name>`` tags next to ``loss``.
+
+Every objective sees the whole batch through ``SequenceContext.from_batch``, so a
+mechanism's per-token fields reach its sublayers. What the sublayers record in the aux
+channel (``lm.pop_aux``) is the objective's to use: the language-modeling objective
+adds every recorded ``AUX_LOSS`` entry (mean over layers) to the loss and logs it.
+
+A mechanism that trains with its own losses registers an ``ObjectiveEntry`` in
+``registry.OBJECTIVES``, with a ``check`` of the config it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax import registry
+from ttt_jax.config import Config
+from ttt_jax.models import lm
+from ttt_jax.models.context import SequenceContext
+from ttt_jax.registry import ObjectiveEntry
+
+AUX_LOSS = "aux_loss"
+"""Name under which a sublayer records (``sow``) a scalar loss of its own per layer,
+e.g. a mixture of experts' balance loss; the LM objective adds it to the loss."""
+
+
+class StepContext(NamedTuple):
+  """What an objective knows about the step besides the batch."""
+  step: jax.Array
+  """int32 scalar: the 0-based optimizer step."""
+  rng: jax.Array
+  """A key, ``fold_in(key(train.seed), micro_step)``."""
+  extras: Mapping[str, Any]
+  """The train state's extra trees (``TrainState.extras``); empty when none."""
+
+
+Objective = Callable[[lm.LM, dict[str, jax.Array], StepContext],
+                     tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def batch_logits(model: lm.LM, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Float32 logits [B, T, V] of ``batch['inputs']`` with every per-token field of the
+  batch in the context: the forward of training and of every evaluation."""
+  return model(batch["inputs"], SequenceContext.from_batch(batch))
+
+
+def aux_losses(aux: lm.Aux) -> dict[str, jax.Array]:
+  """The recorded ``AUX_LOSS`` entries, each averaged over layers: '<sublayer>.aux_loss'
+  -> float32 scalar."""
+  return {key: jnp.mean(value.astype(jnp.float32)) for key, value in aux.items()
+          if key.rsplit(".", 1)[-1] == AUX_LOSS}
+
+
+def language_modeling(cfg: Config) -> Objective:
+  """Mean next-token cross-entropy over every target, plus the sublayers' aux losses."""
+  del cfg
+
+  def objective(model: lm.LM, batch: dict[str, jax.Array], ctx: StepContext
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del ctx
+    logits_BxTxV = batch_logits(model, batch)
+    loss, _, _ = lm.cross_entropy_loss(logits_BxTxV, batch["targets"])
+    extra = aux_losses(lm.pop_aux(model))
+    for value in extra.values():
+      loss = loss + value
+    return loss, extra
+
+  return objective
+
+
+registry.OBJECTIVES.register("lm", ObjectiveEntry(language_modeling))
+
+
+def build(cfg: Config) -> Objective:
+  return registry.OBJECTIVES.get(cfg.train.objective).build(cfg)
