@@ -4,11 +4,13 @@ Loads the newest usable checkpoint of ``W`` and the run's ``tokenizer.model``, p
 the prompt and decodes with the mixers' caches (attention: a KV cache), using
 temperature and nucleus (top-p) sampling. Temperature 0 is greedy.
 
-CCT runs decode with the run's steps: fixed (position // model.cct_step_len) or, for
-``data.step_boundaries: semantic``, the semantic rule applied token by token on device
-(``cct.StepRule``; needs data.step_len <= model.cct_step_len, the decode step buffer).
-``--hash-chain FILE.json`` (CCT) writes the commitment hash chain of the generation
-(``ttt_jax.cct_chain``); ``python -m ttt_jax.cct_chain --workdir W FILE.json`` verifies it.
+Mechanisms that read per-token side inputs get them from the run's decode inputs
+(``inference.sampling.decode_inputs``): CCT runs decode with the run's steps, fixed
+(position // model.mixer.step_len) or, for ``data.step_boundaries: semantic``, the
+semantic rule applied token by token on device (needs data.step_len <=
+model.mixer.step_len, the decode step buffer). ``--hash-chain FILE.json`` (CCT) writes
+the commitment hash chain of the generation (``ttt_jax.cct.chain``);
+``python -m ttt_jax.cct_chain --workdir W FILE.json`` verifies it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ttt_jax import cct_chain
 from ttt_jax import data as data_lib
+from ttt_jax.cct import chain as cct_chain
+from ttt_jax.cct.decode import semantic_annotator
 from ttt_jax.config import Config, ConfigError
-from ttt_jax.models import cct, sampling
+from ttt_jax.inference import sampling
 from ttt_jax.models.lm import LM
 from ttt_jax.train import load_trained, user_errors
 
@@ -40,20 +43,7 @@ def load_for_generation(workdir: str | Path, overrides: list[str] = ()
   tokenizer = data_lib.Tokenizer(tokenizer_path)
   cfg, graphdef, params, _, _ = load_trained(workdir, overrides,
                                              log=lambda m: print(m, file=sys.stderr))
-  return cfg, nnx.merge(graphdef, params), tokenizer, semantic_decode_annotator(cfg, tokenizer)
-
-
-def semantic_decode_annotator(cfg: Config, tokenizer: data_lib.Tokenizer
-                              ) -> data_lib.StepAnnotator | None:
-  """The step annotator a CCT run with semantic steps decodes with (None otherwise); its
-  steps must fit the decode step buffer (model.cct_step_len tokens)."""
-  if cfg.model.mixer != "cct" or cfg.data.step_boundaries != "semantic":
-    return None
-  if cfg.data.step_len > cfg.model.cct_step_len:
-    raise ConfigError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
-                      f"exceed model.cct_step_len={cfg.model.cct_step_len}, the decode step "
-                      f"buffer; --set model.cct_step_len={cfg.data.step_len}")
-  return data_lib.step_annotator(cfg.data, tokenizer)
+  return cfg, nnx.merge(graphdef, params), tokenizer, semantic_annotator(cfg, tokenizer)
 
 
 def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
@@ -64,22 +54,22 @@ def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
   if hash_chain is not None and not Path(hash_chain).parent.is_dir():
     raise ConfigError(f"--hash-chain: directory {Path(hash_chain).parent} does not exist")
   cfg, model, tokenizer, annotator = load_for_generation(workdir, overrides)
-  if hash_chain is not None and cfg.model.mixer != "cct":
-    raise ConfigError(f"--hash-chain: needs a CCT run (model.mixer='cct'), got "
-                      f"{cfg.model.mixer!r}")
+  if hash_chain is not None and cfg.model.mixer.type != "cct":
+    raise ConfigError(f"--hash-chain: needs a CCT run (model.mixer.type='cct'), got "
+                      f"{cfg.model.mixer.type!r}")
   prompt_ids = tokenizer.encode(prompt)
   if not prompt_ids:
     raise ConfigError("--prompt: encodes to no tokens; give a non-empty prompt")
   prompt_BxP = np.asarray([prompt_ids], np.int32)
   rng = jax.random.key(seed)
   eos_id = tokenizer.eos_id if stop_at_eos else None
-  step_rule = cct.step_rule(annotator) if annotator is not None else None
+  inputs = sampling.decode_inputs(cfg, tokenizer)
   if hash_chain is None:
     tokens = sampling.generate(model, prompt_BxP, max_new_tokens, rng, temperature, top_p,
-                               eos_id, step_rule)
+                               eos_id, inputs)
   else:
     generation = sampling.generate_with_state(model, prompt_BxP, max_new_tokens, rng,
-                                              temperature, top_p, eos_id, step_rule)
+                                              temperature, top_p, eos_id, inputs)
     tokens = generation.tokens_BxT
     record = cct_chain.generation_record(model, generation, annotator)
     Path(hash_chain).write_text(json.dumps(record, indent=1) + "\n")

@@ -40,12 +40,11 @@ assumes the generating checkpoint (another one fails at step 0).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
-import json
+import statistics
+import time
 from functools import partial
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -53,8 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ttt_jax.models import cct, lm
-from ttt_jax.models.sampling import Generation
+from ttt_jax.cct import mixer as cct
+from ttt_jax.cct.decode import SemanticSteps
+from ttt_jax.inference import sampling
+from ttt_jax.inference.sampling import Generation
+from ttt_jax.models import lm
 
 HEADER_PREFIX = b"ttt_jax.cct_chain/v1\n"
 """Domain separation of h_0 (a header can never be mistaken for a step's bytes)."""
@@ -109,12 +111,12 @@ def steps_descriptor(model: lm.LM, annotator: Any | None) -> str:
   (``data.StepAnnotator`` with step_len L, step_min_len m)."""
   if annotator is not None and annotator.mode == "semantic":
     return f"semantic/{annotator.step_len}/{annotator.step_min_len}"
-  return f"fixed/{model.cfg.cct_step_len}"
+  return f"fixed/{model.cfg.mixer.step_len}"
 
 
 def model_header(model: lm.LM, annotator: Any | None) -> dict[str, Any]:
   cfg = model.cfg
-  return chain_header(cfg.cct_d_summary, cfg.n_layers, str(jnp.dtype(cfg.dtype)),
+  return chain_header(cfg.mixer.d_summary, cfg.n_layers, str(jnp.dtype(cfg.dtype)),
                       steps_descriptor(model, annotator))
 
 
@@ -155,22 +157,18 @@ def overhead_report(model: lm.LM, prompt_tokens_BxP: np.ndarray, new_tokens: int
   ``generation_record``, timed in ``rounds`` interleaved rounds after one compiling run
   of each (a busy shared CPU slows both alike). ``annotator`` (semantic steps) decides
   the steps on device in both variants and names the rule in the record."""
-  import statistics  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
-
-  from ttt_jax.models import sampling  # pylint: disable=import-outside-toplevel
-  rule = cct.step_rule(annotator) if annotator is not None else None
+  inputs = () if annotator is None else (SemanticSteps(cct.step_rule(annotator)),)
   rng = jax.random.key(0)
   chain_s: list[float] = []
   records: list[dict[str, Any]] = []
 
   def without_chain() -> None:
     jax.block_until_ready(sampling.generate(model, prompt_tokens_BxP, new_tokens, rng, 0.0,
-                                            step_rule=rule))
+                                            inputs=inputs))
 
   def with_chain() -> None:
     generation = sampling.generate_with_state(model, prompt_tokens_BxP, new_tokens, rng, 0.0,
-                                              step_rule=rule)
+                                              inputs=inputs)
     jax.block_until_ready(generation)
     start = time.perf_counter()
     records.append(generation_record(model, generation, annotator))
@@ -228,14 +226,14 @@ def step_ids_of(model: lm.LM, tokens_T: np.ndarray, annotator: Any | None) -> np
   """Step ids of a whole sequence under the rule generation used."""
   if annotator is not None and annotator.mode == "semantic":
     return np.asarray(annotator(np.asarray(tokens_T)), np.int32)
-  return (np.arange(len(tokens_T)) // model.cfg.cct_step_len).astype(np.int32)
+  return (np.arange(len(tokens_T)) // model.cfg.mixer.step_len).astype(np.int32)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
 def _forward_summaries(graphdef: nnx.GraphDef, state: nnx.State, tokens_1xT: jax.Array,
                        step_ids_1xT: jax.Array) -> jax.Array:
   model = nnx.merge(graphdef, state)
-  _, aux = cct.forward_with_summaries(model, tokens_1xT, step_ids_1xT)
+  _, aux = cct.logits_and_summaries(model, tokens_1xT, step_ids_1xT)
   return aux.summary_BxNxS[:, 0].astype(model.dtype).astype(jnp.float32)
 
 
@@ -311,51 +309,3 @@ def verify_record(model: lm.LM, record: dict[str, Any], annotator: Any | None = 
                   tolerance: float | None = None) -> list[Verification]:
   return [verify_sequence(model, record, sequence, annotator, tolerance)
           for sequence in record["sequences"]]
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> None:
-  """``python -m ttt_jax.cct_chain --workdir W FILE.json``: verifies a record written by
-  ``python -m ttt_jax.generate --hash-chain FILE.json`` against the run's checkpoint;
-  one line per sequence, exit status 1 when any sequence fails."""
-  from ttt_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
-  from ttt_jax.generate import load_for_generation  # pylint: disable=import-outside-toplevel
-  from ttt_jax.train import user_errors  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog="python -m ttt_jax.cct_chain", description=main.__doc__)
-  parser.add_argument("record", metavar="FILE.json", help="the --hash-chain record")
-  parser.add_argument("--workdir", required=True, help="the run that generated it")
-  parser.add_argument("--tolerance", type=float, default=None,
-                      help="largest accepted |decode - forward| per summary value "
-                           "(default: 2e-5 for float32, 2^-6 for bfloat16)")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override the run's config, as given to generate")
-  args = parser.parse_args(argv)
-  with user_errors():
-    try:
-      record = json.loads(Path(args.record).read_text())
-    except (OSError, ValueError) as e:
-      raise ConfigError(f"FILE.json: cannot read {args.record} ({e})") from None
-    if not isinstance(record, dict) or not {"header", "genesis", "sequences"} <= set(record):
-      raise ConfigError(f"FILE.json: {args.record} is not a hash chain record (needs header, "
-                        f"genesis and sequences)")
-    for index, sequence in enumerate(record["sequences"]):
-      missing = SEQUENCE_FIELDS - set(sequence)
-      if missing:
-        raise ConfigError(f"FILE.json: sequence {index} lacks {sorted(missing)}")
-    if args.tolerance is not None and args.tolerance < 0:
-      raise ConfigError(f"--tolerance: must be >= 0, got {args.tolerance}")
-    cfg, model, _, annotator = load_for_generation(args.workdir, args.set)
-    if cfg.model.mixer != "cct":
-      raise ConfigError(f"--workdir: needs a CCT run (model.mixer='cct'), got "
-                        f"{cfg.model.mixer!r}")
-    results = verify_record(model, record, annotator, args.tolerance)
-  for index, result in enumerate(results):
-    print(f"sequence {index}: {'OK' if result.ok else 'MISMATCH'}: {result.reason}")
-  if not all(result.ok for result in results):
-    raise SystemExit(1)
-
-
-if __name__ == "__main__":
-  main()

@@ -30,9 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ttt_jax.cct import mixer as cct
+from ttt_jax.cct.decode import semantic_annotator, semantic_steps
 from ttt_jax.config import ModelConfig
-from ttt_jax.models import cct, lm
-from ttt_jax.models.sampling import generate
+from ttt_jax.inference.sampling import DecodeInputs, generate
+from ttt_jax.models import lm
+from ttt_jax.models.context import SequenceContext, default_positions
+from ttt_jax.models.mixers.attention import AttentionConfig
 from ttt_jax.tokenizer import Tokenizer
 
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -107,8 +111,8 @@ def collect_steps(model: lm.LM, batches: list[dict[str, np.ndarray]], step_len: 
   @jax.jit
   def run(state, inputs, targets, step_ids, segment_ids):
     m = nnx.merge(graphdef, state)
-    logits, aux = cct.forward_with_summaries(m, inputs, step_ids, segment_ids_BxT=segment_ids)
-    zero_logits, _ = cct.forward_with_summaries(m, inputs, step_ids, "zero", segment_ids)
+    logits, aux = cct.logits_and_summaries(m, inputs, step_ids, segment_ids_BxT=segment_ids)
+    zero_logits, _ = cct.logits_and_summaries(m, inputs, step_ids, "zero", segment_ids)
     in_model = jnp.einsum("lbns,lsd->lbnd", aux.summary_BxNxS,
                           m.blocks.mixer.probe_w[...]) + m.blocks.mixer.probe_b[...][:, None, None]
     return (aux, in_model, lm.cross_entropy_loss(logits, targets)[1],
@@ -119,7 +123,7 @@ def collect_steps(model: lm.LM, batches: list[dict[str, np.ndarray]], step_len: 
   for batch in batches:
     step_ids = batch.get("step_ids")
     if step_ids is None:
-      step_ids = np.asarray(cct.fixed_step_ids(lm.default_positions(batch["inputs"]), step_len))
+      step_ids = np.asarray(cct.fixed_step_ids(default_positions(batch["inputs"]), step_len))
     segments = cct.commitment_segments(jnp.asarray(step_ids), jnp.ones(step_ids.shape, bool))
     aux, in_model, batch_nll, batch_zero = run(state, batch["inputs"], batch["targets"], segments,
                                                batch.get("segment_ids"))
@@ -188,8 +192,9 @@ def decode_state_bytes(cfg: ModelConfig, vocab_size: int, context: int, *, chunk
   @jax.jit
   def step(state, cache, tokens_BxC, start, step_ids_BxC):
     m = nnx.merge(graphdef, state)
-    positions = lm.default_positions(tokens_BxC, start)
-    logits, cache = m.decode(tokens_BxC, positions, cache, step_ids_BxC)
+    side = {} if step_ids_BxC is None else {cct.STEP_IDS: step_ids_BxC}
+    ctx = SequenceContext(default_positions(tokens_BxC, start), side=side)
+    logits, cache = m.decode(tokens_BxC, ctx, cache)
     return logits[:, -1], cache
 
   decoded = min(decode_tokens or context, context)
@@ -200,7 +205,7 @@ def decode_state_bytes(cfg: ModelConfig, vocab_size: int, context: int, *, chunk
   else:
     if len(step_ids_T) != context:
       raise ValueError(f"step ids for {len(step_ids_T)} tokens, context {context}")
-    cache = model.init_cache(1, context, int(step_ids_T[-1]) + 2)
+    cache = model.init_cache(1, context, {"max_steps": int(step_ids_T[-1]) + 2})
     starts = np.flatnonzero(np.diff(step_ids_T[:decoded], prepend=-1))  # step starts
     bounds = [0]
     while bounds[-1] < decoded:
@@ -231,12 +236,12 @@ def compression_report(cct_cfg: ModelConfig, vocab_size: int, contexts: list[int
   The CCT state always decodes the whole context; the baseline only its first
   ``baseline_decode_tokens`` if nonzero (its full-context attention is the slow part).
   ``step_ids_of(context)`` (semantic steps): the step ids of a context of real text;
-  without it steps are fixed, cct_step_len tokens."""
+  without it steps are fixed, model.mixer.step_len tokens."""
   log = log or _stderr
-  baseline_cfg = dataclasses.replace(cct_cfg, mixer="attention")
+  baseline_cfg = dataclasses.replace(cct_cfg, mixer=AttentionConfig())
   rows = {}
   for context in contexts:
-    step = cct_cfg.cct_step_len
+    step = cct_cfg.mixer.step_len
     step_ids = step_ids_of(context) if step_ids_of else None
     ours = decode_state_bytes(cct_cfg, vocab_size, context, chunk=step * max(1, 512 // step),
                               step_ids_T=step_ids)
@@ -253,10 +258,10 @@ def compression_report(cct_cfg: ModelConfig, vocab_size: int, contexts: list[int
         f"= {rows[context]['ratio']:.1f}x")
   return {"model": {"n_layers": cct_cfg.n_layers, "d_model": cct_cfg.d_model,
                     "n_heads": cct_cfg.n_heads, "kv_heads": cct_cfg.kv_heads,
-                    "dtype": cct_cfg.dtype, "d_summary": cct_cfg.cct_d_summary,
-                    "step_len": cct_cfg.cct_step_len,
+                    "dtype": cct_cfg.dtype, "d_summary": cct_cfg.mixer.d_summary,
+                    "step_len": cct_cfg.mixer.step_len,
                     "steps": "semantic (the run's rule on its validation text)"
-                             if step_ids_of else f"fixed/{cct_cfg.cct_step_len}"},
+                             if step_ids_of else f"fixed/{cct_cfg.mixer.step_len}"},
           "contexts": rows}
 
 
@@ -290,9 +295,9 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int
 
 def passkey_report(model: lm.LM, tokenizer: Tokenizer, lengths: list[int],
                    depths: list[float], trials: int, seed: int = 0,
-                   step_rule: cct.StepRule | None = None) -> dict[str, Any]:
-  """Greedy accuracy: the first generated digits equal the key. ``step_rule``: CCT
-  decoding with semantic steps (None: fixed steps)."""
+                   inputs: tuple[DecodeInputs, ...] = ()) -> dict[str, Any]:
+  """Greedy accuracy: the first generated digits equal the key. ``inputs``: the run's
+  decode inputs (CCT with semantic steps; none: fixed steps)."""
   rng = np.random.default_rng(seed)
   by_length: dict[str, Any] = {}
   for length in lengths:
@@ -303,7 +308,7 @@ def passkey_report(model: lm.LM, tokenizer: Tokenizer, lengths: list[int],
         key = int(rng.integers(10000, 100000))
         prompt, _ = passkey_prompt(tokenizer, length, depth, key)
         out = generate(model, np.asarray([prompt], np.int32), 8, jax.random.key(0),
-                       temperature=0.0, step_rule=step_rule)
+                       temperature=0.0, inputs=inputs)
         text = tokenizer.decode(np.asarray(out)[0, len(prompt):].tolist())
         digits = "".join(ch for ch in text.strip().split(" ")[0] if ch.isdigit())
         correct += digits == str(key)
@@ -357,7 +362,7 @@ def _load_model(workdir, overrides):
 def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, Any]:
   from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   cfg, model, step, corpus = _load_model(workdir, overrides)
-  if cfg.model.mixer != "cct":
+  if cfg.model.mixer.type != "cct":
     raise ValueError(f"{workdir}: sufficiency needs a CCT run (model.mixer='cct')")
   val = data_lib.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len,
@@ -365,7 +370,7 @@ def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, An
       process_index=0, process_count=1,
       annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer),
       eos_id=data_lib.document_eos_id(cfg.data, corpus))
-  steps, loss = collect_steps(model, val, cfg.model.cct_step_len)
+  steps, loss = collect_steps(model, val, cfg.model.mixer.step_len)
   return {"task": "sufficiency", "workdir": str(workdir), "step": step,
           **sufficiency_report(steps, loss, seed=cfg.train.seed)}
 
@@ -375,16 +380,15 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
   their rule makes on the validation text (repeated to the context length if shorter)."""
   from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from ttt_jax.config import load_config  # pylint: disable=import-outside-toplevel
-  from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
-  cfg = load_config(f"{workdir}/config.yaml", overrides)
-  if cfg.model.mixer != "cct":
+  cfg = load_config(f"{workdir}/config.yaml", overrides, legacy=True)
+  if cfg.model.mixer.type != "cct":
     raise ValueError(f"{workdir}: compression needs a CCT run (model.mixer='cct')")
   step_ids_of = None
   if cfg.data.step_boundaries == "semantic":
     corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
     if corpus.tokenizer is None:
       raise ValueError(f"{workdir}: semantic compression needs the run's tokenizer")
-    annotator = semantic_decode_annotator(cfg, corpus.tokenizer)
+    annotator = semantic_annotator(cfg, corpus.tokenizer)
     text = np.asarray(corpus.val_tokens, np.int32)
 
     def step_ids_of(context: int) -> np.ndarray:
@@ -398,16 +402,14 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
 
 def run_passkey(workdir, overrides: list[str], lengths: list[int], depths: list[float],
                 trials: int) -> dict[str, Any]:
-  from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if corpus.tokenizer is None:
     raise ValueError(f"{workdir}: passkey needs the run's sentencepiece tokenizer")
-  annotator = semantic_decode_annotator(cfg, corpus.tokenizer)
-  rule = cct.step_rule(annotator) if annotator is not None else None
+  steps = semantic_steps(cfg, corpus.tokenizer)
   report = passkey_report(model, corpus.tokenizer, lengths, depths, trials, cfg.train.seed,
-                          rule)
+                          () if steps is None else (steps,))
   return {"task": "passkey", "workdir": str(workdir), "step": step,
-          "mixer": cfg.model.mixer, "train_seq_len": cfg.data.seq_len, **report}
+          "mixer": cfg.model.mixer.type, "train_seq_len": cfg.data.seq_len, **report}
 
 
 def run_governance(workdir, overrides: list[str], shape: dict[str, int] | None = None
@@ -415,10 +417,9 @@ def run_governance(workdir, overrides: list[str], shape: dict[str, int] | None =
   """The commitment hash chain's overhead per generated token on the trained model, with
   the run's step rule (``cct_chain.overhead_report``)."""
   from ttt_jax import cct_chain  # pylint: disable=import-outside-toplevel
-  from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
   shape = {**GOVERNANCE_SHAPE, **(shape or {})}
   cfg, model, step, corpus = _load_model(workdir, overrides)
-  if cfg.model.mixer != "cct":
+  if cfg.model.mixer.type != "cct":
     raise ValueError(f"{workdir}: governance needs a CCT run (model.mixer='cct')")
   batch, prompt_len = shape["batch"], shape["prompt_len"]
   val = np.asarray(corpus.val_tokens)
@@ -426,7 +427,7 @@ def run_governance(workdir, overrides: list[str], shape: dict[str, int] | None =
     raise ValueError(f"{workdir}: the validation split has {val.size} tokens, fewer than "
                      f"the {batch} x {prompt_len} governance prompts")
   prompts = val[:batch * prompt_len].reshape(batch, prompt_len).astype(np.int32)
-  annotator = semantic_decode_annotator(cfg, corpus.tokenizer)
+  annotator = semantic_annotator(cfg, corpus.tokenizer)
   report = cct_chain.overhead_report(model, prompts, shape["new_tokens"], shape["rounds"],
                                      annotator)
   return {"task": "governance", "workdir": str(workdir), "step": step, **report}

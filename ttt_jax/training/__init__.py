@@ -1,0 +1,1 @@
+"""The training core: objectives (what the step minimises)."""
