@@ -112,16 +112,12 @@ class ObjectiveEntry:
   check: Callable[[Any], None] | None = None
 
 
-EMBEDDINGS: Registry[type] = Registry("embedding", "model.embedding.type")
-MIXERS: Registry[type] = Registry("mixer", "model.mixer.type")
-RESIDUALS: Registry[type] = Registry("residual", "model.residual.type")
-FFNS: Registry[type] = Registry("ffn", "model.ffn.type")
-TRUNKS: Registry[type] = Registry("trunk", "model.trunk.type")
-HEADS: Registry[type] = Registry("head", "model.head.type")
-SLOTS: dict[str, Registry[type]] = {"embedding": EMBEDDINGS, "mixer": MIXERS,
-                                    "residual": RESIDUALS, "ffn": FFNS, "trunk": TRUNKS,
-                                    "head": HEADS}
+SLOTS: dict[str, Registry[type]] = {
+    slot: Registry(slot, f"model.{slot}.type")
+    for slot in ("embedding", "mixer", "residual", "ffn", "trunk", "head")}
 """The model's slots, by their section name under ``model``."""
+EMBEDDINGS, MIXERS, RESIDUALS = SLOTS["embedding"], SLOTS["mixer"], SLOTS["residual"]
+FFNS, TRUNKS, HEADS = SLOTS["ffn"], SLOTS["trunk"], SLOTS["head"]
 
 REMAT_POLICIES: Registry[Callable | None] = Registry("remat policy", "model.remat")
 LOGICAL_AXES: Registry[AxisInfo] = Registry("logical axis", "parameter axis")

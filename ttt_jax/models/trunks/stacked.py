@@ -37,35 +37,10 @@ class UnrolledTrunkConfig(Section):
   COMPUTE_ONLY = ("type",)
 
 
-@registry.TRUNKS.register("scan")
-class ScanTrunk(nnx.Module):
-  """``lax.scan`` over the blocks."""
+class StackedTrunk(nnx.Module):
+  """Each block once, in order: with ``lax.scan`` when ``scan``, else a Python loop."""
 
-  Config = ScanTrunkConfig
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    del rngs  # no parameters
-    self.remat_policy = cfg.remat
-
-  def __call__(self, blocks: lm.Block, stream: jax.Array, ctx: SequenceContext
-               ) -> tuple[jax.Array, lm.Aux]:
-    graphdef, stacked_state = nnx.split(blocks)
-    body = remat(functools.partial(lm.apply_layer, graphdef, ctx), self.remat_policy,
-                 prevent_cse=False)
-    return jax.lax.scan(body, stream, stacked_state)
-
-  def decode(self, blocks: lm.Block, stream: jax.Array, ctx: SequenceContext,
-             cache: lm.Cache) -> tuple[jax.Array, lm.Cache]:
-    graphdef, stacked_state = nnx.split(blocks)
-    return jax.lax.scan(functools.partial(lm.decode_layer, graphdef, ctx), stream,
-                        (stacked_state, cache))
-
-
-@registry.TRUNKS.register("unrolled")
-class UnrolledTrunk(nnx.Module):
-  """A Python loop over the blocks."""
-
-  Config = UnrolledTrunkConfig
+  scan: bool = True
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     del rngs  # no parameters
@@ -75,7 +50,10 @@ class UnrolledTrunk(nnx.Module):
   def __call__(self, blocks: lm.Block, stream: jax.Array, ctx: SequenceContext
                ) -> tuple[jax.Array, lm.Aux]:
     graphdef, stacked_state = nnx.split(blocks)
-    body = remat(functools.partial(lm.apply_layer, graphdef, ctx), self.remat_policy)
+    body = remat(functools.partial(lm.apply_layer, graphdef, ctx), self.remat_policy,
+                 prevent_cse=not self.scan)
+    if self.scan:
+      return jax.lax.scan(body, stream, stacked_state)
     layer_aux = []
     for index in range(self.n_layers):
       stream, aux = body(stream, lm.layer_slice(stacked_state, index))
@@ -85,13 +63,29 @@ class UnrolledTrunk(nnx.Module):
   def decode(self, blocks: lm.Block, stream: jax.Array, ctx: SequenceContext,
              cache: lm.Cache) -> tuple[jax.Array, lm.Cache]:
     graphdef, stacked_state = nnx.split(blocks)
+    body = functools.partial(lm.decode_layer, graphdef, ctx)
+    if self.scan:
+      return jax.lax.scan(body, stream, (stacked_state, cache))
     new_caches = []
     for index in range(self.n_layers):
-      stream, new_cache = lm.decode_layer(
-          graphdef, ctx, stream,
-          (lm.layer_slice(stacked_state, index), lm.layer_slice(cache, index)))
+      stream, new_cache = body(
+          stream, (lm.layer_slice(stacked_state, index), lm.layer_slice(cache, index)))
       new_caches.append(new_cache)
     return stream, _stack(new_caches)
+
+
+@registry.TRUNKS.register("scan")
+class ScanTrunk(StackedTrunk):
+  """``lax.scan`` over the blocks."""
+  Config = ScanTrunkConfig
+  scan = True
+
+
+@registry.TRUNKS.register("unrolled")
+class UnrolledTrunk(StackedTrunk):
+  """A Python loop over the blocks."""
+  Config = UnrolledTrunkConfig
+  scan = False
 
 
 def _stack(per_layer: list) -> object:
