@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from ttt_jax.config import ModelConfig
-from ttt_jax.models import attention
+from ttt_jax.models.context import SequenceContext
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
+from ttt_jax.models.mixers import attention
 
 
 def causal_mask(batch: int, length: int) -> np.ndarray:
@@ -80,7 +82,7 @@ def test_kv_cache_prefill_then_steps_matches_full_attention():
 
 
 def tiny_config(**overrides) -> ModelConfig:
-  values = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64)
+  values = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn=SwiGLUConfig(d_ff=64))
   values.update(overrides)
   return ModelConfig(**values)
 
@@ -97,7 +99,8 @@ def test_module_matches_reference_and_has_named_params():
   rng = np.random.default_rng(14)
   x = rng.normal(size=(2, 7, 32))
   positions = np.broadcast_to(np.arange(7), (2, 7))
-  got = module(jnp.asarray(x, jnp.float32), jnp.asarray(positions))
+  got = module(jnp.asarray(x, jnp.float32),
+               SequenceContext(positions_BxT=jnp.asarray(positions)))
   q, k, v = module.project_qkv(jnp.asarray(x, jnp.float32), jnp.asarray(positions))
   o = attention.attention_reference(np.asarray(q), np.asarray(k), np.asarray(v),
                                     causal_mask(2, 7))
@@ -109,9 +112,10 @@ def test_module_decode_matches_full_call():
   module = attention.Attention(tiny_config(), rngs=nnx.Rngs(1))
   x = jnp.asarray(np.random.default_rng(15).normal(size=(2, 6, 32)), jnp.float32)
   positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-  full = module(x, positions)
-  decode = jax.jit(lambda x, positions, cache: module.decode(x, positions, cache))
-  cache = module.init_cache(2, 8, jnp.float32)
+  full = module(x, SequenceContext(positions_BxT=positions))
+  decode = jax.jit(lambda x, positions, cache: module.decode(
+      x, SequenceContext(positions_BxT=positions), cache))
+  cache = module.init_cache(2, 8, jnp.float32, {})
   y_prompt, cache = decode(x[:, :3], positions[:, :3], cache)
   steps = [y_prompt]
   for t in range(3, 6):

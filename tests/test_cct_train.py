@@ -9,22 +9,25 @@ import math
 
 import pytest
 
-from ttt_jax import cct_chain, cct_eval, generate, train
-from ttt_jax.models import cct
+from ttt_jax import cct_chain, generate, train
+from ttt_jax.cct import evals as cct_eval
+from ttt_jax.cct import mixer as cct
+from ttt_jax.cct.mixer import CCTConfig
 from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_config
 
 STEPS = 60
 
 
 CCT_OVERRIDES = ("model.mixer=cct", "train.objective=cct", "data.step_boundaries=fixed",
-                 "data.step_len=8", "model.cct_step_len=8", "model.cct_max_steps=8",
-                 "model.cct_d_summary=8", f"train.steps={STEPS}", "train.eval_every=30",
+                 "data.step_len=8", "model.mixer.step_len=8", "model.mixer.max_steps=8",
+                 "model.mixer.d_summary=8", f"train.steps={STEPS}", "train.eval_every=30",
                  "checkpoint.every=0", "logging.tensorboard=false")
 
 
 def train_cct(root, *overrides: str):
   corpus = copy_stdlib_corpus(root / "src")
   cfg = tiny_config(corpus, root / "cache", *CCT_OVERRIDES, *overrides)
+  assert cfg.model.mixer == CCTConfig(step_len=8, max_steps=8, d_summary=8)
   workdir = root / "run"
   return cfg, workdir, train.train(cfg, workdir)
 
@@ -52,7 +55,7 @@ def test_cct_with_the_mhc_residual_loss_goes_down_on_real_text(tmp_path):
   """The CCT objective (all four terms) through mHC's n streams and its remat policy."""
   trained = train_cct(tmp_path, "model.residual=mhc", "model.remat=mhc_streams")
   cfg, workdir, _ = trained
-  assert (cfg.model.residual, cfg.model.remat) == ("mhc", "mhc_streams")
+  assert (cfg.model.residual.type, cfg.model.remat) == ("mhc", "mhc_streams")
   check_cct_loss_goes_down(trained)
   rows = [r for r in read_metrics(workdir) if "loss" in r]
   sufficiency = [r["loss_sufficiency"] for r in rows]

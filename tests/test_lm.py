@@ -1,8 +1,10 @@
-"""The decoder LM: registries, logical names, causality, KV-cache decode, scan/remat
-equivalence, dtypes, FLOP and parameter counts, depth-independent compile size."""
+"""The decoder LM: slots and registries, logical names, causality, KV-cache decode,
+trunk/remat equivalence, the aux channel, pre-sublayers, dtypes, FLOP and parameter
+counts, depth-independent compile size."""
 
 import dataclasses
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,16 +12,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax import config as config_lib
-from ttt_jax import data
-from ttt_jax.config import ModelConfig
-from ttt_jax.models import layers, lm
+from ttt_jax import data, registry
+from ttt_jax.config import SLOTS, Config, ModelConfig, Section, load_config
+from ttt_jax.models import lm
+from ttt_jax.models.context import SequenceContext, default_positions
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
+from ttt_jax.models.mixers.attention import Attention, AttentionConfig
+from ttt_jax.models.mixers.ttt_linear import PreConv, TTTLinear, TTTLinearConfig
+from ttt_jax.models.residuals.plain import PlainResidual
+from ttt_jax.models.trunks.stacked import ScanTrunkConfig, UnrolledTrunkConfig
+from ttt_jax.training import objectives
 
 VOCAB = 64
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRUNKS = {"scan": ScanTrunkConfig(), "unrolled": UnrolledTrunkConfig()}
 
 
 def tiny_config(**overrides) -> ModelConfig:
-  values = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.1)
+  values = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn=SwiGLUConfig(d_ff=64),
+                init_std=0.1)
   values.update(overrides)
   return ModelConfig(**values)
 
@@ -44,13 +55,55 @@ def logits_fn(cfg: ModelConfig):
   return jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionWithAuxConfig(AttentionConfig):
+  type: str = "attention_with_aux"
+  aux_scale: float = 0.5
+  """Scale of the recorded aux loss."""
+
+
+@registry.MIXERS.register("attention_with_aux")
+class AttentionWithAux(Attention):
+  """A test mixer: attention that records aux_loss = aux_scale * mean(W_q^2) per layer
+  (a function of that layer's parameters only, so the test can recompute it)."""
+
+  Config = AttentionWithAuxConfig
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.aux_scale = cfg.mixer.aux_scale
+
+  def __call__(self, x_BxTxD: jax.Array, ctx: SequenceContext) -> jax.Array:
+    self.sow(nnx.Intermediate, objectives.AUX_LOSS,
+             self.aux_scale * jnp.mean(jnp.square(self.wq[...].astype(jnp.float32))))
+    return super().__call__(x_BxTxD, ctx)
+
+
+def layer_aux_losses(wq_LxDxN: jax.Array, scale: float) -> np.ndarray:
+  """What ``AttentionWithAux`` records in each layer, in float64."""
+  return scale * np.mean(np.square(np.asarray(wq_LxDxN, np.float64)), axis=(1, 2))
+
+
 # ----------------------------------------------------------------------------- structure
 
 
-def test_registries_match_config_choices():
-  assert set(lm.MIXERS) == set(config_lib.MIXERS)
-  assert set(lm.RESIDUALS) == set(config_lib.RESIDUALS)
-  assert set(lm.REMAT_POLICIES) == set(config_lib.REMAT_POLICIES)
+def test_every_registered_mechanism_has_a_section_naming_it():
+  """One registry per slot is the only list of choices: every entry's ``Config`` is a
+  ``Section`` whose default ``type`` is its registered name, and a ModelConfig accepts
+  it in its slot."""
+  assert tuple(registry.SLOTS) == SLOTS
+  for slot, reg in registry.SLOTS.items():
+    assert reg.names(), slot
+    for name, mechanism in reg.items():
+      section = mechanism.Config()
+      assert isinstance(section, Section), (slot, name)
+      assert section.type == name, (slot, name)
+      assert getattr(ModelConfig(**{slot: section}), slot) is section, (slot, name)
+  assert set(registry.MIXERS.names()) >= {"attention", "ttt_linear", "cct"}
+  assert set(registry.RESIDUALS.names()) >= {"plain", "mhc"}
+  assert set(registry.TRUNKS.names()) >= {"scan", "unrolled"}
+  for policy in registry.REMAT_POLICIES.names():
+    assert ModelConfig(remat=policy).remat == policy
 
 
 def test_every_param_has_valid_logical_names(model):
@@ -62,7 +115,7 @@ def test_every_param_has_valid_logical_names(model):
     names = variable.get_metadata("out_sharding")
     assert names is not None, path
     assert len(names) == variable[...].ndim, (path, names)
-    assert set(names) <= set(layers.LOGICAL_AXES), (path, names)
+    assert set(names) <= set(registry.LOGICAL_AXES.names()), (path, names)
     stacked = path[0] == "blocks"
     assert (names[0] == "layers") == stacked, (path, names)
     assert names.count("layers") == (1 if stacked else 0), (path, names)
@@ -74,7 +127,7 @@ def test_every_param_has_valid_logical_names(model):
   assert names_by_path["blocks/mlp/w_down"] == ("layers", "mlp", "embed")
   assert names_by_path["blocks/mixer_residual/norm/scale"] == ("layers", "norm")
   assert names_by_path["embed/embedding"] == ("vocab", "embed")
-  assert names_by_path["head"] == ("embed", "vocab")
+  assert names_by_path["head/w"] == ("embed", "vocab")
   assert names_by_path["final_norm/scale"] == ("norm",)
 
 
@@ -95,7 +148,8 @@ def test_init_is_deterministic_given_seed():
 
 
 def test_abstract_init_and_param_count_formula():
-  cfg = tiny_config(n_layers=3, d_model=48, n_heads=6, n_kv_heads=3, head_dim=4, d_ff=80)
+  cfg = tiny_config(n_layers=3, d_model=48, n_heads=6, n_kv_heads=3, head_dim=4,
+                    ffn=SwiGLUConfig(d_ff=80))
   abstract = nnx.state(nnx.eval_shape(lambda: lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))))
   d, h, g, k, f, layers_n = 48, 6, 3, 4, 80, 3
   per_layer = d * h * k + 2 * d * g * k + h * k * d + 3 * d * f + 2 * d
@@ -106,7 +160,7 @@ def test_abstract_init_and_param_count_formula():
 
 
 def test_forward_flops_hand_count():
-  cfg = tiny_config(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64)
+  cfg = tiny_config(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn=SwiGLUConfig(d_ff=64))
   seq_len, d, h, g, k, f = 16, 32, 4, 2, 8, 64
   attention_proj = 2 * (d * h * k + 2 * d * g * k + h * k * d)  # 2*(1024+1024+1024)
   attention_core = 2 * 2 * h * k * seq_len / 2  # QK^T and AV over T/2 keys on average
@@ -117,6 +171,33 @@ def test_forward_flops_hand_count():
   assert lm.forward_flops_per_token(cfg, VOCAB, seq_len) == expected
   tied = dataclasses.replace(cfg, tie_embeddings=True)
   assert lm.forward_flops_per_token(tied, VOCAB, seq_len) == expected  # head matmul remains
+
+
+def test_forward_flops_of_the_quickstart_by_hand():
+  cfg = load_config(CONFIGS / "quickstart.yaml")
+  model, seq_len, vocab = cfg.model, cfg.data.seq_len, cfg.data.vocab_size
+  assert (model.n_layers, model.d_model, model.n_heads, model.kv_heads, model.dim_per_head,
+          model.ffn.d_ff, seq_len, vocab) == (4, 192, 4, 4, 48, 512, 128, 2048)
+  attention_proj = 2 * (192 * 4 * 48 + 2 * 192 * 4 * 48 + 4 * 48 * 192)
+  attention_core = 2 * 2 * 4 * 48 * 128 / 2
+  mlp = 2 * 3 * 192 * 512
+  head = 2 * 192 * 2048  # tied: the head matmul is counted all the same
+  expected = 4 * (attention_proj + attention_core + mlp) + head
+  assert expected == 4521984
+  assert lm.forward_flops_per_token(model, vocab, seq_len) == expected
+
+
+@pytest.mark.parametrize("name,flops", [
+    ("quickstart", 4521984), ("bench_dense", 11042816), ("ttt_linear_tiny", 1443840),
+    ("mhc_tiny", 2605056), ("cct_tiny", 2414592), ("cct_tiny_baseline", 2359296),
+    ("mhc_ttt_linear_tiny", 1628160), ("mhc_cct_tiny", 2660352),
+])
+def test_forward_flops_of_shipped_tiny_configs_are_unchanged(name, flops):
+  """The values the flat-config model (one mixer branch per mechanism in lm.py) gave
+  for these configs: the per-slot counts (mixer, its pre-sublayers, residuals, ffn,
+  head) add up to the same formula."""
+  cfg = load_config(CONFIGS / f"{name}.yaml")
+  assert lm.forward_flops_per_token(cfg.model, cfg.data.vocab_size, cfg.data.seq_len) == flops
 
 
 # ----------------------------------------------------------------------------- forward
@@ -137,7 +218,7 @@ def test_segment_ids_isolate_packed_documents(model):
   packed = jnp.concatenate([first, second], axis=1)
   segment_ids = jnp.array([[0] * 5 + [1] * 7])
   positions = jnp.array([list(range(5)) + list(range(7))])
-  packed_logits = model(packed, positions, segment_ids)
+  packed_logits = model(packed, SequenceContext.for_tokens(packed, positions, segment_ids))
   np.testing.assert_allclose(np.asarray(packed_logits[:, 5:]), np.asarray(model(second)),
                              rtol=1e-5, atol=1e-5)
 
@@ -153,7 +234,7 @@ def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(mod
                    np.concatenate([doc_b, doc_a, [eos]])])  # docB alone, then anything
   segment_ids = data.document_segment_ids(rows, eos)
   assert segment_ids[0].tolist() == [0] * first + [1] * (length - first)
-  forward = jax.jit(lambda t, s: model(t, segment_ids_BxT=s))
+  forward = jax.jit(lambda t, s: model(t, SequenceContext.for_tokens(t, segment_ids_BxT=s)))
   packed = np.asarray(forward(jnp.asarray(rows), jnp.asarray(segment_ids)))
   plain = np.asarray(forward(jnp.asarray(rows), None))
   np.testing.assert_allclose(packed[0, :first], plain[0, :first], rtol=1e-5, atol=1e-5)
@@ -161,25 +242,36 @@ def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(mod
   assert not np.allclose(plain[0, first:], plain[1, :length - first], rtol=1e-3, atol=1e-3)
 
 
-def test_scan_and_unrolled_give_identical_logits():
-  cfg = tiny_config(n_layers=3)
-  state = nnx.state(lm.LM(cfg, VOCAB, rngs=nnx.Rngs(1)))
+@pytest.mark.parametrize("mixer", [AttentionConfig(), TTTLinearConfig(mini_batch=4)],
+                         ids=["attention", "ttt_linear"])
+def test_scan_and_unrolled_trunks_give_identical_logits(mixer):
+  cfg = tiny_config(n_layers=3, mixer=mixer)
+  assert cfg.trunk == ScanTrunkConfig()  # the default trunk
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(1))
+  state = nnx.state(model)
+  unrolled_cfg = dataclasses.replace(cfg, trunk=UnrolledTrunkConfig())
+  unrolled_model = lm.LM(unrolled_cfg, VOCAB, rngs=nnx.Rngs(1))
+  # the trunk holds no parameters: a checkpoint of one runs with the other
+  assert jax.tree.structure(nnx.state(unrolled_model)) == jax.tree.structure(state)
   tokens = random_tokens(3, 2, 10)
   scanned = logits_fn(cfg)(state, tokens)
-  unrolled = logits_fn(dataclasses.replace(cfg, scan_layers=False))(state, tokens)
+  unrolled = logits_fn(unrolled_cfg)(state, tokens)
   np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(unrolled_model(tokens)), np.asarray(scanned),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_tied_embeddings_use_embedding_as_head():
   cfg = tiny_config(tie_embeddings=True)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(2))
-  assert model.head is None
+  assert model.head.w is None
   assert "head" not in nnx.state(model)
   tokens = random_tokens(4, 2, 6)
   features = np.asarray(model.features(tokens), np.float64)
   expected = features @ np.asarray(model.embed.embedding[...], np.float64).T
   np.testing.assert_allclose(np.asarray(model(tokens)), expected, rtol=1e-4, atol=1e-5)
-  assert "head" in nnx.state(lm.LM(tiny_config(), VOCAB, rngs=nnx.Rngs(2)))
+  untied = nnx.state(lm.LM(tiny_config(), VOCAB, rngs=nnx.Rngs(2)))
+  assert untied["head"]["w"][...].shape == (32, VOCAB)
 
 
 def test_bf16_compute_is_finite_and_close_to_fp32():
@@ -209,18 +301,18 @@ def test_bf16_params_are_stored_in_bf16_and_run():
 # ----------------------------------------------------------------------------- decode
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_prefill_then_step_decode_matches_full_forward(scan_layers):
-  cfg = tiny_config(scan_layers=scan_layers)
+@pytest.mark.parametrize("trunk", sorted(TRUNKS))
+def test_prefill_then_step_decode_matches_full_forward(trunk):
+  cfg = tiny_config(trunk=TRUNKS[trunk])
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(7))
   tokens = random_tokens(7, 2, 9)
   full = model(tokens)
   prompt_len = 4
   cache = model.init_cache(2, 12)
   assert jax.tree.leaves(cache)[0].shape[0] == cfg.n_layers
-  decode = jax.jit(lambda c, t, p: model.decode(t, p, c))
+  decode = jax.jit(lambda c, t, p: model.decode(t, SequenceContext(p), c))
   prompt_logits, cache = decode(cache, tokens[:, :prompt_len],
-                                lm.default_positions(tokens[:, :prompt_len]))
+                                default_positions(tokens[:, :prompt_len]))
   step_logits = [prompt_logits]
   for t in range(prompt_len, 9):
     logits, cache = decode(cache, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32))
@@ -257,7 +349,7 @@ def test_every_remat_policy_gives_same_loss_and_grads():
   state = graphdef_state[1]
   tokens = random_tokens(9, 2, 8)
   results = {}
-  for policy in config_lib.REMAT_POLICIES:
+  for policy in registry.REMAT_POLICIES.names():
     cfg = dataclasses.replace(base, remat=policy)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda cfg=cfg: lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))))
 
@@ -308,6 +400,129 @@ def test_compiled_program_size_does_not_grow_with_depth_under_scan():
   scanned_2 = hlo_op_count(tiny_config(n_layers=2))
   scanned_8 = hlo_op_count(tiny_config(n_layers=8))
   assert scanned_8 <= 1.1 * scanned_2, (scanned_2, scanned_8)
-  unrolled_2 = hlo_op_count(tiny_config(n_layers=2, scan_layers=False))
-  unrolled_8 = hlo_op_count(tiny_config(n_layers=8, scan_layers=False))
+  unrolled_2 = hlo_op_count(tiny_config(n_layers=2, trunk=UnrolledTrunkConfig()))
+  unrolled_8 = hlo_op_count(tiny_config(n_layers=8, trunk=UnrolledTrunkConfig()))
   assert unrolled_8 > 2 * unrolled_2, (unrolled_2, unrolled_8)  # the measure sees depth
+
+
+# ----------------------------------------------------------------------------- aux channel
+
+
+@pytest.mark.parametrize("trunk", sorted(TRUNKS))
+def test_aux_channel_stacks_what_each_layer_records(trunk):
+  cfg = tiny_config(n_layers=3, mixer=AttentionWithAuxConfig(), trunk=TRUNKS[trunk])
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(12))
+  tokens = random_tokens(12, 2, 8)
+  logits = model(tokens)
+  aux = lm.pop_aux(model)
+  assert set(aux) == {"mixer.aux_loss"}
+  assert aux["mixer.aux_loss"].shape == (3,)
+  expected = layer_aux_losses(model.blocks.mixer.wq[...], 0.5)
+  assert len(set(expected.tolist())) == 3  # the layers differ: the order is checked
+  np.testing.assert_allclose(np.asarray(aux["mixer.aux_loss"]), expected, rtol=1e-5)
+  assert lm.pop_aux(model) == {}  # popped
+  # recording changes nothing else: plain attention with the same parameters
+  plain = lm.LM(dataclasses.replace(cfg, mixer=AttentionConfig()), VOCAB, rngs=nnx.Rngs(12))
+  np.testing.assert_array_equal(np.asarray(plain(tokens)), np.asarray(logits))
+  assert lm.pop_aux(plain) == {}
+
+
+@pytest.mark.parametrize("trunk", sorted(TRUNKS))
+def test_aux_channel_leaves_a_jitted_rematerialised_forward(trunk):
+  cfg = tiny_config(n_layers=2, mixer=AttentionWithAuxConfig(aux_scale=3.0),
+                    trunk=TRUNKS[trunk], remat="full")
+  graphdef, state = nnx.split(lm.LM(cfg, VOCAB, rngs=nnx.Rngs(13)))
+
+  @jax.jit
+  def forward(state, tokens):
+    model = nnx.merge(graphdef, state)
+    return model(tokens), lm.pop_aux(model)
+
+  _, aux = forward(state, random_tokens(13, 1, 6))
+  np.testing.assert_allclose(np.asarray(aux["mixer.aux_loss"]),
+                             layer_aux_losses(state["blocks"]["mixer"]["wq"][...], 3.0),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("trunk", sorted(TRUNKS))
+def test_language_modeling_objective_adds_the_layer_mean_of_aux_losses(trunk):
+  cfg = tiny_config(n_layers=3, mixer=AttentionWithAuxConfig(aux_scale=2.0),
+                    trunk=TRUNKS[trunk])
+  objective = objectives.build(Config(model=cfg))
+  graphdef, state = nnx.split(lm.LM(cfg, VOCAB, rngs=nnx.Rngs(14)))
+  tokens = random_tokens(14, 2, 9)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  step = objectives.StepContext(jnp.int32(0), jax.random.key(0), {})
+
+  def loss_fn(state, graphdef=graphdef):
+    return objective(nnx.merge(graphdef, state), batch, step)
+
+  def cross_entropy(state):
+    logits = nnx.merge(graphdef, state)(batch["inputs"])
+    return lm.cross_entropy_loss(logits, batch["targets"])[0]
+
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state)
+  ce, ce_grads = jax.jit(jax.value_and_grad(cross_entropy))(state)
+  wq = np.asarray(state["blocks"]["mixer"]["wq"][...], np.float64)
+  aux_mean = float(np.mean(layer_aux_losses(wq, 2.0)))
+  assert set(metrics) == {"mixer.aux_loss"}
+  np.testing.assert_allclose(float(metrics["mixer.aux_loss"]), aux_mean, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(ce) + aux_mean, rtol=1e-5)
+  # the aux loss is differentiated too: d/dW_q of 2 * mean_l mean(W_q,l^2) = 4 W_q / |W_q|
+  np.testing.assert_allclose(np.asarray(grads["blocks"]["mixer"]["wq"][...]),
+                             np.asarray(ce_grads["blocks"]["mixer"]["wq"][...]) + 4 * wq / wq.size,
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(grads["blocks"]["mlp"]["w_up"][...]),
+                             np.asarray(ce_grads["blocks"]["mlp"]["w_up"][...]), rtol=1e-5,
+                             atol=1e-8)
+  # a model that records nothing: the loss is the cross-entropy alone
+  plain_graphdef, _ = nnx.split(lm.LM(dataclasses.replace(cfg, mixer=AttentionConfig()),
+                                      VOCAB, rngs=nnx.Rngs(14)))
+  plain_loss, plain_metrics = jax.jit(lambda state: loss_fn(state, plain_graphdef))(state)
+  assert plain_metrics == {}
+  np.testing.assert_allclose(float(plain_loss), float(ce), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- pre-sublayers
+
+
+def test_pre_sublayers_get_an_attribute_and_a_residual_of_their_own():
+  mamba = tiny_config(mixer=TTTLinearConfig(backbone="mamba", mini_batch=4))
+  assert TTTLinear.pre_sublayers(mamba) == (("pre_conv", PreConv),)
+  block = lm.Block(mamba, rngs=nnx.Rngs(0))
+  assert block.pre_sublayers == ("pre_conv",)
+  assert isinstance(block.pre_conv, PreConv)
+  assert isinstance(block.pre_conv_residual, PlainResidual)
+  assert block.pre_conv_residual is not block.mixer_residual
+  transformer = tiny_config(mixer=TTTLinearConfig(backbone="transformer", mini_batch=4))
+  assert TTTLinear.pre_sublayers(transformer) == ()
+  assert Attention.pre_sublayers(tiny_config()) == ()
+  for cfg in (transformer, tiny_config()):
+    block = lm.Block(cfg, rngs=nnx.Rngs(0))
+    assert block.pre_sublayers == ()
+    assert not hasattr(block, "pre_conv") and not hasattr(block, "pre_conv_residual")
+  paths = {"/".join(map(str, path)) for path, _ in
+           nnx.to_flat_state(nnx.state(lm.LM(mamba, VOCAB, rngs=nnx.Rngs(0)), nnx.Param))}
+  assert {p for p in paths if "pre_conv" in p} == {
+      "blocks/pre_conv/filter", "blocks/pre_conv/bias", "blocks/pre_conv_residual/norm/scale"}
+  transformer_paths = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(
+      nnx.state(lm.LM(transformer, VOCAB, rngs=nnx.Rngs(0)), nnx.Param))}
+  assert not any("pre_conv" in p for p in transformer_paths)
+
+
+def test_block_runs_pre_sublayers_then_mixer_then_ffn_each_in_its_residual():
+  cfg = tiny_config(mixer=TTTLinearConfig(backbone="mamba", mini_batch=4))
+  block = lm.Block(cfg, rngs=nnx.Rngs(1))
+  x = jnp.asarray(np.random.default_rng(15).normal(size=(2, 8, 32)), jnp.float32)
+  ctx = SequenceContext.for_tokens(jnp.zeros((2, 8), jnp.int32))
+  after_conv = x + block.pre_conv(block.pre_conv_residual.norm(x), ctx)
+  after_mixer = after_conv + block.mixer(block.mixer_residual.norm(after_conv), ctx)
+  expected = after_mixer + block.mlp(block.mlp_residual.norm(after_mixer), ctx)
+  np.testing.assert_allclose(np.asarray(block(x, ctx)), np.asarray(expected), rtol=1e-6,
+                             atol=1e-6)
+  # the decode cache is (pre-sublayer caches..., mixer cache), and the mixer's alone without
+  cache = block.init_cache(2, 8, jnp.float32, {})
+  assert isinstance(cache, tuple) and len(cache) == 2
+  assert cache[0].shape == (2, cfg.mixer.conv_width - 1, 32)
+  plain_cache = lm.Block(tiny_config(), rngs=nnx.Rngs(1)).init_cache(2, 8, jnp.float32, {})
+  assert type(plain_cache).__name__ == "KVCache"

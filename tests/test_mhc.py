@@ -1,4 +1,4 @@
-"""Tests of ttt_jax/models/mhc.py: Sinkhorn-Knopp invariants, map ranges, init
+"""Tests of ttt_jax/models/residuals/mhc.py: Sinkhorn-Knopp invariants, map ranges, init
 conventions, near-plain behaviour at init, bf16 robustness under extreme inputs,
 gradient flow, Muon routing, unsharded stream axis, stream persistence, KV-cache decode,
 the remat policy's memory, FLOPs, configs, and a tiny mHC LM learning real text."""
@@ -13,9 +13,16 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, optim, sharding
+from ttt_jax import data, optim, registry, sharding
 from ttt_jax.config import ConfigError, MeshConfig, ModelConfig, load_config
-from ttt_jax.models import lm, mhc
+from ttt_jax.models import lm
+from ttt_jax.models.context import SequenceContext, default_positions
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
+from ttt_jax.models.mixers.ttt_linear import TTTLinearConfig
+from ttt_jax.models.residuals import mhc
+from ttt_jax.models.residuals.mhc import MHCConfig
+from ttt_jax.models.residuals.plain import PlainConfig
+from ttt_jax.models.trunks.stacked import ScanTrunkConfig, UnrolledTrunkConfig
 
 VOCAB = 64
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,8 +38,8 @@ both sublayer outputs scaled by 1/n (H_pre X is the stream mean, H_post = 1/n)."
 
 
 def mhc_config(**overrides) -> ModelConfig:
-  values = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.1,
-                residual="mhc", mhc_streams=4)
+  values = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn=SwiGLUConfig(d_ff=64),
+                init_std=0.1, residual=MHCConfig(streams=4))
   values.update(overrides)
   return ModelConfig(**values)
 
@@ -115,7 +122,7 @@ def test_h_res_preserves_the_mean_across_streams(convention, alpha):
   """(1/n) 1^T H_res X = (1/n) 1^T X up to H_res's column-sum error (<= 1e-3 for the
   first two settings; the third, a near-permutation with spread ~1, is the
   slow-convergence case above and is held to its measured column error)."""
-  module = mhc.MHCResidual(mhc_config(mhc_init=convention, mhc_alpha_init=alpha),
+  module = mhc.MHCResidual(mhc_config(residual=MHCConfig(init=convention, alpha_init=alpha)),
                            rngs=nnx.Rngs(0))
   rng = np.random.default_rng(2)
   stream = jnp.asarray(rng.normal(size=(3, 16, 4, 32)) * 2.0, jnp.float32)
@@ -139,7 +146,8 @@ def test_h_res_preserves_the_mean_across_streams(convention, alpha):
 
 
 def test_h_pre_and_h_post_stay_in_open_intervals():
-  module = mhc.MHCResidual(mhc_config(mhc_alpha_init=5.0, init_std=1.0), rngs=nnx.Rngs(1))
+  module = mhc.MHCResidual(mhc_config(residual=MHCConfig(alpha_init=5.0), init_std=1.0),
+                           rngs=nnx.Rngs(1))
   rng = np.random.default_rng(3)
   stream = jnp.asarray(rng.normal(size=(2, 64, 4, 32)) * 100.0, jnp.float32)
   h_pre, h_post, h_res = module.maps(stream)
@@ -154,7 +162,7 @@ def test_h_pre_and_h_post_stay_in_open_intervals():
 @pytest.mark.parametrize("convention", ["seed", "seed_uniform", "unit_post"])
 def test_init_conventions(convention):
   n = 4
-  module = mhc.MHCResidual(mhc_config(mhc_alpha_init=0.0, mhc_init=convention),
+  module = mhc.MHCResidual(mhc_config(residual=MHCConfig(alpha_init=0.0, init=convention)),
                            rngs=nnx.Rngs(2))
   stream = jnp.asarray(np.random.default_rng(4).normal(size=(1, 5, n, 32)), jnp.float32)
   h_pre, h_post, h_res = module.maps(stream)
@@ -169,14 +177,16 @@ def test_init_conventions(convention):
     np.testing.assert_allclose(np.asarray(h_res)[..., eye], diagonal, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(h_res)[..., ~eye], (1 - diagonal) / 3, rtol=1e-4)
   assert np.asarray(module.alpha[...]).tolist() == [0.0, 0.0, 0.0]
-  with pytest.raises(ConfigError, match="mhc_init"):
-    mhc_config(mhc_init="identity")
+  with pytest.raises(ConfigError, match=r"^model\.residual\.init: 'identity' is not one of "
+                                        r"\['seed', 'seed_uniform', 'unit_post'\]$"):
+    MHCConfig(init="identity")
 
 
-def shared_sublayer_blocks(**mhc_overrides) -> tuple[lm.Block, lm.Block]:
+def shared_sublayer_blocks(residual: MHCConfig = MHCConfig(streams=4)
+                           ) -> tuple[lm.Block, lm.Block]:
   """A plain block and an mHC block running the same mixer and MLP weights."""
-  plain = lm.Block(mhc_config(residual="plain"), rngs=nnx.Rngs(1))
-  block = lm.Block(mhc_config(**mhc_overrides), rngs=nnx.Rngs(2))
+  plain = lm.Block(mhc_config(residual=PlainConfig()), rngs=nnx.Rngs(1))
+  block = lm.Block(mhc_config(residual=residual), rngs=nnx.Rngs(2))
   block.mixer, block.mlp = plain.mixer, plain.mlp
   return plain, block
 
@@ -185,19 +195,19 @@ def shared_sublayer_blocks(**mhc_overrides) -> tuple[lm.Block, lm.Block]:
 def test_block_is_near_plain_at_init(convention):
   n = 4
   x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 16, 32)), jnp.float32)
-  positions = lm.default_positions(x[..., 0])
+  ctx = SequenceContext.for_tokens(x[..., 0])
   equal_streams = jnp.broadcast_to(x[:, :, None, :], (2, 16, n, 32))
   plain, _ = shared_sublayer_blocks()
   if convention == "unit_post":
-    reference = plain(x, positions)
+    reference = plain(x, ctx)
   else:
-    mid = x + plain.mixer(plain.mixer_residual.norm(x), positions) / n
-    reference = mid + plain.mlp(plain.mlp_residual.norm(mid)) / n
+    mid = x + plain.mixer(plain.mixer_residual.norm(x), ctx) / n
+    reference = mid + plain.mlp(plain.mlp_residual.norm(mid), ctx) / n
   update_norm = float(jnp.linalg.norm(reference - x)) * np.sqrt(n)
   deviations = {}
   for alpha in (0.0, 0.01):
-    _, block = shared_sublayer_blocks(mhc_init=convention, mhc_alpha_init=alpha)
-    out = block(equal_streams, positions)
+    _, block = shared_sublayer_blocks(MHCConfig(streams=n, init=convention, alpha_init=alpha))
+    out = block(equal_streams, ctx)
     assert out.shape == equal_streams.shape
     deviations[alpha] = float(jnp.linalg.norm(out - reference[:, :, None, :])) / update_norm
   assert deviations[0.0] < 1e-4, deviations
@@ -310,7 +320,7 @@ def test_bf16_extreme_inputs_give_finite_outputs_and_grads():
                            argnums=(0, 1)))(params, stream)
   assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in jax.tree.leaves(grads))
 
-  lm_cfg = mhc_config(dtype="bfloat16", mhc_alpha_init=100.0, n_layers=1)
+  lm_cfg = mhc_config(dtype="bfloat16", residual=MHCConfig(alpha_init=100.0), n_layers=1)
   model = lm.LM(lm_cfg, VOCAB, rngs=nnx.Rngs(4))
   model.streams.embedding[...] = model.streams.embedding[...] * 1e4
   graphdef, params = nnx.split(model)
@@ -372,7 +382,8 @@ def test_muon_routes_phi_to_muon_and_biases_gates_stream_embedding_to_adamw():
 
 
 def test_stream_axis_is_never_sharded():
-  model = nnx.eval_shape(lambda: lm.LM(mhc_config(mhc_streams=8), VOCAB, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: lm.LM(mhc_config(residual=MHCConfig(streams=8)), VOCAB,
+                                       rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   specs = nnx.get_partition_spec(params)
   mesh_cfg = MeshConfig(data=1, fsdp=8, tensor=1,
@@ -406,30 +417,32 @@ def test_streams_persist_through_every_block():
   cfg = mhc_config(n_layers=3)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(7))
   tokens = random_tokens(4, 2, 10)
-  positions = lm.default_positions(tokens)
-  stream = model.streams.expand(model.embed(tokens, jnp.float32))
+  ctx = SequenceContext.for_tokens(tokens)
+  stream = model.streams.expand(model.embed(tokens, ctx, jnp.float32))
   assert stream.shape == (2, 10, 4, 32)
-  out = model._run_blocks(stream, positions, None)
+  out, aux = model.trunk(model.blocks, stream, ctx)
+  assert aux == {}
   assert out.shape == stream.shape
   delta = jnp.asarray(np.random.default_rng(8).normal(size=(2, 10, 32)), jnp.float32) * 0.5
   perturbed = stream.at[:, :, 0].add(delta).at[:, :, 1].add(-delta)
   np.testing.assert_allclose(np.asarray(perturbed.mean(axis=2)), np.asarray(stream.mean(axis=2)),
                              atol=1e-6)
-  out_perturbed = model._run_blocks(perturbed, positions, None)
+  out_perturbed, _ = model.trunk(model.blocks, perturbed, ctx)
   assert float(jnp.abs(out_perturbed.mean(axis=2) - out.mean(axis=2)).max()) > 1e-4
   features = model.features(tokens)
   np.testing.assert_allclose(np.asarray(features),
                              np.asarray(model.final_norm(out.mean(axis=2))), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_prefill_then_step_decode_matches_full_forward(scan_layers):
-  model = lm.LM(mhc_config(scan_layers=scan_layers), VOCAB, rngs=nnx.Rngs(8))
+@pytest.mark.parametrize("trunk", [ScanTrunkConfig(), UnrolledTrunkConfig()],
+                         ids=["scan", "unrolled"])
+def test_prefill_then_step_decode_matches_full_forward(trunk):
+  model = lm.LM(mhc_config(trunk=trunk), VOCAB, rngs=nnx.Rngs(8))
   tokens = random_tokens(5, 2, 9)
   full = model(tokens)
   cache = model.init_cache(2, 12)
-  decode = jax.jit(lambda c, t, p: model.decode(t, p, c))
-  logits, cache = decode(cache, tokens[:, :4], lm.default_positions(tokens[:, :4]))
+  decode = jax.jit(lambda c, t, p: model.decode(t, SequenceContext(p), c))
+  logits, cache = decode(cache, tokens[:, :4], default_positions(tokens[:, :4]))
   pieces = [logits]
   for t in range(4, 9):
     logits, cache = decode(cache, tokens[:, t:t + 1], jnp.full((2, 1), t, jnp.int32))
@@ -439,8 +452,8 @@ def test_prefill_then_step_decode_matches_full_forward(scan_layers):
 
 
 def test_flops_and_param_count():
-  cfg = mhc_config(n_layers=2, d_model=32, mhc_streams=4)
-  plain = dataclasses.replace(cfg, residual="plain")
+  cfg = mhc_config(n_layers=2, d_model=32, residual=MHCConfig(streams=4))
+  plain = dataclasses.replace(cfg, residual=PlainConfig())
   n, d = 4, 32
   site = 2 * n * d * (2 * n + n * n) + 2 * n * n * d + 4 * n * d
   assert site == 6144 + 1024 + 512
@@ -469,10 +482,10 @@ def test_remat_policy_keeps_grads_and_cuts_stream_activation_memory():
   (dots_no_batch alone 17.9 MiB: saving the maps costs 2n + n^2 floats per token).
   The saving grows with depth (2 layers: plain/none and mHC/mhc_streams both 15.1 MiB,
   mHC/none 29.2 MiB); under the scan the compile cost does not."""
-  base = mhc_config(n_layers=4, d_model=64, d_ff=128, n_kv_heads=0)
+  base = mhc_config(n_layers=4, d_model=64, ffn=SwiGLUConfig(d_ff=128), n_kv_heads=0)
   mhc_none = compiled_temp_bytes(base)
   mhc_policy = compiled_temp_bytes(dataclasses.replace(base, remat="mhc_streams"))
-  plain_none = compiled_temp_bytes(dataclasses.replace(base, residual="plain"))
+  plain_none = compiled_temp_bytes(dataclasses.replace(base, residual=PlainConfig()))
   assert mhc_policy < 0.5 * mhc_none, (mhc_policy, mhc_none)
   assert mhc_policy < plain_none, (mhc_policy, plain_none)
 
@@ -503,9 +516,11 @@ def test_remat_policy_keeps_grads_and_cuts_stream_activation_memory():
 def test_size_configs(name, layers, width, heads, head_dim, d_ff, params_m):
   cfg = load_config(CONFIGS / f"{name}.yaml")
   model = cfg.model
-  assert (model.residual, model.mhc_streams, model.mhc_alpha_init, model.mhc_sinkhorn_iters,
-          model.mhc_init) == ("mhc", 4, 0.01, 20, "seed")
-  assert (model.n_layers, model.d_model, model.n_heads, model.dim_per_head, model.d_ff) == (
+  residual = model.residual
+  assert (residual.type, residual.streams, residual.alpha_init, residual.sinkhorn_iters,
+          residual.init) == ("mhc", 4, 0.01, 20, "seed")
+  assert isinstance(residual, MHCConfig)
+  assert (model.n_layers, model.d_model, model.n_heads, model.dim_per_head, model.ffn.d_ff) == (
       layers, width, heads, head_dim, d_ff)
   assert model.tie_embeddings and cfg.data.seq_len == 2048
   abstract = nnx.eval_shape(lambda: lm.LM(model, cfg.data.vocab_size, rngs=nnx.Rngs(0)))
@@ -514,28 +529,30 @@ def test_size_configs(name, layers, width, heads, head_dim, d_ff, params_m):
 
 def test_tiny_configs_load():
   tiny = load_config(CONFIGS / "mhc_tiny.yaml")
-  assert tiny.model.residual == "mhc" and tiny.model.mixer == "attention"
+  assert tiny.model.residual.type == "mhc" and tiny.model.mixer.type == "attention"
   combined = load_config(CONFIGS / "mhc_ttt_linear_tiny.yaml")
-  assert combined.model.residual == "mhc" and combined.model.mixer == "ttt_linear"
+  assert combined.model.residual.type == "mhc" and combined.model.mixer.type == "ttt_linear"
   with_cct = load_config(CONFIGS / "mhc_cct_tiny.yaml")
-  assert with_cct.model.residual == "mhc" and with_cct.model.mixer == "cct"
+  assert with_cct.model.residual.type == "mhc" and with_cct.model.mixer.type == "cct"
   assert with_cct.train.objective == "cct"
   # the same run as cct_tiny.yaml but for the residual
   cct_tiny = load_config(CONFIGS / "cct_tiny.yaml")
-  assert dataclasses.replace(with_cct.model, residual="plain", remat="none",
-                             mhc_streams=cct_tiny.model.mhc_streams) == cct_tiny.model
+  assert cct_tiny.model.residual == PlainConfig()
+  assert with_cct.model.residual == MHCConfig(streams=4)
+  assert dataclasses.replace(with_cct.model, residual=PlainConfig(),
+                             remat="none") == cct_tiny.model
   assert (with_cct.data, with_cct.optim, with_cct.train) == (
       cct_tiny.data, cct_tiny.optim, cct_tiny.train)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("ttt_linear" not in lm.MIXERS, reason="TTT-Linear mixer not registered")
+@pytest.mark.skipif("ttt_linear" not in registry.MIXERS, reason="TTT-Linear mixer not registered")
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_mhc_with_ttt_linear_mixer(backbone):
   """mHC around every sublayer of a TTT-Linear block (the mamba backbone adds a pre-conv
   site): finite logits, gradients to the mHC parameters, and decode equal to the full
   forward."""
-  cfg = mhc_config(mixer="ttt_linear", ttt_backbone=backbone, ttt_mini_batch=4, n_layers=1)
+  cfg = mhc_config(mixer=TTTLinearConfig(backbone=backbone, mini_batch=4), n_layers=1)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(10))
   tokens = random_tokens(7, 2, 11)
   full = model(tokens)
@@ -547,11 +564,11 @@ def test_mhc_with_ttt_linear_mixer(backbone):
   assert len(sites) == (3 if backbone == "mamba" else 2), sites
   assert all(np.abs(flat[k]).max() > 0 for k in sites)
   cache = model.init_cache(2, 16)
-  decode = jax.jit(lambda c, t, p: model.decode(t, p, c))
+  decode = jax.jit(lambda c, t, p: model.decode(t, SequenceContext(p), c))
   pieces = []
   for start, stop in ((0, 5), *((t, t + 1) for t in range(5, 11))):
     logits, cache = decode(cache, tokens[:, start:stop],
-                           lm.default_positions(tokens[:, start:stop], start))
+                           default_positions(tokens[:, start:stop], start))
     pieces.append(logits)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
                              rtol=1e-5, atol=2e-5)
@@ -572,8 +589,8 @@ def test_tiny_mhc_lm_loss_goes_down_on_real_text():
   than 1.5 nats in 60 AdamW steps and the loss on held-out files falls with it."""
   train = stdlib_bytes(("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "heapq.py"))
   held_out = stdlib_bytes(("bisect.py", "colorsys.py"))
-  cfg = mhc_config(d_model=64, n_heads=4, n_kv_heads=0, d_ff=128, init_std=0.02,
-                   tie_embeddings=True)
+  cfg = mhc_config(d_model=64, n_heads=4, n_kv_heads=0, ffn=SwiGLUConfig(d_ff=128),
+                   init_std=0.02, tie_embeddings=True)
   model = lm.LM(cfg, 256, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.adamw(3e-3, b1=0.9, b2=0.95, weight_decay=0.1)

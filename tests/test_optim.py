@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ttt_jax import optim
+from ttt_jax import optim, registry
 from ttt_jax.config import OptimConfig
+from ttt_jax.registry import AxisInfo
 
 L, D, F, H, DH, V = 2, 16, 32, 4, 4, 64
 
@@ -156,6 +157,25 @@ def test_classification_of_other_layouts():
   assert group(P("layers", "vocab", "embed")) == "embedding"
   assert group(P(None, "mlp")) == "matrix"
   assert group(P("layers", "embed")) == "vector"
+
+
+TEST_BANK_AXIS = AxisInfo("a test's per-bank values", vector=True)
+TEST_EXPERTS_AXIS = AxisInfo("a test's experts")
+
+
+def test_vector_axes_are_the_registered_ones():
+  """Each mechanism declares its axes; the built-in vector axes are those Muon always
+  routed to AdamW, and a newly registered vector axis marks a parameter as a vector."""
+  vector = {name for name, info in registry.LOGICAL_AXES.items()
+            if info.vector and not name.startswith("test_")}
+  assert vector == {"norm", "conv", "streams", "fast", "gate"}
+  for name in vector:
+    assert optim.param_group(P("layers", "embed", name)) == "vector", name
+  registry.LOGICAL_AXES.register("test_bank", TEST_BANK_AXIS)
+  registry.LOGICAL_AXES.register("test_experts", TEST_EXPERTS_AXIS)
+  assert optim.param_group(P("layers", "embed", "mlp", "test_bank")) == "vector"
+  assert optim.param_group(P("layers", "test_experts", "embed", "mlp")) == "matrix"
+  assert optim.param_group(P("test_experts", "vocab")) == "embedding"
 
 
 def test_rank_mismatch_is_reported():

@@ -1,4 +1,7 @@
-"""Greedy / temperature / top-p sampling and the KV-cache generate loop."""
+"""Greedy / temperature / top-p sampling, the KV-cache generate loop and its decode
+inputs (per-token side inputs decided on device)."""
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.config import ModelConfig
-from ttt_jax.models import lm, sampling
+from ttt_jax.config import Config, ModelConfig
+from ttt_jax.inference import sampling
+from ttt_jax.models import lm
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
 
 VOCAB = 64
 
@@ -58,7 +63,8 @@ def test_top_p_keeps_smallest_set_with_enough_mass():
 
 @pytest.fixture(scope="module")
 def model() -> lm.LM:
-  cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.3)
+  cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn=SwiGLUConfig(d_ff=64),
+                    init_std=0.3)
   return lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))
 
 
@@ -102,3 +108,71 @@ def test_sampled_generate_is_reproducible_and_in_vocab(model):
   b = sampling.generate(model, prompt, 5, jax.random.key(7), temperature=1.0, top_p=0.9)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert a.shape == (2, 7) and int(a.min()) >= 0 and int(a.max()) < VOCAB
+
+
+class RunningSum(NamedTuple):
+  """A test decode input: each token's side input is offset + the sum of every token so
+  far, itself included (state: the sum before the new tokens)."""
+  offset: jax.Array
+
+  name = "running_sum"
+
+  def check(self, model: lm.LM) -> None:
+    if model.vocab_size != VOCAB:
+      raise ValueError("running sums need the test vocabulary")
+
+  def cache_options(self, total_len: int) -> dict[str, Any]:
+    return {"running_sum_len": total_len}
+
+  def start(self, batch_size: int) -> jax.Array:
+    return jnp.zeros((batch_size,), jnp.int32)
+
+  def next(self, state: jax.Array, tokens_BxS: jax.Array, positions_BxS: jax.Array
+           ) -> tuple[jax.Array, jax.Array]:
+    del positions_BxS
+    sums_BxS = state[:, None] + jnp.cumsum(tokens_BxS, axis=1)
+    return sums_BxS + self.offset, sums_BxS[:, -1]
+
+
+def test_decode_inputs_give_every_token_its_side_input(model, monkeypatch):
+  recorded_options = []
+  init_cache = lm.LM.init_cache
+
+  def spy_init_cache(self, batch_size, max_len, options=None):
+    recorded_options.append(dict(options or {}))
+    return init_cache(self, batch_size, max_len, options)
+
+  monkeypatch.setattr(lm.LM, "init_cache", spy_init_cache)
+  prompt = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, size=(2, 4)), jnp.int32)
+  inputs = (RunningSum(jnp.int32(100)),)
+  generation = sampling.generate_with_state(model, prompt, 5, jax.random.key(2),
+                                            temperature=0.0, inputs=inputs)
+  tokens = np.asarray(generation.tokens_BxT)
+  assert tokens.shape == (2, 9)
+  assert set(generation.side) == {"running_sum"}
+  side = np.asarray(generation.side["running_sum"])
+  assert side.shape == (2, 9)
+  np.testing.assert_array_equal(side, np.cumsum(tokens, axis=1) + 100)
+  assert recorded_options == [{"running_sum_len": 9}]
+  # attention reads no side input: the tokens are those of a generation without inputs
+  plain = sampling.generate(model, prompt, 5, jax.random.key(2), temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(plain), tokens)
+  no_inputs = sampling.generate_with_state(model, prompt, 5, jax.random.key(2),
+                                           temperature=0.0)
+  assert no_inputs.side == {}
+  np.testing.assert_array_equal(np.asarray(no_inputs.tokens_BxT), tokens)
+  # the final cache holds the first T - 1 tokens (the last one is never fed back)
+  assert int(generation.cache.end[0]) == 8
+
+
+def test_decode_inputs_are_checked_against_the_model():
+  other = lm.LM(ModelConfig(n_layers=1, d_model=32, n_heads=4), VOCAB + 1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="running sums need the test vocabulary"):
+    sampling.generate(other, jnp.zeros((1, 2), jnp.int32), 3, jax.random.key(0),
+                      inputs=(RunningSum(jnp.int32(0)),))
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    sampling.generate(other, jnp.zeros((1, 2), jnp.int32), 0, jax.random.key(0))
+
+
+def test_a_run_without_side_inputs_decodes_with_none():
+  assert sampling.decode_inputs(Config(), tokenizer=None) == ()

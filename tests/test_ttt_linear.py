@@ -1,4 +1,4 @@
-"""Tests of ttt_jax/models/ttt_linear.py: dual form against the anchored primal form and
+"""Tests of ttt_jax/models/mixers/ttt_linear.py: dual form against the anchored primal form and
 a float64 oracle, remainder mini-batches, document resets, decode, fp32 state, W0,
 gradients, parameter routing, packed documents with the pipeline's segment ids, and a tiny
 TTT LM learning real text (alone and through train.train with data.document_mask)."""
@@ -16,7 +16,10 @@ from flax import nnx
 from ttt_jax import data, optim, sharding, train
 from ttt_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
 from ttt_jax.models import lm
-from ttt_jax.models import ttt_linear as ttt
+from ttt_jax.models.context import SequenceContext, default_positions
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
+from ttt_jax.models.mixers import ttt_linear as ttt
+from ttt_jax.models.mixers.ttt_linear import TTTLinearConfig
 from train_util import tiny_config
 
 VOCAB = 64
@@ -229,16 +232,17 @@ def layer_params(cfg: ModelConfig, seed: int):
   return layer.params()._replace(inner=inner), layer.spec
 
 
-def layer_config(**overrides) -> ModelConfig:
-  values = dict(mixer="ttt_linear", d_model=32, n_heads=2, ttt_mini_batch=8, n_layers=2,
-                d_ff=64, init_std=0.2)
-  values.update(overrides)
-  return ModelConfig(**values)
+def layer_config(**mixer_overrides) -> ModelConfig:
+  """A 2-head d32 model whose mixer is TTT-Linear (b = 8) with ``mixer_overrides``."""
+  mixer = dict(mini_batch=8)
+  mixer.update(mixer_overrides)
+  return ModelConfig(d_model=32, n_heads=2, n_layers=2, ffn=SwiGLUConfig(d_ff=64),
+                     init_std=0.2, mixer=TTTLinearConfig(**mixer))
 
 
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_layer_dual_matches_primal_fp32_and_bf16(backbone):
-  params, spec = layer_params(layer_config(ttt_backbone=backbone), 1)
+  params, spec = layer_params(layer_config(backbone=backbone), 1)
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 21, 32)), jnp.float32)
   forward = jax.jit(lambda p, x, form: ttt.ttt_linear_forward(p, spec, x, inner_form=form),
                     static_argnums=2)
@@ -303,9 +307,10 @@ def test_layer_document_reset():
 # ----------------------------------------------------------------------------- LM
 
 
-def lm_config(**overrides) -> ModelConfig:
-  values = dict(mixer="ttt_linear", n_layers=2, d_model=32, n_heads=4, d_ff=64,
-                init_std=0.1, ttt_mini_batch=4)
+def lm_config(backbone: str = "mamba", mini_batch: int = 4, **overrides) -> ModelConfig:
+  """A tiny TTT-Linear LM; ``overrides`` are ``ModelConfig`` fields."""
+  values = dict(n_layers=2, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=64), init_std=0.1,
+                mixer=TTTLinearConfig(backbone=backbone, mini_batch=mini_batch))
   values.update(overrides)
   return ModelConfig(**values)
 
@@ -319,15 +324,15 @@ def random_tokens(seed: int, batch: int, length: int) -> jax.Array:
 def test_prefill_then_decode_matches_full_forward(backbone):
   """Prompt ending mid-mini-batch, a multi-token continuation from an open mini-batch,
   then single tokens: logits equal the full-sequence dual form."""
-  model = lm.LM(lm_config(ttt_backbone=backbone), VOCAB, rngs=nnx.Rngs(3))
+  model = lm.LM(lm_config(backbone=backbone), VOCAB, rngs=nnx.Rngs(3))
   tokens = random_tokens(3, 2, 17)
   full = jax.jit(lambda t: model(t))(tokens)
   cache = model.init_cache(2, 4)  # max_len does not bound a TTT decode
-  decode = jax.jit(lambda c, t, p: model.decode(t, p, c))
+  decode = jax.jit(lambda c, t, p: model.decode(t, SequenceContext(p), c))
   pieces = []
   for start, stop in ((0, 6), (6, 12), *((t, t + 1) for t in range(12, 17))):
     piece = tokens[:, start:stop]
-    logits, cache = decode(cache, piece, lm.default_positions(piece, start))
+    logits, cache = decode(cache, piece, default_positions(piece, start))
     pieces.append(logits)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, axis=1)), np.asarray(full),
                              rtol=1e-5, atol=2e-5)
@@ -353,9 +358,9 @@ def test_w0_init_and_reset_fp32_state_under_bf16_and_row_isolation():
   assert w.dtype == jnp.float32
   for row in range(3):
     np.testing.assert_array_equal(np.asarray(w[:, row]), expected_w0)
-  decode = jax.jit(lambda c, t, p: model.decode(t, p, c))
+  decode = jax.jit(lambda c, t, p: model.decode(t, SequenceContext(p), c))
   tokens = random_tokens(5, 3, 9)
-  logits, used = decode(cache, tokens, lm.default_positions(tokens))
+  logits, used = decode(cache, tokens, default_positions(tokens))
   logits_step, used_step = decode(used, tokens[:, :1], jnp.full((3, 1), 9, jnp.int32))
   assert bool(jnp.all(jnp.isfinite(logits_step)))
   for leaf in jax.tree.leaves(ttt_cache(used_step).state.fast):
@@ -364,7 +369,7 @@ def test_w0_init_and_reset_fp32_state_under_bf16_and_row_isolation():
   assert not np.allclose(np.asarray(ttt_cache(used).state.fast.w_BxHxKxK[:, 0]), expected_w0)
   # Rows never share state: changing row 2's tokens leaves rows 0-1 (logits and state) intact.
   other = tokens.at[2].set((tokens[2] + 1) % VOCAB)
-  logits_other, used_other = decode(model.init_cache(3, 8), other, lm.default_positions(other))
+  logits_other, used_other = decode(model.init_cache(3, 8), other, default_positions(other))
   np.testing.assert_array_equal(np.asarray(logits[:2]), np.asarray(logits_other[:2]))
   for a, c in zip(jax.tree.leaves(ttt_cache(used).state.fast),
                   jax.tree.leaves(ttt_cache(used_other).state.fast)):
@@ -381,7 +386,7 @@ def test_lm_segment_ids_isolate_grid_aligned_documents():
   tokens = random_tokens(8, 1, 14)
   # Row 0: documents [0, 8) and [8, 14); row 1: the second document alone, then filler.
   rows = jnp.concatenate([tokens, jnp.roll(tokens, -8, axis=1)])
-  logits = jax.jit(lambda t, s: model(t, segment_ids_BxT=s))(
+  logits = jax.jit(lambda t, s: model(t, SequenceContext.for_tokens(t, segment_ids_BxT=s)))(
       rows, jnp.asarray([[0] * 8 + [1] * 6, [0] * 6 + [1] * 8]))
   np.testing.assert_allclose(np.asarray(logits[0, 8:]), np.asarray(logits[1, :6]), rtol=1e-5,
                              atol=1e-5)
@@ -396,7 +401,7 @@ def test_lm_packed_window_with_pipeline_segment_ids_equals_documents_alone(backb
   without EOS, as without data.document_mask) docB's logits differ. One compiled call:
   rows 2 and 3 are single documents (all ids 0)."""
   eos, b, first, length = 0, 16, 7, 37  # docA: 6 tokens + EOS; docB: 30 tokens
-  model = lm.LM(lm_config(ttt_backbone=backbone, ttt_mini_batch=b), VOCAB, rngs=nnx.Rngs(9))
+  model = lm.LM(lm_config(backbone=backbone, mini_batch=b), VOCAB, rngs=nnx.Rngs(9))
   rng = np.random.default_rng(9)
   doc_a, other_a = rng.integers(1, VOCAB, size=(2, first - 1))
   doc_b = rng.integers(1, VOCAB, size=length - first)
@@ -406,8 +411,9 @@ def test_lm_packed_window_with_pipeline_segment_ids_equals_documents_alone(backb
   segment_ids = data.document_segment_ids(rows, eos)
   segment_ids[3] = 0  # packed without document ids
   assert segment_ids.tolist() == [[0] * first + [1] * (length - first)] * 2 + [[0] * length] * 2
-  logits = np.asarray(jax.jit(lambda t, s: model(t, segment_ids_BxT=s))(
-      jnp.asarray(rows), jnp.asarray(segment_ids)))
+  logits = np.asarray(jax.jit(
+      lambda t, s: model(t, SequenceContext.for_tokens(t, segment_ids_BxT=s)))(
+          jnp.asarray(rows), jnp.asarray(segment_ids)))
   fragment = b - first  # docB's first mini-batch: tokens 7..15
   np.testing.assert_allclose(logits[0, :first], logits[3, :first], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(logits[0, first:first + fragment], logits[2, :fragment],
@@ -443,11 +449,17 @@ def test_parameter_groups_and_sharding():
 
 
 def test_config_validation_and_flops():
-  for bad in (dict(ttt_mini_batch=0), dict(ttt_backbone="rwkv"), dict(ttt_remat_group=-1),
-              dict(ttt_base_lr=0.0), dict(d_model=30, n_heads=2)):
-    with pytest.raises(ConfigError):
-      lm_config(**bad)
-  cfg = lm_config(ttt_backbone="transformer")
+  for bad, message in ((dict(mini_batch=0), r"model\.mixer\.mini_batch: must be > 0"),
+                       (dict(backbone="rwkv"), r"model\.mixer\.backbone: 'rwkv' is not one of"),
+                       (dict(remat_group=-1), r"model\.mixer\.remat_group: must be >= 0"),
+                       (dict(base_lr=0.0), r"model\.mixer\.base_lr: must be > 0"),
+                       (dict(conv_width=0), r"model\.mixer\.conv_width: must be > 0")):
+    with pytest.raises(ConfigError, match=message):
+      TTTLinearConfig(**bad)
+  with pytest.raises(ConfigError, match=r"model\.head_dim: RoPE needs an even head_dim"):
+    lm_config(d_model=30, n_heads=2)
+  assert TTTLinearConfig().COMPUTE_ONLY == ("remat_group",)
+  cfg = lm_config(backbone="transformer")
   d, n, h, k, b = 32, 32, 4, 8, 4
   expected = 2 * 4 * d * n + 2 * d * h + h * (6 * k * k + 4 * b * k)
   assert ttt.TTTLinear.flops_per_token(cfg, 100) == expected
@@ -471,8 +483,9 @@ def test_tiny_ttt_lm_loss_goes_down_on_real_text_and_grads_reach_ttt_params(tmp_
                         val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
   corpus = data.prepare_corpus(data_cfg, log=lambda _: None)
   tokens = np.asarray(corpus.train_tokens, np.int32)
-  model = lm.LM(lm_config(d_model=64, n_heads=4, d_ff=128, init_std=0.02, ttt_mini_batch=16,
-                          tie_embeddings=True), corpus.vocab_size, rngs=nnx.Rngs(0))
+  model = lm.LM(lm_config(d_model=64, n_heads=4, ffn=SwiGLUConfig(d_ff=128), init_std=0.02,
+                          mini_batch=16, tie_embeddings=True), corpus.vocab_size,
+                rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.adamw(3e-3, b1=0.9, b2=0.95, weight_decay=0.1)
   opt_state = tx.init(params)
@@ -516,7 +529,7 @@ def test_tiny_ttt_run_with_document_mask_trains_on_segment_ids_from_the_pipeline
   corpus = tmp_path / "paragraphs.jsonl"
   corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
   cfg = tiny_config(str(corpus), tmp_path / "cache", "model.mixer=ttt_linear",
-                    "model.ttt_backbone=transformer", "model.n_layers=1",  # quick to compile
+                    "model.mixer.backbone=transformer", "model.n_layers=1",  # quick to compile
                     "data.document_mask=true", "train.steps=6", "train.eval_every=6",
                     "eval.batches=1", "logging.tensorboard=false")
   batches, traced_with_segment_ids = [], []
@@ -526,9 +539,9 @@ def test_tiny_ttt_run_with_document_mask_trains_on_segment_ids_from_the_pipeline
     batches.append({k: np.asarray(v) for k, v in batch.items()})
     return put(batch, mesh)
 
-  def spy_call(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, step_ids_BxT=None):
-    traced_with_segment_ids.append(segment_ids_BxT is not None)
-    return call(self, tokens_BxT, positions_BxT, segment_ids_BxT, step_ids_BxT)
+  def spy_call(self, tokens_BxT, ctx=None):
+    traced_with_segment_ids.append(ctx is not None and ctx.segment_ids_BxT is not None)
+    return call(self, tokens_BxT, ctx)
 
   monkeypatch.setattr(sharding, "put_batch", put_batch)
   monkeypatch.setattr(lm.LM, "__call__", spy_call)

@@ -28,7 +28,7 @@ def tiny_overrides(corpus_glob: str, cache_dir: Path) -> list[str]:
   return [
       f"data.corpus=[{corpus_glob}]", f"data.cache_dir={cache_dir}", "data.seq_len=64",
       "data.vocab_size=512", "data.val_fraction=0.15",
-      "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=128",
+      "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.ffn.d_ff=128",
       "model.tie_embeddings=true",
       "optim.lr=2e-2", "optim.warmup_steps=5",
       "train.steps=60", "train.batch_size=8", "train.log_every=1", "train.eval_every=30",

@@ -1,7 +1,8 @@
-"""CCT (models/cct.py): attention against a dense-mask oracle, no-leak, gradient
-isolation, p_commit = 0 is causal attention, curriculum, working-memory decode. The
-model-level properties are checked with both residuals: CCT's isolation must survive the
-mHC residual (n streams mixed per token, never across tokens)."""
+"""CCT's mixer (cct/mixer.py): attention against a dense-mask oracle, no-leak, gradient
+isolation, p_commit = 0 is causal attention, curriculum, working-memory decode, the
+summaries on the aux channel. The model-level properties are checked with both
+residuals: CCT's isolation must survive the mHC residual (n streams mixed per token,
+never across tokens)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,37 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.config import ModelConfig
-from ttt_jax.models import attention, cct, lm
+from ttt_jax import registry
+from ttt_jax.cct import mixer as cct
+from ttt_jax.cct.mixer import CCTConfig
+from ttt_jax.config import ConfigError, ModelConfig
+from ttt_jax.models import lm
+from ttt_jax.models.context import SequenceContext, default_positions
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
+from ttt_jax.models.mixers import attention
+from ttt_jax.models.residuals.mhc import MHCConfig
+from ttt_jax.models.residuals.plain import PlainConfig
+from ttt_jax.models.trunks.stacked import UnrolledTrunkConfig
 
 VOCAB = 61
-RESIDUALS = ("plain", "mhc")
+RESIDUALS = {"plain": PlainConfig(), "mhc": MHCConfig()}
 
 
-def cct_config(**overrides) -> ModelConfig:
-  values = dict(mixer="cct", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
-                cct_step_len=4, cct_d_summary=8)
-  values.update(overrides)
-  return ModelConfig(**values)
+def cct_config(residual: str = "plain", **mixer_overrides) -> ModelConfig:
+  """A tiny CCT model (steps of 4 tokens, 8-d summaries); ``mixer_overrides`` are
+  ``CCTConfig`` fields."""
+  mixer = dict(step_len=4, d_summary=8)
+  mixer.update(mixer_overrides)
+  return ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
+                     ffn=SwiGLUConfig(d_ff=64), mixer=CCTConfig(**mixer),
+                     residual=RESIDUALS[residual])
+
+
+def steps_ctx(positions_BxT: jax.Array, step_ids_BxT: jax.Array | None,
+              options: tuple = ()) -> SequenceContext:
+  """The context of a forward at ``positions`` whose CCT steps are ``step_ids``."""
+  side = {} if step_ids_BxT is None else {cct.STEP_IDS: step_ids_BxT}
+  return SequenceContext(positions_BxT, side=side, options=options)
 
 
 def random_tokens(seed: int, batch: int, length: int) -> jax.Array:
@@ -62,18 +82,21 @@ def test_p_commit_zero_is_plain_causal_attention():
   cfg = cct_config()
   mixer = cct.CCTAttention(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 13, cfg.d_model))
-  positions = lm.default_positions(x[..., 0])
+  positions = default_positions(x[..., 0])
   step_ids = cct.fixed_step_ids(positions, 4)
   never = cct.sample_segments(step_ids, jnp.float32(0.0), jax.random.key(2))
   assert int(never.max()) == 0
-  got = mixer(x, positions, None, never)
+  got = mixer(x, steps_ctx(positions, never))
   q, k, v = mixer.project_qkv(x, positions)
   expected = mixer.output_projection(attention.causal_attention(q, k, v))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
   # and with every boundary committed it is something else
   always = cct.sample_segments(step_ids, jnp.float32(1.0), jax.random.key(2))
   np.testing.assert_array_equal(np.asarray(always), np.asarray(step_ids))
-  assert not np.allclose(np.asarray(mixer(x, positions, None, always)), np.asarray(expected))
+  assert not np.allclose(np.asarray(mixer(x, steps_ctx(positions, always))), np.asarray(expected))
+  # without the side input, steps are fixed by position (step_len = 4): the same as always
+  np.testing.assert_array_equal(np.asarray(mixer(x, steps_ctx(positions, None))),
+                                np.asarray(mixer(x, steps_ctx(positions, always))))
 
 
 def test_commitment_segments_merge_uncommitted_boundaries():
@@ -97,15 +120,16 @@ def test_committed_token_sees_no_earlier_step_token_only_its_summary():
   cfg = cct_config()
   mixer = cct.CCTAttention(cfg, rngs=nnx.Rngs(3))
   x = jax.random.normal(jax.random.key(4), (1, 12, cfg.d_model))
-  positions = lm.default_positions(x[..., 0])
+  positions = default_positions(x[..., 0])
   step_ids = cct.fixed_step_ids(positions, 4)  # steps [0:4] [4:8] [8:12]
+  ctx = steps_ctx(positions, step_ids)
   changed = x.at[:, 4:7].add(1.0)  # step 1, not its last token (the 'last' pool input)
-  base, other = mixer(x, positions, None, step_ids), mixer(changed, positions, None, step_ids)
+  base, other = mixer(x, ctx), mixer(changed, ctx)
   np.testing.assert_allclose(np.asarray(base[:, 8:]), np.asarray(other[:, 8:]), atol=1e-6)
   assert not np.allclose(np.asarray(base[:, 4:7]), np.asarray(other[:, 4:7]))
   changed_last = x.at[:, 7].add(1.0)  # step 1's last token feeds its summary
   assert not np.allclose(np.asarray(base[:, 8:]),
-                         np.asarray(mixer(changed_last, positions, None, step_ids)[:, 8:]))
+                         np.asarray(mixer(changed_last, ctx)[:, 8:]))
 
 
 # ----------------------------------------------------------------------------- model level
@@ -118,18 +142,21 @@ def test_no_leak_through_the_model_except_the_summary(residual):
   cfg = cct_config(residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(5))
   tokens = random_tokens(6, 2, 12)
-  step_ids = cct.fixed_step_ids(lm.default_positions(tokens), 4)
+  step_ids = cct.fixed_step_ids(default_positions(tokens), 4)
   changed = tokens.at[:, 4:8].set((tokens[:, 4:8] + 7) % VOCAB)
-  forward = jax.jit(lambda tokens, override: cct.forward_with_summaries(
-      model, tokens, step_ids, override)[0], static_argnums=1)
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda tokens, override: cct.logits_and_summaries(
+      nnx.merge(graphdef, state), tokens, step_ids, override)[0], static_argnums=1)
   base, other = forward(tokens, "none"), forward(changed, "none")
   np.testing.assert_array_equal(np.asarray(base[:, :4]), np.asarray(other[:, :4]))
   assert not np.allclose(np.asarray(base[:, 8:]), np.asarray(other[:, 8:]), atol=1e-6)
   zero_base, zero_other = forward(tokens, "zero"), forward(changed, "zero")
   np.testing.assert_array_equal(np.asarray(zero_base[:, 8:]), np.asarray(zero_other[:, 8:]))
   # the model's ordinary call is the same computation
-  np.testing.assert_allclose(np.asarray(model(tokens, step_ids_BxT=step_ids)),
-                             np.asarray(base), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(model(tokens, SequenceContext.for_tokens(tokens, side={cct.STEP_IDS: step_ids}))),
+      np.asarray(base), rtol=1e-5, atol=1e-5)
+  assert set(lm.pop_aux(model)) == {cct.SUMMARIES}
 
 
 @pytest.mark.parametrize("residual", RESIDUALS)
@@ -139,13 +166,14 @@ def test_gradient_isolation_across_committed_boundaries(residual):
   cfg = cct_config(residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(7))
   tokens = random_tokens(8, 2, 12)
-  positions = lm.default_positions(tokens)
+  positions = default_positions(tokens)
   step_ids = cct.fixed_step_ids(positions, 4)
-  expanded = model.streams.expand(model.embed(tokens, jnp.float32))
+  expanded = model.streams.expand(model.embed(tokens, steps_ctx(positions, step_ids),
+                                              jnp.float32))
   assert expanded.ndim == (4 if residual == "mhc" else 3)
 
   def step2_loss(stream, step_ids):
-    stream = model._run_blocks(stream, positions, None, step_ids)
+    stream, _ = model.trunk(model.blocks, stream, steps_ctx(positions, step_ids))
     logits = model.logits(model.final_norm(model.streams.reduce(stream)))
     return lm.cross_entropy_loss(logits[:, 8:], tokens[:, 8:])[0]
 
@@ -164,12 +192,12 @@ def test_commitment_head_trains_only_through_sufficiency(residual):
   cfg = cct_config(residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(9))
   tokens = random_tokens(10, 2, 12)
-  step_ids = cct.fixed_step_ids(lm.default_positions(tokens), 4)
+  step_ids = cct.fixed_step_ids(default_positions(tokens), 4)
   graphdef, params = nnx.split(model)
 
   def losses(params):
     m = nnx.merge(graphdef, params)
-    logits, aux = cct.forward_with_summaries(m, tokens, step_ids)
+    logits, aux = cct.logits_and_summaries(m, tokens, step_ids)
     return lm.cross_entropy_loss(logits, tokens)[0], cct.sufficiency_loss(m, aux)
 
   lm_grads = jax.jit(jax.grad(lambda p: losses(p)[0]))(params)
@@ -182,10 +210,10 @@ def test_commitment_head_trains_only_through_sufficiency(residual):
 
 
 def test_summaries_are_unit_norm_and_probe_target_is_step_mean():
-  cfg = cct_config(cct_pool="mean")
+  cfg = cct_config(pool="mean")
   mixer = cct.CCTAttention(cfg, rngs=nnx.Rngs(11))
   x = jax.random.normal(jax.random.key(12), (2, 10, cfg.d_model))
-  positions = lm.default_positions(x[..., 0])
+  positions = default_positions(x[..., 0])
   _, aux = mixer.forward(x, positions, None, cct.fixed_step_ids(positions, 4))
   np.testing.assert_allclose(np.linalg.norm(np.asarray(aux.summary_BxNxS[:, :3]), axis=-1),
                              1.0, rtol=1e-5)
@@ -241,25 +269,26 @@ def semantic_like_steps(rng: np.random.Generator, batch: int, length: int, step_
 def test_working_memory_decode_matches_full_forward(pool, residual, prompt_len, steps):
   """Prefill + token-by-token decode == the training-form forward (every boundary
   committed), with fixed steps by position or with explicit (semantic) step ids."""
-  cfg = cct_config(cct_pool=pool, residual=residual)
+  cfg = cct_config(pool=pool, residual=residual)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(13))
   tokens = random_tokens(14, 2, 15)
   if steps == "fixed":
-    step_ids, full = None, model(tokens)  # fixed steps of cct_step_len by position
+    step_ids, full = None, model(tokens)  # fixed steps of model.mixer.step_len by position
     cache = model.init_cache(2, 16)
   else:
     step_ids = jnp.asarray(semantic_like_steps(np.random.default_rng(prompt_len), 2, 15, 4))
     assert len(np.unique(np.asarray(step_ids[0]))) > 15 // 4 + 1  # shorter than fixed
-    full = model(tokens, step_ids_BxT=step_ids)
-    cache = model.init_cache(2, 16, max_steps=15)
+    full = model(tokens, steps_ctx(default_positions(tokens), step_ids))
+    cache = model.init_cache(2, 16, {"max_steps": 15})
+  lm.pop_aux(model)
   decode = nnx.jit(lambda model, tokens, positions, cache, step_ids: model.decode(
-      tokens, positions, cache, step_ids))
+      tokens, steps_ctx(positions, step_ids), cache))
 
   def chunk_steps(start, stop):
     return None if step_ids is None else step_ids[:, start:stop]
 
   logits, cache = decode(model, tokens[:, :prompt_len],
-                         lm.default_positions(tokens[:, :prompt_len]), cache,
+                         default_positions(tokens[:, :prompt_len]), cache,
                          chunk_steps(0, prompt_len))
   pieces = [logits]
   for t in range(prompt_len, 15):
@@ -279,28 +308,74 @@ def test_decode_state_grows_only_by_summaries():
   def state_bytes(max_len):
     cache = model.init_cache(1, max_len)
     tokens = random_tokens(16, 1, max_len)
-    _, cache = model.decode(tokens, lm.default_positions(tokens), cache)
+    _, cache = model.decode(tokens, SequenceContext(default_positions(tokens)), cache)
     return sum(leaf.nbytes for leaf in jax.tree.leaves(cache)), cache
 
   small, small_cache = state_bytes(40)
   large, large_cache = state_bytes(400)
   extra_steps = (400 // 4 + 1) - (40 // 4 + 1)
-  assert large - small == extra_steps * cfg.cct_d_summary * cfg.n_layers * 4
+  assert large - small == extra_steps * cfg.mixer.d_summary * cfg.n_layers * 4
   local_shapes = [leaf.shape for leaf in jax.tree.leaves(small_cache)[1:]]
   assert local_shapes == [leaf.shape for leaf in jax.tree.leaves(large_cache)[1:]]
-  assert small_cache.local_k_BxSxGxK.shape[2] == cfg.cct_step_len
+  assert small_cache.local_k_BxSxGxK.shape[2] == cfg.mixer.step_len
   # given step ids (semantic steps): max_steps summary slots, the rest as for fixed steps
   semantic = [leaf.shape for leaf in jax.tree.leaves(
-      jax.eval_shape(lambda: model.init_cache(1, 400, max_steps=300)))]
-  assert semantic[0] == (cfg.n_layers, 1, 300, cfg.cct_d_summary)
+      jax.eval_shape(lambda: model.init_cache(1, 400, {"max_steps": 300})))]
+  assert semantic[0] == (cfg.n_layers, 1, 300, cfg.mixer.d_summary)
   assert semantic[1:] == local_shapes
 
 
 def test_flops_per_token_counts_summary_slots():
-  cfg = cct_config(cct_max_steps=5)
+  cfg = cct_config(max_steps=5)
   base = attention.Attention.flops_per_token(cfg, 20)
   assert cct.CCTAttention.flops_per_token(cfg, 20) == (
       base + 2 * 2 * cfg.n_heads * cfg.dim_per_head * 5
       + 2 * (cfg.d_model * 16 + 16 * 8))
-  assert "cct" in lm.MIXERS
-  assert dataclasses.replace(cfg, cct_d_bottleneck=0).cct_bottleneck == 16
+  assert registry.MIXERS.get("cct") is cct.CCTAttention
+  assert dataclasses.replace(cfg.mixer, d_bottleneck=0).bottleneck == 16
+  assert dataclasses.replace(cfg.mixer, d_bottleneck=24).bottleneck == 24
+
+
+def test_config_section_validation():
+  for bad, message in ((dict(pool="max"), r"model\.mixer\.pool: 'max' is not one of"),
+                       (dict(d_summary=0), r"model\.mixer\.d_summary: must be > 0"),
+                       (dict(step_len=0), r"model\.mixer\.step_len: must be > 0"),
+                       (dict(max_steps=-1), r"model\.mixer\.max_steps: must be >= 0"),
+                       (dict(d_bottleneck=-1), r"model\.mixer\.d_bottleneck: must be >= 0")):
+    with pytest.raises(ConfigError, match=message):
+      CCTConfig(**bad)
+
+
+# ----------------------------------------------------------------------------- aux channel
+
+
+@pytest.mark.parametrize("residual", sorted(RESIDUALS))
+def test_summaries_leave_the_model_through_the_aux_channel_under_either_trunk(residual):
+  """``logits_and_summaries`` is the model's own forward: its summaries are every
+  layer's ``SummaryAux`` stacked on layers, equal to the mixer's ``forward`` aux for
+  layer 0, and the same under the scan and the unrolled trunk."""
+  cfg = cct_config(residual=residual)
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(17))
+  unrolled = lm.LM(dataclasses.replace(cfg, trunk=UnrolledTrunkConfig()), VOCAB,
+                   rngs=nnx.Rngs(17))
+  tokens = random_tokens(18, 2, 12)
+  step_ids = jnp.asarray(semantic_like_steps(np.random.default_rng(3), 2, 12, 4))
+  logits, aux = cct.logits_and_summaries(model, tokens, step_ids)
+  assert isinstance(aux, cct.SummaryAux)
+  assert aux.summary_BxNxS.shape == (cfg.n_layers, 2, 12, cfg.mixer.d_summary)
+  assert lm.pop_aux(model) == {}  # taken from the model
+  unrolled_logits, unrolled_aux = cct.logits_and_summaries(unrolled, tokens, step_ids)
+  np.testing.assert_allclose(np.asarray(unrolled_logits), np.asarray(logits), rtol=1e-6,
+                             atol=1e-6)
+  for got, expected in zip(unrolled_aux, aux):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
+  if residual == "plain":  # layer 0's aux from its mixer alone, on the block's normed input
+    ctx = steps_ctx(default_positions(tokens), step_ids)
+    x = model.streams.expand(model.embed(tokens, ctx, jnp.float32))
+    graphdef, stacked = nnx.split(model.blocks)
+    block0 = nnx.merge(graphdef, lm.layer_view(lm.layer_slice(stacked, 0)))
+    _, layer0_aux = block0.mixer.forward(block0.mixer_residual.norm(x), ctx.positions_BxT,
+                                         None, step_ids)
+    for got, expected in zip(layer0_aux, aux):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(expected[0]), rtol=1e-5,
+                                 atol=1e-6)

@@ -1,4 +1,4 @@
-"""CCT evaluations (cct_eval.py): passkey prompts, the sufficiency probe, memory
+"""CCT evaluations (cct/evals.py): passkey prompts, the sufficiency probe, memory
 measurement and the tier verdict."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import glob
 import numpy as np
 import pytest
 
-from ttt_jax import cct_eval
+from ttt_jax.cct import evals as cct_eval
+from ttt_jax.cct.mixer import CCTConfig
 from ttt_jax.config import ModelConfig
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
 from ttt_jax.tokenizer import train_tokenizer
 from train_util import copy_stdlib_corpus
 
@@ -51,8 +53,8 @@ def test_probe_r2_is_high_for_a_linear_map_and_low_for_noise():
 
 
 def test_measured_state_bytes_cct_bounded_baseline_linear():
-  cfg = ModelConfig(mixer="cct", n_layers=2, d_model=32, n_heads=4, d_ff=32,
-                    cct_step_len=8, cct_d_summary=4)
+  cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=32),
+                    mixer=CCTConfig(step_len=8, d_summary=4))
   report = cct_eval.compression_report(cfg, 64, [64, 256], log=lambda _: None)
   small, large = report["contexts"][64], report["contexts"][256]
   # KV cache: 2 layers x (K and V: L x 4 heads x 8 x 4 bytes + positions L x 4 bytes
@@ -64,7 +66,7 @@ def test_measured_state_bytes_cct_bounded_baseline_linear():
   assert large["ratio"] > small["ratio"] > 1
   assert large["cct_decoded_tokens"] == 256
   # semantic steps: the summary buffer holds the text's steps (here 3 to 5 tokens each,
-  # shorter than cct_step_len), so it is larger than with fixed steps; chunks end at step
+  # shorter than model.mixer.step_len), so it is larger than with fixed steps; chunks end at step
   # starts
   lengths = np.resize([3, 5, 4], 64)
   step_ids = np.repeat(np.arange(64), lengths)[:64]
