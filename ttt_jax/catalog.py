@@ -5,3 +5,6 @@ first time a name is looked up. A new built-in mechanism adds its module here.
 """
 
 # pylint: disable=unused-import
+
+import ttt_jax.cct.bench  # noqa: F401  bench cct
+import ttt_jax.cct_eval  # noqa: F401  evaluate --task sufficiency/compression/passkey/...

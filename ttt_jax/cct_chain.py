@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
   one line per sequence, exit status 1 when any sequence fails."""
   from ttt_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   from ttt_jax.generate import load_for_generation  # pylint: disable=import-outside-toplevel
-  from ttt_jax.train import user_errors  # pylint: disable=import-outside-toplevel
+  from ttt_jax.errors import user_errors  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog="python -m ttt_jax.cct_chain", description=main.__doc__)
   parser.add_argument("record", metavar="FILE.json", help="the --hash-chain record")
   parser.add_argument("--workdir", required=True, help="the run that generated it")

@@ -16,13 +16,18 @@
   length and depth.
 - ``perplexity``: validation perplexity of the CCT run (every boundary committed) and of
   a baseline run, and the delta in percent.
+
+Each task, ``governance`` and ``all`` too, registers itself in ``registry.EVAL_TASKS``
+with its own flags (end of this module).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -31,6 +36,8 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax.config import ModelConfig
+from ttt_jax.eval import tasks
+from ttt_jax.eval.lm import evaluate_lm
 from ttt_jax.models import cct, lm
 from ttt_jax.models.sampling import generate
 from ttt_jax.tokenizer import Tokenizer
@@ -332,8 +339,6 @@ def tier_verdict(values: dict[str, float | None], criteria: dict[str, tuple[str,
 
 # ----------------------------------------------------------------------------- run level
 
-TASKS = ("sufficiency", "compression", "passkey", "perplexity", "governance", "all")
-"""The CCT tasks of ``python -m ttt_jax.evaluate``."""
 BASELINE_DECODE_TOKENS = 4096
 """compression: tokens actually decoded into the baseline's (static-shape) KV cache."""
 GOVERNANCE_SHAPE = {"batch": 1, "prompt_len": 32, "new_tokens": 256, "rounds": 10}
@@ -348,7 +353,7 @@ def _stderr(message: str) -> None:
 
 def _load_model(workdir, overrides):
   from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from ttt_jax.train import load_trained  # pylint: disable=import-outside-toplevel
+  from ttt_jax.runs import load_trained  # pylint: disable=import-outside-toplevel
   cfg, graphdef, params, step, _ = load_trained(workdir, overrides, log=_stderr)
   corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
   return cfg, nnx.merge(graphdef, params), step, corpus
@@ -448,7 +453,6 @@ def run_perplexity(workdir, baseline, overrides: list[str], batches: int,
 def final_losses(workdir) -> dict[str, Any]:
   """The last logged train row's losses, in the Results JSON names."""
   import json  # pylint: disable=import-outside-toplevel
-  from pathlib import Path  # pylint: disable=import-outside-toplevel
   rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
   last = train_rows[-1] if train_rows else {}
@@ -512,3 +516,58 @@ def run_all(workdir, baseline, overrides: list[str], batches: int, contexts: lis
                   "perplexity": perplexity, "passkey": passkey, "governance": governance,
                   "baseline_passkey": baseline_passkey},
   }
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _ints(text: str) -> list[int]:
+  return [int(v) for v in text.split(",") if v]
+
+
+def _depths(args: argparse.Namespace) -> list[float]:
+  return [float(v) for v in args.passkey_depths.split(",") if v]
+
+
+def _add_baseline(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--baseline", default="", help="perplexity/all: the baseline run")
+
+
+def _add_contexts(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--contexts", default="1024,4096,8192,32768",
+                      help="compression/all: context lengths")
+
+
+def _add_passkey(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--passkey-lengths", default="512,1024")
+  parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
+  parser.add_argument("--passkey-trials", type=int, default=2)
+
+
+def _add_all(parser: argparse.ArgumentParser) -> None:
+  for add in (tasks.add_batches_argument, _add_baseline, _add_contexts, _add_passkey):
+    add(parser)
+
+
+def _add_perplexity(parser: argparse.ArgumentParser) -> None:
+  tasks.add_batches_argument(parser)
+  _add_baseline(parser)
+
+
+tasks.register(tasks.EvalTask(
+    "sufficiency", lambda a: run_sufficiency(Path(a.workdir), a.set, tasks.batches(a) or 8),
+    tasks.add_batches_argument))
+tasks.register(tasks.EvalTask(
+    "compression", lambda a: run_compression(Path(a.workdir), a.set, _ints(a.contexts)),
+    _add_contexts))
+tasks.register(tasks.EvalTask(
+    "passkey", lambda a: run_passkey(Path(a.workdir), a.set, _ints(a.passkey_lengths),
+                                     _depths(a), a.passkey_trials), _add_passkey))
+tasks.register(tasks.EvalTask("governance", lambda a: run_governance(Path(a.workdir), a.set)))
+tasks.register(tasks.EvalTask(
+    "perplexity", lambda a: run_perplexity(Path(a.workdir), a.baseline, a.set,
+                                           tasks.batches(a), evaluate_lm), _add_perplexity))
+tasks.register(tasks.EvalTask(
+    "all", lambda a: run_all(Path(a.workdir), a.baseline, a.set, tasks.batches(a) or 8,
+                             _ints(a.contexts), _ints(a.passkey_lengths), _depths(a),
+                             a.passkey_trials, evaluate_lm), _add_all))

@@ -21,9 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A config problem, reported to the user as one line."""
+from ttt_jax.errors import ConfigError
 
 
 def _field_docs(cls: type) -> dict[str, str]:

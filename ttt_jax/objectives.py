@@ -1,23 +1,26 @@
 """Training objectives: what the train step differentiates, chosen by ``train.objective``.
 
-An objective maps ``(model, batch, step, rng)`` to ``(loss, metrics)``:
+An objective maps ``(model, batch, ctx)`` to ``(loss, metrics)``:
 
 - ``model``: the LM merged from the current params (inside the jitted step);
 - ``batch``: this micro-batch, ``inputs``/``targets`` int32 [B, T] plus whatever extra
   per-token fields the data pipeline emits for the mechanism;
-- ``step``: int32 scalar, the 0-based optimizer step (curricula and loss-weight
-  schedules are functions of it);
-- ``rng``: a key that is ``fold_in(key(train.seed), micro_step)``, so randomness is a
-  pure function of the seed and the step and needs no checkpointing;
+- ``ctx`` (``StepContext``): ``step``, int32 scalar, the 0-based optimizer step
+  (curricula and loss-weight schedules are functions of it); ``rng``, a key that is
+  ``fold_in(key(train.seed), micro_step)``, so randomness is a pure function of the seed
+  and the step and needs no checkpointing; ``extras``, the train state's extra trees
+  (a teacher's or reference params, EMA weights; empty unless a mechanism adds one);
 - ``metrics``: float32 scalars, logged as ``metrics.jsonl`` columns and tensorboard
   ``train/<name>`` tags next to ``loss``.
 
-A mechanism that trains with its own losses adds a builder to ``OBJECTIVES``.
+``batch_logits`` is the forward every evaluation scores: the logits of a batch's inputs
+with its per-token side fields. A mechanism that trains with its own losses adds a
+builder to ``OBJECTIVES``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +28,34 @@ import jax.numpy as jnp
 from ttt_jax.config import Config
 from ttt_jax.models import cct, lm
 
-Objective = Callable[[lm.LM, dict[str, jax.Array], jax.Array, jax.Array],
+
+class StepContext(NamedTuple):
+  """What an objective knows of the step besides the model and the batch."""
+  step: jax.Array
+  """int32 scalar: the 0-based optimizer step."""
+  rng: jax.Array
+  """``fold_in(key(train.seed), micro_step)``."""
+  extras: Mapping[str, Any]
+  """The train state's extra trees (``TrainState.extras``); ``{}`` unless a mechanism adds one."""
+
+
+Objective = Callable[[lm.LM, dict[str, jax.Array], StepContext],
                      tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def batch_logits(model: lm.LM, batch: dict[str, jax.Array]) -> jax.Array:
+  """Logits [B, T, V] of ``batch['inputs']`` with the batch's segment and step ids."""
+  return model(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"),
+               step_ids_BxT=batch.get("step_ids"))
 
 
 def language_modeling(cfg: Config) -> Objective:
   """Mean next-token cross-entropy over every target."""
   del cfg
 
-  def objective(model: lm.LM, batch: dict[str, jax.Array], step: jax.Array,
-                rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    del step, rng
+  def objective(model: lm.LM, batch: dict[str, jax.Array],
+                ctx: StepContext) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del ctx
     logits_BxTxV = model(batch["inputs"], segment_ids_BxT=batch.get("segment_ids"))
     loss, _, _ = lm.cross_entropy_loss(logits_BxTxV, batch["targets"])
     return loss, {}
@@ -60,8 +80,9 @@ def commitment_constrained(cfg: Config) -> Objective:
   total_steps = cfg.train.steps
   step_len = cfg.model.cct_step_len
 
-  def objective(model: lm.LM, batch: dict[str, jax.Array], step: jax.Array,
-                rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def objective(model: lm.LM, batch: dict[str, jax.Array],
+                ctx: StepContext) -> tuple[jax.Array, dict[str, jax.Array]]:
+    step, rng = ctx.step, ctx.rng
     inputs_BxT, targets_BxT = batch["inputs"], batch["targets"]
     step_ids_BxT = batch.get("step_ids")
     if step_ids_BxT is None:
