@@ -13,8 +13,10 @@ result. Per step t, in this order:
      metrics rows); every step's metrics reach these hooks once, in step order;
   5. ``after_step(info)`` of each hook whose ``due(info)`` holds (eval, checkpoint, a
      function added with ``add_hook(fn, every=N)``), after step t's own metrics are
-     read (and ``on_metrics`` has run for them);
-  6. the loop ends after t if a stop was requested (``request_stop``, e.g. a signal).
+     read (and ``on_metrics`` has run for them); if a stop was requested meanwhile
+     (``request_stop``: a signal, or a hook), the hooks it made due run too (the
+     checkpoint);
+  6. the loop ends after t if a stop was requested.
 
 ``StepInfo`` is what a hook sees: the step, the run's last step, the state after the
 step (not in ``on_metrics``: the next step has consumed it by then), the step's metrics
@@ -148,6 +150,8 @@ class Trainer:
     self.hooks: list[Hook] = []
     self.clock = Clock()
     self.stop_reason: str | None = None
+    self._pending: tuple[int, dict[str, jax.Array]] | None = None
+    """The step dispatched last and its metrics, until they are read."""
 
   def add(self, hook: Hook) -> Hook:
     """Adds ``hook``; returns it."""
@@ -177,24 +181,43 @@ class Trainer:
       metrics = jax.tree.map(lambda *xs: sum(xs) / self.micro_steps, *micro_metrics)
     return state, metrics
 
-  def _read(self, step: int, metrics: dict[str, jax.Array], last_step: int
-            ) -> dict[str, float]:
-    """The step's metrics as floats, passed to every ``on_metrics``."""
+  def _read_pending(self, last_step: int) -> dict[str, float] | None:
+    """Reads the metrics of the step dispatched last but not read yet (if any), passes
+    them to every ``on_metrics`` and returns them as floats."""
+    if self._pending is None:
+      return None
+    (step, metrics), self._pending = self._pending, None
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
     info = self._info(step, last_step, metrics=host)
     for hook in self.hooks:
       hook.on_metrics(info)
     return host
 
+  def _after_step(self, step: int, last_step: int, state: Any) -> str | None:
+    """Runs the hooks due at ``step``, after reading its metrics, and then those that a
+    stop requested meanwhile made due; returns the stop request they saw."""
+    host, done = None, set()
+    while True:
+      stop_reason = self.stop_reason
+      for index, hook in enumerate(self.hooks):
+        if index in done or not hook.due(self._info(step, last_step, state, host)):
+          continue
+        if host is None:  # a hook never sees a step whose metrics were not checked
+          host = self._read_pending(last_step)
+        with contextlib.nullcontext() if hook.timed else self.clock.excluded():
+          hook.after_step(self._info(step, last_step, state, host))
+        done.add(index)
+      if self.stop_reason == stop_reason:
+        return stop_reason
+
   def run(self, state: Any, start_step: int, last_step: int) -> Finished:
     """Trains from ``start_step`` (the state's step) to ``last_step``, or to the step
     at which a stop was requested."""
-    step = start_step
+    step, self._pending = start_step, None
     try:
       for hook in self.hooks:
         hook.start(self._info(start_step, last_step, state))
       self.clock.reset(start_step)
-      pending: tuple[int, dict[str, jax.Array]] | None = None
       for step in range(start_step + 1, last_step + 1):
         for hook in self.hooks:
           hook.before_step(step)
@@ -202,21 +225,11 @@ class Trainer:
           state, metrics = self._dispatch(state)
         for hook in self.hooks:
           hook.after_dispatch(self._info(step, last_step, state))
-        if pending is not None:
-          self._read(*pending, last_step)
-        pending, host = (step, metrics), None
-        for hook in self.hooks:
-          info = self._info(step, last_step, state, host)
-          if not hook.due(info):
-            continue
-          if pending is not None:  # a hook never sees a step whose metrics it cannot
-            host, pending = self._read(*pending, last_step), None
-          with contextlib.nullcontext() if hook.timed else self.clock.excluded():
-            hook.after_step(self._info(step, last_step, state, host))
-        if self.stop_reason is not None:
+        self._read_pending(last_step)
+        self._pending = (step, metrics)
+        if self._after_step(step, last_step, state) is not None:
           break
-      if pending is not None:
-        self._read(*pending, last_step)
+      self._read_pending(last_step)
     finally:
       with contextlib.ExitStack() as closing:  # every hook is closed, even if one fails
         for hook in reversed(self.hooks):
