@@ -14,6 +14,7 @@ import pytest
 from ttt_jax import config as config_lib
 from ttt_jax import sharding
 from ttt_jax.training import state as state_lib
+from ttt_jax.training import step as step_lib
 from ttt_jax.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def test_every_shipped_config_builds_on_its_mesh(name, tmp_path):
   _, _, abstract, shardings = state_lib.abstract_state(cfg, cfg.data.vocab_size, mesh)
   params = jax.tree.leaves(abstract.params)
   assert len(params) == len(jax.tree.leaves(shardings.params))
-  assert train.train_flops_per_step(cfg, cfg.data.vocab_size) > 0
+  assert step_lib.train_flops_per_step(cfg, cfg.data.vocab_size) > 0
   named = _named_size(name)
   if named is not None:  # the names round: 'ttt_linear_125m' is 110M with a 32k vocab
     assert 0.65 * named < sum(p.size for p in params) < 1.35 * named
