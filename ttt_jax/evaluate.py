@@ -21,8 +21,7 @@ import json
 from pathlib import Path
 
 from ttt_jax import registry
-from ttt_jax.config import ConfigError
-from ttt_jax.errors import user_errors
+from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm  # noqa: F401  (registers the 'lm' task)
 from ttt_jax.eval.tasks import EvalTask
 

@@ -24,8 +24,8 @@ from flax import nnx
 
 from ttt_jax import cct_chain
 from ttt_jax import data as data_lib
-from ttt_jax.config import Config, ConfigError
-from ttt_jax.errors import user_errors
+from ttt_jax.config import Config
+from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.models import cct, sampling
 from ttt_jax.models.lm import LM
 from ttt_jax.runs import load_trained

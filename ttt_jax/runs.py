@@ -28,8 +28,8 @@ import numpy as np
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import data as data_lib
 from ttt_jax import sharding
-from ttt_jax.config import Config, ConfigError, load_config, save_config, to_dict
-from ttt_jax.errors import CheckpointError, TrainingError
+from ttt_jax.config import Config, load_config, save_config, to_dict
+from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
 from ttt_jax.training.state import Built, TrainState, abstract_state
 
 COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention_impl", "scan_layers",

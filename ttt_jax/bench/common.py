@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from ttt_jax import registry
-from ttt_jax.config import Config, ConfigError
+from ttt_jax.config import Config
+from ttt_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,8 @@ from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import data as data_lib
 from ttt_jax import sharding
 from ttt_jax.bench import common
-from ttt_jax.config import Config, ConfigError
+from ttt_jax.config import Config
+from ttt_jax.errors import ConfigError
 from ttt_jax.training.state import build
 from ttt_jax.training.step import compile_step, jit_train_step
 

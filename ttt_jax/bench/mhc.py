@@ -25,7 +25,8 @@ import numpy as np
 
 from ttt_jax import sharding
 from ttt_jax.bench import common
-from ttt_jax.config import Config, ConfigError, to_dict
+from ttt_jax.config import Config, to_dict
+from ttt_jax.errors import ConfigError
 from ttt_jax.training.state import build
 from ttt_jax.training.step import compile_step, jit_train_step
 

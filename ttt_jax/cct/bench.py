@@ -22,7 +22,8 @@ from flax import nnx
 
 from ttt_jax import cct_chain, cct_eval
 from ttt_jax.bench import common
-from ttt_jax.config import Config, ConfigError
+from ttt_jax.config import Config
+from ttt_jax.errors import ConfigError
 from ttt_jax.models import lm
 
 

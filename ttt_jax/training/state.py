@@ -22,7 +22,8 @@ import optax
 from flax import nnx
 
 from ttt_jax import sharding
-from ttt_jax.config import Config, ConfigError
+from ttt_jax.config import Config
+from ttt_jax.errors import ConfigError
 from ttt_jax.models import lm
 from ttt_jax.training import optim
 
