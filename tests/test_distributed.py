@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from ttt_jax import train
+from ttt_jax import runs, train
 from train_util import copy_stdlib_corpus, tiny_config, tiny_overrides, train_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_sigterm_and_sigkill_at_random_moments_resume_bit_exactly(corpus, tmp_pa
   assert "resumed from checkpoint at step" in final.stdout
 
   assert train_losses(workdir) == train_losses(reference), f"kill-time seed {seed}"
-  _, _, params, step, _ = train.load_trained(workdir, log=lambda _: None)
+  _, _, params, step, _ = runs.load_trained(workdir, log=lambda _: None)
   assert step == 60
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_summary["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

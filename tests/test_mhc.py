@@ -13,9 +13,10 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, optim, sharding
+from ttt_jax import data, sharding
 from ttt_jax.config import ConfigError, MeshConfig, ModelConfig, load_config
 from ttt_jax.models import lm, mhc
+from ttt_jax.training import optim
 
 VOCAB = 64
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

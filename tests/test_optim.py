@@ -1,4 +1,4 @@
-"""Tests of ttt_jax/optim.py: schedules, parameter routing, AdamW/SGD/Muon updates,
+"""Tests of ttt_jax/training/optim.py: schedules, parameter routing, AdamW/SGD/Muon updates,
 clipping, gradient accumulation, nnx.State trees and optimizer-state shardings."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ttt_jax import optim
+from ttt_jax.training import optim
 from ttt_jax.config import OptimConfig
 
 L, D, F, H, DH, V = 2, 16, 32, 4, 4, 64

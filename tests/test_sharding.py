@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ttt_jax import sharding, train
+from ttt_jax.training import state as state_lib
 from ttt_jax.config import ConfigError, MeshConfig, load_config
 from ttt_jax.models import lm
 from train_util import copy_stdlib_corpus, tiny_config, train_losses
@@ -49,7 +50,7 @@ def test_indivisible_parameter_is_a_clear_error():
   cfg = load_config(None, ["model.d_model=60", "model.n_heads=6", "mesh.fsdp=8"])
   with pytest.raises(ConfigError, match=r"parameter '.*' dimension 60 is not divisible by "
                                         r"mesh axes \('fsdp',\) of total size 8"):
-    train.abstract_state(cfg, 512, sharding.make_mesh(cfg.mesh))
+    state_lib.abstract_state(cfg, 512, sharding.make_mesh(cfg.mesh))
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
   with pytest.raises(ConfigError, match="train.batch_size: 4 is not divisible by data\\*fsdp = 8"):
     sharding.check_batch(4, mesh)
@@ -58,7 +59,7 @@ def test_indivisible_parameter_is_a_clear_error():
 def test_fsdp_shards_params_and_optimizer_state_eightfold():
   """Measured from the addressable shards actually placed on one device."""
   cfg = load_config(None, ["model.d_model=128", "model.d_ff=256", "mesh.fsdp=8"])
-  built = train.build(cfg, 1024, sharding.make_mesh(cfg.mesh))
+  built = state_lib.build(cfg, 1024, sharding.make_mesh(cfg.mesh))
   leaves = jax.tree.leaves(built.state)
   total = sum(x.nbytes for x in leaves)
   device0 = jax.devices()[0]

@@ -13,10 +13,11 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, optim, sharding, train
+from ttt_jax import data, sharding, train
 from ttt_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
 from ttt_jax.models import lm
 from ttt_jax.models import ttt_linear as ttt
+from ttt_jax.training import optim
 from train_util import tiny_config
 
 VOCAB = 64

@@ -49,6 +49,7 @@ import grain
 import numpy as np
 
 from ttt_jax.config import DataConfig
+from ttt_jax.errors import DataError
 from ttt_jax.tokenizer import STEP_PIECE, Tokenizer, train_tokenizer, trainer_settings
 
 STDLIB = "stdlib"
@@ -60,10 +61,6 @@ _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _ENCODE_BATCH_CHARS = 1 << 23
 _SCAN_CHUNK_TOKENS = 1 << 24
 _GLOB_MAGIC = re.compile(r"[*?[]")
-
-
-class DataError(ValueError):
-  """A problem with the corpus or its files, reported to the user as one line."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,10 +27,11 @@ from flax import nnx
 from ttt_jax import data as data_lib
 from ttt_jax.cct import chain as cct_chain
 from ttt_jax.cct.decode import semantic_annotator
-from ttt_jax.config import Config, ConfigError
+from ttt_jax.config import Config
+from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.inference import sampling
 from ttt_jax.models.lm import LM
-from ttt_jax.train import load_trained, user_errors
+from ttt_jax.runs import load_trained
 
 
 def load_for_generation(workdir: str | Path, overrides: list[str] = ()
