@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax import cct_chain, data
+from ttt_jax import cct_chain
+from ttt_jax.cct import steps
 from ttt_jax.config import ModelConfig
 from ttt_jax.models import cct, lm, sampling
-from ttt_jax.tokenizer import STEP_PIECE, train_tokenizer
+from ttt_jax.data.tokenizer import STEP_PIECE, train_tokenizer
 from train_util import copy_stdlib_corpus
 
 PROMPT = "Hello there. The sky is blue! What now? Yes. Then we go on."
@@ -71,7 +72,7 @@ def semantic(tmp_path_factory):
   corpus = copy_stdlib_corpus(tmp_path_factory.mktemp("corpus") / "src")
   tokenizer = train_tokenizer([open(p).read() for p in sorted(glob.glob(corpus))], 512,
                               100000, (STEP_PIECE,))
-  annotator = data.StepAnnotator("semantic", 6, 2, tokenizer)
+  annotator = steps.StepAnnotator("semantic", 6, 2, tokenizer)
   cfg = ModelConfig(mixer="cct", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
                     cct_step_len=6, cct_d_summary=8)
   model = random_model(cfg, tokenizer.vocab_size, 0)

@@ -10,7 +10,7 @@ import pytest
 
 from ttt_jax import cct_eval
 from ttt_jax.config import ModelConfig
-from ttt_jax.tokenizer import train_tokenizer
+from ttt_jax.data.tokenizer import train_tokenizer
 from train_util import copy_stdlib_corpus
 
 

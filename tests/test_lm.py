@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from ttt_jax import config as config_lib
-from ttt_jax import data
 from ttt_jax.config import ModelConfig
+from ttt_jax.data import pipeline
 from ttt_jax.models import layers, lm
 
 VOCAB = 64
@@ -143,7 +143,7 @@ def test_segment_ids_isolate_packed_documents(model):
 
 
 def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(model):
-  """[docA, EOS, docB] with ``data.document_segment_ids`` and the default window
+  """[docA, EOS, docB] with ``pipeline.document_segment_ids`` and the default window
   positions (what training feeds): docA+EOS and docB (positions 7.., RoPE is relative)
   give exactly their standalone logits; without segment ids docB's differ."""
   eos, first, length = 0, 7, 37  # docA: 6 tokens + EOS; docB: 30 tokens
@@ -151,7 +151,7 @@ def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(mod
   doc_a, doc_b = rng.integers(1, VOCAB, size=first - 1), rng.integers(1, VOCAB, size=length - first)
   rows = np.stack([np.concatenate([doc_a, [eos], doc_b]),
                    np.concatenate([doc_b, doc_a, [eos]])])  # docB alone, then anything
-  segment_ids = data.document_segment_ids(rows, eos)
+  segment_ids = pipeline.document_segment_ids(rows, eos)
   assert segment_ids[0].tolist() == [0] * first + [1] * (length - first)
   forward = jax.jit(lambda t, s: model(t, segment_ids_BxT=s))
   packed = np.asarray(forward(jnp.asarray(rows), jnp.asarray(segment_ids)))

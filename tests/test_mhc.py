@@ -13,8 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, optim, sharding
+from ttt_jax import optim, sharding
 from ttt_jax.config import ConfigError, MeshConfig, ModelConfig, load_config
+from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.models import lm, mhc
 
 VOCAB = 64
@@ -561,7 +562,7 @@ def test_mhc_with_ttt_linear_mixer(backbone):
 
 
 def stdlib_bytes(names: tuple[str, ...]) -> np.ndarray:
-  root, _ = data.stdlib_files()
+  root, _ = corpus_lib.stdlib_files()
   return np.frombuffer(b"\n".join((root / n).read_bytes() for n in names), np.uint8).astype(
       np.int32)
 

@@ -5,3 +5,5 @@ first time a name is looked up. A new built-in mechanism adds its module here.
 """
 
 # pylint: disable=unused-import
+
+import ttt_jax.cct.steps  # noqa: F401

@@ -106,7 +106,7 @@ def chain_hashes(genesis: bytes, summaries_KxLxS: np.ndarray) -> list[bytes]:
 
 def steps_descriptor(model: lm.LM, annotator: Any | None) -> str:
   """The step rule a chain was made under: 'fixed/S' (position // S) or 'semantic/L/m'
-  (``data.StepAnnotator`` with step_len L, step_min_len m)."""
+  (``cct.steps.StepAnnotator`` with step_len L, step_min_len m)."""
   if annotator is not None and annotator.mode == "semantic":
     return f"semantic/{annotator.step_len}/{annotator.step_min_len}"
   return f"fixed/{model.cfg.cct_step_len}"

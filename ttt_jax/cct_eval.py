@@ -33,7 +33,7 @@ from flax import nnx
 from ttt_jax.config import ModelConfig
 from ttt_jax.models import cct, lm
 from ttt_jax.models.sampling import generate
-from ttt_jax.tokenizer import Tokenizer
+from ttt_jax.data.tokenizer import Tokenizer
 
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again. ")
@@ -347,24 +347,25 @@ def _stderr(message: str) -> None:
 
 
 def _load_model(workdir, overrides):
-  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from ttt_jax.data import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
   from ttt_jax.train import load_trained  # pylint: disable=import-outside-toplevel
   cfg, graphdef, params, step, _ = load_trained(workdir, overrides, log=_stderr)
-  corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=_stderr)
   return cfg, nnx.merge(graphdef, params), step, corpus
 
 
 def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, Any]:
-  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from ttt_jax.data import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
+  from ttt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if cfg.model.mixer != "cct":
     raise ValueError(f"{workdir}: sufficiency needs a CCT run (model.mixer='cct')")
-  val = data_lib.eval_batches(
+  val = pipeline.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len,
       batch_size=cfg.eval.batch_size or cfg.train.batch_size, num_batches=batches,
       process_index=0, process_count=1,
-      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer),
-      eos_id=data_lib.document_eos_id(cfg.data, corpus))
+      annotators=pipeline.batch_annotators(cfg, corpus.tokenizer),
+      eos_id=corpus_lib.document_eos_id(cfg.data, corpus))
   steps, loss = collect_steps(model, val, cfg.model.cct_step_len)
   return {"task": "sufficiency", "workdir": str(workdir), "step": step,
           **sufficiency_report(steps, loss, seed=cfg.train.seed)}
@@ -373,7 +374,7 @@ def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, An
 def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[str, Any]:
   """Working memory vs KV cache of the run's model shape. Semantic runs count the steps
   their rule makes on the validation text (repeated to the context length if shorter)."""
-  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from ttt_jax.data import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
   from ttt_jax.config import load_config  # pylint: disable=import-outside-toplevel
   from ttt_jax.generate import semantic_decode_annotator  # pylint: disable=import-outside-toplevel
   cfg = load_config(f"{workdir}/config.yaml", overrides)
@@ -381,7 +382,7 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
     raise ValueError(f"{workdir}: compression needs a CCT run (model.mixer='cct')")
   step_ids_of = None
   if cfg.data.step_boundaries == "semantic":
-    corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
+    corpus = corpus_lib.prepare_corpus(cfg.data, log=_stderr)
     if corpus.tokenizer is None:
       raise ValueError(f"{workdir}: semantic compression needs the run's tokenizer")
     annotator = semantic_decode_annotator(cfg, corpus.tokenizer)

@@ -25,9 +25,10 @@ import jax
 import numpy as np
 
 from ttt_jax import cct_eval
-from ttt_jax import data as data_lib
 from ttt_jax import sharding
 from ttt_jax.config import ConfigError
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import pipeline
 from ttt_jax.train import evaluate, load_trained, make_eval_step, user_errors
 
 TASKS = ("lm",) + cct_eval.TASKS
@@ -36,14 +37,14 @@ TASKS = ("lm",) + cct_eval.TASKS
 def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict:
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   cfg, graphdef, params, step, mesh = load_trained(workdir, overrides, log=log)
-  corpus = data_lib.prepare_corpus(cfg.data, log=log)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
-  eval_batches = [sharding.put_batch(b, mesh) for b in data_lib.eval_batches(
+  eval_batches = [sharding.put_batch(b, mesh) for b in pipeline.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=batch_size,
       num_batches=batches or cfg.eval.batches, process_index=jax.process_index(),
       process_count=jax.process_count(),
-      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer),
-      eos_id=data_lib.document_eos_id(cfg.data, corpus))]
+      annotators=pipeline.batch_annotators(cfg, corpus.tokenizer),
+      eos_id=corpus_lib.document_eos_id(cfg.data, corpus))]
   piece_bytes = np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
                            np.zeros(corpus.vocab_size), np.int32)
   eval_step = jax.jit(make_eval_step(graphdef))

@@ -23,28 +23,28 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax import cct_chain
-from ttt_jax import data as data_lib
+from ttt_jax.cct.steps import StepAnnotator, step_annotator
 from ttt_jax.config import Config, ConfigError
+from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.models import cct, sampling
 from ttt_jax.models.lm import LM
 from ttt_jax.train import load_trained, user_errors
 
 
 def load_for_generation(workdir: str | Path, overrides: list[str] = ()
-                        ) -> tuple[Config, LM, data_lib.Tokenizer, data_lib.StepAnnotator | None]:
+                        ) -> tuple[Config, LM, Tokenizer, StepAnnotator | None]:
   """(config, model, tokenizer, the semantic step annotator of a CCT run or None)."""
   workdir = Path(workdir)
   tokenizer_path = workdir / "tokenizer.model"
   if not tokenizer_path.exists():
     raise ConfigError(f"{tokenizer_path}: missing; generation needs the run's tokenizer")
-  tokenizer = data_lib.Tokenizer(tokenizer_path)
+  tokenizer = Tokenizer(tokenizer_path)
   cfg, graphdef, params, _, _ = load_trained(workdir, overrides,
                                              log=lambda m: print(m, file=sys.stderr))
   return cfg, nnx.merge(graphdef, params), tokenizer, semantic_decode_annotator(cfg, tokenizer)
 
 
-def semantic_decode_annotator(cfg: Config, tokenizer: data_lib.Tokenizer
-                              ) -> data_lib.StepAnnotator | None:
+def semantic_decode_annotator(cfg: Config, tokenizer: Tokenizer) -> StepAnnotator | None:
   """The step annotator a CCT run with semantic steps decodes with (None otherwise); its
   steps must fit the decode step buffer (model.cct_step_len tokens)."""
   if cfg.model.mixer != "cct" or cfg.data.step_boundaries != "semantic":
@@ -53,7 +53,7 @@ def semantic_decode_annotator(cfg: Config, tokenizer: data_lib.Tokenizer
     raise ConfigError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
                       f"exceed model.cct_step_len={cfg.model.cct_step_len}, the decode step "
                       f"buffer; --set model.cct_step_len={cfg.data.step_len}")
-  return data_lib.step_annotator(cfg.data, tokenizer)
+  return step_annotator(cfg, tokenizer)
 
 
 def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,

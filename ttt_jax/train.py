@@ -26,11 +26,13 @@ import optax
 from flax import nnx
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import data as data_lib
 from ttt_jax import distributed, host_memory
 from ttt_jax import metrics as metrics_lib
 from ttt_jax import objectives, optim, sharding
 from ttt_jax.config import Config, ConfigError, load_config, save_config, to_dict
+from ttt_jax.data import bpb, pipeline
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.errors import DataError
 from ttt_jax.models import lm
 
 
@@ -175,7 +177,7 @@ def evaluate(eval_fn, params, batches, piece_bytes) -> dict[str, float]:
   loss = float(totals["nll"]) / float(totals["tokens"])
   row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
   if float(totals["bytes"]) > 0:
-    row["eval_bpb"] = data_lib.bits_per_byte(float(totals["nll"]), int(totals["bytes"]))
+    row["eval_bpb"] = bpb.bits_per_byte(float(totals["nll"]), int(totals["bytes"]))
   return row
 
 
@@ -217,9 +219,9 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   progress = _Progress(is_main and cfg.logging.progress_bar, cfg.train.steps, 0)
   log = progress.write if is_main else (lambda _: None)
 
-  corpus = data_lib.prepare_corpus(cfg.data, log=log)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   vocab_size = corpus.vocab_size
-  eos_id = data_lib.document_eos_id(cfg.data, corpus)  # None unless data.document_mask
+  eos_id = corpus_lib.document_eos_id(cfg.data, corpus)  # None unless data.document_mask
   mesh = sharding.make_mesh(cfg.mesh)
   accum = cfg.optim.grad_accum_steps
   micro_batch = cfg.train.batch_size // accum
@@ -242,17 +244,17 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                       out_shardings=sharding.replicated(mesh))
 
   pi, pc = jax.process_index(), jax.process_count()
-  annotator = data_lib.step_annotator(cfg.data, corpus.tokenizer)
-  dataset = data_lib.train_dataset(
+  annotators = pipeline.batch_annotators(cfg, corpus.tokenizer)
+  dataset = pipeline.train_dataset(
       corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=micro_batch,
       seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=pi,
-      process_count=pc, worker_count=cfg.data.worker_count, annotator=annotator,
+      process_count=pc, worker_count=cfg.data.worker_count, annotators=annotators,
       eos_id=eos_id)
   data_iter = iter(dataset)
-  eval_batches = [sharding.put_batch(b, mesh) for b in data_lib.eval_batches(
+  eval_batches = [sharding.put_batch(b, mesh) for b in pipeline.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=eval_batch_size,
       num_batches=cfg.eval.batches, process_index=pi, process_count=pc,
-      annotator=annotator, eos_id=eos_id)]
+      annotators=annotators, eos_id=eos_id)]
   piece_bytes = jax.device_put(
       np.asarray(corpus.tokenizer.piece_bytes if corpus.tokenizer else
                  np.zeros(vocab_size, np.int32), np.int32), sharding.replicated(mesh))
@@ -561,7 +563,7 @@ def user_errors():
   """Turns expected failures into one line on stderr and a non-zero exit."""
   try:
     yield
-  except (ConfigError, data_lib.DataError, TrainingError, ckpt_lib.CheckpointError) as e:
+  except (ConfigError, DataError, TrainingError, ckpt_lib.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
