@@ -84,6 +84,7 @@ def semantic(tmp_path_factory):
   return model, annotator, rule, prompt, generation
 
 
+@pytest.mark.slow
 def test_semantic_generation_steps_and_decode_match_the_full_forward(semantic):
   model, annotator, _, prompt, generation = semantic
   tokens, step_ids = np.asarray(generation.tokens_BxT), np.asarray(generation.step_ids_BxT)
@@ -110,6 +111,7 @@ def test_semantic_generation_steps_and_decode_match_the_full_forward(semantic):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_record_holds_only_committed_steps(semantic):
   model, annotator, _, _, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)
@@ -134,6 +136,7 @@ def inside_a_step(step_ids_BxT: np.ndarray, start: int) -> int:
   return start + int(np.argmax(inside[start - 1:]))
 
 
+@pytest.mark.slow
 def test_changing_a_prompt_token_changes_its_step_hash_and_later_ones(semantic):
   model, annotator, rule, prompt, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)
@@ -152,6 +155,7 @@ def test_changing_a_prompt_token_changes_its_step_hash_and_later_ones(semantic):
     assert all(a != b for a, b in zip(before[step:], after[step:]))
 
 
+@pytest.mark.slow
 def test_verify_accepts_the_record_and_finds_a_tampered_token(semantic):
   model, annotator, _, _, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)

@@ -317,6 +317,7 @@ def random_tokens(seed: int, batch: int, length: int) -> jax.Array:
                      jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_prefill_then_decode_matches_full_forward(backbone):
   """Prompt ending mid-mini-batch, a multi-token continuation from an open mini-batch,
@@ -340,6 +341,7 @@ def ttt_cache(cache):
   return cache[1] if isinstance(cache, tuple) else cache
 
 
+@pytest.mark.slow
 def test_w0_init_and_reset_fp32_state_under_bf16_and_row_isolation():
   """bf16 params and compute: the cache starts at the learned W0 (cast to float32, bit
   for bit), stays float32 through prefill and decode, does not grow with max_len, rows
@@ -378,6 +380,7 @@ def test_w0_init_and_reset_fp32_state_under_bf16_and_row_isolation():
   assert int(ttt_cache(reset).state.index[0]) == 0
 
 
+@pytest.mark.slow
 def test_lm_segment_ids_isolate_grid_aligned_documents():
   model = lm.LM(lm_config(), VOCAB, rngs=nnx.Rngs(8))
   tokens = random_tokens(8, 1, 14)
@@ -389,6 +392,7 @@ def test_lm_segment_ids_isolate_grid_aligned_documents():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_lm_packed_window_with_pipeline_segment_ids_equals_documents_alone(backbone):
   """[docA, EOS, docB] with ``pipeline.document_segment_ids``: docA+EOS gives its standalone
@@ -507,6 +511,7 @@ def test_tiny_ttt_lm_loss_goes_down_on_real_text_and_grads_reach_ttt_params(tmp_
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
 
 
+@pytest.mark.slow
 def test_tiny_ttt_run_with_document_mask_trains_on_segment_ids_from_the_pipeline(
     tmp_path: Path, monkeypatch):
   """``data.document_mask=true`` end to end: every train and eval batch reaching the
