@@ -24,6 +24,7 @@ TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=6
         "data.seq_len=16", "data.vocab_size=64", "train.batch_size=8", "mesh.data=8"]
 
 
+@pytest.mark.slow
 def test_bench_mhc_runs_every_variant_on_a_tiny_model():
   cfg = load_config(str(REPO / "configs" / "bench_dense.yaml"), TINY)
   result = bench_mhc.bench_mhc(cfg, steps=2, warmup=0, rounds=2, reference_tokens_per_sec=100.0,
@@ -101,6 +102,7 @@ def test_save_cost_times_saves_that_land_as_complete_checkpoints(tmp_path):
   assert cost["save_alone_wall_s"] > 0 and cost["save_alone_cpu_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate(tmp_path):
   cfg = tiny_config(copy_stdlib_corpus(tmp_path / "src"), tmp_path / "cache", "data.seq_len=16")
   result = bench_io.bench_io(cfg, steps=4, saves=2)
@@ -116,6 +118,7 @@ def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate(tmp_path):
       result["data_tokens_per_sec"] / result["trainer_tokens_per_sec"])
 
 
+@pytest.mark.slow
 def test_bench_mhc_rejects_a_bad_count_in_one_line():
   proc = subprocess.run([sys.executable, "-m", "ttt_jax.bench", "mhc", "--replicas", "0"],
                         cwd=REPO, capture_output=True, text=True, timeout=120, check=False)

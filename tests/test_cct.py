@@ -111,6 +111,7 @@ def test_committed_token_sees_no_earlier_step_token_only_its_summary():
 # ----------------------------------------------------------------------------- model level
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", RESIDUALS)
 def test_no_leak_through_the_model_except_the_summary(residual):
   """Changing step k-1's tokens changes step k's logits (through the summary); with a
@@ -132,6 +133,7 @@ def test_no_leak_through_the_model_except_the_summary(residual):
                              np.asarray(base), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", RESIDUALS)
 def test_gradient_isolation_across_committed_boundaries(residual):
   """d(loss of step k) / d(activations of earlier steps) is exactly zero, although the
@@ -159,6 +161,7 @@ def test_gradient_isolation_across_committed_boundaries(residual):
   assert float(jnp.abs(open_grads[:, :8]).max()) > 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", RESIDUALS)
 def test_commitment_head_trains_only_through_sufficiency(residual):
   cfg = cct_config(residual=residual)
@@ -235,6 +238,7 @@ def semantic_like_steps(rng: np.random.Generator, batch: int, length: int, step_
   return step_ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool,residual", [("last", "plain"), ("mean", "plain"),
                                            ("last", "mhc")])
 @pytest.mark.parametrize("prompt_len,steps", [(1, "given"), (6, "fixed"), (9, "given")])
@@ -272,6 +276,7 @@ def test_working_memory_decode_matches_full_forward(pool, residual, prompt_len, 
   np.testing.assert_array_equal(np.asarray(cache.step_B), np.broadcast_to(last_steps, (2, 2)))
 
 
+@pytest.mark.slow
 def test_decode_state_grows_only_by_summaries():
   cfg = cct_config()
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(15))

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax import cct_chain, data
+from ttt_jax import cct_chain
+from ttt_jax.cct import steps
 from ttt_jax.config import ModelConfig
 from ttt_jax.models import cct, lm, sampling
-from ttt_jax.tokenizer import STEP_PIECE, train_tokenizer
+from ttt_jax.data.tokenizer import STEP_PIECE, train_tokenizer
 from train_util import copy_stdlib_corpus
 
 PROMPT = "Hello there. The sky is blue! What now? Yes. Then we go on."
@@ -71,7 +72,7 @@ def semantic(tmp_path_factory):
   corpus = copy_stdlib_corpus(tmp_path_factory.mktemp("corpus") / "src")
   tokenizer = train_tokenizer([open(p).read() for p in sorted(glob.glob(corpus))], 512,
                               100000, (STEP_PIECE,))
-  annotator = data.StepAnnotator("semantic", 6, 2, tokenizer)
+  annotator = steps.StepAnnotator("semantic", 6, 2, tokenizer)
   cfg = ModelConfig(mixer="cct", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
                     cct_step_len=6, cct_d_summary=8)
   model = random_model(cfg, tokenizer.vocab_size, 0)
@@ -83,6 +84,7 @@ def semantic(tmp_path_factory):
   return model, annotator, rule, prompt, generation
 
 
+@pytest.mark.slow
 def test_semantic_generation_steps_and_decode_match_the_full_forward(semantic):
   model, annotator, _, prompt, generation = semantic
   tokens, step_ids = np.asarray(generation.tokens_BxT), np.asarray(generation.step_ids_BxT)
@@ -109,6 +111,7 @@ def test_semantic_generation_steps_and_decode_match_the_full_forward(semantic):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_record_holds_only_committed_steps(semantic):
   model, annotator, _, _, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)
@@ -133,6 +136,7 @@ def inside_a_step(step_ids_BxT: np.ndarray, start: int) -> int:
   return start + int(np.argmax(inside[start - 1:]))
 
 
+@pytest.mark.slow
 def test_changing_a_prompt_token_changes_its_step_hash_and_later_ones(semantic):
   model, annotator, rule, prompt, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)
@@ -151,6 +155,7 @@ def test_changing_a_prompt_token_changes_its_step_hash_and_later_ones(semantic):
     assert all(a != b for a, b in zip(before[step:], after[step:]))
 
 
+@pytest.mark.slow
 def test_verify_accepts_the_record_and_finds_a_tampered_token(semantic):
   model, annotator, _, _, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)

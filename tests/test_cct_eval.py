@@ -10,7 +10,7 @@ import pytest
 
 from ttt_jax import cct_eval
 from ttt_jax.config import ModelConfig
-from ttt_jax.tokenizer import train_tokenizer
+from ttt_jax.data.tokenizer import train_tokenizer
 from train_util import copy_stdlib_corpus
 
 
@@ -50,6 +50,7 @@ def test_probe_r2_is_high_for_a_linear_map_and_low_for_noise():
   assert clean["n_fit"] == 420 and clean["n_test"] == 90
 
 
+@pytest.mark.slow
 def test_measured_state_bytes_cct_bounded_baseline_linear():
   cfg = ModelConfig(mixer="cct", n_layers=2, d_model=32, n_heads=4, d_ff=32,
                     cct_step_len=8, cct_d_summary=4)

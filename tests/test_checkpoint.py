@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import data
+from ttt_jax.data import pipeline
 from ttt_jax.training.state import TrainState
 
 SEQ = 4
@@ -24,9 +24,9 @@ WINDOWS = 24
 
 def dataset(process_index: int = 0, process_count: int = 1, batch: int = 4):
   tokens = np.arange(WINDOWS * SEQ + 1, dtype=np.uint16)
-  return data.train_dataset(tokens, seq_len=SEQ, global_batch_size=batch, seed=5, shuffle=True,
-                            process_index=process_index, process_count=process_count,
-                            worker_count=0)
+  return pipeline.train_dataset(tokens, seq_len=SEQ, global_batch_size=batch, seed=5,
+                                shuffle=True, process_index=process_index,
+                                process_count=process_count, worker_count=0)
 
 
 def ids(batch) -> list[int]:

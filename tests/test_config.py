@@ -114,6 +114,7 @@ def test_configs_are_frozen():
     cfg.train.steps = 3  # type: ignore[misc]
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_key_in_one_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "ttt_jax.train", "--config", str(REPO / "configs/quickstart.yaml"),

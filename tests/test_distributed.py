@@ -71,6 +71,7 @@ def test_distributed_env_errors_name_the_variable(monkeypatch):
     distributed.initialize_from_env()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(corpus, tmp_path):
   """2 processes x 4 devices == 1 process x 8 devices (same (1, 8, 1) mesh), and the
   2-process checkpoint continues the same sample stream in a 1-process run."""
@@ -111,6 +112,7 @@ def _wait_for_checkpoint(directory: Path, step: int, proc: subprocess.Popen,
     time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_at_random_moments_resume_bit_exactly(corpus, tmp_path):
   """Interrupted twice (SIGTERM: clean save and exit; SIGKILL: at a random moment,
   possibly mid-save) and restarted each time, the run has exactly the per-step losses

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from ttt_jax import config as config_lib
-from ttt_jax import data
 from ttt_jax.config import ModelConfig
+from ttt_jax.data import pipeline
 from ttt_jax.models import layers, lm
 
 VOCAB = 64
@@ -122,6 +122,7 @@ def test_forward_flops_hand_count():
 # ----------------------------------------------------------------------------- forward
 
 
+@pytest.mark.slow
 def test_logits_shape_dtype_and_causality(model):
   tokens = random_tokens(0, 2, 12)
   logits = model(tokens)
@@ -132,6 +133,7 @@ def test_logits_shape_dtype_and_causality(model):
   assert not np.allclose(np.asarray(logits[:, 7:]), np.asarray(changed_logits[:, 7:]))
 
 
+@pytest.mark.slow
 def test_segment_ids_isolate_packed_documents(model):
   first, second = random_tokens(1, 1, 5), random_tokens(2, 1, 7)
   packed = jnp.concatenate([first, second], axis=1)
@@ -142,8 +144,9 @@ def test_segment_ids_isolate_packed_documents(model):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(model):
-  """[docA, EOS, docB] with ``data.document_segment_ids`` and the default window
+  """[docA, EOS, docB] with ``pipeline.document_segment_ids`` and the default window
   positions (what training feeds): docA+EOS and docB (positions 7.., RoPE is relative)
   give exactly their standalone logits; without segment ids docB's differ."""
   eos, first, length = 0, 7, 37  # docA: 6 tokens + EOS; docB: 30 tokens
@@ -151,7 +154,7 @@ def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(mod
   doc_a, doc_b = rng.integers(1, VOCAB, size=first - 1), rng.integers(1, VOCAB, size=length - first)
   rows = np.stack([np.concatenate([doc_a, [eos], doc_b]),
                    np.concatenate([doc_b, doc_a, [eos]])])  # docB alone, then anything
-  segment_ids = data.document_segment_ids(rows, eos)
+  segment_ids = pipeline.document_segment_ids(rows, eos)
   assert segment_ids[0].tolist() == [0] * first + [1] * (length - first)
   forward = jax.jit(lambda t, s: model(t, segment_ids_BxT=s))
   packed = np.asarray(forward(jnp.asarray(rows), jnp.asarray(segment_ids)))
@@ -161,6 +164,7 @@ def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(mod
   assert not np.allclose(plain[0, first:], plain[1, :length - first], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_give_identical_logits():
   cfg = tiny_config(n_layers=3)
   state = nnx.state(lm.LM(cfg, VOCAB, rngs=nnx.Rngs(1)))
@@ -170,6 +174,7 @@ def test_scan_and_unrolled_give_identical_logits():
   np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_use_embedding_as_head():
   cfg = tiny_config(tie_embeddings=True)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(2))
@@ -182,6 +187,7 @@ def test_tied_embeddings_use_embedding_as_head():
   assert "head" in nnx.state(lm.LM(tiny_config(), VOCAB, rngs=nnx.Rngs(2)))
 
 
+@pytest.mark.slow
 def test_bf16_compute_is_finite_and_close_to_fp32():
   cfg = tiny_config()
   state = nnx.state(lm.LM(cfg, VOCAB, rngs=nnx.Rngs(5)))
@@ -198,6 +204,7 @@ def test_bf16_compute_is_finite_and_close_to_fp32():
   np.testing.assert_allclose(float(loss_bf16), float(loss_fp32), rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_bf16_params_are_stored_in_bf16_and_run():
   cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16")
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(6))
@@ -209,6 +216,7 @@ def test_bf16_params_are_stored_in_bf16_and_run():
 # ----------------------------------------------------------------------------- decode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_prefill_then_step_decode_matches_full_forward(scan_layers):
   cfg = tiny_config(scan_layers=scan_layers)
@@ -251,6 +259,7 @@ def test_cross_entropy_matches_reference_and_is_stable():
   assert float(unmasked_count) == 10
 
 
+@pytest.mark.slow
 def test_every_remat_policy_gives_same_loss_and_grads():
   base = tiny_config()
   graphdef_state = nnx.split(lm.LM(base, VOCAB, rngs=nnx.Rngs(9)))
@@ -304,6 +313,7 @@ def hlo_op_count(cfg: ModelConfig) -> int:
   return len(re.findall(r"^\s*(?:ROOT\s+)?%?\S+\s*=", compiled.as_text(), flags=re.MULTILINE))
 
 
+@pytest.mark.slow
 def test_compiled_program_size_does_not_grow_with_depth_under_scan():
   scanned_2 = hlo_op_count(tiny_config(n_layers=2))
   scanned_8 = hlo_op_count(tiny_config(n_layers=8))

@@ -13,8 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, sharding
+from ttt_jax import sharding
 from ttt_jax.config import ConfigError, MeshConfig, ModelConfig, load_config
+from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.models import lm, mhc
 from ttt_jax.training import optim
 
@@ -288,6 +289,7 @@ def test_sinkhorn_and_its_gradient_match_a_float64_reference(n, remat):
     assert float(np.abs(ref_grad).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_extreme_inputs_give_finite_outputs_and_grads():
   """Stream entries from 1e-30 to 1e15 (the float32 sum of squares over nD stays below
   the float32 max up to |x| ~ 1e17) and gates pushing every logit far past the clamp."""
@@ -321,6 +323,7 @@ def test_bf16_extreme_inputs_give_finite_outputs_and_grads():
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(lm_grads))
 
 
+@pytest.mark.slow
 def test_gradients_reach_phi_biases_gates_and_stream_embedding():
   model = lm.LM(mhc_config(), VOCAB, rngs=nnx.Rngs(5))
   graphdef, params = nnx.split(model)
@@ -339,6 +342,7 @@ def test_gradients_reach_phi_biases_gates_and_stream_embedding():
 # ----------------------------------------------------------------------------- optimizer, sharding
 
 
+@pytest.mark.slow
 def test_muon_routes_phi_to_muon_and_biases_gates_stream_embedding_to_adamw():
   model = lm.LM(mhc_config(), VOCAB, rngs=nnx.Rngs(6))
   params = nnx.state(model, nnx.Param)
@@ -400,6 +404,7 @@ def test_stream_axis_is_never_sharded():
 # ----------------------------------------------------------------------------- model
 
 
+@pytest.mark.slow
 def test_streams_persist_through_every_block():
   """Expand once, keep [B, T, n, D] through the blocks, reduce once: a zero-mean change
   of the individual streams at the input (invisible to any per-block collapse to the
@@ -423,6 +428,7 @@ def test_streams_persist_through_every_block():
                              np.asarray(model.final_norm(out.mean(axis=2))), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_prefill_then_step_decode_matches_full_forward(scan_layers):
   model = lm.LM(mhc_config(scan_layers=scan_layers), VOCAB, rngs=nnx.Rngs(8))
@@ -464,6 +470,7 @@ def compiled_temp_bytes(cfg: ModelConfig, batch: int = 4, length: int = 128) -> 
       ).temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_policy_keeps_grads_and_cuts_stream_activation_memory():
   """Compiled temp memory of loss+grad (4 layers, D = 64, 4 x 128 tokens), measured:
   plain/none 25.2 MiB, mHC/none 46.8 MiB, mHC/mhc_streams 18.8 MiB, mHC/full 12.9 MiB
@@ -562,7 +569,7 @@ def test_mhc_with_ttt_linear_mixer(backbone):
 
 
 def stdlib_bytes(names: tuple[str, ...]) -> np.ndarray:
-  root, _ = data.stdlib_files()
+  root, _ = corpus_lib.stdlib_files()
   return np.frombuffer(b"\n".join((root / n).read_bytes() for n in names), np.uint8).astype(
       np.int32)
 

@@ -91,6 +91,7 @@ def runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
 def test_sharded_losses_match_single_device(runs, mesh):
   reference = train_losses(runs["single"])
@@ -100,6 +101,7 @@ def test_sharded_losses_match_single_device(runs, mesh):
                              [reference[s] for s in range(1, 11)], rtol=RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [(2, 2, 2), (2, 4, 1), (1, 1, 1)],
                          ids=lambda m: "x".join(map(str, m)))
 def test_checkpoint_from_fsdp8_resumes_on_another_mesh(runs, target):

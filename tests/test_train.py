@@ -39,6 +39,7 @@ def params_of(summary) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(summary["state"].params)]
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_real_text(trained):
   cfg, workdir, _ = trained
   evals = eval_losses(workdir)
@@ -49,6 +50,7 @@ def test_loss_goes_down_on_real_text(trained):
   assert np.mean([losses[s] for s in range(56, 61)]) < np.mean([losses[s] for s in range(1, 6)]) - 1.0
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_tokenizer_metrics_and_events(trained):
   cfg, workdir, _ = trained
   assert (workdir / "config.yaml").read_text().count("vocab_size: 512") == 1
@@ -76,6 +78,7 @@ def test_run_directory_holds_config_tokenizer_metrics_and_events(trained):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [20, 40, 60]
 
 
+@pytest.mark.slow
 def test_same_seed_and_config_give_bitwise_identical_losses(trained, corpus, tmp_path):
   cfg, workdir, summary = trained
   again = train.train(cfg, tmp_path)
@@ -85,6 +88,7 @@ def test_same_seed_and_config_give_bitwise_identical_losses(trained, corpus, tmp
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(trained, corpus, tmp_path):
   """Stop after 27 steps (a checkpoint at 20 and one at the stop), resume to 60."""
   cfg, workdir, summary = trained
@@ -100,6 +104,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(trained, corpus, t
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_generation_samples_from_the_trained_run(trained, capsys):
   _, workdir, _ = trained
   greedy = [generate.generate_text(workdir, "def ", max_new_tokens=12, temperature=0.0,
@@ -111,6 +116,7 @@ def test_generation_samples_from_the_trained_run(trained, capsys):
   assert out.startswith("import ") and len(out) > len("import ")
 
 
+@pytest.mark.slow
 def test_evaluate_command_scores_the_run_as_the_loop_did(trained, capsys):
   _, workdir, summary = trained
   evaluate_cli.main(["--workdir", str(workdir)])
@@ -128,6 +134,7 @@ def test_evaluate_command_scores_the_run_as_the_loop_did(trained, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
 
 
+@pytest.mark.slow
 def test_eval_time_is_not_counted_as_step_time(corpus, tmp_path, monkeypatch):
   evaluate = eval_lm.evaluate
 
@@ -146,6 +153,7 @@ def test_eval_time_is_not_counted_as_step_time(corpus, tmp_path, monkeypatch):
   assert max(step_times.values()) < 1.0, step_times
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
   cfg = tiny_config(*corpus, "model.init_std=1e30", "train.eval_every=0")
   with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step [12]; stopping"):
@@ -153,6 +161,7 @@ def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(trained, corpus, tmp_path):
   _, workdir, _ = trained
   run = tmp_path / "run"
@@ -165,6 +174,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained, corpus, tmp_path)
   assert {name: (run / name).read_bytes() for name in files} == files
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_optimizer_is_a_clear_error_not_damage(corpus, tmp_path):
   train.train(tiny_config(*corpus, "train.steps=2", "train.eval_every=0"), tmp_path)
   with pytest.raises(ckpt_lib.CheckpointError,
@@ -181,6 +191,7 @@ def test_checkpoint_of_another_optimizer_is_a_clear_error_not_damage(corpus, tmp
   assert summary["start_step"] == 2
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, capsys):
   cfg = tiny_config(*corpus, "train.steps=40", "train.eval_every=0")
   train.train(cfg, tmp_path)
@@ -193,6 +204,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, 
   assert summary["start_step"] == 20
 
 
+@pytest.mark.slow
 def test_profile_window_writes_a_trace(corpus, tmp_path):
   cfg = tiny_config(*corpus, "train.steps=4", "train.eval_every=0", "logging.profile_start=2",
                     "logging.profile_steps=2")
@@ -210,6 +222,7 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
   assert len(err) == 1 and "model.mixer" in err[0]
 
 
+@pytest.mark.slow
 def test_init_from_takes_params_and_starts_fresh(trained, corpus, tmp_path):
   cfg, workdir, summary = trained
   fresh = train.train(tiny_config(*corpus, "train.steps=3", "train.eval_every=0",

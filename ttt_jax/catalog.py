@@ -10,6 +10,7 @@ import ttt_jax.cct.decode  # noqa: F401
 import ttt_jax.cct.evals  # noqa: F401
 import ttt_jax.cct.mixer  # noqa: F401
 import ttt_jax.cct.objective  # noqa: F401
+import ttt_jax.cct.steps  # noqa: F401
 import ttt_jax.models.embeddings.token  # noqa: F401
 import ttt_jax.models.ffn.swiglu  # noqa: F401
 import ttt_jax.models.heads.linear  # noqa: F401

@@ -264,9 +264,9 @@ class Checkpointer:
     """The data position of a checkpoint written by another number of processes.
 
     Process p of P reads elements p, p + P, ... of the global window stream (see
-    ``data.train_dataset``), and at a step boundary every process has read the same
-    number k of them, so the global position is k * P, which is the same for any process
-    count dividing it. Only the in-process pipeline (``data.worker_count = 0``) has a
+    ``data.pipeline.train_dataset``), and at a step boundary every process has read the
+    same number k of them, so the global position is k * P, which is the same for any
+    process count dividing it. Only the in-process pipeline (``data.worker_count = 0``) has a
     state of this form; grain worker pools interleave per-worker slices instead.
     """
     positions = set()

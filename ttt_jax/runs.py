@@ -26,10 +26,12 @@ import jax
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import data as data_lib
 from ttt_jax import sharding
 from ttt_jax.config import (Config, flatten, load_config, model_from_dict, save_config,
                             to_dict)
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import pipeline
+from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
 from ttt_jax.training.state import Built, TrainState, abstract_state
 
@@ -52,7 +54,7 @@ def prepare_workdir(workdir: str | Path) -> Path:
   return workdir
 
 
-def write_run_files(cfg: Config, workdir: Path, tokenizer: data_lib.Tokenizer | None) -> None:
+def write_run_files(cfg: Config, workdir: Path, tokenizer: Tokenizer | None) -> None:
   """``config.yaml`` and ``tokenizer.model`` (process 0). Call it after the resume checks:
   a refused run must leave the workdir's files as they were."""
   if jax.process_index() != 0:
@@ -62,24 +64,24 @@ def write_run_files(cfg: Config, workdir: Path, tokenizer: data_lib.Tokenizer | 
     tokenizer.save(workdir / "tokenizer.model")
 
 
-def run_batches(cfg: Config, corpus: data_lib.Corpus, *, train_batch_size: int | None,
+def run_batches(cfg: Config, corpus: corpus_lib.Corpus, *, train_batch_size: int | None,
                 eval_batch_size: int, eval_batches: int
                 ) -> tuple[grain.IterDataset | None, list[dict[str, np.ndarray]]]:
   """This process's train stream of ``train_batch_size`` windows per batch (None when
   not asked for) and its rows of the first ``eval_batches`` validation batches, with
   the batch fields the config asks for (step ids, document segment ids)."""
   pi, pc = jax.process_index(), jax.process_count()
-  annotator = data_lib.step_annotator(cfg.data, corpus.tokenizer)
-  eos_id = data_lib.document_eos_id(cfg.data, corpus)  # None unless data.document_mask
+  annotators = pipeline.batch_annotators(cfg, corpus.tokenizer)
+  eos_id = corpus_lib.document_eos_id(cfg.data, corpus)  # None unless data.document_mask
   dataset = None
   if train_batch_size is not None:
-    dataset = data_lib.train_dataset(
+    dataset = pipeline.train_dataset(
         corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=train_batch_size,
         seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=pi, process_count=pc,
-        worker_count=cfg.data.worker_count, annotator=annotator, eos_id=eos_id)
-  batches = data_lib.eval_batches(
+        worker_count=cfg.data.worker_count, annotators=annotators, eos_id=eos_id)
+  batches = pipeline.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=eval_batch_size,
-      num_batches=eval_batches, process_index=pi, process_count=pc, annotator=annotator,
+      num_batches=eval_batches, process_index=pi, process_count=pc, annotators=annotators,
       eos_id=eos_id)
   return dataset, batches
 

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import data as data_lib
 from ttt_jax import distributed, host_memory, runs, sharding
 from ttt_jax import metrics as metrics_lib
 from ttt_jax.config import Config, load_config
+from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import user_errors
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.models import lm
@@ -39,7 +39,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   progress = loop.Progress(is_main and cfg.logging.progress_bar, cfg.train.steps)
   log = progress.write if is_main else (lambda _: None)
 
-  corpus = data_lib.prepare_corpus(cfg.data, log=log)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   mesh = sharding.make_mesh(cfg.mesh)
   accum = cfg.optim.grad_accum_steps
   sharding.check_batch(cfg.train.batch_size // accum, mesh,

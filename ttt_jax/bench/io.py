@@ -19,10 +19,11 @@ from typing import Any
 import jax
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import data as data_lib
 from ttt_jax import sharding
 from ttt_jax.bench import common
 from ttt_jax.config import Config
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import pipeline
 from ttt_jax.errors import ConfigError
 from ttt_jax.training.state import build
 from ttt_jax.training.step import compile_step, jit_train_step
@@ -77,15 +78,15 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
                         "checkpoint.device_snapshot (the background writer)")
     writer_cpus = frozenset(cpus[-1:])
     os.sched_setaffinity(0, cpus[:-1])  # XLA's threads, started below, inherit this
-  corpus = data_lib.prepare_corpus(cfg.data, log=lambda _: None)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=lambda _: None)
   mesh = sharding.make_mesh(cfg.mesh)
   built = build(cfg, corpus.vocab_size, mesh)
   step_fn = jit_train_step(built)
-  data_iter = iter(data_lib.train_dataset(
+  data_iter = iter(pipeline.train_dataset(
       corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
       seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=cfg.data.worker_count,
-      eos_id=data_lib.document_eos_id(cfg.data, corpus)))
+      eos_id=corpus_lib.document_eos_id(cfg.data, corpus)))
   batches = [sharding.put_batch(next(data_iter), mesh) for _ in range(4)]
   compiled, _, _ = compile_step(step_fn, built.state, batches[0], log=lambda _: None)
   state = built.state
@@ -124,10 +125,10 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
   stall_stderr = common.standard_error(differences)
   consumed = cfg.train.batch_size * cfg.data.seq_len / step_time
 
-  data_iter = iter(data_lib.train_dataset(
+  data_iter = iter(pipeline.train_dataset(
       corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.batch_size,
       seed=cfg.train.seed + 1, shuffle=cfg.data.shuffle, process_index=0, process_count=1,
-      worker_count=cfg.data.worker_count, eos_id=data_lib.document_eos_id(cfg.data, corpus)))
+      worker_count=cfg.data.worker_count, eos_id=corpus_lib.document_eos_id(cfg.data, corpus)))
   next(data_iter)
   n_batches, start = 0, time.perf_counter()
   while time.perf_counter() - start < 2.0:

@@ -38,11 +38,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ttt_jax import data as data_lib
 from ttt_jax.cct import chain as cct_chain
 from ttt_jax.cct import mixer as cct
 from ttt_jax.cct.decode import semantic_annotator, semantic_steps
 from ttt_jax.config import ModelConfig, load_config
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import pipeline
+from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.eval import tasks
 from ttt_jax.eval.lm import evaluate_lm
 from ttt_jax.inference.sampling import DecodeInputs, generate
@@ -50,7 +52,6 @@ from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.mixers.attention import AttentionConfig
 from ttt_jax.runs import load_trained
-from ttt_jax.tokenizer import Tokenizer
 
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again. ")
@@ -362,7 +363,7 @@ def _stderr(message: str) -> None:
 
 def _load_model(workdir, overrides):
   cfg, graphdef, params, step, _ = load_trained(workdir, overrides, log=_stderr)
-  corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=_stderr)
   return cfg, nnx.merge(graphdef, params), step, corpus
 
 
@@ -370,12 +371,12 @@ def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, An
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if cfg.model.mixer.type != "cct":
     raise ValueError(f"{workdir}: sufficiency needs a CCT run (model.mixer='cct')")
-  val = data_lib.eval_batches(
+  val = pipeline.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len,
       batch_size=cfg.eval.batch_size or cfg.train.batch_size, num_batches=batches,
       process_index=0, process_count=1,
-      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer),
-      eos_id=data_lib.document_eos_id(cfg.data, corpus))
+      annotators=pipeline.batch_annotators(cfg, corpus.tokenizer),
+      eos_id=corpus_lib.document_eos_id(cfg.data, corpus))
   steps, loss = collect_steps(model, val, cfg.model.mixer.step_len)
   return {"task": "sufficiency", "workdir": str(workdir), "step": step,
           **sufficiency_report(steps, loss, seed=cfg.train.seed)}
@@ -389,7 +390,7 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
     raise ValueError(f"{workdir}: compression needs a CCT run (model.mixer='cct')")
   step_ids_of = None
   if cfg.data.step_boundaries == "semantic":
-    corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
+    corpus = corpus_lib.prepare_corpus(cfg.data, log=_stderr)
     if corpus.tokenizer is None:
       raise ValueError(f"{workdir}: semantic compression needs the run's tokenizer")
     annotator = semantic_annotator(cfg, corpus.tokenizer)

@@ -22,13 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt_jax import data as data_lib
 from ttt_jax import runs, sharding
+from ttt_jax.data import bpb
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.eval import tasks
 from ttt_jax.training.step import make_eval_step
 
 
-def piece_bytes(corpus: data_lib.Corpus, mesh: jax.sharding.Mesh) -> jax.Array:
+def piece_bytes(corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh) -> jax.Array:
   """int32 [V] UTF-8 bytes of each token (zeros without a tokenizer: no bpb), replicated."""
   values = (corpus.tokenizer.piece_bytes if corpus.tokenizer else
             np.zeros(corpus.vocab_size, np.int32))
@@ -47,7 +49,7 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Arr
   loss = float(totals["nll"]) / float(totals["tokens"])
   row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
   if float(totals["bytes"]) > 0:
-    row["eval_bpb"] = data_lib.bits_per_byte(float(totals["nll"]), int(totals["bytes"]))
+    row["eval_bpb"] = bpb.bits_per_byte(float(totals["nll"]), int(totals["bytes"]))
   return row
 
 
@@ -56,7 +58,7 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, 
   batches (``batches`` of them; 0: ``eval.batches``), with where it comes from."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log)
-  corpus = data_lib.prepare_corpus(cfg.data, log=log)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
   _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
                                      eval_batch_size=batch_size,
