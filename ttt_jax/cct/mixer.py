@@ -100,18 +100,19 @@ registry.LOGICAL_AXES.register("summary", AxisInfo("the CCT commitment head's bo
 
 @dataclasses.dataclass(frozen=True)
 class CCTConfig(Section):
+  """``model.mixer: {type: cct, ...}``: the commitment summaries and the steps."""
   type: str = "cct"
   d_summary: int = 16
   """Width of a commitment summary (d_summary; the guide uses 16-64)."""
-  d_bottleneck: int = 0
-  """Hidden width of the commitment head; 0 means 2 * d_summary."""
-  pool: str = "last"
-  """Commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
   step_len: int = 50
   """Tokens per step when no step ids are given (evaluation without them, generation of
   runs without semantic steps: step = position // S), and the longest step
   working-memory decoding holds (its local K/V buffer; semantic generation needs
   data.step_len <= model.mixer.step_len)."""
+  d_bottleneck: int = 0
+  """Hidden width of the commitment head; 0 means 2 * d_summary."""
+  pool: str = "last"
+  """Commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
   max_steps: int = 0
   """Summary slots per training sequence; 0 means one per token (always enough). Set it
   >= the most steps a window can hold: steps beyond it get no summary slot."""
