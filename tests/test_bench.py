@@ -1,4 +1,4 @@
-"""ttt_jax.bench: the mHC comparison's statistics on a tiny model, the checkpoint-stall
+"""ttt_jax.bench (mhc, io): the mHC comparison's statistics on a tiny model, the checkpoint-stall
 benchmark, and argument errors."""
 
 import statistics
@@ -11,21 +11,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttt_jax import bench
+from ttt_jax.bench import io as bench_io
+from ttt_jax.bench import mhc as bench_mhc
 from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import registry
+from ttt_jax.bench import __main__ as bench_main
 from ttt_jax.config import load_config
 from train_util import copy_stdlib_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
+TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.ffn.d_ff=64",
         "data.seq_len=16", "data.vocab_size=64", "train.batch_size=8", "mesh.data=8"]
 
 
+@pytest.mark.slow
 def test_bench_mhc_runs_every_variant_on_a_tiny_model():
   cfg = load_config(str(REPO / "configs" / "bench_dense.yaml"), TINY)
-  result = bench.bench_mhc(cfg, steps=2, warmup=0, rounds=2, reference_tokens_per_sec=100.0,
+  result = bench_mhc.bench_mhc(cfg, steps=2, warmup=0, rounds=2, reference_tokens_per_sec=100.0,
                            replicas=1)
-  assert set(result["variants"]) == set(bench.MHC_VARIANTS)
+  assert set(result["variants"]) == set(bench_mhc.MHC_VARIANTS)
   for variant in result["variants"].values():
     assert variant["step_time_min_s"] <= variant["step_time_median_s"]
     assert variant["switch_step_time_median_s"] > 0
@@ -52,7 +56,7 @@ def test_mhc_summary_pairs_replica_k_with_replica_k_round_by_round():
     runs["plain", k] = runs["plain_remat", k] = _run(plain[k])
     runs["mhc", k] = _run(mhc[k], peak=400)
     runs["mhc_remat", k] = _run([2 * t for t in mhc[k]], peak=200)
-  result = bench.mhc_summary(runs, steps=2, tokens=10, reference_tokens_per_sec=2.0)
+  result = bench_mhc.mhc_summary(runs, steps=2, tokens=10, reference_tokens_per_sec=2.0)
 
   paired = result["overhead_paired"]
   assert paired["rounds"] == 3 and paired["replicas"] == 2
@@ -86,7 +90,7 @@ def test_save_cost_times_saves_that_land_as_complete_checkpoints(tmp_path):
   state = {"w": jnp.arange(4096, dtype=jnp.float32)}
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=5)
   try:
-    cost = bench.save_cost(ckpt, state, _Position(), {"process_count": 1}, saves=3,
+    cost = bench_io.save_cost(ckpt, state, _Position(), {"process_count": 1}, saves=3,
                            first_step=10)
     assert ckpt.all_steps() == [10, 11, 12]
     restored = ckpt.restore(12, {"w": jax.ShapeDtypeStruct((4096,), np.float32,
@@ -98,9 +102,10 @@ def test_save_cost_times_saves_that_land_as_complete_checkpoints(tmp_path):
   assert cost["save_alone_wall_s"] > 0 and cost["save_alone_cpu_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate(tmp_path):
   cfg = tiny_config(copy_stdlib_corpus(tmp_path / "src"), tmp_path / "cache", "data.seq_len=16")
-  result = bench.bench_io(cfg, steps=4, saves=2)
+  result = bench_io.bench_io(cfg, steps=4, saves=2)
   assert result["steps_per_interval"] == 2 and len(result["save_call_s"]) == 2
   assert len(result["interval_wall_s"]["with_save"]) == 2
   assert result["stall_fraction_of_step"] == pytest.approx(
@@ -113,8 +118,18 @@ def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate(tmp_path):
       result["data_tokens_per_sec"] / result["trainer_tokens_per_sec"])
 
 
+@pytest.mark.slow
 def test_bench_mhc_rejects_a_bad_count_in_one_line():
   proc = subprocess.run([sys.executable, "-m", "ttt_jax.bench", "mhc", "--replicas", "0"],
                         cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 2
   assert proc.stderr.strip() == "error: --replicas: must be >= 1, got 0"
+
+
+def test_subjects_are_dispatched_from_the_bench_table(capsys):
+  assert registry.BENCHES.names() == ["cct", "io", "mhc", "train", "ttt"]
+  with pytest.raises(SystemExit) as exit_info:
+    bench_main.main(["cct", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                     "--hash-chain"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.startswith("error: model.mixer.type: --hash-chain needs 'cct'")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax import data
+from ttt_jax.cct import steps
 from ttt_jax.cct import chain as cct_chain
 from ttt_jax.cct import mixer as cct
 from ttt_jax.cct.decode import SemanticSteps, semantic_annotator
@@ -26,7 +26,7 @@ from ttt_jax.inference import sampling
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
-from ttt_jax.tokenizer import STEP_PIECE, train_tokenizer
+from ttt_jax.data.tokenizer import STEP_PIECE, train_tokenizer
 from train_util import copy_stdlib_corpus
 
 PROMPT = "Hello there. The sky is blue! What now? Yes. Then we go on."
@@ -89,7 +89,7 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def semantic(tokenizer):
   """A tiny CCT model generating with semantic steps (rule of step_len 6, min 2)."""
-  annotator = data.StepAnnotator("semantic", 6, 2, tokenizer)
+  annotator = steps.StepAnnotator("semantic", 6, 2, tokenizer)
   model = random_model(MODEL, tokenizer.vocab_size, 0)
   prompt = np.asarray([tokenizer.encode(PROMPT)[:20]] * 2, np.int32)
   prompt[1, 8] = tokenizer.eos_id
@@ -99,6 +99,7 @@ def semantic(tokenizer):
   return model, annotator, rule, prompt, generation
 
 
+@pytest.mark.slow
 def generated_step_ids(generation: sampling.Generation) -> np.ndarray:
   assert set(generation.side) == {cct.STEP_IDS}
   return np.asarray(generation.side[cct.STEP_IDS])
@@ -130,6 +131,7 @@ def test_semantic_generation_steps_and_decode_match_the_full_forward(semantic):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_record_holds_only_committed_steps(semantic):
   model, annotator, _, _, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)
@@ -154,6 +156,7 @@ def inside_a_step(step_ids_BxT: np.ndarray, start: int) -> int:
   return start + int(np.argmax(inside[start - 1:]))
 
 
+@pytest.mark.slow
 def test_changing_a_prompt_token_changes_its_step_hash_and_later_ones(semantic):
   model, annotator, rule, prompt, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)
@@ -172,6 +175,7 @@ def test_changing_a_prompt_token_changes_its_step_hash_and_later_ones(semantic):
     assert all(a != b for a, b in zip(before[step:], after[step:]))
 
 
+@pytest.mark.slow
 def test_verify_accepts_the_record_and_finds_a_tampered_token(semantic):
   model, annotator, _, _, generation = semantic
   record = cct_chain.generation_record(model, generation, annotator)

@@ -12,7 +12,7 @@ from ttt_jax.cct import evals as cct_eval
 from ttt_jax.cct.mixer import CCTConfig
 from ttt_jax.config import ModelConfig
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
-from ttt_jax.tokenizer import train_tokenizer
+from ttt_jax.data.tokenizer import train_tokenizer
 from train_util import copy_stdlib_corpus
 
 
@@ -52,6 +52,7 @@ def test_probe_r2_is_high_for_a_linear_map_and_low_for_noise():
   assert clean["n_fit"] == 420 and clean["n_test"] == 90
 
 
+@pytest.mark.slow
 def test_measured_state_bytes_cct_bounded_baseline_linear():
   cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=32),
                     mixer=CCTConfig(step_len=8, d_summary=4))

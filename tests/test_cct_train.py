@@ -15,6 +15,8 @@ from ttt_jax.cct import mixer as cct
 from ttt_jax.cct.mixer import CCTConfig
 from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_config
 
+pytestmark = pytest.mark.slow  # every test trains a CCT model
+
 STEPS = 60
 
 
@@ -50,7 +52,6 @@ def test_cct_loss_goes_down_on_real_text(trained):
   check_cct_loss_goes_down(trained)
 
 
-@pytest.mark.slow
 def test_cct_with_the_mhc_residual_loss_goes_down_on_real_text(tmp_path):
   """The CCT objective (all four terms) through mHC's n streams and its remat policy."""
   trained = train_cct(tmp_path, "model.residual=mhc", "model.remat=mhc_streams")

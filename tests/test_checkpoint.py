@@ -1,4 +1,5 @@
-"""Checkpointer: dtypes, the data position (exactly once), process-count changes."""
+"""Checkpointer: dtypes, the data position (exactly once), process-count changes, and
+checkpoints of an earlier form of the train state."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import sys
 import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,8 @@ import numpy as np
 import pytest
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import data
+from ttt_jax.data import pipeline
+from ttt_jax.training.state import TrainState
 
 SEQ = 4
 WINDOWS = 24
@@ -21,9 +24,9 @@ WINDOWS = 24
 
 def dataset(process_index: int = 0, process_count: int = 1, batch: int = 4):
   tokens = np.arange(WINDOWS * SEQ + 1, dtype=np.uint16)
-  return data.train_dataset(tokens, seq_len=SEQ, global_batch_size=batch, seed=5, shuffle=True,
-                            process_index=process_index, process_count=process_count,
-                            worker_count=0)
+  return pipeline.train_dataset(tokens, seq_len=SEQ, global_batch_size=batch, seed=5,
+                                shuffle=True, process_index=process_index,
+                                process_count=process_count, worker_count=0)
 
 
 def ids(batch) -> list[int]:
@@ -60,6 +63,30 @@ def test_save_restore_keeps_dtypes_and_bits(tmp_path):
   for key, value in state.items():
     assert restored[key].dtype == value.dtype
     np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+
+class _StateBeforeExtras(NamedTuple):
+  """The train state's form before it had ``extras``."""
+  step: jax.Array
+  params: dict
+  opt_state: dict
+
+
+def test_a_checkpoint_from_before_the_extras_field_restores_with_it_empty(tmp_path):
+  old = _StateBeforeExtras(jnp.asarray(3, jnp.int32), {"w": jnp.arange(6.0)},
+                           {"mu": jnp.ones(6) / 3})
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  ckpt.save(1, old, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  new = TrainState(*old)
+  assert new.extras == {}
+  restored = restore_state(tmp_path, 1, new)
+  assert isinstance(restored, TrainState) and restored.extras == {}
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # an extra tree the checkpoint does not have is not made up
+  with pytest.raises(ValueError, match="do not match"):
+    restore_state(tmp_path, 1, new._replace(extras={"ema": {"w": jnp.arange(6.0)}}))
 
 
 def state_files(directory, step: int) -> set[str]:

@@ -98,7 +98,7 @@ def test_platform_only_options_fail_on_other_devices():
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   with pytest.raises(ConfigError, match="model.mixer.impl: 'cudnn' needs GPU devices, "
                                         "these are cpu"):
-    train.abstract_state(cfg, cfg.data.vocab_size, mesh)
+    state_lib.abstract_state(cfg, cfg.data.vocab_size, mesh)
 
 
 def test_yaml_file_errors(tmp_path):
@@ -179,6 +179,7 @@ def test_configs_are_frozen():
     cfg.train.steps = 3  # type: ignore[misc]
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_key_in_one_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "ttt_jax.train", "--config", str(REPO / "configs/quickstart.yaml"),
@@ -211,10 +212,10 @@ def test_every_shipped_config_builds_on_its_mesh(name, tmp_path):
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:count])
   sharding.check_batch(cfg.train.batch_size // cfg.optim.grad_accum_steps, mesh)
   sharding.check_batch(cfg.eval.batch_size or cfg.train.batch_size, mesh)
-  _, _, abstract, shardings = train.abstract_state(cfg, cfg.data.vocab_size, mesh)
+  _, _, abstract, shardings = state_lib.abstract_state(cfg, cfg.data.vocab_size, mesh)
   params = jax.tree.leaves(abstract.params)
   assert len(params) == len(jax.tree.leaves(shardings.params))
-  assert train.train_flops_per_step(cfg, cfg.data.vocab_size) > 0
+  assert step_lib.train_flops_per_step(cfg, cfg.data.vocab_size) > 0
   named = _named_size(name)
   if named is not None:  # the names round: 'ttt_linear_125m' is 110M with a 32k vocab
     assert 0.65 * named < sum(p.size for p in params) < 1.35 * named

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from ttt_jax import train
+from ttt_jax import runs, train
 from train_util import copy_stdlib_corpus, tiny_config, tiny_overrides, train_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +71,7 @@ def test_distributed_env_errors_name_the_variable(monkeypatch):
     distributed.initialize_from_env()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(corpus, tmp_path):
   """2 processes x 4 devices == 1 process x 8 devices (same (1, 8, 1) mesh), and the
   2-process checkpoint continues the same sample stream in a 1-process run."""
@@ -111,6 +112,7 @@ def _wait_for_checkpoint(directory: Path, step: int, proc: subprocess.Popen,
     time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_at_random_moments_resume_bit_exactly(corpus, tmp_path):
   """Interrupted twice (SIGTERM: clean save and exit; SIGKILL: at a random moment,
   possibly mid-save) and restarted each time, the run has exactly the per-step losses
@@ -142,7 +144,7 @@ def test_sigterm_and_sigkill_at_random_moments_resume_bit_exactly(corpus, tmp_pa
   assert "resumed from checkpoint at step" in final.stdout
 
   assert train_losses(workdir) == train_losses(reference), f"kill-time seed {seed}"
-  _, _, params, step, _ = train.load_trained(workdir, log=lambda _: None)
+  _, _, params, step, _ = runs.load_trained(workdir, log=lambda _: None)
   assert step == 60
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_summary["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

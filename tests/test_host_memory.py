@@ -49,6 +49,7 @@ def probe(hugepages: bool) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SUPPORTED is not None, reason=f"no huge pages here: {SUPPORTED}")
 def test_hugepages_remove_per_call_page_faults():
   default, huge = probe(False), probe(True)
@@ -139,10 +140,11 @@ def test_train_entry_point_restarts_itself_with_hugepages(monkeypatch, hugepages
   assert calls == ["dist", "train"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SUPPORTED is not None, reason=f"no huge pages here: {SUPPORTED}")
 def test_bench_command_line_runs_with_hugepages():
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
-  tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64",
+  tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.ffn.d_ff=64",
           "data.seq_len=16", "data.vocab_size=64", "train.batch_size=2"]
   result = subprocess.run(
       [sys.executable, "-m", "ttt_jax.bench", "train", "--config",

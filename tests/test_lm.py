@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax import data, registry
+from ttt_jax import registry
 from ttt_jax.config import SLOTS, Config, ModelConfig, Section, load_config
+from ttt_jax.data import pipeline
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
@@ -203,6 +204,7 @@ def test_forward_flops_of_shipped_tiny_configs_are_unchanged(name, flops):
 # ----------------------------------------------------------------------------- forward
 
 
+@pytest.mark.slow
 def test_logits_shape_dtype_and_causality(model):
   tokens = random_tokens(0, 2, 12)
   logits = model(tokens)
@@ -213,6 +215,7 @@ def test_logits_shape_dtype_and_causality(model):
   assert not np.allclose(np.asarray(logits[:, 7:]), np.asarray(changed_logits[:, 7:]))
 
 
+@pytest.mark.slow
 def test_segment_ids_isolate_packed_documents(model):
   first, second = random_tokens(1, 1, 5), random_tokens(2, 1, 7)
   packed = jnp.concatenate([first, second], axis=1)
@@ -223,8 +226,9 @@ def test_segment_ids_isolate_packed_documents(model):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(model):
-  """[docA, EOS, docB] with ``data.document_segment_ids`` and the default window
+  """[docA, EOS, docB] with ``pipeline.document_segment_ids`` and the default window
   positions (what training feeds): docA+EOS and docB (positions 7.., RoPE is relative)
   give exactly their standalone logits; without segment ids docB's differ."""
   eos, first, length = 0, 7, 37  # docA: 6 tokens + EOS; docB: 30 tokens
@@ -232,7 +236,7 @@ def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(mod
   doc_a, doc_b = rng.integers(1, VOCAB, size=first - 1), rng.integers(1, VOCAB, size=length - first)
   rows = np.stack([np.concatenate([doc_a, [eos], doc_b]),
                    np.concatenate([doc_b, doc_a, [eos]])])  # docB alone, then anything
-  segment_ids = data.document_segment_ids(rows, eos)
+  segment_ids = pipeline.document_segment_ids(rows, eos)
   assert segment_ids[0].tolist() == [0] * first + [1] * (length - first)
   forward = jax.jit(lambda t, s: model(t, SequenceContext.for_tokens(t, segment_ids_BxT=s)))
   packed = np.asarray(forward(jnp.asarray(rows), jnp.asarray(segment_ids)))
@@ -242,6 +246,7 @@ def test_pipeline_segment_ids_make_a_packed_window_equal_its_documents_alone(mod
   assert not np.allclose(plain[0, first:], plain[1, :length - first], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixer", [AttentionConfig(), TTTLinearConfig(mini_batch=4)],
                          ids=["attention", "ttt_linear"])
 def test_scan_and_unrolled_trunks_give_identical_logits(mixer):
@@ -261,6 +266,7 @@ def test_scan_and_unrolled_trunks_give_identical_logits(mixer):
                              rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_use_embedding_as_head():
   cfg = tiny_config(tie_embeddings=True)
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(2))
@@ -274,6 +280,7 @@ def test_tied_embeddings_use_embedding_as_head():
   assert untied["head"]["w"][...].shape == (32, VOCAB)
 
 
+@pytest.mark.slow
 def test_bf16_compute_is_finite_and_close_to_fp32():
   cfg = tiny_config()
   state = nnx.state(lm.LM(cfg, VOCAB, rngs=nnx.Rngs(5)))
@@ -290,6 +297,7 @@ def test_bf16_compute_is_finite_and_close_to_fp32():
   np.testing.assert_allclose(float(loss_bf16), float(loss_fp32), rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_bf16_params_are_stored_in_bf16_and_run():
   cfg = tiny_config(dtype="bfloat16", param_dtype="bfloat16")
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(6))
@@ -301,6 +309,7 @@ def test_bf16_params_are_stored_in_bf16_and_run():
 # ----------------------------------------------------------------------------- decode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trunk", sorted(TRUNKS))
 def test_prefill_then_step_decode_matches_full_forward(trunk):
   cfg = tiny_config(trunk=TRUNKS[trunk])
@@ -343,6 +352,7 @@ def test_cross_entropy_matches_reference_and_is_stable():
   assert float(unmasked_count) == 10
 
 
+@pytest.mark.slow
 def test_every_remat_policy_gives_same_loss_and_grads():
   base = tiny_config()
   graphdef_state = nnx.split(lm.LM(base, VOCAB, rngs=nnx.Rngs(9)))
@@ -396,6 +406,7 @@ def hlo_op_count(cfg: ModelConfig) -> int:
   return len(re.findall(r"^\s*(?:ROOT\s+)?%?\S+\s*=", compiled.as_text(), flags=re.MULTILINE))
 
 
+@pytest.mark.slow
 def test_compiled_program_size_does_not_grow_with_depth_under_scan():
   scanned_2 = hlo_op_count(tiny_config(n_layers=2))
   scanned_8 = hlo_op_count(tiny_config(n_layers=8))
@@ -413,18 +424,18 @@ def test_aux_channel_stacks_what_each_layer_records(trunk):
   cfg = tiny_config(n_layers=3, mixer=AttentionWithAuxConfig(), trunk=TRUNKS[trunk])
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(12))
   tokens = random_tokens(12, 2, 8)
-  logits = model(tokens)
-  aux = lm.pop_aux(model)
+  logits, aux = model.forward(tokens)
   assert set(aux) == {"mixer.aux_loss"}
   assert aux["mixer.aux_loss"].shape == (3,)
   expected = layer_aux_losses(model.blocks.mixer.wq[...], 0.5)
   assert len(set(expected.tolist())) == 3  # the layers differ: the order is checked
   np.testing.assert_allclose(np.asarray(aux["mixer.aux_loss"]), expected, rtol=1e-5)
-  assert lm.pop_aux(model) == {}  # popped
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(logits))
   # recording changes nothing else: plain attention with the same parameters
   plain = lm.LM(dataclasses.replace(cfg, mixer=AttentionConfig()), VOCAB, rngs=nnx.Rngs(12))
-  np.testing.assert_array_equal(np.asarray(plain(tokens)), np.asarray(logits))
-  assert lm.pop_aux(plain) == {}
+  plain_logits, plain_aux = plain.forward(tokens)
+  np.testing.assert_array_equal(np.asarray(plain_logits), np.asarray(logits))
+  assert plain_aux == {}
 
 
 @pytest.mark.parametrize("trunk", sorted(TRUNKS))
@@ -436,7 +447,7 @@ def test_aux_channel_leaves_a_jitted_rematerialised_forward(trunk):
   @jax.jit
   def forward(state, tokens):
     model = nnx.merge(graphdef, state)
-    return model(tokens), lm.pop_aux(model)
+    return model.forward(tokens)
 
   _, aux = forward(state, random_tokens(13, 1, 6))
   np.testing.assert_allclose(np.asarray(aux["mixer.aux_loss"]),

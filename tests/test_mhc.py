@@ -13,7 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, optim, registry, sharding
+from ttt_jax import registry, sharding
+from ttt_jax.training import optim
 from ttt_jax.config import ConfigError, MeshConfig, ModelConfig, load_config
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
@@ -297,6 +298,7 @@ def test_sinkhorn_and_its_gradient_match_a_float64_reference(n, remat):
     assert float(np.abs(ref_grad).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_extreme_inputs_give_finite_outputs_and_grads():
   """Stream entries from 1e-30 to 1e15 (the float32 sum of squares over nD stays below
   the float32 max up to |x| ~ 1e17) and gates pushing every logit far past the clamp."""
@@ -330,6 +332,7 @@ def test_bf16_extreme_inputs_give_finite_outputs_and_grads():
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(lm_grads))
 
 
+@pytest.mark.slow
 def test_gradients_reach_phi_biases_gates_and_stream_embedding():
   model = lm.LM(mhc_config(), VOCAB, rngs=nnx.Rngs(5))
   graphdef, params = nnx.split(model)
@@ -348,6 +351,7 @@ def test_gradients_reach_phi_biases_gates_and_stream_embedding():
 # ----------------------------------------------------------------------------- optimizer, sharding
 
 
+@pytest.mark.slow
 def test_muon_routes_phi_to_muon_and_biases_gates_stream_embedding_to_adamw():
   model = lm.LM(mhc_config(), VOCAB, rngs=nnx.Rngs(6))
   params = nnx.state(model, nnx.Param)
@@ -410,6 +414,7 @@ def test_stream_axis_is_never_sharded():
 # ----------------------------------------------------------------------------- model
 
 
+@pytest.mark.slow
 def test_streams_persist_through_every_block():
   """Expand once, keep [B, T, n, D] through the blocks, reduce once: a zero-mean change
   of the individual streams at the input (invisible to any per-block collapse to the
@@ -434,6 +439,7 @@ def test_streams_persist_through_every_block():
                              np.asarray(model.final_norm(out.mean(axis=2))), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trunk", [ScanTrunkConfig(), UnrolledTrunkConfig()],
                          ids=["scan", "unrolled"])
 def test_prefill_then_step_decode_matches_full_forward(trunk):
@@ -476,6 +482,7 @@ def compiled_temp_bytes(cfg: ModelConfig, batch: int = 4, length: int = 128) -> 
       ).temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_policy_keeps_grads_and_cuts_stream_activation_memory():
   """Compiled temp memory of loss+grad (4 layers, D = 64, 4 x 128 tokens), measured:
   plain/none 25.2 MiB, mHC/none 46.8 MiB, mHC/mhc_streams 18.8 MiB, mHC/full 12.9 MiB
@@ -578,7 +585,7 @@ def test_mhc_with_ttt_linear_mixer(backbone):
 
 
 def stdlib_bytes(names: tuple[str, ...]) -> np.ndarray:
-  root, _ = data.stdlib_files()
+  root, _ = corpus_lib.stdlib_files()
   return np.frombuffer(b"\n".join((root / n).read_bytes() for n in names), np.uint8).astype(
       np.int32)
 

@@ -1,4 +1,4 @@
-"""Tests of ttt_jax/optim.py: schedules, parameter routing, AdamW/SGD/Muon updates,
+"""Tests of ttt_jax/training/optim.py: schedules, parameter routing, AdamW/SGD/Muon updates,
 clipping, gradient accumulation, nnx.State trees and optimizer-state shardings."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ttt_jax import optim, registry
+from ttt_jax import registry
+from ttt_jax.training import optim
 from ttt_jax.config import OptimConfig
 from ttt_jax.registry import AxisInfo
 

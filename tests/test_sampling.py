@@ -77,6 +77,7 @@ def greedy_by_full_forward(model: lm.LM, prompt: jax.Array, n_new: int) -> np.nd
   return np.asarray(tokens)
 
 
+@pytest.mark.slow
 def test_greedy_generate_matches_repeated_full_forward(model):
   prompt = jnp.asarray(np.random.default_rng(2).integers(0, VOCAB, size=(3, 5)), jnp.int32)
   state_before = jax.tree.map(np.asarray, nnx.state(model))
@@ -87,6 +88,7 @@ def test_greedy_generate_matches_repeated_full_forward(model):
     np.testing.assert_array_equal(before, np.asarray(after))  # the model is not mutated
 
 
+@pytest.mark.slow
 def test_eos_pads_the_rest_of_the_row(model):
   prompt = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, size=(4, 3)), jnp.int32)
   free = np.asarray(sampling.generate(model, prompt, 8, jax.random.key(1), temperature=0.0))
@@ -102,6 +104,7 @@ def test_eos_pads_the_rest_of_the_row(model):
   assert np.all(with_eos[0, 5:] == eos_id)
 
 
+@pytest.mark.slow
 def test_sampled_generate_is_reproducible_and_in_vocab(model):
   prompt = jnp.zeros((2, 2), jnp.int32)
   a = sampling.generate(model, prompt, 5, jax.random.key(7), temperature=1.0, top_p=0.9)

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ttt_jax import sharding, train
+from ttt_jax.training import state as state_lib
 from ttt_jax.config import ConfigError, MeshConfig, load_config
 from ttt_jax.models import lm
 from train_util import copy_stdlib_corpus, tiny_config, train_losses
@@ -49,7 +50,7 @@ def test_indivisible_parameter_is_a_clear_error():
   cfg = load_config(None, ["model.d_model=60", "model.n_heads=6", "mesh.fsdp=8"])
   with pytest.raises(ConfigError, match=r"parameter '.*' dimension 60 is not divisible by "
                                         r"mesh axes \('fsdp',\) of total size 8"):
-    train.abstract_state(cfg, 512, sharding.make_mesh(cfg.mesh))
+    state_lib.abstract_state(cfg, 512, sharding.make_mesh(cfg.mesh))
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4))
   with pytest.raises(ConfigError, match="train.batch_size: 4 is not divisible by data\\*fsdp = 8"):
     sharding.check_batch(4, mesh)
@@ -90,6 +91,7 @@ def runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
 def test_sharded_losses_match_single_device(runs, mesh):
   reference = train_losses(runs["single"])
@@ -99,6 +101,7 @@ def test_sharded_losses_match_single_device(runs, mesh):
                              [reference[s] for s in range(1, 11)], rtol=RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [(2, 2, 2), (2, 4, 1), (1, 1, 1)],
                          ids=lambda m: "x".join(map(str, m)))
 def test_checkpoint_from_fsdp8_resumes_on_another_mesh(runs, target):

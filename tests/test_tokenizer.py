@@ -1,4 +1,4 @@
-"""Tests of ttt_jax/tokenizer.py: byte-exact round trips, special ids, piece byte counts,
+"""Tests of ttt_jax/data/tokenizer.py: byte-exact round trips, special ids, piece byte counts,
 deterministic training."""
 
 import subprocess
@@ -7,7 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from ttt_jax import data, tokenizer as tokenizer_lib
+from ttt_jax.data import bpb
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import tokenizer as tokenizer_lib
 
 STDLIB_SAMPLE = ("textwrap.py", "colorsys.py", "json/encoder.py", "string.py", "shlex.py",
                  "fnmatch.py", "bisect.py", "heapq.py")
@@ -17,7 +19,7 @@ TRICKY_TEXT = ("def f(x):\n\tif x:\n\t\treturn 'tab\\t'  # tabs\n    \n\n\n"
 
 
 def stdlib_texts(names=STDLIB_SAMPLE) -> list[str]:
-  root, _ = data.stdlib_files()
+  root, _ = corpus_lib.stdlib_files()
   return [(root / name).read_text(encoding="utf-8") for name in names]
 
 
@@ -48,11 +50,11 @@ def test_piece_bytes_count_decoded_utf8_bytes(trained):
   space_run = trained.processor.piece_to_id("\u2581\u2581\u2581\u2581")
   assert space_run != trained.unk_id and trained.piece_bytes[space_run] == 4
   text = "héllo wörld\n"
-  assert data.count_bytes(np.asarray(trained.encode(text)), trained.piece_bytes) == len(
+  assert bpb.count_bytes(np.asarray(trained.encode(text)), trained.piece_bytes) == len(
       text.encode())
   for text in stdlib_texts() + [TRICKY_TEXT]:
     ids = np.asarray(trained.encode(text))
-    assert data.count_bytes(ids, trained.piece_bytes) == len(text.encode())
+    assert bpb.count_bytes(ids, trained.piece_bytes) == len(text.encode())
 
 
 def test_save_and_load(trained, tmp_path):
@@ -83,8 +85,8 @@ def test_sampling_is_deterministic_and_ordered():
 
 
 _TRAIN_IN_SUBPROCESS = """
-from ttt_jax import data, tokenizer
-root, _ = data.stdlib_files()
+from ttt_jax.data import corpus, tokenizer
+root, _ = corpus.stdlib_files()
 texts = [(root / n).read_text() for n in {names!r}]
 print(tokenizer.train_tokenizer(texts, vocab_size=400, max_sentences=200).sha256)
 """

@@ -1,18 +1,23 @@
-"""The training loop on small real text: learning, determinism, resume, errors."""
+"""``python -m ttt_jax.train`` on small real text: learning, determinism, resume, errors,
+and the run it leaves for sampling and evaluation."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import evaluate as evaluate_cli
 from ttt_jax import generate, train
+from ttt_jax.errors import TrainingError
+from ttt_jax.eval import lm as eval_lm
+from ttt_jax.training.step import train_flops_per_step
 from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_config, train_losses
 
 
@@ -34,6 +39,7 @@ def params_of(summary) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(summary["state"].params)]
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_real_text(trained):
   cfg, workdir, _ = trained
   evals = eval_losses(workdir)
@@ -44,6 +50,7 @@ def test_loss_goes_down_on_real_text(trained):
   assert np.mean([losses[s] for s in range(56, 61)]) < np.mean([losses[s] for s in range(1, 6)]) - 1.0
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_tokenizer_metrics_and_events(trained):
   cfg, workdir, _ = trained
   assert (workdir / "config.yaml").read_text().count("vocab_size: 512") == 1
@@ -56,7 +63,7 @@ def test_run_directory_holds_config_tokenizer_metrics_and_events(trained):
     assert all(math.isfinite(r[key]) for r in train_rows), key
   # the tiny config's peak (train.peak_flops=1e11) is nominal, so MFU is checked against
   # its definition here rather than bounded by 1; tests/test_metrics.py covers the peaks
-  flops = train.train_flops_per_step(cfg, cfg.data.vocab_size)
+  flops = train_flops_per_step(cfg, cfg.data.vocab_size)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   for r in train_rows:
     assert r["step_time_s"] > 0
@@ -71,6 +78,7 @@ def test_run_directory_holds_config_tokenizer_metrics_and_events(trained):
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [20, 40, 60]
 
 
+@pytest.mark.slow
 def test_same_seed_and_config_give_bitwise_identical_losses(trained, corpus, tmp_path):
   cfg, workdir, summary = trained
   again = train.train(cfg, tmp_path)
@@ -80,6 +88,7 @@ def test_same_seed_and_config_give_bitwise_identical_losses(trained, corpus, tmp
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(trained, corpus, tmp_path):
   """Stop after 27 steps (a checkpoint at 20 and one at the stop), resume to 60."""
   cfg, workdir, summary = trained
@@ -95,6 +104,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(trained, corpus, t
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_generation_samples_from_the_trained_run(trained, capsys):
   _, workdir, _ = trained
   greedy = [generate.generate_text(workdir, "def ", max_new_tokens=12, temperature=0.0,
@@ -106,14 +116,33 @@ def test_generation_samples_from_the_trained_run(trained, capsys):
   assert out.startswith("import ") and len(out) > len("import ")
 
 
+@pytest.mark.slow
+def test_evaluate_command_scores_the_run_as_the_loop_did(trained, capsys):
+  _, workdir, summary = trained
+  evaluate_cli.main(["--workdir", str(workdir)])
+  result = json.loads(capsys.readouterr().out)
+  assert (result["task"], result["step"], result["batches"]) == ("lm", 60, 4)
+  for key in ("eval_loss", "eval_bpb"):
+    assert result[key] == pytest.approx(summary["eval"][60][key], rel=1e-6)
+  assert json.loads((workdir / "eval_lm.json").read_text()) == result
+  for argv, message in ((["--task", "lmm"], "--task: 'lmm' is not one of ['all', "),
+                        (["--batches", "-1"], "--batches: must be >= 0, got -1")):
+    with pytest.raises(SystemExit) as exit_info:
+      evaluate_cli.main(["--workdir", str(workdir), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
+@pytest.mark.slow
 def test_eval_time_is_not_counted_as_step_time(corpus, tmp_path, monkeypatch):
-  evaluate = train.evaluate
+  evaluate = eval_lm.evaluate
 
   def slow_evaluate(*args):
     time.sleep(2.0)
     return evaluate(*args)
 
-  monkeypatch.setattr(train, "evaluate", slow_evaluate)
+  monkeypatch.setattr(eval_lm, "evaluate", slow_evaluate)
   train.train(tiny_config(*corpus, "train.steps=6", "train.eval_every=2",
                           "checkpoint.every=0"), tmp_path)
   rows = read_metrics(tmp_path)
@@ -124,13 +153,15 @@ def test_eval_time_is_not_counted_as_step_time(corpus, tmp_path, monkeypatch):
   assert max(step_times.values()) < 1.0, step_times
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
   cfg = tiny_config(*corpus, "model.init_std=1e30", "train.eval_every=0")
-  with pytest.raises(train.TrainingError, match=r"non-finite loss \(\w+\) at step [12]; stopping"):
+  with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step [12]; stopping"):
     train.train(cfg, tmp_path)
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(trained, corpus, tmp_path):
   _, workdir, _ = trained
   run = tmp_path / "run"
@@ -143,6 +174,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained, corpus, tmp_path)
   assert {name: (run / name).read_bytes() for name in files} == files
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_optimizer_is_a_clear_error_not_damage(corpus, tmp_path):
   train.train(tiny_config(*corpus, "train.steps=2", "train.eval_every=0"), tmp_path)
   with pytest.raises(ckpt_lib.CheckpointError,
@@ -159,6 +191,7 @@ def test_checkpoint_of_another_optimizer_is_a_clear_error_not_damage(corpus, tmp
   assert summary["start_step"] == 2
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, capsys):
   cfg = tiny_config(*corpus, "train.steps=40", "train.eval_every=0")
   train.train(cfg, tmp_path)
@@ -171,13 +204,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, 
   assert summary["start_step"] == 20
 
 
-def test_unwritable_workdir_is_a_clear_error(corpus, tmp_path):
-  blocker = tmp_path / "file"
-  blocker.write_text("not a directory")
-  with pytest.raises(train.TrainingError, match="workdir is not writable"):
-    train.train(tiny_config(*corpus), blocker / "run")
-
-
+@pytest.mark.slow
 def test_profile_window_writes_a_trace(corpus, tmp_path):
   cfg = tiny_config(*corpus, "train.steps=4", "train.eval_every=0", "logging.profile_start=2",
                     "logging.profile_steps=2")
@@ -195,6 +222,7 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
   assert len(err) == 1 and "model.mixer" in err[0]
 
 
+@pytest.mark.slow
 def test_init_from_takes_params_and_starts_fresh(trained, corpus, tmp_path):
   cfg, workdir, summary = trained
   fresh = train.train(tiny_config(*corpus, "train.steps=3", "train.eval_every=0",
@@ -217,45 +245,3 @@ def test_init_from_takes_params_and_starts_fresh(trained, corpus, tmp_path):
   assert branch["start_step"] == 40
   # the branch continues the source run exactly: same state, same data position
   assert branch["losses"][41] == train_losses(workdir)[41]
-
-
-def test_check_compatible_allows_new_fields_and_compute_choices():
-  from ttt_jax import sharding
-  from ttt_jax.config import MeshConfig, load_config
-  cfg = load_config(None, ["model.d_model=64"])
-  mesh = sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1))
-  state = train.abstract_state(cfg, 512, mesh)[2]
-  text = {"corpus_hash": "ab" * 32, "tokenizer_hash": "cd" * 32}
-  stream = lambda c, **other: train.stream_identity(c, {**text, **other})
-  meta = ckpt_lib.run_metadata(cfg, mesh, 512, state, stream(cfg))
-  del meta["model"]["rope_theta"]  # written before the field existed: had the default
-  del meta["shuffle"]  # likewise: not compared
-  train.check_compatible(meta, cfg, 512, stream=stream(cfg))
-  train.check_compatible(meta, load_config(None, ["model.d_model=64", "model.remat=full"]), 512)
-  with pytest.raises(ckpt_lib.CheckpointError, match="model.rope_theta: 10000.0 -> 500.0"):
-    train.check_compatible(meta, load_config(None, ["model.d_model=64",
-                                                    "model.rope_theta=500"]), 512)
-  reseeded = load_config(None, ["model.d_model=64", "train.seed=3"])
-  with pytest.raises(ckpt_lib.CheckpointError, match="train.seed: the checkpoint's sample"):
-    train.check_compatible(meta, reseeded, 512, stream=stream(reseeded))
-  train.check_compatible(meta, reseeded, 512)  # params only: the stream is not compared
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"data.corpus: the checkpoint's sample stream was read from other "
-                           r"text \(sha256 abababababab..., this run's efefefefefef...\)"):
-    train.check_compatible(meta, cfg, 512, stream=stream(cfg, corpus_hash="ef" * 32))
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"data.tokenizer: .* another tokenizer"):
-    train.check_compatible(meta, cfg, 512, stream=stream(cfg, tokenizer_hash="00" * 32))
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"data.val_fraction: .*=0.05, this run "
-                                                     r"has 0.2"):
-    frac = load_config(None, ["model.d_model=64", "data.val_fraction=0.2"])
-    train.check_compatible(meta, frac, 512, stream=stream(frac))
-  # the optimizer state's form: momentum 0 drops SGD's trace; another lr keeps the form
-  sgd = load_config(None, ["model.d_model=64", "optim.name=sgd"])
-  sgd_meta = ckpt_lib.run_metadata(sgd, mesh, 512, train.abstract_state(sgd, 512, mesh)[2],
-                                   stream(sgd))
-  relaxed = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.lr=1e-4"])
-  train.check_compatible(sgd_meta, relaxed, 512, state=train.abstract_state(relaxed, 512, mesh)[2])
-  plain = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.momentum=0"])
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"optim.momentum: 0.9 -> 0.0; "):
-    train.check_compatible(sgd_meta, plain, 512, state=train.abstract_state(plain, 512, mesh)[2])
-  train.check_compatible(sgd_meta, plain, 512)  # no state given: nothing to compare

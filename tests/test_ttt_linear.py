@@ -13,8 +13,10 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax import data, optim, sharding, train
+from ttt_jax import sharding, train
 from ttt_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
+from ttt_jax.data import pipeline
+from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
@@ -320,6 +322,7 @@ def random_tokens(seed: int, batch: int, length: int) -> jax.Array:
                      jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_prefill_then_decode_matches_full_forward(backbone):
   """Prompt ending mid-mini-batch, a multi-token continuation from an open mini-batch,
@@ -343,6 +346,7 @@ def ttt_cache(cache):
   return cache[1] if isinstance(cache, tuple) else cache
 
 
+@pytest.mark.slow
 def test_w0_init_and_reset_fp32_state_under_bf16_and_row_isolation():
   """bf16 params and compute: the cache starts at the learned W0 (cast to float32, bit
   for bit), stays float32 through prefill and decode, does not grow with max_len, rows
@@ -381,6 +385,7 @@ def test_w0_init_and_reset_fp32_state_under_bf16_and_row_isolation():
   assert int(ttt_cache(reset).state.index[0]) == 0
 
 
+@pytest.mark.slow
 def test_lm_segment_ids_isolate_grid_aligned_documents():
   model = lm.LM(lm_config(), VOCAB, rngs=nnx.Rngs(8))
   tokens = random_tokens(8, 1, 14)
@@ -392,9 +397,10 @@ def test_lm_segment_ids_isolate_grid_aligned_documents():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_lm_packed_window_with_pipeline_segment_ids_equals_documents_alone(backbone):
-  """[docA, EOS, docB] with ``data.document_segment_ids``: docA+EOS gives its standalone
+  """[docA, EOS, docB] with ``pipeline.document_segment_ids``: docA+EOS gives its standalone
   logits; docB, starting at t = 7 (mid-mini-batch, b = 16), gives its standalone logits
   (positions 0.., nothing passed but tokens and ids) up to the grid boundary at t = 16,
   and logits independent of docA throughout. Seen as one document (the ids of a window
@@ -408,7 +414,7 @@ def test_lm_packed_window_with_pipeline_segment_ids_equals_documents_alone(backb
   packed = np.concatenate([doc_a, [eos], doc_b])
   rows = np.stack([packed, np.concatenate([other_a, [eos], doc_b]),
                    np.concatenate([doc_b, doc_a, [eos]]), packed])  # row 2: docB alone
-  segment_ids = data.document_segment_ids(rows, eos)
+  segment_ids = pipeline.document_segment_ids(rows, eos)
   segment_ids[3] = 0  # packed without document ids
   assert segment_ids.tolist() == [[0] * first + [1] * (length - first)] * 2 + [[0] * length] * 2
   logits = np.asarray(jax.jit(
@@ -476,12 +482,12 @@ STDLIB_SAMPLE = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "bisect.p
 
 @pytest.mark.slow
 def test_tiny_ttt_lm_loss_goes_down_on_real_text_and_grads_reach_ttt_params(tmp_path: Path):
-  root, _ = data.stdlib_files()
+  root, _ = corpus_lib.stdlib_files()
   for name in STDLIB_SAMPLE:
     (tmp_path / name.replace("/", "_")).write_text((root / name).read_text(encoding="utf-8"))
   data_cfg = DataConfig(corpus=(str(tmp_path / "*.py"),), seq_len=64, vocab_size=400,
                         val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
-  corpus = data.prepare_corpus(data_cfg, log=lambda _: None)
+  corpus = corpus_lib.prepare_corpus(data_cfg, log=lambda _: None)
   tokens = np.asarray(corpus.train_tokens, np.int32)
   model = lm.LM(lm_config(d_model=64, n_heads=4, ffn=SwiGLUConfig(d_ff=128), init_std=0.02,
                           mini_batch=16, tie_embeddings=True), corpus.vocab_size,
@@ -518,12 +524,13 @@ def test_tiny_ttt_lm_loss_goes_down_on_real_text_and_grads_reach_ttt_params(tmp_
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
 
 
+@pytest.mark.slow
 def test_tiny_ttt_run_with_document_mask_trains_on_segment_ids_from_the_pipeline(
     tmp_path: Path, monkeypatch):
   """``data.document_mask=true`` end to end: every train and eval batch reaching the
   device carries the pipeline's segment ids (windows of many short documents, so the
   fast weights reset inside windows), and a few steps lower the train and eval loss."""
-  root, _ = data.stdlib_files()
+  root, _ = corpus_lib.stdlib_files()
   paragraphs = [p for name in STDLIB_SAMPLE
                 for p in (root / name).read_text(encoding="utf-8").split("\n\n") if p.strip()]
   corpus = tmp_path / "paragraphs.jsonl"
@@ -546,13 +553,13 @@ def test_tiny_ttt_run_with_document_mask_trains_on_segment_ids_from_the_pipeline
   monkeypatch.setattr(sharding, "put_batch", put_batch)
   monkeypatch.setattr(lm.LM, "__call__", spy_call)
   summary = train.train(cfg, tmp_path / "run")
-  eos = data.prepare_corpus(cfg.data, log=lambda _: None).tokenizer.eos_id
+  eos = corpus_lib.prepare_corpus(cfg.data, log=lambda _: None).tokenizer.eos_id
   assert traced_with_segment_ids == [True, True]  # the train step and the eval step
   assert len(batches) == 1 + 6  # the eval batch, then one per step
   for batch in batches:
     assert set(batch) == {"inputs", "targets", "segment_ids"}
     np.testing.assert_array_equal(batch["segment_ids"],
-                                  data.document_segment_ids(batch["inputs"], eos))
+                                  pipeline.document_segment_ids(batch["inputs"], eos))
   assert np.mean([batch["segment_ids"][:, -1] > 0 for batch in batches]) > 0.2
   losses, evals = summary["losses"], summary["eval"]
   assert np.isfinite(list(losses.values())).all()

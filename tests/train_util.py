@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ttt_jax import data
+from ttt_jax.data import corpus
 from ttt_jax.config import Config, load_config
 
 STDLIB_FILES = ("argparse.py", "difflib.py", "textwrap.py", "dataclasses.py",
@@ -16,7 +16,7 @@ STDLIB_FILES = ("argparse.py", "difflib.py", "textwrap.py", "dataclasses.py",
 
 def copy_stdlib_corpus(directory: Path) -> str:
   """Copies STDLIB_FILES into ``directory``; returns a glob matching them."""
-  root, _ = data.stdlib_files()
+  root, _ = corpus.stdlib_files()
   directory.mkdir(parents=True, exist_ok=True)
   for name in STDLIB_FILES:
     shutil.copyfile(root / name, directory / name.replace("/", "_"))

@@ -5,9 +5,12 @@ first time a name is looked up. A new built-in mechanism adds its module here.
 """
 
 # pylint: disable=unused-import
+import ttt_jax.cct.bench  # noqa: F401
 import ttt_jax.cct.decode  # noqa: F401
+import ttt_jax.cct.evals  # noqa: F401
 import ttt_jax.cct.mixer  # noqa: F401
 import ttt_jax.cct.objective  # noqa: F401
+import ttt_jax.cct.steps  # noqa: F401
 import ttt_jax.models.embeddings.token  # noqa: F401
 import ttt_jax.models.ffn.swiglu  # noqa: F401
 import ttt_jax.models.heads.linear  # noqa: F401

@@ -1,9 +1,10 @@
 """Resumable checkpoints: one orbax ``CheckpointManager`` per workdir.
 
 Each step directory holds three items:
-- ``state``: params and optimizer state, saved in their own dtypes, restored against an
-  abstract state that carries the *current* mesh's shardings (so a different mesh
-  reshards on load);
+- ``state``: the train state (step, params, optimizer state, extra trees), saved in
+  their own dtypes, restored against an abstract state that carries the *current*
+  mesh's shardings (so a different mesh reshards on load); a checkpoint written before
+  the state gained an empty field (``TrainState.extras``) restores with it empty;
 - ``data``: the grain iterator state (grain's own checkpoint handler, one file per process);
 - ``meta``: JSON with the config hashes, the model and optimizer configs, the state's
   signature (each leaf's path, dtype and shape), what fixes the sample stream (its
@@ -51,10 +52,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import Config, config_hash, to_dict
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used with the current run."""
+from ttt_jax.errors import CheckpointError
 
 
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
@@ -70,7 +68,7 @@ def state_signature(state: Any) -> dict[str, str]:
 def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int, state: Any,
                  stream: dict[str, Any]) -> dict[str, Any]:
   """The meta item; ``state`` (the train state or its shapes) gives ``state_signature``,
-  ``stream`` what fixes the sample stream (``train.stream_identity``)."""
+  ``stream`` what fixes the sample stream (``runs.stream_identity``)."""
   versions = {}
   for name in _VERSIONED:
     try:
@@ -91,6 +89,17 @@ def run_metadata(cfg: Config, mesh: jax.sharding.Mesh, vocab_size: int, state: A
       "python": platform.python_version(),
       "versions": versions,
   }
+
+
+def _is_namedtuple(tree: Any) -> bool:
+  return isinstance(tree, tuple) and hasattr(tree, "_fields")
+
+
+def _fields(tree: Any) -> dict[str, Any] | None:
+  """The top-level fields of a NamedTuple or dict state; None for another tree."""
+  if _is_namedtuple(tree):
+    return tree._asdict()
+  return dict(tree) if isinstance(tree, dict) else None
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -223,21 +232,41 @@ class Checkpointer:
     ``data_iter`` to the checkpoint's position in the global sample stream."""
     meta = self.read_meta(step)
     same_processes = meta.get("process_count") == jax.process_count()
-    items = {"state": state_restore_args(abstract_state)}
+    absent = self._absent_empty_fields(step, abstract_state)
+    target = abstract_state
+    if absent:
+      target = {k: v for k, v in _fields(abstract_state).items() if k not in absent}
+    items = {"state": state_restore_args(target)}
     if data_iter is not None and same_processes:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iter is not None and not same_processes:
       data_iter.set_state(self._rescaled_data_state(step, meta["process_count"]))
-    return Restored(step, restored["state"], meta)
+    state = restored["state"]
+    if absent:
+      state = {**state, **{k: {} for k in absent}}
+      state = type(abstract_state)(**state) if _is_namedtuple(abstract_state) else state
+    return Restored(step, state, meta)
+
+  def _absent_empty_fields(self, step: int, abstract_state: Any) -> list[str]:
+    """Fields of the state (a NamedTuple or dict) that are empty dicts and that the
+    checkpoint does not have: added to the state after it was written (as
+    ``TrainState.extras``), so restored as empty. Any other difference of form is an
+    error of the restore."""
+    fields = _fields(abstract_state)
+    empty = [k for k, v in (fields or {}).items() if isinstance(v, dict) and not v]
+    if not empty:
+      return []
+    saved = self.manager.item_metadata(step)["state"]
+    return [k for k in empty if saved is not None and k not in saved]
 
   def _rescaled_data_state(self, step: int, saved_processes: int) -> dict[str, int]:
     """The data position of a checkpoint written by another number of processes.
 
     Process p of P reads elements p, p + P, ... of the global window stream (see
-    ``data.train_dataset``), and at a step boundary every process has read the same
-    number k of them, so the global position is k * P, which is the same for any process
-    count dividing it. Only the in-process pipeline (``data.worker_count = 0``) has a
+    ``data.pipeline.train_dataset``), and at a step boundary every process has read the
+    same number k of them, so the global position is k * P, which is the same for any
+    process count dividing it. Only the in-process pipeline (``data.worker_count = 0``) has a
     state of this form; grain worker pools interleave per-worker slices instead.
     """
     positions = set()

@@ -24,23 +24,25 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ttt_jax import data as data_lib
 from ttt_jax.cct import chain as cct_chain
 from ttt_jax.cct.decode import semantic_annotator
-from ttt_jax.config import Config, ConfigError
+from ttt_jax.cct.steps import StepAnnotator
+from ttt_jax.config import Config
+from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.inference import sampling
 from ttt_jax.models.lm import LM
-from ttt_jax.train import load_trained, user_errors
+from ttt_jax.runs import load_trained
 
 
 def load_for_generation(workdir: str | Path, overrides: list[str] = ()
-                        ) -> tuple[Config, LM, data_lib.Tokenizer, data_lib.StepAnnotator | None]:
+                        ) -> tuple[Config, LM, Tokenizer, StepAnnotator | None]:
   """(config, model, tokenizer, the semantic step annotator of a CCT run or None)."""
   workdir = Path(workdir)
   tokenizer_path = workdir / "tokenizer.model"
   if not tokenizer_path.exists():
     raise ConfigError(f"{tokenizer_path}: missing; generation needs the run's tokenizer")
-  tokenizer = data_lib.Tokenizer(tokenizer_path)
+  tokenizer = Tokenizer(tokenizer_path)
   cfg, graphdef, params, _, _ = load_trained(workdir, overrides,
                                              log=lambda m: print(m, file=sys.stderr))
   return cfg, nnx.merge(graphdef, params), tokenizer, semantic_annotator(cfg, tokenizer)

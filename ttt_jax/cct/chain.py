@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import statistics
 import time
 from functools import partial

@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 import jax
 
-from ttt_jax import data as data_lib
 from ttt_jax import registry
 from ttt_jax.cct import mixer as cct
+from ttt_jax.cct.steps import StepAnnotator, step_annotator
 from ttt_jax.config import Config, ConfigError
 from ttt_jax.models.lm import LM
 
@@ -48,7 +48,7 @@ class SemanticSteps(NamedTuple):
     return cct.step_rule_ids(self.rule, state, tokens_BxS)
 
 
-def semantic_annotator(cfg: Config, tokenizer: Any) -> data_lib.StepAnnotator | None:
+def semantic_annotator(cfg: Config, tokenizer: Any) -> StepAnnotator | None:
   """The step annotator a CCT run with semantic steps decodes with (None otherwise); its
   steps must fit the decode step buffer (model.mixer.step_len tokens)."""
   if cfg.model.mixer.type != "cct" or cfg.data.step_boundaries != "semantic":
@@ -57,7 +57,7 @@ def semantic_annotator(cfg: Config, tokenizer: Any) -> data_lib.StepAnnotator | 
     raise ConfigError(f"data.step_len: semantic steps of up to {cfg.data.step_len} tokens "
                       f"exceed model.mixer.step_len={cfg.model.mixer.step_len}, the decode "
                       f"step buffer; --set model.mixer.step_len={cfg.data.step_len}")
-  return data_lib.step_annotator(cfg.data, tokenizer)
+  return step_annotator(cfg, tokenizer)
 
 
 def semantic_steps(cfg: Config, tokenizer: Any) -> SemanticSteps | None:

@@ -1,4 +1,4 @@
-"""Evaluations of the CCT thesis (issue #6; ``python -m ttt_jax.evaluate --task ...``).
+"""Evaluations of the CCT thesis (``python -m ttt_jax.evaluate --task ...``).
 
 - ``sufficiency``: per layer, R^2 of a linear probe from each complete step's commitment
   summary c_s to the step's mean hidden state (the layer's normed input), fitted by
@@ -16,28 +16,42 @@
   length and depth.
 - ``perplexity``: validation perplexity of the CCT run (every boundary committed) and of
   a baseline run, and the delta in percent.
+
+Each task, ``governance`` and ``all`` too, registers itself in ``registry.EVAL_TASKS``
+with its own flags (end of this module).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
+from ttt_jax.cct import chain as cct_chain
 from ttt_jax.cct import mixer as cct
 from ttt_jax.cct.decode import semantic_annotator, semantic_steps
-from ttt_jax.config import ModelConfig
+from ttt_jax.config import ModelConfig, load_config
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import pipeline
+from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.eval import tasks
+from ttt_jax.eval.lm import evaluate_lm
 from ttt_jax.inference.sampling import DecodeInputs, generate
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.mixers.attention import AttentionConfig
-from ttt_jax.tokenizer import Tokenizer
+from ttt_jax.runs import load_trained
 
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again. ")
@@ -72,7 +86,6 @@ def fit_linear_probe(x_NxS: np.ndarray, y_NxD: np.ndarray, *, seed: int = 0,
   xs = jnp.asarray((x_NxS - x_mean) / x_std, jnp.float32)
   ys = jnp.asarray(y_NxD, jnp.float32)
   params = {"w": jnp.zeros((x_NxS.shape[1], y_NxD.shape[1])), "b": jnp.asarray(y_NxD[fit].mean(0))}
-  import optax  # pylint: disable=import-outside-toplevel
   tx = optax.adam(lr)
   opt_state = tx.init(params)
 
@@ -337,8 +350,6 @@ def tier_verdict(values: dict[str, float | None], criteria: dict[str, tuple[str,
 
 # ----------------------------------------------------------------------------- run level
 
-TASKS = ("sufficiency", "compression", "passkey", "perplexity", "governance", "all")
-"""The CCT tasks of ``python -m ttt_jax.evaluate``."""
 BASELINE_DECODE_TOKENS = 4096
 """compression: tokens actually decoded into the baseline's (static-shape) KV cache."""
 GOVERNANCE_SHAPE = {"batch": 1, "prompt_len": 32, "new_tokens": 256, "rounds": 10}
@@ -347,29 +358,25 @@ GOVERNANCE_SHAPE = {"batch": 1, "prompt_len": 32, "new_tokens": 256, "rounds": 1
 
 
 def _stderr(message: str) -> None:
-  import sys  # pylint: disable=import-outside-toplevel
   print(message, file=sys.stderr)
 
 
 def _load_model(workdir, overrides):
-  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from ttt_jax.train import load_trained  # pylint: disable=import-outside-toplevel
   cfg, graphdef, params, step, _ = load_trained(workdir, overrides, log=_stderr)
-  corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=_stderr)
   return cfg, nnx.merge(graphdef, params), step, corpus
 
 
 def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, Any]:
-  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if cfg.model.mixer.type != "cct":
     raise ValueError(f"{workdir}: sufficiency needs a CCT run (model.mixer='cct')")
-  val = data_lib.eval_batches(
+  val = pipeline.eval_batches(
       corpus.val_tokens, seq_len=cfg.data.seq_len,
       batch_size=cfg.eval.batch_size or cfg.train.batch_size, num_batches=batches,
       process_index=0, process_count=1,
-      annotator=data_lib.step_annotator(cfg.data, corpus.tokenizer),
-      eos_id=data_lib.document_eos_id(cfg.data, corpus))
+      annotators=pipeline.batch_annotators(cfg, corpus.tokenizer),
+      eos_id=corpus_lib.document_eos_id(cfg.data, corpus))
   steps, loss = collect_steps(model, val, cfg.model.mixer.step_len)
   return {"task": "sufficiency", "workdir": str(workdir), "step": step,
           **sufficiency_report(steps, loss, seed=cfg.train.seed)}
@@ -378,14 +385,12 @@ def run_sufficiency(workdir, overrides: list[str], batches: int) -> dict[str, An
 def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[str, Any]:
   """Working memory vs KV cache of the run's model shape. Semantic runs count the steps
   their rule makes on the validation text (repeated to the context length if shorter)."""
-  from ttt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from ttt_jax.config import load_config  # pylint: disable=import-outside-toplevel
   cfg = load_config(f"{workdir}/config.yaml", overrides, legacy=True)
   if cfg.model.mixer.type != "cct":
     raise ValueError(f"{workdir}: compression needs a CCT run (model.mixer='cct')")
   step_ids_of = None
   if cfg.data.step_boundaries == "semantic":
-    corpus = data_lib.prepare_corpus(cfg.data, log=_stderr)
+    corpus = corpus_lib.prepare_corpus(cfg.data, log=_stderr)
     if corpus.tokenizer is None:
       raise ValueError(f"{workdir}: semantic compression needs the run's tokenizer")
     annotator = semantic_annotator(cfg, corpus.tokenizer)
@@ -416,7 +421,6 @@ def run_governance(workdir, overrides: list[str], shape: dict[str, int] | None =
                    ) -> dict[str, Any]:
   """The commitment hash chain's overhead per generated token on the trained model, with
   the run's step rule (``cct_chain.overhead_report``)."""
-  from ttt_jax import cct_chain  # pylint: disable=import-outside-toplevel
   shape = {**GOVERNANCE_SHAPE, **(shape or {})}
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if cfg.model.mixer.type != "cct":
@@ -448,8 +452,6 @@ def run_perplexity(workdir, baseline, overrides: list[str], batches: int,
 
 def final_losses(workdir) -> dict[str, Any]:
   """The last logged train row's losses, in the Results JSON names."""
-  import json  # pylint: disable=import-outside-toplevel
-  from pathlib import Path  # pylint: disable=import-outside-toplevel
   rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
   last = train_rows[-1] if train_rows else {}
@@ -467,7 +469,6 @@ def run_all(workdir, baseline, overrides: list[str], batches: int, contexts: lis
             lengths: list[int], depths: list[float], trials: int,
             evaluate_lm: Callable) -> dict[str, Any]:
   """Every task, assembled into the guide's "Results JSON" shape (tier 1 criteria)."""
-  from ttt_jax.config import load_config  # pylint: disable=import-outside-toplevel
   cfg = load_config(f"{workdir}/config.yaml", overrides)
   sufficiency = run_sufficiency(workdir, overrides, batches)
   compression = run_compression(workdir, overrides, contexts)
@@ -513,3 +514,58 @@ def run_all(workdir, baseline, overrides: list[str], batches: int, contexts: lis
                   "perplexity": perplexity, "passkey": passkey, "governance": governance,
                   "baseline_passkey": baseline_passkey},
   }
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _ints(text: str) -> list[int]:
+  return [int(v) for v in text.split(",") if v]
+
+
+def _depths(args: argparse.Namespace) -> list[float]:
+  return [float(v) for v in args.passkey_depths.split(",") if v]
+
+
+def _add_baseline(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--baseline", default="", help="perplexity/all: the baseline run")
+
+
+def _add_contexts(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--contexts", default="1024,4096,8192,32768",
+                      help="compression/all: context lengths")
+
+
+def _add_passkey(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--passkey-lengths", default="512,1024")
+  parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
+  parser.add_argument("--passkey-trials", type=int, default=2)
+
+
+def _add_all(parser: argparse.ArgumentParser) -> None:
+  for add in (tasks.add_batches_argument, _add_baseline, _add_contexts, _add_passkey):
+    add(parser)
+
+
+def _add_perplexity(parser: argparse.ArgumentParser) -> None:
+  tasks.add_batches_argument(parser)
+  _add_baseline(parser)
+
+
+tasks.register(tasks.EvalTask(
+    "sufficiency", lambda a: run_sufficiency(Path(a.workdir), a.set, tasks.batches(a) or 8),
+    tasks.add_batches_argument))
+tasks.register(tasks.EvalTask(
+    "compression", lambda a: run_compression(Path(a.workdir), a.set, _ints(a.contexts)),
+    _add_contexts))
+tasks.register(tasks.EvalTask(
+    "passkey", lambda a: run_passkey(Path(a.workdir), a.set, _ints(a.passkey_lengths),
+                                     _depths(a), a.passkey_trials), _add_passkey))
+tasks.register(tasks.EvalTask("governance", lambda a: run_governance(Path(a.workdir), a.set)))
+tasks.register(tasks.EvalTask(
+    "perplexity", lambda a: run_perplexity(Path(a.workdir), a.baseline, a.set,
+                                           tasks.batches(a), evaluate_lm), _add_perplexity))
+tasks.register(tasks.EvalTask(
+    "all", lambda a: run_all(Path(a.workdir), a.baseline, a.set, tasks.batches(a) or 8,
+                             _ints(a.contexts), _ints(a.passkey_lengths), _depths(a),
+                             a.passkey_trials, evaluate_lm), _add_all))

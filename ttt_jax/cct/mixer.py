@@ -54,7 +54,7 @@ state) is written to that step's slot before the token attends, and the local K/
 So step k's summary is written when step k+1's first token arrives, and nothing grows
 with context except the summary buffer, by d_summary values per layer per step. In
 generation (``sampling.generate``) fixed steps need nothing more; semantic steps come
-from ``StepRule``, the online, exact form of ``data.StepAnnotator``'s semantic rule (per
+from ``StepRule``, the online, exact form of ``cct.steps.StepAnnotator``'s semantic rule (per
 vocabulary tables of a 5-state sentence-end automaton, plus EOS/<STEP> pieces and the
 step_min_len / step_len limits), which decides each new token's step on device; the
 buffer then has (T - 1) // step_min_len + 1 slots for T tokens.
@@ -100,18 +100,19 @@ registry.LOGICAL_AXES.register("summary", AxisInfo("the CCT commitment head's bo
 
 @dataclasses.dataclass(frozen=True)
 class CCTConfig(Section):
+  """``model.mixer: {type: cct, ...}``: the commitment summaries and the steps."""
   type: str = "cct"
   d_summary: int = 16
   """Width of a commitment summary (d_summary; the guide uses 16-64)."""
-  d_bottleneck: int = 0
-  """Hidden width of the commitment head; 0 means 2 * d_summary."""
-  pool: str = "last"
-  """Commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
   step_len: int = 50
   """Tokens per step when no step ids are given (evaluation without them, generation of
   runs without semantic steps: step = position // S), and the longest step
   working-memory decoding holds (its local K/V buffer; semantic generation needs
   data.step_len <= model.mixer.step_len)."""
+  d_bottleneck: int = 0
+  """Hidden width of the commitment head; 0 means 2 * d_summary."""
+  pool: str = "last"
+  """Commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
   max_steps: int = 0
   """Summary slots per training sequence; 0 means one per token (always enough). Set it
   >= the most steps a window can hold: steps beyond it get no summary slot."""
@@ -158,11 +159,11 @@ def fixed_step_ids(positions_BxT: jax.Array, step_len: int) -> jax.Array:
 
 
 class StepRule(NamedTuple):
-  """The semantic step rule of ``data.StepAnnotator`` applied one token at a time, on
+  """The semantic step rule of ``cct.steps.StepAnnotator`` applied one token at a time, on
   device (generation: a new token's step must be known before it is decoded)."""
   candidate_QxV: jax.Array
   """bool: in text state q, piece v holds the first character of a sentence or paragraph
-  (``data.sentence_end_automaton``)."""
+  (``cct.steps.sentence_end_automaton``)."""
   next_state_QxV: jax.Array
   """int32 text state after piece v read in state q."""
   boundary_after_V: jax.Array
@@ -186,7 +187,7 @@ class StepRuleState(NamedTuple):
 
 
 def step_rule(annotator: Any) -> StepRule:
-  """The ``StepRule`` of a semantic ``data.StepAnnotator``."""
+  """The ``StepRule`` of a semantic ``cct.steps.StepAnnotator``."""
   candidate_QxV, next_state_QxV = annotator.online_tables()
   return StepRule(jnp.asarray(candidate_QxV), jnp.asarray(next_state_QxV, jnp.int32),
                   jnp.asarray(annotator.boundary_after), jnp.int32(annotator.step_len),
@@ -626,8 +627,8 @@ def logits_and_summaries(model: lm.LM, tokens_BxT: jax.Array, step_ids_BxT: jax.
   ctx = SequenceContext.for_tokens(tokens_BxT, segment_ids_BxT=segment_ids_BxT,
                                    side={STEP_IDS: step_ids_BxT},
                                    options=((SUMMARY_OVERRIDE, summary_override),))
-  logits_BxTxV = model(tokens_BxT, ctx)
-  return logits_BxTxV, lm.pop_aux(model)[SUMMARIES]
+  logits_BxTxV, aux = model.forward(tokens_BxT, ctx)
+  return logits_BxTxV, aux[SUMMARIES]
 
 
 def sufficiency_loss(model: Any, aux: SummaryAux) -> jax.Array:

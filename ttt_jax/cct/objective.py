@@ -49,7 +49,6 @@ def commitment_constrained(cfg: Config) -> Objective:
     segment_ids_BxT = batch.get("segment_ids")
     logits_BxTxV = model(inputs_BxT, SequenceContext.for_tokens(
         inputs_BxT, segment_ids_BxT=segment_ids_BxT, side={cct.STEP_IDS: sampled_BxT}))
-    lm.pop_aux(model)  # the summaries of the sampled segments are not used
     standard, _, _ = lm.cross_entropy_loss(logits_BxTxV, targets_BxT)
     committed_BxT = cct.commitment_segments(step_ids_BxT, jnp.ones(step_ids_BxT.shape, bool))
     committed_logits_BxTxV, aux = cct.logits_and_summaries(

@@ -29,10 +29,11 @@ layer's slice back into a ``Block``.
 
 Auxiliary channel: a sublayer may record per-layer values with
 ``self.sow(nnx.Intermediate, name, value)`` (an extra loss, a statistic, CCT's step
-summaries). ``apply_layer`` pops them from the layer's block and returns them keyed
-'<sublayer>.<name>'; the trunk stacks them on a leading layers axis, and ``LM`` keeps
-the last forward's under its own ``nnx.Intermediate`` for the objective to take with
-``pop_aux``. A model whose sublayers record nothing has no aux and the same program.
+summaries). ``apply_layer`` captures them (``nnx.capture``) while it runs the layer's
+block and returns them keyed '<sublayer>.<name>'; the trunk stacks them on a leading
+layers axis and ``LM.forward`` returns them beside the logits, for the objective. The
+model is never mutated (a forward may run under a jit that closes over it), and a model
+whose sublayers record nothing has no aux and the same program.
 
 FLOP convention (``forward_flops_per_token``): matmul FLOPs only, 2 per multiply-add:
 2 * (every matmul parameter, the head included even when tied; embedding lookups,
@@ -64,8 +65,6 @@ Aux = dict[str, Any]
 """What a forward's sublayers recorded: '<sublayer>.<name>' -> value stacked on a
 leading layers axis."""
 
-AUX = "aux"
-"""Name of the ``nnx.Intermediate`` under which ``LM`` keeps the last forward's aux."""
 
 
 # ----------------------------------------------------------------------------- interfaces
@@ -261,10 +260,9 @@ def layer_slice(stacked: Any, index: int) -> Any:
   return jax.tree.map(lambda leaf: leaf[index], stacked)
 
 
-def take_aux(module: nnx.Module) -> Aux:
-  """Pops what ``module``'s sublayers recorded with ``sow(nnx.Intermediate, ...)``:
-  '<path>.<name>' -> value (a value recorded once is returned bare, not in a tuple)."""
-  recorded = nnx.pop(module, nnx.Intermediate)
+def _aux(recorded: nnx.State) -> Aux:
+  """Captured intermediates -> '<path>.<name>' -> value (a value recorded once is given
+  bare, not in a tuple)."""
   aux = {}
   for path, variable in nnx.to_flat_state(recorded):
     value = variable.get_value() if hasattr(variable, "get_value") else variable.value
@@ -273,13 +271,17 @@ def take_aux(module: nnx.Module) -> Aux:
   return aux
 
 
+def _run_block(block: Block, stream: jax.Array, ctx: SequenceContext) -> jax.Array:
+  return block(stream, ctx)
+
+
 def apply_layer(graphdef: nnx.GraphDef, ctx: SequenceContext, stream: jax.Array,
                 layer_state: nnx.State) -> tuple[jax.Array, Aux]:
   """One block on ``stream`` from its layer's slice of the stacked state: (new stream,
-  the block's aux). Pure: the trunks scan or loop it."""
+  what the block's sublayers recorded). Pure: the trunks scan or loop it."""
   block = nnx.merge(graphdef, layer_view(layer_state))
-  stream = block(stream, ctx)
-  return stream, take_aux(block)
+  stream, recorded = nnx.capture(_run_block, nnx.Intermediate)(block, stream, ctx)
+  return stream, _aux(recorded)
 
 
 def decode_layer(graphdef: nnx.GraphDef, ctx: SequenceContext, stream: jax.Array,
@@ -288,13 +290,6 @@ def decode_layer(graphdef: nnx.GraphDef, ctx: SequenceContext, stream: jax.Array
   layer_state, layer_cache = layer
   block = nnx.merge(graphdef, layer_view(layer_state))
   return block.decode(stream, ctx, layer_cache)
-
-
-def pop_aux(model: LM) -> Aux:
-  """The aux of ``model``'s last forward (empty when its sublayers record nothing),
-  removed from the model."""
-  recorded = take_aux(model)
-  return recorded.get(AUX, {})
 
 
 # ----------------------------------------------------------------------------- model
@@ -324,19 +319,26 @@ class LM(nnx.Module):
                ) -> jax.Array:
     """Float32 logits [B, T, V]. ``ctx`` defaults to positions 0..T-1, one document
     and no side inputs."""
-    return self.logits(self.features(tokens_BxT, ctx))
+    return self.forward(tokens_BxT, ctx)[0]
+
+  def forward(self, tokens_BxT: jax.Array, ctx: SequenceContext | None = None
+              ) -> tuple[jax.Array, Aux]:
+    """(float32 logits [B, T, V], what the sublayers recorded, stacked on layers)."""
+    x_BxTxD, aux = self.features_and_aux(tokens_BxT, ctx)
+    return self.logits(x_BxTxD), aux
 
   def features(self, tokens_BxT: jax.Array, ctx: SequenceContext | None = None
                ) -> jax.Array:
-    """Final-normed hidden states [B, T, D] in the compute dtype; what the blocks
-    recorded is kept for ``pop_aux``."""
+    """Final-normed hidden states [B, T, D] in the compute dtype."""
+    return self.features_and_aux(tokens_BxT, ctx)[0]
+
+  def features_and_aux(self, tokens_BxT: jax.Array, ctx: SequenceContext | None = None
+                       ) -> tuple[jax.Array, Aux]:
     if ctx is None:
       ctx = SequenceContext.for_tokens(tokens_BxT)
     stream = self.streams.expand(self.embed(tokens_BxT, ctx, self.dtype))
     stream, aux = self.trunk(self.blocks, stream, ctx)
-    if aux:
-      self.sow(nnx.Intermediate, AUX, aux, reduce_fn=lambda _, new: new, init_fn=dict)
-    return self.final_norm(self.streams.reduce(stream))
+    return self.final_norm(self.streams.reduce(stream)), aux
 
   def logits(self, x_BxTxD: jax.Array) -> jax.Array:
     return self.head(x_BxTxD, self.embed)

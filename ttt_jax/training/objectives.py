@@ -15,8 +15,9 @@ An objective maps ``(model, batch, ctx)`` to ``(loss, metrics)``:
 
 Every objective sees the whole batch through ``SequenceContext.from_batch``, so a
 mechanism's per-token fields reach its sublayers. What the sublayers record in the aux
-channel (``lm.pop_aux``) is the objective's to use: the language-modeling objective
-adds every recorded ``AUX_LOSS`` entry (mean over layers) to the loss and logs it.
+channel (``LM.forward``'s aux) is the objective's to use: the language-modeling
+objective adds every recorded ``AUX_LOSS`` entry (mean over layers) to the loss and
+logs it.
 
 A mechanism that trains with its own losses registers an ``ObjectiveEntry`` in
 ``registry.OBJECTIVES``, with a ``check`` of the config it needs.
@@ -74,9 +75,9 @@ def language_modeling(cfg: Config) -> Objective:
   def objective(model: lm.LM, batch: dict[str, jax.Array], ctx: StepContext
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     del ctx
-    logits_BxTxV = batch_logits(model, batch)
+    logits_BxTxV, aux = model.forward(batch["inputs"], SequenceContext.from_batch(batch))
     loss, _, _ = lm.cross_entropy_loss(logits_BxTxV, batch["targets"])
-    extra = aux_losses(lm.pop_aux(model))
+    extra = aux_losses(aux)
     for value in extra.values():
       loss = loss + value
     return loss, extra

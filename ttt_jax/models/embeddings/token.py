@@ -22,6 +22,7 @@ from ttt_jax.models.layers import embed_tokens, logits_from_embedding, normal, p
 
 @dataclasses.dataclass(frozen=True)
 class TokenEmbeddingConfig(Section):
+  """``model.embedding: token``: the table's width is model.d_model."""
   type: str = "token"
 
 

@@ -21,12 +21,15 @@ from ttt_jax.models.layers import logits_from_head, normal, param
 
 @dataclasses.dataclass(frozen=True)
 class LinearHeadConfig(Section):
+  """``model.head: linear``: no settings of its own; ``model.tie_embeddings`` decides
+  whether it holds W_head or reads the embedding table."""
   type: str = "linear"
 
 
 @registry.HEADS.register("linear")
 class LinearHead(nnx.Module):
-  """Holds W_head, or nothing when the embeddings are tied."""
+  """Holds W_head [D, V] ('embed', 'vocab'), or nothing when the embeddings are tied
+  (the embedding's ``attend`` then gives the logits)."""
 
   Config = LinearHeadConfig
 

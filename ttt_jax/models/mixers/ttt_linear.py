@@ -55,7 +55,7 @@ exactly as they would be alone.
 
 Where segment ids come from in training: ``data.document_mask`` (on in
 ``configs/ttt_linear_*.yaml``) makes the data pipeline emit ``segment_ids`` with every
-window, the count of EOS tokens before each input token (data.py), which the objective
+window, the count of EOS tokens before each input token (data/pipeline.py), which the objective
 and the eval step pass to the model. Nothing else is needed: the per-document positions
 (the ``rel`` of ``minibatch_layout``, for RoPE and s_i) are derived here from the segment
 ids, so the pipeline emits no positions. A document that starts mid-mini-batch therefore

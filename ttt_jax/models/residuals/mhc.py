@@ -103,6 +103,8 @@ for _name, _info in {
 
 @dataclasses.dataclass(frozen=True)
 class MHCConfig(Section):
+  """``model.residual: {type: mhc, ...}``: the streams, the maps' init and the
+  Sinkhorn projection."""
   type: str = "mhc"
   streams: int = 4
   """Expansion rate n, the number of parallel residual streams (at least 2)."""

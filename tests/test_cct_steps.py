@@ -1,5 +1,5 @@
-"""Step boundaries for CCT (data.StepAnnotator, the <STEP> piece), per-token step ids
-in batches, and the annotator's online form (models/cct.py StepRule)."""
+"""Tests of ttt_jax/cct/steps.py: CCT step boundaries (StepAnnotator, the <STEP> piece),
+the step_ids batch field, and the annotator's online form (cct/mixer.py StepRule)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttt_jax import data
-from ttt_jax.config import ConfigError, DataConfig
-from ttt_jax.models import cct
-from ttt_jax.tokenizer import STEP_PIECE, train_tokenizer, trainer_settings
+from ttt_jax.cct import steps
+from ttt_jax.config import Config, ConfigError, DataConfig
+from ttt_jax.data import pipeline
+from ttt_jax.data.tokenizer import STEP_PIECE, train_tokenizer, trainer_settings
+from ttt_jax.cct import mixer as cct
 from train_util import copy_stdlib_corpus
 
 
@@ -47,7 +48,7 @@ def test_tokenizer_cache_key_unchanged_without_step_symbols():
 
 
 def test_fixed_steps_every_step_len_tokens():
-  annotate = data.StepAnnotator("fixed", 5, 1)
+  annotate = steps.StepAnnotator("fixed", 5, 1)
   np.testing.assert_array_equal(annotate(np.zeros(12, np.int32)),
                                 [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
 
@@ -55,7 +56,7 @@ def test_fixed_steps_every_step_len_tokens():
 def test_semantic_steps_at_sentence_ends_and_paragraphs(tokenizer):
   text = "Hello there. The sky is blue! What now? Yes.\n\nnew paragraph. lower case. End"
   ids = np.asarray(tokenizer.encode(text))
-  step_ids = data.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
+  step_ids = steps.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
   assert step_texts(tokenizer, ids, step_ids) == [
       "Hello there. ", "The sky is blue! ", "What now? ", "Yes.\n\n",
       "new paragraph. lower case. ", "End"]  # '. e'/'. l': no capital, no boundary
@@ -64,9 +65,9 @@ def test_semantic_steps_at_sentence_ends_and_paragraphs(tokenizer):
 def test_semantic_min_and_max_step_lengths(tokenizer):
   text = "A b. C d. E f. G h. " * 6
   ids = np.asarray(tokenizer.encode(text))
-  short = data.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
-  long_min = data.StepAnnotator("semantic", 100, 12, tokenizer)(ids)
-  capped = data.StepAnnotator("semantic", 4, 4, tokenizer)(ids)
+  short = steps.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
+  long_min = steps.StepAnnotator("semantic", 100, 12, tokenizer)(ids)
+  capped = steps.StepAnnotator("semantic", 4, 4, tokenizer)(ids)
   assert short.max() == 23  # 24 sentences
   lengths = np.bincount(long_min)
   assert lengths[:-1].min() >= 12 and long_min.max() < short.max()
@@ -79,7 +80,7 @@ def test_semantic_boundaries_after_eos_and_step_piece(tokenizer):
   step_id = tokenizer.processor.piece_to_id(STEP_PIECE)
   ids = np.asarray(tokenizer.encode("x = 1") + [step_id] + tokenizer.encode("y = 2")
                    + [tokenizer.eos_id] + tokenizer.encode("z = 3"))
-  step_ids = data.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
+  step_ids = steps.StepAnnotator("semantic", 100, 1, tokenizer)(ids)
   assert step_texts(tokenizer, ids, step_ids) == ["x = 1<STEP>", "y = 2", "z = 3"]
 
 
@@ -97,7 +98,7 @@ def test_online_step_rule_agrees_with_the_annotator_on_every_token(tokenizer, co
                np.asarray(tokenizer.encode(marks)), random_ids]
   rule_ids = jax.jit(cct.step_rule_ids)
   for step_len, step_min_len in ((100, 1), (12, 4)):
-    annotator = data.StepAnnotator("semantic", step_len, step_min_len, tokenizer)
+    annotator = steps.StepAnnotator("semantic", step_len, step_min_len, tokenizer)
     rule = cct.step_rule(annotator)
     for ids in sequences:
       expected = annotator(ids)
@@ -109,18 +110,31 @@ def test_online_step_rule_agrees_with_the_annotator_on_every_token(tokenizer, co
 
 def test_windows_and_eval_batches_carry_step_ids(tokenizer):
   tokens = np.asarray(tokenizer.encode("One two. Three four. " * 40), np.uint16)
-  annotate = data.StepAnnotator("semantic", 50, 2, tokenizer)
-  example = data.TokenWindows(tokens, 32, annotate)[1]
+  annotate = steps.StepAnnotator("semantic", 50, 2, tokenizer)
+  example = pipeline.TokenWindows(tokens, 32, {"step_ids": annotate})[1]
   assert example["step_ids"].shape == (32,) and example["step_ids"].dtype == np.int32
   np.testing.assert_array_equal(example["step_ids"], annotate(example["inputs"]))
-  batches = data.eval_batches(tokens, seq_len=16, batch_size=2, num_batches=2,
-                              process_index=0, process_count=1, annotator=annotate)
+  batches = pipeline.eval_batches(tokens, seq_len=16, batch_size=2, num_batches=2,
+                                  process_index=0, process_count=1,
+                                  annotators={"step_ids": annotate})
   for batch in batches:
     assert batch["step_ids"].shape == batch["inputs"].shape
     for row, ids in zip(batch["inputs"], batch["step_ids"]):
       np.testing.assert_array_equal(ids, annotate(row))
-  assert "step_ids" not in data.TokenWindows(tokens, 32)[1]
-  assert data.step_annotator(DataConfig(), tokenizer) is None
+  assert "step_ids" not in pipeline.TokenWindows(tokens, 32)[1]
+
+
+def test_step_ids_is_the_batch_field_of_step_boundaries(tokenizer):
+  assert steps.step_annotator(Config(), tokenizer) is None
+  assert "step_ids" not in pipeline.batch_annotators(Config(), tokenizer)
+  semantic = Config(data=DataConfig(step_boundaries="semantic", step_len=50, step_min_len=2))
+  annotators = pipeline.batch_annotators(semantic, tokenizer)
+  annotate = annotators["step_ids"]
+  assert isinstance(annotate, steps.StepAnnotator)
+  assert (annotate.mode, annotate.step_len, annotate.step_min_len) == ("semantic", 50, 2)
+  fixed = Config(data=DataConfig(step_boundaries="fixed", step_len=5, step_min_len=1))
+  np.testing.assert_array_equal(pipeline.batch_annotators(fixed, None)["step_ids"](
+      np.zeros(7, np.int32)), [0, 0, 0, 0, 0, 1, 1])
 
 
 def test_step_config_is_validated():

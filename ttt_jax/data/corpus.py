@@ -1,6 +1,6 @@
-"""Corpus preparation and the grain input pipeline.
+"""Corpus preparation: documents from ``data.corpus`` to two flat token arrays.
 
-``prepare_corpus`` turns ``DataConfig.corpus`` into two flat token arrays:
+``prepare_corpus`` turns ``DataConfig.corpus`` into a ``Corpus``:
 
   documents --(hash of name < val_fraction)--> train / val
   train     --sentencepiece BPE (tokenizer.py)--> Tokenizer        [cached]
@@ -14,15 +14,8 @@ Cache entries live under ``cache_dir/{tokenizers,tokens}/<content hash>/`` and a
 published by renaming a finished staging directory, with every file's size and sha256
 in ``meta.json``; an entry that fails that check is rebuilt, never trusted.
 
-The pipeline cuts a token array into non-overlapping windows of ``seq_len + 1`` tokens
-(sharing one boundary token): window ``i`` is ``tokens[i*L : i*L + L + 1]``, giving
-``inputs = window[:-1]`` and ``targets = window[1:]``. With ``data.step_boundaries``
-set (CCT), a ``StepAnnotator`` adds ``step_ids``: int32 [L], the step of each input
-token, 0 at the window's first token and +1 at each boundary. With ``data.document_mask``
-set, ``segment_ids``: int32 [L], the document of each input token, 0 at the window's first
-token and +1 right after each EOS (``document_segment_ids``; the model resets at each
-change of id). The order of training windows is a pure function of (seed,
-process_index, process_count, worker_count).
+``document_eos_id`` gives the EOS id that ends every document of a corpus, which
+``data.document_mask`` resets the model at (``pipeline.document_segment_ids``).
 """
 
 from __future__ import annotations
@@ -33,8 +26,6 @@ import glob
 import hashlib
 import itertools
 import json
-import math
-import mmap
 import os
 import platform
 import re
@@ -45,11 +36,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import grain
 import numpy as np
 
 from ttt_jax.config import DataConfig
-from ttt_jax.tokenizer import STEP_PIECE, Tokenizer, train_tokenizer, trainer_settings
+from ttt_jax.data.tokenizer import STEP_PIECE, Tokenizer, train_tokenizer, trainer_settings
+from ttt_jax.errors import DataError
 
 STDLIB = "stdlib"
 """The ``data.corpus`` entry naming the running Python's standard library."""
@@ -60,10 +51,6 @@ _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _ENCODE_BATCH_CHARS = 1 << 23
 _SCAN_CHUNK_TOKENS = 1 << 24
 _GLOB_MAGIC = re.compile(r"[*?[]")
-
-
-class DataError(ValueError):
-  """A problem with the corpus or its files, reported to the user as one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,130 +508,6 @@ def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print) -> Corpu
   return _tokenized_corpus(cfg, _load_documents(cfg, files, log), log)
 
 
-# ----------------------------------------------------------------------- step boundaries
-
-
-_SENTENCE_END = re.compile(r"[.?!] (?=[A-Z])|\n\n")
-"""A sentence end ('. ', '? ', '! ' before a capital) or a paragraph break; the match's
-end is the first character of the next step."""
-
-TEXT_STATES = 5
-"""States of ``sentence_end_automaton``: 0 other, 1 after [.?!], 2 after '[.?!] ',
-3 after an odd run of newlines, 4 after an even (>= 2) run of newlines."""
-
-
-def sentence_end_automaton(text: str, state: int) -> tuple[bool, int]:
-  """``_SENTENCE_END`` read one piece at a time: (some match of it ends inside ``text``,
-  i.e. a character of ``text`` is the first of a step; the state after ``text``), given
-  the state after the text before it. Exact: a match end is a capital after '[.?!] ',
-  or any character after 2k newlines of a run (finditer splits a run into pairs)."""
-  starts = False
-  for char in text:
-    starts |= (state == 2 and "A" <= char <= "Z") or state == 4
-    if char in ".?!":
-      state = 1
-    elif char == " ":
-      state = 2 if state == 1 else 0
-    elif char == "\n":
-      state = 4 if state == 3 else 3
-    else:
-      state = 0
-  return starts, state
-
-
-def _piece_texts(tokenizer: Tokenizer) -> list[str]:
-  """The text each piece decodes to (byte pieces: their ASCII character or one U+FFFD)."""
-  processor = tokenizer.processor
-  texts = []
-  for piece_id in range(tokenizer.vocab_size):
-    piece = processor.id_to_piece(piece_id)
-    if processor.is_byte(piece_id):
-      byte = int(piece[3:5], 16)
-      texts.append(chr(byte) if byte < 128 else "\ufffd")
-    elif processor.is_control(piece_id) or processor.is_unknown(piece_id):
-      texts.append("")
-    else:
-      texts.append(piece.replace("\u2581", " "))
-  return texts
-
-
-class StepAnnotator:
-  """Per-token step ids of a window of input tokens (``data.step_boundaries``).
-
-  fixed: token t of the window is in step t // step_len.
-  semantic: a step ends before the token holding the first character after a sentence
-  end or paragraph break (``_SENTENCE_END`` over the pieces' text), and after an EOS or
-  ``<STEP>`` piece; a candidate less than ``step_min_len`` tokens into the step is
-  skipped, and a step is cut after ``step_len`` tokens.
-  """
-
-  def __init__(self, mode: str, step_len: int, step_min_len: int,
-               tokenizer: Tokenizer | None = None):
-    if mode not in ("fixed", "semantic"):
-      raise DataError(f"data.step_boundaries: no annotator for {mode!r}")
-    self.mode, self.step_len, self.step_min_len = mode, step_len, step_min_len
-    self.piece_texts: list[str] = []
-    self.boundary_after: np.ndarray = np.zeros(0, bool)
-    if mode == "semantic":
-      if tokenizer is None:
-        raise DataError("data.step_boundaries=semantic: needs a sentencepiece tokenizer "
-                        "(a packed .bin corpus without data.tokenizer has none)")
-      self.piece_texts = _piece_texts(tokenizer)
-      self.boundary_after = np.zeros(tokenizer.vocab_size, bool)
-      self.boundary_after[tokenizer.eos_id] = True
-      step_id = tokenizer.processor.piece_to_id(STEP_PIECE)
-      if step_id != tokenizer.unk_id:
-        self.boundary_after[step_id] = True
-
-  def candidates(self, tokens_T: np.ndarray) -> np.ndarray:
-    """semantic: True where a step may start (before filtering by length)."""
-    texts = [self.piece_texts[t] for t in tokens_T]
-    lengths_T = np.fromiter(map(len, texts), np.int64, len(texts))
-    starts_T = np.cumsum(lengths_T) - lengths_T
-    text = "".join(texts)
-    starts = np.zeros(len(tokens_T), bool)
-    for match in _SENTENCE_END.finditer(text):
-      if match.end() < len(text):
-        starts[np.searchsorted(starts_T, match.end(), side="right") - 1] = True
-    starts[1:] |= self.boundary_after[tokens_T[:-1]]
-    starts[0] = False
-    return starts
-
-  def online_tables(self) -> tuple[np.ndarray, np.ndarray]:
-    """semantic: (candidate [TEXT_STATES, V] bool, next state [TEXT_STATES, V] int32) of
-    ``sentence_end_automaton`` for every piece and text state, so that the candidates
-    can be found one token at a time (``models.cct.StepRule``, used in generation)."""
-    if self.mode != "semantic":
-      raise DataError(f"data.step_boundaries: {self.mode!r} steps have no online tables")
-    candidate = np.zeros((TEXT_STATES, len(self.piece_texts)), bool)
-    next_state = np.zeros((TEXT_STATES, len(self.piece_texts)), np.int32)
-    for state in range(TEXT_STATES):
-      for piece_id, text in enumerate(self.piece_texts):
-        candidate[state, piece_id], next_state[state, piece_id] = sentence_end_automaton(
-            text, state)
-    return candidate, next_state
-
-  def __call__(self, tokens_T: np.ndarray) -> np.ndarray:
-    tokens_T = np.asarray(tokens_T, np.int64)
-    if self.mode == "fixed":
-      return (np.arange(len(tokens_T)) // self.step_len).astype(np.int32)
-    candidates = self.candidates(tokens_T)
-    step_ids = np.zeros(len(tokens_T), np.int32)
-    step, length = 0, 0
-    for t in range(len(tokens_T)):
-      if length >= self.step_len or (candidates[t] and length >= self.step_min_len):
-        step, length = step + 1, 0
-      step_ids[t] = step
-      length += 1
-    return step_ids
-
-
-def step_annotator(cfg: DataConfig, tokenizer: Tokenizer | None) -> StepAnnotator | None:
-  """The annotator of ``cfg.step_boundaries`` (None for 'none')."""
-  if cfg.step_boundaries == "none":
-    return None
-  return StepAnnotator(cfg.step_boundaries, cfg.step_len, cfg.step_min_len, tokenizer)
-
 
 # ------------------------------------------------------------------- document boundaries
 
@@ -664,155 +527,3 @@ def document_eos_id(cfg: DataConfig, corpus: Corpus) -> int | None:
                     f"'eos_id' in [0, {corpus.vocab_size}), set data.tokenizer, or set "
                     "data.document_mask=false")
   return eos_id
-
-
-def document_segment_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
-  """int32 segment ids of input tokens [..., T] (``data.document_mask``): the number of
-  EOS tokens before each token in its row, so 0 at the row's first token and +1 right
-  after each EOS (the EOS belongs to the document it ends)."""
-  segment_ids = np.zeros(inputs.shape, np.int32)
-  np.cumsum(inputs[..., :-1] == eos_id, axis=-1, dtype=np.int32, out=segment_ids[..., 1:])
-  return segment_ids
-
-
-# --------------------------------------------------------------------------- pipeline
-
-
-class TokenWindows:
-  """grain random-access source: window ``i`` is ``tokens[i*L : i*L + L + 1]`` (with
-  the step ids of its inputs when an annotator is given, and their document segment ids
-  when ``eos_id`` is)."""
-
-  def __init__(self, tokens: np.ndarray, seq_len: int,
-               annotator: StepAnnotator | None = None, eos_id: int | None = None):
-    if tokens.ndim != 1:
-      raise DataError(f"token array must be 1-D, got shape {tokens.shape}")
-    self.tokens = tokens
-    self.seq_len = seq_len
-    self.annotator = annotator
-    self.eos_id = eos_id
-    self.num_windows = max(len(tokens) - 1, 0) // seq_len
-
-  def __len__(self) -> int:
-    return self.num_windows
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    start = index * self.seq_len
-    window = np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
-    example = {"inputs": window[:-1], "targets": window[1:]}
-    if self.annotator is not None:
-      example["step_ids"] = self.annotator(window[:-1])
-    if self.eos_id is not None:
-      example["segment_ids"] = document_segment_ids(window[:-1], self.eos_id)
-    return example
-
-  def __repr__(self) -> str:
-    return f"TokenWindows({len(self.tokens)} tokens, seq_len={self.seq_len})"
-
-  def __getstate__(self) -> dict[str, Any]:
-    """A memmap travels to grain workers as (file, offset), not as its contents."""
-    state = dict(self.__dict__)
-    tokens = self.tokens
-    if isinstance(tokens, np.memmap) and isinstance(tokens.base, mmap.mmap):
-      state["tokens"] = ("memmap", tokens.filename, tokens.offset, tokens.dtype.str, len(tokens))
-    return state
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    if isinstance(state["tokens"], tuple):
-      _, filename, offset, dtype, length = state["tokens"]
-      state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset,
-                                  shape=(length,))
-    self.__dict__.update(state)
-
-
-def _shuffle_seed(seed: int) -> int:
-  """A 32-bit shuffle seed; hashing keeps nearby seeds' epoch orders unrelated
-  (grain shuffles epoch e with seed + e)."""
-  return int.from_bytes(hashlib.sha256(f"train_dataset:{seed}".encode()).digest()[:4], "big")
-
-
-def _allow_grain_workers() -> None:
-  """grain's worker processes read absl flags, which must count as parsed."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
-def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
-                  shuffle: bool, process_index: int, process_count: int,
-                  worker_count: int, annotator: StepAnnotator | None = None,
-                  eos_id: int | None = None) -> grain.IterDataset:
-  """Endless batches ``{"inputs", "targets"}: int32[global_batch_size // process_count,
-  seq_len]`` for this process (plus ``step_ids`` with an annotator and ``segment_ids``
-  with an ``eos_id``, both of that shape).
-
-  The global stream is every window, shuffled afresh each epoch; process ``p`` takes
-  elements ``p, p + P, ...`` of it, so one step's batches over all processes hold
-  exactly the global stream's next ``global_batch_size`` windows (with
-  ``worker_count=0``; grain workers each batch their own slice).
-  ``iter(dataset)`` is checkpointable with grain's ``get_state``/``set_state``.
-  """
-  if process_count <= 0 or not 0 <= process_index < process_count:
-    raise DataError(f"process_index={process_index} is not in [0, {process_count})")
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise DataError(f"global batch size {global_batch_size} is not a positive multiple of "
-                    f"the process count {process_count}")
-  source = TokenWindows(tokens, seq_len, annotator, eos_id)
-  if not len(source):
-    raise DataError(f"train split has {len(tokens)} tokens: no window of seq_len={seq_len} "
-                    f"+ 1 tokens")
-  windows = grain.MapDataset.source(source)
-  if shuffle:
-    windows = windows.shuffle(seed=_shuffle_seed(seed))
-  windows = windows.repeat()[process_index::process_count]
-  batches = windows.to_iter_dataset(grain.ReadOptions(num_threads=0)).batch(
-      global_batch_size // process_count, drop_remainder=True)
-  if worker_count > 0:
-    _allow_grain_workers()
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return batches
-
-
-def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int,
-                 process_index: int, process_count: int,
-                 annotator: StepAnnotator | None = None,
-                 eos_id: int | None = None) -> list[dict[str, np.ndarray]]:
-  """The first ``num_batches`` batches of val windows, in order (fewer, at least one, if
-  val is short). Process ``p`` gets rows ``[p * b, (p + 1) * b)`` of each global batch,
-  ``b = batch_size // process_count``. Rows carry the keys of ``TokenWindows``."""
-  if batch_size <= 0 or batch_size % process_count:
-    raise DataError(f"eval batch size {batch_size} is not a positive multiple of the "
-                    f"process count {process_count}")
-  num_windows = max(len(tokens) - 1, 0) // seq_len
-  available = num_windows // batch_size
-  if available == 0:
-    raise DataError(f"val split has {len(tokens)} tokens = {num_windows} windows of "
-                    f"seq_len={seq_len}, fewer than one eval batch of {batch_size}")
-  local = batch_size // process_count
-  batches = []
-  for batch_index in range(min(num_batches, available)):
-    first = (batch_index * batch_size + process_index * local) * seq_len
-    block = np.asarray(tokens[first:first + local * seq_len + 1], np.int32)
-    batch = {"inputs": block[:-1].reshape(local, seq_len),
-             "targets": block[1:].reshape(local, seq_len)}
-    if annotator is not None:
-      batch["step_ids"] = np.stack([annotator(row) for row in batch["inputs"]])
-    if eos_id is not None:
-      batch["segment_ids"] = document_segment_ids(batch["inputs"], eos_id)
-    batches.append(batch)
-  return batches
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-def count_bytes(targets: np.ndarray, piece_bytes: np.ndarray) -> int:
-  """UTF-8 bytes of the decoded ``targets`` (the bits-per-byte denominator)."""
-  return int(np.asarray(piece_bytes, np.int64)[np.asarray(targets)].sum())
-
-
-def bits_per_byte(total_nll_nats: float, total_bytes: int) -> float:
-  """Summed next-token NLL (nats) over the bytes those tokens decode to; NaN without bytes."""
-  if total_bytes <= 0:
-    return math.nan
-  return total_nll_nats / (math.log(2) * total_bytes)

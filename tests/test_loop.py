@@ -1,0 +1,181 @@
+"""The Trainer as a library: its order of dispatches, reads and hooks; a custom objective
+that reads the state's extra trees through the step context and a custom hook; extra
+trees sharded, checkpointed and restored bit-exactly."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import sharding
+from ttt_jax.training import objectives
+from ttt_jax.config import load_config
+from ttt_jax.models import lm
+from ttt_jax.training import loop
+from ttt_jax.training import state as state_lib
+from ttt_jax.training import step as step_lib
+
+TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.ffn.d_ff=64",
+        "data.seq_len=16", "data.vocab_size=64", "train.batch_size=4", "train.steps=8",
+        "mesh.num_devices=2", "mesh.fsdp=2", "optim.name=sgd", "optim.lr=0.5",
+        "optim.schedule=constant", "optim.warmup_steps=0", "optim.momentum=0",
+        "optim.weight_decay=0", "optim.clip_norm=0"]
+
+
+class Recorder(loop.Hook):
+  """Records when the loop calls it; ``after_step`` at step ``at``."""
+
+  def __init__(self, events: list, at: int):
+    self.events, self.at = events, at
+
+  def start(self, info: loop.StepInfo) -> None:
+    self.events.append(("start", info.step))
+
+  def on_metrics(self, info: loop.StepInfo) -> None:
+    assert info.state is None
+    self.events.append(("read", info.step, info.metrics["loss"]))
+
+  def due(self, info: loop.StepInfo) -> bool:
+    return info.step == self.at
+
+  def after_step(self, info: loop.StepInfo) -> None:
+    self.events.append(("after", info.step, info.metrics["loss"], int(info.state)))
+
+  def close(self) -> None:
+    self.events.append(("close",))
+
+
+def test_step_t_is_read_after_step_t_plus_1_is_dispatched_unless_a_hook_is_due():
+  events: list[Any] = []
+
+  def step_fn(state, batch):  # one micro-batch: the state counts them
+    events.append(("micro", batch))
+    return state + 1, {"loss": jnp.asarray(batch, jnp.float32)}
+
+  trainer = loop.Trainer(step_fn, iter(float(i) for i in range(100)), micro_steps=2)
+  trainer.add(Recorder(events, at=3))
+  finished = trainer.run(jnp.int32(0), 0, 5)
+  assert (finished.step, int(finished.state)) == (5, 10)
+  # step t trains on micro-batches 2t-2 and 2t-1; its loss is their mean, 2t - 1.5
+  assert events == [
+      ("start", 0), ("micro", 0.0), ("micro", 1.0),
+      ("micro", 2.0), ("micro", 3.0), ("read", 1, 0.5),
+      ("micro", 4.0), ("micro", 5.0), ("read", 2, 2.5), ("read", 3, 4.5), ("after", 3, 4.5, 6),
+      ("micro", 6.0), ("micro", 7.0),
+      ("micro", 8.0), ("micro", 9.0), ("read", 4, 6.5), ("read", 5, 8.5), ("close",)]
+
+
+def test_a_stop_request_ends_the_loop_after_that_step_s_hooks():
+  trainer = loop.Trainer(lambda s, b: (s + 1, {"loss": jnp.float32(b)}), iter(range(100)))
+  steps = []
+  trainer.add_hook(lambda info: trainer.request_stop("enough"), every=4)
+  trainer.add_hook(lambda info: steps.append((info.step, info.stop_reason)), every=2)
+  assert trainer.run(jnp.int32(0), 0, 10).step == 4
+  assert steps == [(2, None), (4, "enough")]
+  with pytest.raises(ValueError, match="every: must be >= 1"):
+    trainer.add_hook(print, every=0)
+
+
+class Batches:
+  """Endless random token batches on the mesh, with a checkpointable position."""
+
+  def __init__(self, cfg, mesh):
+    self.cfg, self.mesh, self.index = cfg, mesh, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(self.index)
+    self.index += 1
+    tokens = rng.integers(0, self.cfg.data.vocab_size,
+                          (self.cfg.train.batch_size, self.cfg.data.seq_len + 1), np.int32)
+    return sharding.put_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, self.mesh)
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_index": self.index}
+
+
+def anchored_lm(model: lm.LM, batch: dict[str, jax.Array], ctx: objectives.StepContext):
+  """Cross-entropy + l2 * ||params - anchor||^2, both read from ``ctx.extras``: the form
+  of a loss against reference params (a teacher, a pretrained model)."""
+  logits = objectives.batch_logits(model, batch)
+  ce, _, _ = lm.cross_entropy_loss(logits, batch["targets"])
+  distance = sum(jnp.sum(jnp.square(p - a)) for p, a in
+                 zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(ctx.extras["anchor"])))
+  return ce + ctx.extras["l2"] * distance, {"ce": ce, "distance": distance}
+
+
+def build_anchored(cfg, mesh, l2: float) -> state_lib.Built:
+  """A train state whose extras hold the initial params ('anchor') and the weight 'l2'."""
+  replicated = sharding.replicated(mesh)
+  return state_lib.build(cfg, cfg.data.vocab_size, mesh,
+                         extras_init=lambda params: {"anchor": params, "l2": jnp.float32(l2)},
+                         extras_shardings=lambda params: {"anchor": params, "l2": replicated})
+
+
+def test_a_custom_objective_reads_extras_and_a_custom_hook_runs_every_n_steps():
+  cfg = load_config(None, TINY)
+  mesh = sharding.make_mesh(cfg.mesh)
+  distances = {}
+  for l2 in (0.0, 1.0):  # one jitted step serves both: l2 is a traced leaf of the state
+    built = build_anchored(cfg, mesh, l2)
+    initial = jax.device_get(built.state.params)
+    step_fn = step_lib.jit_train_step(built, anchored_lm)
+    trainer = loop.Trainer(step_fn, Batches(cfg, mesh))
+    seen = []
+    trainer.add(loop.NanGuard())
+    trainer.add_hook(lambda info: seen.append((info.step, dict(info.metrics))), every=3)
+    finished = trainer.run(built.state, 0, 7)
+    assert finished.step == 7 and int(finished.state.step) == 7
+    assert [step for step, _ in seen] == [3, 6]
+    assert set(seen[0][1]) == {"loss", "grad_norm", "ce", "distance"}
+    distances[l2] = seen[1][1]["distance"]
+    # the step carries the extras through unchanged: the anchor is still the initial params
+    for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(finished.state.extras["anchor"])):
+      np.testing.assert_array_equal(a, np.asarray(b))
+  assert distances[0.0] > 0.0
+  assert distances[1.0] < 0.5 * distances[0.0]  # the penalty holds the params near it
+
+
+def test_extra_trees_are_sharded_checkpointed_and_restored_bit_exactly(tmp_path):
+  cfg = load_config(None, TINY)
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = build_anchored(cfg, mesh, 0.5)
+  anchor_shardings = built.state_shardings.extras["anchor"]
+  assert jax.tree.leaves(anchor_shardings) == jax.tree.leaves(built.state_shardings.params)
+  assert not all(s.is_fully_replicated for s in jax.tree.leaves(anchor_shardings))
+  for leaf, expected in zip(jax.tree.leaves(built.state.extras["anchor"]),
+                            jax.tree.leaves(anchor_shardings)):
+    assert leaf.sharding == expected
+
+  batches = Batches(cfg, mesh)
+  trainer = loop.Trainer(step_lib.jit_train_step(built, anchored_lm), batches)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True)
+  trainer.add(loop.Checkpoint(ckpt, batches, {"process_count": 1}, every=0, log=print))
+  trainer.add_hook(lambda info: trainer.request_stop("test"), every=3)
+  finished = trainer.run(built.state, 0, 8)
+  ckpt.close()
+  assert finished.step == 3 and ckpt.all_steps() == [3]
+
+  extras = jax.eval_shape(lambda: finished.state.extras)
+  _, _, abstract, shardings = state_lib.abstract_state(
+      cfg, cfg.data.vocab_size, mesh, extras, built.state_shardings.extras)
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  try:
+    restored = ckpt.restore(3, ckpt_lib.with_shardings(abstract, shardings), None).state
+  finally:
+    ckpt.close()
+  position = json.loads((tmp_path / "3" / "data" / "process_0-of-1.json").read_text())
+  assert position == {"next_index": batches.index} == {"next_index": 3}
+  assert set(restored.extras) == {"anchor", "l2"}
+  for a, b in zip(jax.tree.leaves(finished.state), jax.tree.leaves(restored)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

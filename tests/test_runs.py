@@ -1,0 +1,78 @@
+"""Run directories: the workdir, the checks a resumed or fine-tuned run must pass, and
+the refusals' one-line messages."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import runs, sharding
+from ttt_jax.config import MeshConfig, load_config
+from ttt_jax.errors import CheckpointError, TrainingError
+from ttt_jax.training.state import abstract_state
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(TrainingError, match="workdir is not writable"):
+    runs.prepare_workdir(blocker / "run")
+  assert runs.prepare_workdir(tmp_path / "a" / "b").is_dir()
+
+
+def test_check_compatible_allows_new_fields_and_compute_choices():
+  cfg = load_config(None, ["model.d_model=64"])
+  mesh = sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1))
+  state = abstract_state(cfg, 512, mesh)[2]
+  text = {"corpus_hash": "ab" * 32, "tokenizer_hash": "cd" * 32}
+  stream = lambda c, **other: runs.stream_identity(c, {**text, **other})
+  meta = ckpt_lib.run_metadata(cfg, mesh, 512, state, stream(cfg))
+  del meta["model"]["rope_theta"]  # written before the field existed: had the default
+  del meta["shuffle"]  # likewise: not compared
+  runs.check_compatible(meta, cfg, 512, stream=stream(cfg))
+  runs.check_compatible(meta, load_config(None, ["model.d_model=64", "model.remat=full"]), 512)
+  with pytest.raises(CheckpointError, match="model.rope_theta: 10000.0 -> 500.0"):
+    runs.check_compatible(meta, load_config(None, ["model.d_model=64",
+                                                    "model.rope_theta=500"]), 512)
+  reseeded = load_config(None, ["model.d_model=64", "train.seed=3"])
+  with pytest.raises(CheckpointError, match="train.seed: the checkpoint's sample"):
+    runs.check_compatible(meta, reseeded, 512, stream=stream(reseeded))
+  runs.check_compatible(meta, reseeded, 512)  # params only: the stream is not compared
+  with pytest.raises(CheckpointError,
+                     match=r"data.corpus: the checkpoint's sample stream was read from other "
+                           r"text \(sha256 abababababab..., this run's efefefefefef...\)"):
+    runs.check_compatible(meta, cfg, 512, stream=stream(cfg, corpus_hash="ef" * 32))
+  with pytest.raises(CheckpointError, match=r"data.tokenizer: .* another tokenizer"):
+    runs.check_compatible(meta, cfg, 512, stream=stream(cfg, tokenizer_hash="00" * 32))
+  with pytest.raises(CheckpointError, match=r"data.val_fraction: .*=0.05, this run "
+                                                     r"has 0.2"):
+    frac = load_config(None, ["model.d_model=64", "data.val_fraction=0.2"])
+    runs.check_compatible(meta, frac, 512, stream=stream(frac))
+  # the optimizer state's form: momentum 0 drops SGD's trace; another lr keeps the form
+  sgd = load_config(None, ["model.d_model=64", "optim.name=sgd"])
+  sgd_meta = ckpt_lib.run_metadata(sgd, mesh, 512, abstract_state(sgd, 512, mesh)[2],
+                                   stream(sgd))
+  relaxed = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.lr=1e-4"])
+  runs.check_compatible(sgd_meta, relaxed, 512, state=abstract_state(relaxed, 512, mesh)[2])
+  plain = load_config(None, ["model.d_model=64", "optim.name=sgd", "optim.momentum=0"])
+  with pytest.raises(CheckpointError, match=r"optim.momentum: 0.9 -> 0.0; "):
+    runs.check_compatible(sgd_meta, plain, 512, state=abstract_state(plain, 512, mesh)[2])
+  runs.check_compatible(sgd_meta, plain, 512)  # no state given: nothing to compare
+
+
+def test_a_checkpoint_with_other_extra_trees_is_refused_naming_them():
+  cfg = load_config(None, ["model.d_model=64"])
+  mesh = sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1))
+  plain = abstract_state(cfg, 512, mesh)[2]
+  ema = {"ema": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with_ema = abstract_state(cfg, 512, mesh, ema, {"ema": sharding.replicated(mesh)})[2]
+  meta = ckpt_lib.run_metadata(cfg, mesh, 512, with_ema, {})
+  runs.check_compatible(meta, cfg, 512, state=with_ema)
+  with pytest.raises(CheckpointError, match=r"train state extras: the checkpoint has the "
+                                            r"extra trees \['ema'\], this run \[\] "):
+    runs.check_compatible(meta, cfg, 512, state=plain)
+  plain_meta = ckpt_lib.run_metadata(cfg, mesh, 512, plain, {})
+  with pytest.raises(CheckpointError, match=r"extra trees \[\], this run \['ema'\]"):
+    runs.check_compatible(plain_meta, cfg, 512, state=with_ema)

@@ -1,0 +1,79 @@
+"""Language-model evaluation: validation loss, perplexity and bits per byte.
+
+Over fixed validation batches (the split's first ``eval.batches``, the same at every
+evaluation), with N the summed next-token NLL in nats, n the target tokens and b the
+UTF-8 bytes they decode to (``Tokenizer.piece_bytes``):
+
+  eval_loss = N / n,   eval_ppl = exp(eval_loss),   eval_bpb = N / (ln 2 * b)
+
+``evaluate`` is what the train loop logs; ``evaluate_lm`` scores the newest checkpoint
+of a run directory (``python -m ttt_jax.evaluate --task lm``, registered here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttt_jax import runs, sharding
+from ttt_jax.data import bpb
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.eval import tasks
+from ttt_jax.training.step import make_eval_step
+
+
+def piece_bytes(corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh) -> jax.Array:
+  """int32 [V] UTF-8 bytes of each token (zeros without a tokenizer: no bpb), replicated."""
+  values = (corpus.tokenizer.piece_bytes if corpus.tokenizer else
+            np.zeros(corpus.vocab_size, np.int32))
+  return jax.device_put(np.asarray(values, np.int32), sharding.replicated(mesh))
+
+
+def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Array]],
+             piece_bytes: jax.Array) -> dict[str, float]:
+  """``eval_loss``, ``eval_ppl`` and (with bytes) ``eval_bpb`` of ``params`` over
+  ``batches``; ``eval_fn`` is a jitted ``training.step.make_eval_step``."""
+  totals = None
+  for batch in batches:
+    out = eval_fn(params, batch, piece_bytes)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  loss = float(totals["nll"]) / float(totals["tokens"])
+  row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 80.0))}
+  if float(totals["bytes"]) > 0:
+    row["eval_bpb"] = bpb.bits_per_byte(float(totals["nll"]), int(totals["bytes"]))
+  return row
+
+
+def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, Any]:
+  """``evaluate`` of the newest usable checkpoint in ``workdir`` on its run's validation
+  batches (``batches`` of them; 0: ``eval.batches``), with where it comes from."""
+  log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+  cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
+  batch_size = cfg.eval.batch_size or cfg.train.batch_size
+  _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
+                                     eval_batch_size=batch_size,
+                                     eval_batches=batches or cfg.eval.batches)
+  eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
+  row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
+                 piece_bytes(corpus, mesh))
+  return {"task": "lm", "workdir": str(workdir), "step": step,
+          "batches": len(eval_batches), "batch_size": batch_size,
+          "seq_len": cfg.data.seq_len, **row}
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+  return evaluate_lm(Path(args.workdir), args.set, tasks.batches(args))
+
+
+LM = tasks.register(tasks.EvalTask("lm", _run, tasks.add_batches_argument))
+"""``evaluate --task lm [--batches N]``."""

@@ -1,0 +1,258 @@
+"""Run directories: what a run reads from and writes to its workdir, and what a rerun
+must match.
+
+A workdir holds ``config.yaml``, ``tokenizer.model``, ``metrics.jsonl``, ``tb/``,
+``checkpoints/`` and ``profile/``. Rerunning on a workdir resumes its newest usable
+checkpoint (``restore_or_init``) unless that checkpoint was written by another model
+(``check_compatible``), another train state form (``_check_state_signature``) or
+another sample stream (``stream_identity``: the sampling settings and the content
+hashes of the text and the tokenizer); each refusal is one line naming the field, and
+leaves the workdir's files as they were (``write_run_files`` runs after the checks).
+``init_from`` starts a new run from another run's params or whole state, and
+``load_trained`` gives the params of a finished run to sampling and evaluation.
+
+``run_batches`` builds the run's train stream and validation batches, with the
+per-token batch fields its mechanisms annotate: every program reads its data through it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import grain
+import jax
+import numpy as np
+
+from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import sharding
+from ttt_jax.config import (Config, flatten, load_config, model_from_dict, save_config,
+                            to_dict)
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import pipeline
+from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
+from ttt_jax.training.state import Built, TrainState, abstract_state
+
+STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
+                 "worker_count": "data.worker_count", "shuffle": "data.shuffle",
+                 "val_fraction": "data.val_fraction", "corpus_hash": "data.corpus",
+                 "tokenizer_hash": "data.tokenizer"}
+"""Meta keys that fix the sample stream, and the config field each is named by."""
+
+
+def prepare_workdir(workdir: str | Path) -> Path:
+  """Creates ``workdir``; a ``TrainingError`` if it cannot be written."""
+  workdir = Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise TrainingError(f"{workdir}: workdir is not writable ({e.strerror})") from None
+  if not os.access(workdir, os.W_OK):
+    raise TrainingError(f"{workdir}: workdir is not writable (permission denied)")
+  return workdir
+
+
+def write_run_files(cfg: Config, workdir: Path, tokenizer: Tokenizer | None) -> None:
+  """``config.yaml`` and ``tokenizer.model`` (process 0). Call it after the resume checks:
+  a refused run must leave the workdir's files as they were."""
+  if jax.process_index() != 0:
+    return
+  save_config(cfg, workdir / "config.yaml")
+  if tokenizer is not None:
+    tokenizer.save(workdir / "tokenizer.model")
+
+
+def run_batches(cfg: Config, corpus: corpus_lib.Corpus, *, train_batch_size: int | None,
+                eval_batch_size: int, eval_batches: int
+                ) -> tuple[grain.IterDataset | None, list[dict[str, np.ndarray]]]:
+  """This process's train stream of ``train_batch_size`` windows per batch (None when
+  not asked for) and its rows of the first ``eval_batches`` validation batches, with
+  the batch fields the config asks for (step ids, document segment ids)."""
+  pi, pc = jax.process_index(), jax.process_count()
+  annotators = pipeline.batch_annotators(cfg, corpus.tokenizer)
+  eos_id = corpus_lib.document_eos_id(cfg.data, corpus)  # None unless data.document_mask
+  dataset = None
+  if train_batch_size is not None:
+    dataset = pipeline.train_dataset(
+        corpus.train_tokens, seq_len=cfg.data.seq_len, global_batch_size=train_batch_size,
+        seed=cfg.train.seed, shuffle=cfg.data.shuffle, process_index=pi, process_count=pc,
+        worker_count=cfg.data.worker_count, annotators=annotators, eos_id=eos_id)
+  batches = pipeline.eval_batches(
+      corpus.val_tokens, seq_len=cfg.data.seq_len, batch_size=eval_batch_size,
+      num_batches=eval_batches, process_index=pi, process_count=pc, annotators=annotators,
+      eos_id=eos_id)
+  return dataset, batches
+
+
+def stream_identity(cfg: Config, corpus_meta: dict[str, Any]) -> dict[str, Any]:
+  """What fixes the run's sample stream: the sampling settings, and the content hashes
+  of the text and the tokenizer (``data.Corpus.meta``). Saved in each checkpoint."""
+  return {"seq_len": cfg.data.seq_len, "seed": cfg.train.seed,
+          "worker_count": cfg.data.worker_count, "shuffle": cfg.data.shuffle,
+          "val_fraction": cfg.data.val_fraction,
+          "corpus_hash": corpus_meta.get("corpus_hash"),
+          "tokenizer_hash": corpus_meta.get("tokenizer_hash")}
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
+                     stream: dict[str, Any] | None = None, state: Any = None,
+                     tokenizer_hash: str | None = None) -> None:
+  """A checkpoint from another model config cannot be loaded here; one from another
+  sample stream than ``stream`` (given when the data position is resumed) cannot be
+  resumed; one whose state (``state_signature``, when the meta has it) differs from
+  ``state``, the train state to restore, cannot be restored, which otherwise would look
+  like damage; params trained with another tokenizer than ``tokenizer_hash`` (given for
+  params-only fine-tuning) would read the token ids as other pieces. Keys a checkpoint
+  predates are not compared."""
+  current = flatten(to_dict(cfg.model))
+  # a field added to ModelConfig after the checkpoint was written had its default then;
+  # a checkpoint from before model slots has its flat model upgraded
+  try:
+    saved_model = model_from_dict(meta.get("model", {}))
+    saved = flatten(to_dict(saved_model))
+    compute_only = cfg.model.compute_only_keys() & saved_model.compute_only_keys()
+  except ConfigError:
+    saved, compute_only = flatten(meta.get("model", {})), cfg.model.compute_only_keys()
+  differing = sorted(k for k in set(current) | set(saved)
+                     if k not in compute_only and current.get(k) != saved.get(k))
+  if differing or meta.get("vocab_size") != vocab_size:
+    what = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+    if meta.get("vocab_size") != vocab_size:
+      what = ", ".join(filter(None, [what, f"vocab_size: {meta.get('vocab_size')} -> {vocab_size}"]))
+    raise CheckpointError(
+        f"checkpoint in the workdir was written by a different model ({what}); "
+        "use a new --workdir or the original config")
+  for key, current_value in (stream or {}).items():
+    if key in meta and meta[key] != current_value:
+      field = STREAM_FIELDS[key]
+      what = {"corpus_hash": "other text", "tokenizer_hash": "another tokenizer"}.get(key)
+      detail = (f"was read from {what} (sha256 {str(meta[key])[:12]}..., this run's "
+                f"{str(current_value)[:12]}...)" if what else
+                f"was made with {field}={meta[key]}, this run has {current_value}")
+      raise CheckpointError(
+          f"{field}: the checkpoint's sample stream {detail}; resume with the original "
+          "value or use a new --workdir (--init-from to start from its params)")
+  saved_tokenizer = meta.get("tokenizer_hash")
+  if tokenizer_hash and saved_tokenizer and saved_tokenizer != tokenizer_hash:
+    raise CheckpointError(
+        f"data.tokenizer: the params were trained with another tokenizer (sha256 "
+        f"{saved_tokenizer[:12]}..., this run's {tokenizer_hash[:12]}...); set "
+        "data.tokenizer to the source run's tokenizer.model to fine-tune with it")
+  if state is not None and "state_signature" in meta:
+    _check_state_signature(meta, cfg, state)
+
+
+EXTRAS_PREFIX = ".extras["
+"""How ``state_signature`` paths of the train state's extra trees begin."""
+PARAMS_PREFIX = ".params["
+"""How ``state_signature`` paths of the parameters begin."""
+
+
+def _extra_names(signature: dict[str, str]) -> list[str]:
+  return sorted({path[len(EXTRAS_PREFIX):].split("]")[0].strip("'\"") for path in signature
+                 if path.startswith(EXTRAS_PREFIX)})
+
+
+def _check_state_signature(meta: dict[str, Any], cfg: Config, state: Any) -> None:
+  saved, current = meta["state_signature"], ckpt_lib.state_signature(state)
+  if saved == current:
+    return
+  differing = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  # the parameters first: an optimizer state differs with them
+  first = next((k for k in differing if k.startswith(PARAMS_PREFIX)), differing[0])
+  detail = (f"{first}: {saved.get(first, 'absent')} in the checkpoint, "
+            f"{current.get(first, 'absent')} here")
+  if first.startswith(PARAMS_PREFIX):
+    raise CheckpointError(
+        f"model: the checkpoint's parameters are laid out differently from this model's "
+        f"although its config matches ({detail}): another version of ttt_jax wrote it "
+        "(an untied LM head's weight moved from 'head' to 'head.w'); resume it with that "
+        "version or use a new --workdir")
+  if first.startswith(EXTRAS_PREFIX):
+    raise CheckpointError(
+        f"train state extras: the checkpoint has the extra trees {_extra_names(saved)}, "
+        f"this run {_extra_names(current)} ({detail}); resume with the settings that "
+        "wrote it or use a new --workdir (--init-from to start from its params)")
+  old_optim = {**to_dict(type(cfg.optim)()), **meta.get("optim", {})}
+  new_optim = to_dict(cfg.optim)
+  changed = [f"optim.{k}: {old_optim.get(k)!r} -> {new_optim.get(k)!r}"
+             for k in sorted(new_optim) if old_optim.get(k) != new_optim.get(k)]
+  cause = ", ".join(changed) if changed else "no optim field changed; another version?"
+  raise CheckpointError(
+      f"optim: the checkpoint's train state does not fit this run's ({cause}; {detail}); "
+      "resume with the original optim settings or use a new --workdir "
+      "(--init-from to start from its params)")
+
+
+def restore_or_init(cfg: Config, built: Built, ckpt: ckpt_lib.Checkpointer, data_iter: Any,
+                    stream: dict[str, Any], log: Callable[[str], None]
+                    ) -> tuple[TrainState, int, bool]:
+  """(state, start step, resumed): the newest usable checkpoint of this run (which also
+  moves ``data_iter`` to its position), else ``checkpoint.init_from``'s, else the fresh
+  ``built.state`` at step 0. ``resumed``: the run continues its own checkpoint."""
+  state = built.state
+  restored = ckpt.restore_latest(ckpt_lib.with_shardings(state, built.state_shardings),
+                                 data_iter, log=log,
+                                 check=lambda meta: check_compatible(
+                                     meta, cfg, built.vocab_size, stream=stream, state=state))
+  if restored is not None:
+    log(f"resumed from checkpoint at step {restored.step}")
+    return restored.state, restored.step, True
+  if cfg.checkpoint.init_from:
+    return (*init_from(cfg, built, data_iter, stream, log), False)
+  return state, 0, False
+
+
+def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
+              log: Callable[[str], None]) -> tuple[TrainState, int]:
+  """(state, start step) of a new run initialised from ``cfg.checkpoint.init_from``:
+  params only (fresh optimizer, extras and data stream), or with
+  ``checkpoint.init_from_full`` the whole state and data position."""
+  source, state, vocab_size = cfg.checkpoint.init_from, built.state, built.vocab_size
+  if cfg.checkpoint.init_from_full:
+    directory, step = ckpt_lib.resolve_source(source)
+    other = ckpt_lib.Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False)
+    try:
+      step = step if step is not None else (other.all_steps() or [None])[-1]
+      if step is None:
+        raise CheckpointError(f"{directory}: no complete checkpoint to initialise from")
+      check_compatible(other.read_meta(step), cfg, vocab_size, stream=stream, state=state)
+      restored = other.restore(step, ckpt_lib.with_shardings(state, built.state_shardings),
+                               data_iter)
+    finally:
+      other.close()
+    log(f"initialised from {directory}/{step}: params, optimizer state and data position")
+    return restored.state, restored.step
+  step, params, _ = ckpt_lib.load_params(
+      source, ckpt_lib.with_shardings(state.params, built.state_shardings.params),
+      check=lambda meta: check_compatible(meta, cfg, vocab_size,
+                                          tokenizer_hash=stream["tokenizer_hash"]))
+  log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
+  return state._replace(params=params), 0
+
+
+def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
+  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``."""
+  workdir = Path(workdir)
+  if not (workdir / "config.yaml").exists():
+    raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
+  cfg = load_config(workdir / "config.yaml", overrides, legacy=True)
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                               async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise CheckpointError(f"{workdir}: no complete checkpoint to load")
+    vocab_size = int(ckpt.read_meta(steps[-1])["vocab_size"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
+    restored = ckpt.restore_latest(
+        ckpt_lib.with_shardings(abstract, shardings), None, log=log,
+        check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise CheckpointError(f"{workdir}: no usable checkpoint")
+  return cfg, graphdef, restored.state.params, restored.step, mesh

@@ -1,0 +1,109 @@
+"""The train and eval steps, and their compilation.
+
+The train step is pure, ``(state, batch) -> (state, metrics)``, on one micro-batch:
+
+  (loss, aux), g = value_and_grad(objective)(params; model, batch, StepContext(step, rng, extras))
+  params, opt_state = tx.update(g, ...)      (optax.MultiSteps applies every accum-th call)
+
+with ``step = state.step // grad_accum_steps`` (the optimizer step) and
+``rng = fold_in(key(train.seed), state.step)``. The objective is ``train.objective``'s
+unless the caller passes its own. The eval step sums the next-token NLL, the tokens and
+their bytes of a batch (``objectives.batch_logits``), for loss, perplexity and bits per
+byte. ``compile_step`` AOT-compiles a jitted step and reports its compiled memory.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ttt_jax import sharding
+from ttt_jax.config import Config
+from ttt_jax.models import lm
+from ttt_jax.training import objectives
+from ttt_jax.training.objectives import Objective, StepContext
+from ttt_jax.training.state import Built, TrainState
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    objective: Objective | None = None):
+  """The pure step on one micro-batch: ``(state, batch) -> (state, metrics)``.
+  ``objective``: the loss to differentiate (default: ``train.objective``'s)."""
+  objective = objective if objective is not None else objectives.build(cfg)
+  accum = cfg.optim.grad_accum_steps
+  base_key = jax.random.key(cfg.train.seed)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    ctx = StepContext(state.step // accum, jax.random.fold_in(base_key, state.step),
+                      state.extras)
+
+    def loss_fn(params):
+      return objective(nnx.merge(graphdef, params), batch, ctx)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def jit_train_step(built: Built, objective: Objective | None = None):
+  """``make_train_step`` jitted with the state's shardings, the batch sharded over
+  (data, fsdp), and the state donated."""
+  return jax.jit(make_train_step(built.cfg, built.graphdef, built.tx, objective),
+                 in_shardings=(built.state_shardings, sharding.batch_sharding(built.mesh)),
+                 out_shardings=(built.state_shardings, sharding.replicated(built.mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+  """``(params, batch, piece_bytes) -> {nll, tokens, bytes}``: sums over the batch."""
+  def eval_step(params: nnx.State, batch: dict[str, jax.Array], piece_bytes: jax.Array):
+    logits = objectives.batch_logits(nnx.merge(graphdef, params), batch)
+    _, sum_nll, n_tokens = lm.cross_entropy_loss(logits, batch["targets"])
+    n_bytes = jnp.sum(piece_bytes[batch["targets"]])
+    return {"nll": sum_nll, "tokens": n_tokens, "bytes": n_bytes}
+
+  return eval_step
+
+
+def jit_eval_step(built: Built):
+  """``make_eval_step`` jitted with the params' shardings and the batch's."""
+  replicated = sharding.replicated(built.mesh)
+  return jax.jit(make_eval_step(built.graphdef),
+                 in_shardings=(built.state_shardings.params,
+                               sharding.batch_sharding(built.mesh), replicated),
+                 out_shardings=replicated)
+
+
+def compile_step(jitted, *args, log: Callable[[str], None]):
+  """AOT-compiles, reporting compile time and the compiled memory analysis."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  mem_fields = {}
+  if mem is not None:
+    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "alias_size_in_bytes", "generated_code_size_in_bytes"):
+      mem_fields[name] = int(getattr(mem, name, 0))
+    # Live at once: inputs, outputs not aliased to (donated) inputs, and temporaries.
+    mem_fields["peak_bytes"] = max(int(getattr(mem, "peak_memory_in_bytes", 0) or 0), (
+        mem_fields["argument_size_in_bytes"] + mem_fields["output_size_in_bytes"]
+        + mem_fields["temp_size_in_bytes"] - mem_fields["alias_size_in_bytes"]))
+  log(f"compiled train step in {seconds:.2f}s; memory_analysis: " +
+      ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem_fields.items()))
+  return compiled, seconds, mem_fields
+
+
+def train_flops_per_step(cfg: Config, vocab_size: int) -> float:
+  """Analytic training FLOPs of one optimizer step (3x the forward matmul FLOPs)."""
+  per_token = lm.forward_flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
+  return 3.0 * per_token * cfg.train.batch_size * cfg.data.seq_len
