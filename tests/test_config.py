@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ttt_jax import config as config_lib
-from ttt_jax import registry, sharding, train
+from ttt_jax import registry, sharding
 from ttt_jax.cct.mixer import CCTConfig
 from ttt_jax.config import SLOTS, Config, ConfigError, ModelConfig, Section, load_config
 from ttt_jax.config.schema import field_docs
@@ -24,6 +24,8 @@ from ttt_jax.models.mixers.ttt_linear import TTTLinearConfig
 from ttt_jax.models.residuals.mhc import MHCConfig
 from ttt_jax.models.residuals.plain import PlainConfig
 from ttt_jax.models.trunks.stacked import ScanTrunkConfig, UnrolledTrunkConfig
+from ttt_jax.training import state as state_lib
+from ttt_jax.training import step as step_lib
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -59,7 +59,7 @@ def test_indivisible_parameter_is_a_clear_error():
 def test_fsdp_shards_params_and_optimizer_state_eightfold():
   """Measured from the addressable shards actually placed on one device."""
   cfg = load_config(None, ["model.d_model=128", "model.ffn.d_ff=256", "mesh.fsdp=8"])
-  built = train.build(cfg, 1024, sharding.make_mesh(cfg.mesh))
+  built = state_lib.build(cfg, 1024, sharding.make_mesh(cfg.mesh))
   leaves = jax.tree.leaves(built.state)
   total = sum(x.nbytes for x in leaves)
   device0 = jax.devices()[0]

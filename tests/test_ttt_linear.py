@@ -15,13 +15,14 @@ from flax import nnx
 
 from ttt_jax import sharding, train
 from ttt_jax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
-from ttt_jax.data import pipeline
 from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data import pipeline
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
 from ttt_jax.models.mixers import ttt_linear as ttt
 from ttt_jax.models.mixers.ttt_linear import TTTLinearConfig
+from ttt_jax.training import optim
 from train_util import tiny_config
 
 VOCAB = 64
