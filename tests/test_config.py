@@ -363,3 +363,15 @@ def test_shipped_configs_are_in_the_sectioned_form():
     model = yaml.safe_load(path.read_text()).get("model", {})
     assert not set(model) & set(config_lib.LEGACY_MODEL_KEYS), path.name
     assert config_lib.upgrade_legacy(model) is model, path.name
+
+
+def test_naming_the_slots_own_mechanism_keeps_its_settings(tmp_path):
+  """``--set model.mixer=NAME`` keeps the settings given for NAME (in the file or an
+  earlier --set) and drops those of another mechanism."""
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  mixer: {type: ttt_linear, mini_batch: 4}\n")
+  assert load_config(path, ["model.mixer=ttt_linear"]).model.mixer == TTTLinearConfig(
+      mini_batch=4)
+  assert load_config(None, ["model.mixer.mini_batch=8", "model.mixer=ttt_linear"]
+                     ).model.mixer == TTTLinearConfig(mini_batch=8)
+  assert load_config(path, ["model.mixer=attention"]).model.mixer == AttentionConfig()

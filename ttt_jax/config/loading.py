@@ -216,7 +216,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     if not isinstance(child, dict):
       raise ConfigError(f"--set {dotted}: '{part}' is not a section")
     node = child
-  node[parts[-1]] = value
+  name, current = parts[-1], node.get(parts[-1])
+  if (parts[:-1] == ["model"] and name in SLOTS and isinstance(value, str)
+      and isinstance(current, dict) and current.get("type", value) == value):
+    # naming the slot's own mechanism keeps the settings already given for it
+    node[name] = {**current, "type": value}
+    return
+  node[name] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
