@@ -4,10 +4,10 @@ Tasks (``registry.EVAL_TASKS``; ``--help`` with ``--task T`` lists T's own flags
 - ``lm``: loss, perplexity and bits per byte of the newest checkpoint on the run's
   validation split (the same fixed batches the train loop evaluates on, or
   ``--batches N`` of them).
-- CCT runs (``ttt_jax.cct_eval``): ``sufficiency``, ``compression`` (``--contexts``),
+- CCT runs (``ttt_jax.cct.evals``): ``sufficiency``, ``compression`` (``--contexts``),
   ``passkey`` (``--passkey-lengths/-depths/-trials``), ``perplexity`` (against
   ``--baseline W2``, a run of the same config without CCT), ``governance`` (the
-  commitment hash chain's overhead per generated token, ``cct_eval.GOVERNANCE_SHAPE``)
+  commitment hash chain's overhead per generated token, ``cct.evals.GOVERNANCE_SHAPE``)
   and ``all`` (every one of them in the guide's "Results JSON" shape, tier-1 criteria as
   PASS/FAIL).
 

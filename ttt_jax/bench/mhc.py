@@ -41,7 +41,7 @@ MHC_VARIANTS = {
 PYTORCH_REFERENCE_TOKENS_PER_SEC = 1568.0
 """Median tokens/s of the handoff's PyTorch ``MHCTransformerLM`` at the bench_dense config
 (n = 4, t_max = 20, AdamW, 2 threads), measured with ``benchmarks/torch_reference.py``
-on the 2-core CPU of benchmarks/RESULTS.md (torch 2.13.0); issue 5 quoted ~295. On
+on the 2-core CPU of benchmarks/RESULTS.md (torch 2.13.0); the design document quoted ~295. On
 another machine, measure it there and pass ``bench mhc --reference-tokens-per-sec``."""
 
 

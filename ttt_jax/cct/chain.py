@@ -1,5 +1,5 @@
 """Commitment hash chain: a tamper-evident log of the summaries a CCT model committed
-while generating (the guide's optional governance, ``inference/governance.py``; issue #6).
+while generating (the Commitment-Constrained Training guide's optional governance).
 
     h_0     = SHA-256(HEADER_PREFIX || canonical JSON of the header)
     h_{k+1} = SHA-256(h_k || b_k)                    k = 0 .. K-1 (committed steps)

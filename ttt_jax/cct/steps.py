@@ -12,7 +12,7 @@ carries the id of its step: 0 at a window's first token and +1 at each boundary.
 ``StepAnnotator`` computes them for a whole window (registered as the ``step_ids`` field
 of ``registry.BATCH_FIELDS``); ``StepAnnotator.online_tables`` gives the same semantic
 rule as tables of ``sentence_end_automaton``, read one token at a time in generation
-(``models.cct.StepRule``).
+(``cct.mixer.StepRule``).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class StepAnnotator:
   def online_tables(self) -> tuple[np.ndarray, np.ndarray]:
     """semantic: (candidate [TEXT_STATES, V] bool, next state [TEXT_STATES, V] int32) of
     ``sentence_end_automaton`` for every piece and text state, so that the candidates
-    can be found one token at a time (``models.cct.StepRule``, used in generation)."""
+    can be found one token at a time (``cct.mixer.StepRule``, used in generation)."""
     if self.mode != "semantic":
       raise DataError(f"data.step_boundaries: {self.mode!r} steps have no online tables")
     candidate = np.zeros((TEXT_STATES, len(self.piece_texts)), bool)
