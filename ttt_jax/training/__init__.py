@@ -5,6 +5,8 @@
 - ``step``: the train and eval step factories, compiled with a memory analysis;
 - ``loop``: the ``Trainer``, which runs a compiled step over a batch iterator and calls
   hooks (eval, checkpoint, metrics, profile, stop-on-signal, NaN guard, progress);
+- ``objectives``: what the step minimises, given the batch and one ``StepContext``
+  (registered in ``registry.OBJECTIVES``; the LM objective here, a mechanism's its own);
 - ``optim``: optimizer chains and learning-rate schedules.
 
 ``python -m ttt_jax.train`` assembles them for pretraining; another program (a
