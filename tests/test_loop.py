@@ -83,6 +83,32 @@ def test_a_stop_request_ends_the_loop_after_that_step_s_hooks():
     trainer.add_hook(print, every=0)
 
 
+def test_hooks_hear_of_a_stop_requested_while_the_step_s_hooks_ran():
+  """A stop that arrives during a hook that already ran at this step (a signal during a
+  regular checkpoint's save) is still announced to every hook, once."""
+
+  class Recorder(loop.Hook):
+    def __init__(self):
+      self.saved, self.stops = [], []
+
+    def due(self, info):
+      return info.step % 2 == 0 or info.stop_reason is not None
+
+    def after_step(self, info):
+      self.saved.append(info.step)
+      trainer.request_stop("SIGTERM")  # arrives while this hook runs
+
+    def stopped(self, info):
+      self.stops.append((info.step, info.stop_reason))
+
+  trainer = loop.Trainer(lambda s, b: (s + 1, {"loss": jnp.float32(b)}), iter(range(100)))
+  recorder = Recorder()
+  trainer.add(recorder)
+  assert trainer.run(jnp.int32(0), 0, 10).step == 2
+  assert recorder.saved == [2]  # not saved twice
+  assert recorder.stops == [(2, "SIGTERM")]
+
+
 class Batches:
   """Endless random token batches on the mesh, with a checkpointable position."""
 

@@ -16,6 +16,7 @@ from flax import nnx
 from ttt_jax import registry, sharding
 from ttt_jax.training import optim
 from ttt_jax.config import ConfigError, MeshConfig, ModelConfig, load_config
+from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig

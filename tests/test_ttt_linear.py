@@ -541,18 +541,18 @@ def test_tiny_ttt_run_with_document_mask_trains_on_segment_ids_from_the_pipeline
                     "data.document_mask=true", "train.steps=6", "train.eval_every=6",
                     "eval.batches=1", "logging.tensorboard=false")
   batches, traced_with_segment_ids = [], []
-  put, call = sharding.put_batch, lm.LM.__call__
+  put, forward = sharding.put_batch, lm.LM.forward
 
   def put_batch(batch, mesh):
     batches.append({k: np.asarray(v) for k, v in batch.items()})
     return put(batch, mesh)
 
-  def spy_call(self, tokens_BxT, ctx=None):
+  def spy_forward(self, tokens_BxT, ctx=None):
     traced_with_segment_ids.append(ctx is not None and ctx.segment_ids_BxT is not None)
-    return call(self, tokens_BxT, ctx)
+    return forward(self, tokens_BxT, ctx)
 
   monkeypatch.setattr(sharding, "put_batch", put_batch)
-  monkeypatch.setattr(lm.LM, "__call__", spy_call)
+  monkeypatch.setattr(lm.LM, "forward", spy_forward)
   summary = train.train(cfg, tmp_path / "run")
   eos = corpus_lib.prepare_corpus(cfg.data, log=lambda _: None).tokenizer.eos_id
   assert traced_with_segment_ids == [True, True]  # the train step and the eval step

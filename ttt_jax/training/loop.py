@@ -16,7 +16,7 @@ result. Per step t, in this order:
      read (and ``on_metrics`` has run for them); if a stop was requested meanwhile
      (``request_stop``: a signal, or a hook), the hooks it made due run too (the
      checkpoint);
-  6. the loop ends after t if a stop was requested.
+  6. the loop ends after t if a stop was requested, after ``stopped(info)`` of every hook.
 
 ``StepInfo`` is what a hook sees: the step, the run's last step, the state after the
 step (not in ``on_metrics``: the next step has consumed it by then), the step's metrics
@@ -88,6 +88,10 @@ class Hook:
 
   def after_step(self, info: StepInfo) -> None:
     """Step ``info.step`` is done and its metrics read (when ``due``)."""
+
+  def stopped(self, info: StepInfo) -> None:
+    """The loop ends after ``info.step`` because a stop was requested
+    (``info.stop_reason``), once every hook due then has run."""
 
   def close(self) -> None:
     """The loop ended, normally or not."""
@@ -228,6 +232,8 @@ class Trainer:
         self._read_pending(last_step)
         self._pending = (step, metrics)
         if self._after_step(step, last_step, state) is not None:
+          for hook in self.hooks:
+            hook.stopped(self._info(step, last_step, state))
           break
       self._read_pending(last_step)
     finally:
@@ -350,9 +356,11 @@ class Checkpoint(Hook):
 
   def after_step(self, info: StepInfo) -> None:
     self.ckpt.save(info.step, info.state, self.data_iter, self.meta)
-    if info.stop_reason is not None:
-      self.log(f"received {info.stop_reason}; saved a checkpoint at step {info.step} "
-               "and stopped")
+
+  def stopped(self, info: StepInfo) -> None:
+    # due at every stop, so the step's checkpoint exists (saved in this pass or the first)
+    self.log(f"received {info.stop_reason}; saved a checkpoint at step {info.step} "
+             "and stopped")
 
 
 class Profile(Hook):
