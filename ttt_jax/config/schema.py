@@ -105,7 +105,8 @@ def _slot_field(slot: str, name: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   n_layers: int = 4
-  """Number of decoder blocks."""
+  """Number of decoder blocks; their parameters are stacked on a leading 'layers' axis
+  that the trunk runs over."""
   d_model: int = 256
   """Width of the residual stream."""
   n_heads: int = 4
@@ -304,7 +305,8 @@ class TrainConfig:
   steps: int = 1000
   """Total optimizer steps."""
   seed: int = 0
-  """Seed of parameter init, data shuffle and dropout-free sampling."""
+  """Seed of parameter init, data shuffle and the step's randomness (fold_in(key(seed),
+  step)): the same seed and config give the same losses on one machine."""
   batch_size: int = 8
   """Global batch size in sequences per step (summed over processes and micro-batches)."""
   log_every: int = 10
