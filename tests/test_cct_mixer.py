@@ -30,6 +30,12 @@ VOCAB = 61
 RESIDUALS = {"plain": PlainConfig(), "mhc": MHCConfig()}
 
 
+
+def run_mixer(mixer: cct.CCTAttention, x: jax.Array, ctx: SequenceContext) -> jax.Array:
+  """The mixer's output, its recorded summaries captured (as the trunk does)."""
+  y, _ = nnx.capture(mixer, nnx.Intermediate)(x, ctx)
+  return y
+
 def cct_config(residual: str = "plain", **mixer_overrides) -> ModelConfig:
   """A tiny CCT model (steps of 4 tokens, 8-d summaries); ``mixer_overrides`` are
   ``CCTConfig`` fields."""
@@ -86,17 +92,18 @@ def test_p_commit_zero_is_plain_causal_attention():
   step_ids = cct.fixed_step_ids(positions, 4)
   never = cct.sample_segments(step_ids, jnp.float32(0.0), jax.random.key(2))
   assert int(never.max()) == 0
-  got = mixer(x, steps_ctx(positions, never))
+  got = run_mixer(mixer, x, steps_ctx(positions, never))
   q, k, v = mixer.project_qkv(x, positions)
   expected = mixer.output_projection(attention.causal_attention(q, k, v))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
   # and with every boundary committed it is something else
   always = cct.sample_segments(step_ids, jnp.float32(1.0), jax.random.key(2))
   np.testing.assert_array_equal(np.asarray(always), np.asarray(step_ids))
-  assert not np.allclose(np.asarray(mixer(x, steps_ctx(positions, always))), np.asarray(expected))
+  assert not np.allclose(np.asarray(run_mixer(mixer, x, steps_ctx(positions, always))),
+                         np.asarray(expected))
   # without the side input, steps are fixed by position (step_len = 4): the same as always
-  np.testing.assert_array_equal(np.asarray(mixer(x, steps_ctx(positions, None))),
-                                np.asarray(mixer(x, steps_ctx(positions, always))))
+  np.testing.assert_array_equal(np.asarray(run_mixer(mixer, x, steps_ctx(positions, None))),
+                                np.asarray(run_mixer(mixer, x, steps_ctx(positions, always))))
 
 
 def test_commitment_segments_merge_uncommitted_boundaries():
@@ -124,12 +131,12 @@ def test_committed_token_sees_no_earlier_step_token_only_its_summary():
   step_ids = cct.fixed_step_ids(positions, 4)  # steps [0:4] [4:8] [8:12]
   ctx = steps_ctx(positions, step_ids)
   changed = x.at[:, 4:7].add(1.0)  # step 1, not its last token (the 'last' pool input)
-  base, other = mixer(x, ctx), mixer(changed, ctx)
+  base, other = run_mixer(mixer, x, ctx), run_mixer(mixer, changed, ctx)
   np.testing.assert_allclose(np.asarray(base[:, 8:]), np.asarray(other[:, 8:]), atol=1e-6)
   assert not np.allclose(np.asarray(base[:, 4:7]), np.asarray(other[:, 4:7]))
   changed_last = x.at[:, 7].add(1.0)  # step 1's last token feeds its summary
   assert not np.allclose(np.asarray(base[:, 8:]),
-                         np.asarray(mixer(changed_last, ctx)[:, 8:]))
+                         np.asarray(run_mixer(mixer, changed_last, ctx)[:, 8:]))
 
 
 # ----------------------------------------------------------------------------- model level
