@@ -5,6 +5,7 @@ trees sharded, checkpointed and restored bit-exactly."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import sharding
 from ttt_jax.training import objectives
 from ttt_jax.config import load_config
+from ttt_jax.errors import ConfigError
 from ttt_jax.models import lm
 from ttt_jax.training import loop
 from ttt_jax.training import state as state_lib
@@ -162,7 +164,7 @@ def test_a_custom_objective_reads_extras_and_a_custom_hook_runs_every_n_steps():
     finished = trainer.run(built.state, 0, 7)
     assert finished.step == 7 and int(finished.state.step) == 7
     assert [step for step, _ in seen] == [3, 6]
-    assert set(seen[0][1]) == {"loss", "grad_norm", "ce", "distance"}
+    assert set(seen[0][1]) == {"loss", "grad_norm", "finite_state", "ce", "distance"}
     distances[l2] = seen[1][1]["distance"]
     # the step carries the extras through unchanged: the anchor is still the initial params
     for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(finished.state.extras["anchor"])):
@@ -205,3 +207,155 @@ def test_extra_trees_are_sharded_checkpointed_and_restored_bit_exactly(tmp_path)
   for a, b in zip(jax.tree.leaves(finished.state), jax.tree.leaves(restored)):
     assert a.sharding == b.sharding
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_finite_is_one_scalar_that_one_nan_leaf_makes_false():
+  tree = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4, jnp.bfloat16), "count": jnp.int32(7),
+          "nested": [jnp.arange(5.0), {"m": jnp.full((2, 2), 1e30)}]}
+  finite = jax.jit(step_lib.all_finite)(tree)
+  assert finite.shape == () and finite.dtype == jnp.bool_ and bool(finite)
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    broken = {**tree, "nested": [tree["nested"][0].at[3].set(bad), tree["nested"][1]]}
+    assert not bool(jax.jit(step_lib.all_finite)(broken))
+  # the whole check compiles to one program with one scalar output: no per-array sync
+  lowered = jax.jit(step_lib.all_finite).lower(tree)
+  assert len(jax.tree.leaves(lowered.out_info)) == 1
+
+
+def nonfinite_step(bad_steps: set[int]):
+  """A step_fn on an int state: the state after step t is non-finite for t in bad_steps
+  (its loss stays finite, as in the issue's repro)."""
+  def step_fn(state, batch):
+    del batch
+    step = int(state) + 1
+    return state + 1, {"loss": jnp.float32(5.0), "grad_norm": jnp.float32(
+        jnp.nan if step in bad_steps else 1.0),
+        "finite_state": jnp.float32(step not in bad_steps)}
+  return step_fn
+
+
+class FakeCheckpointer:
+  """Records the steps saved; ``all_steps`` as orbax's would list them."""
+
+  def __init__(self, steps=()):
+    self.steps = list(steps)
+
+  def all_steps(self):
+    return list(self.steps)
+
+  def save(self, step, state, data_iter, meta):
+    self.steps.append(step)
+
+
+@pytest.mark.parametrize("bad_step", [1, 3, 4, 5])
+def test_a_non_finite_state_stops_the_run_before_its_checkpoint(bad_step):
+  """Finite loss, non-finite updated state (the issue's finding 1): the guard stops at
+  that step, naming the newest checkpoint, and no checkpoint of that state is saved,
+  even at the run's last step or with every=1."""
+  ckpt = FakeCheckpointer([0] if bad_step == 1 else [])
+  trainer = loop.Trainer(nonfinite_step({bad_step}), iter(range(100)))
+  checkpoint = loop.Checkpoint(ckpt, None, {}, every=1, log=print)
+  trainer.add(loop.NanGuard(newest_checkpoint=checkpoint.newest))
+  trainer.add(checkpoint)
+  with pytest.raises(loop.TrainingError) as error:
+    trainer.run(jnp.int32(0), 0, 5)
+  newest = bad_step - 1
+  assert str(error.value) == (
+      f"non-finite train state at step {bad_step} (loss 5, grad_norm nan); stopping; the "
+      f"newest checkpoint, step {newest}, is finite: rerun to resume from it")
+  assert ckpt.steps == ([0] if bad_step == 1 else list(range(1, bad_step)))
+
+
+def test_without_a_checkpoint_the_guard_says_so_and_a_nan_loss_stops_too():
+  def step_fn(state, batch):
+    return state + 1, {"loss": jnp.float32(jnp.nan), "grad_norm": jnp.float32(1.0),
+                       "finite_state": jnp.float32(1.0)}
+
+  trainer = loop.Trainer(step_fn, iter(range(100)))
+  checkpoint = loop.Checkpoint(FakeCheckpointer(), None, {}, every=5, log=print)
+  trainer.add(loop.NanGuard(newest_checkpoint=checkpoint.newest))
+  trainer.add(checkpoint)
+  with pytest.raises(loop.TrainingError, match=r"^non-finite loss at step 1 \(loss nan, "
+                                               r"grad_norm 1\); stopping; no checkpoint"):
+    trainer.run(jnp.int32(0), 0, 5)
+  # with skip the step dropped the update itself: a non-finite loss alone does not stop
+  trainer = loop.Trainer(step_fn, iter(range(100)))
+  trainer.add(loop.NanGuard(skip=True))
+  assert trainer.run(jnp.int32(0), 0, 3).step == 3
+
+
+def test_the_checkpoint_hook_refuses_a_state_not_known_to_be_finite():
+  """Defence in depth: without the guard, the checkpoint hook still never saves it."""
+  ckpt = FakeCheckpointer()
+  trainer = loop.Trainer(nonfinite_step({2}), iter(range(100)))
+  trainer.add(loop.Checkpoint(ckpt, None, {}, every=1, log=print))
+  with pytest.raises(loop.TrainingError, match="step 2: refusing to save a checkpoint"):
+    trainer.run(jnp.int32(0), 0, 5)
+  assert ckpt.steps == [1]
+
+
+def test_the_train_step_reports_the_updated_state_s_finiteness():
+  cfg = load_config(None, TINY)
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = state_lib.build(cfg, cfg.data.vocab_size, mesh)
+  step_fn = step_lib.jit_train_step(built)
+  batch = next(Batches(cfg, mesh))
+  state, metrics = step_fn(built.state, batch)
+  assert float(metrics["finite_state"]) == 1.0 and "skipped_steps" not in metrics
+  # a NaN in one parameter leaf: the loss goes NaN, and the state it returns is flagged
+  leaves, treedef = jax.tree.flatten(state.params)
+  leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(jnp.nan)
+  state = state._replace(params=jax.tree.unflatten(treedef, leaves))
+  _, metrics = step_fn(state, batch)
+  assert float(metrics["finite_state"]) == 0.0
+
+
+def nan_at_step(step: int) -> objectives.Objective:
+  """The LM loss, times NaN at optimizer step ``step``: a NaN loss and NaN gradients."""
+  def objective(model, batch, ctx):
+    logits = objectives.batch_logits(model, batch)
+    ce, _, _ = lm.cross_entropy_loss(logits, batch["targets"])
+    return ce * jnp.where(ctx.step == step, jnp.nan, 1.0), {}
+  return objective
+
+
+def test_skip_drops_a_non_finite_update_counts_it_and_advances_the_step(tmp_path):
+  cfg = load_config(None, TINY + ["train.nonfinite=skip"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  built = state_lib.build(
+      cfg, cfg.data.vocab_size, mesh, extras_init=lambda params: step_lib.skip_extras(cfg),
+      extras_shardings={"skipped_steps": sharding.replicated(mesh)})
+  step_fn = step_lib.jit_train_step(built, nan_at_step(1))
+  batches = Batches(cfg, mesh)
+  state, metrics = step_fn(built.state, next(batches))
+  assert float(metrics["skipped_steps"]) == 0 and float(metrics["finite_state"]) == 1.0
+  before = jax.device_get(state)
+  skipped, metrics = step_fn(state, next(batches))
+  assert math.isnan(float(metrics["loss"])) and math.isnan(float(metrics["grad_norm"]))
+  assert float(metrics["finite_state"]) == 1.0 and float(metrics["skipped_steps"]) == 1
+  assert int(skipped.step) == 2 and int(skipped.extras["skipped_steps"]) == 1
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((skipped.params, skipped.opt_state))):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  after, metrics = step_fn(skipped, next(batches))  # training goes on from the kept state
+  assert float(metrics["skipped_steps"]) == 1 and math.isfinite(float(metrics["loss"]))
+  assert any(not np.array_equal(a, np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)))
+  # the count is part of the checkpointed state: saved and restored bit-exactly
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=False)
+  try:
+    ckpt.save(3, after, batches, {"process_count": 1})
+    restored = ckpt.restore(3, ckpt_lib.with_shardings(after, built.state_shardings),
+                            None).state
+  finally:
+    ckpt.close()
+  assert int(restored.extras["skipped_steps"]) == 1
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_skip_needs_no_gradient_accumulation():
+  with pytest.raises(ConfigError, match=r"^train.nonfinite: 'skip' drops"):
+    load_config(None, TINY + ["train.nonfinite=skip", "optim.grad_accum_steps=2"])
+  with pytest.raises(ConfigError, match=r"train.nonfinite: 'drop' is not one of"):
+    load_config(None, TINY + ["train.nonfinite=drop"])

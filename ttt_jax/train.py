@@ -53,7 +53,12 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       cfg, corpus, train_batch_size=cfg.train.batch_size // accum,
       eval_batch_size=eval_batch_size, eval_batches=cfg.eval.batches)
 
-  built = state_lib.build(cfg, corpus.vocab_size, mesh)
+  skip_extras = step_lib.skip_extras(cfg)  # train.nonfinite='skip' keeps a counter
+  built = state_lib.build(
+      cfg, corpus.vocab_size, mesh,
+      extras_init=None if skip_extras is None else lambda params: skip_extras,
+      extras_shardings=None if skip_extras is None else {
+          name: sharding.replicated(mesh) for name in skip_extras})
   n_params = lm.count_params(built.state.params)
   log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer.type}, "
       f"residual={cfg.model.residual.type}, optimizer={cfg.optim.name}")
@@ -100,9 +105,11 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     evaluation = loop.Evaluation(
         lambda s: eval_lm.evaluate(eval_step, s.params, eval_batches, piece_bytes), writer,
         every=cfg.train.eval_every, final_step=cfg.train.steps, log=log)
-    for hook in (loop.NanGuard(), progress, metrics_log, evaluation,
-                 loop.Checkpoint(ckpt, data_iter, run_meta, every=cfg.checkpoint.every,
-                                 log=log),
+    checkpoint = loop.Checkpoint(ckpt, data_iter, run_meta, every=cfg.checkpoint.every,
+                                 log=log)
+    nan_guard = loop.NanGuard(skip=cfg.train.nonfinite == "skip",
+                              newest_checkpoint=checkpoint.newest)
+    for hook in (nan_guard, progress, metrics_log, evaluation, checkpoint,
                  loop.Profile(workdir / "profile", cfg.logging.profile_start,
                               cfg.logging.profile_steps, trainer.clock, log),
                  loop.StopOnSignal(trainer.request_stop)):

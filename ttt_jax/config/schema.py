@@ -329,11 +329,22 @@ class TrainConfig:
   temporary buffer is mapped in 2 MiB pages instead of page-faulting in 4 KiB at a time
   every step: quickstart steps ~20% faster on CPU. A no-op off glibc or with THP off in
   the kernel; false runs with the system default."""
+  nonfinite: str = "stop"
+  """What a step whose loss, gradient norm or updated params/optimizer state is
+  non-finite does (the step reports the state's finiteness from one on-device
+  reduction, and a checkpoint is never saved from a non-finite state): 'stop' ends the
+  run naming the step and the newest checkpoint, which is finite, so a rerun resumes
+  from it; 'skip' keeps the params and optimizer state as they were (the step counter
+  and the data stream still advance) and counts the step in ``skipped_steps``
+  (metrics.jsonl; checkpointed as the train state's extra tree 'skipped_steps', so a
+  workdir resumes only with the mode that wrote it). 'skip' needs
+  optim.grad_accum_steps=1."""
 
   def __post_init__(self):
     check_positive("train", self, "steps", "batch_size", "log_every")
     registry.OBJECTIVES.get(self.objective)
     check_non_negative("train", self, "eval_every", "peak_flops", "stop_after")
+    check_choice("train", "nonfinite", self.nonfinite, ("stop", "skip"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,6 +472,10 @@ class Config:
     if self.train.batch_size % self.optim.grad_accum_steps:
       raise ConfigError(f"optim.grad_accum_steps: train.batch_size={self.train.batch_size} "
                         f"is not divisible by {self.optim.grad_accum_steps}")
+    if self.train.nonfinite == "skip" and self.optim.grad_accum_steps > 1:
+      raise ConfigError("train.nonfinite: 'skip' drops one micro-batch's update, which "
+                        "would shift optim.grad_accum_steps's accumulation; use 'stop' "
+                        f"or optim.grad_accum_steps=1 (got {self.optim.grad_accum_steps})")
     # the one hook for checks across sections: each model slot's, then the objective's
     for slot in SLOTS:
       getattr(self.model, slot).check(self)

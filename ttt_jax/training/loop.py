@@ -243,13 +243,40 @@ class Trainer:
     return Finished(state, step)
 
 
+def state_is_finite(metrics: Mapping[str, float]) -> bool:
+  """Whether a step's metrics say the state it returned is finite (its
+  ``finite_state``, averaged over micro-steps, is 1); true for a step that does not
+  report it."""
+  return metrics.get("finite_state", 1.0) == 1.0
+
+
 class NanGuard(Hook):
-  """Stops the run on a non-finite loss, before anything saves that state."""
+  """Stops the run before anything saves a non-finite state: on a step whose returned
+  params or optimizer state are non-finite (its ``finite_state`` metric) and, unless
+  ``skip`` (the step then drops such an update itself), on a non-finite loss.
+  ``newest_checkpoint()`` gives the newest checkpoint step of the workdir (None: none),
+  named in the error."""
+
+  def __init__(self, *, skip: bool = False,
+               newest_checkpoint: Callable[[], int | None] | None = None):
+    self.skip, self.newest_checkpoint = skip, newest_checkpoint
 
   def on_metrics(self, info: StepInfo) -> None:
-    loss = info.metrics["loss"]
-    if not math.isfinite(loss):
-      raise TrainingError(f"non-finite loss ({loss}) at step {info.step}; stopping")
+    loss, metrics = info.metrics["loss"], info.metrics
+    finite_state = state_is_finite(metrics)
+    if finite_state and (self.skip or math.isfinite(loss)):
+      return
+    what = "train state" if not finite_state else "loss"
+    detail = f"loss {loss:.4g}"
+    if "grad_norm" in metrics:
+      detail += f", grad_norm {metrics['grad_norm']:.4g}"
+    message = f"non-finite {what} at step {info.step} ({detail}); stopping"
+    if self.newest_checkpoint is not None:
+      newest = self.newest_checkpoint()
+      message += ("; no checkpoint was saved in this workdir" if newest is None else
+                  f"; the newest checkpoint, step {newest}, is finite: rerun to resume "
+                  "from it")
+    raise TrainingError(message)
 
 
 class Progress(Hook):
@@ -349,13 +376,29 @@ class Checkpoint(Hook):
                every: int, log: Callable[[str], None]):
     self.ckpt, self.data_iter, self.meta = ckpt, data_iter, meta
     self.every, self.log = every, log
+    self.newest_step: int | None = None
+
+  def start(self, info: StepInfo) -> None:
+    steps = self.ckpt.all_steps()
+    self.newest_step = steps[-1] if steps else None
+
+  def newest(self) -> int | None:
+    """The newest checkpoint of the workdir: this run's last save, or the one it
+    resumed from (None: there is none)."""
+    return self.newest_step
 
   def due(self, info: StepInfo) -> bool:
     return (bool(self.every) and info.step % self.every == 0 or info.step == info.last_step
             or info.stop_reason is not None)
 
   def after_step(self, info: StepInfo) -> None:
+    # the loop read this step's metrics (and ran the NaN guard) before any due hook;
+    # this refusal is the second line of defence, for loops run without the guard
+    if info.metrics is None or not state_is_finite(info.metrics):
+      raise TrainingError(f"step {info.step}: refusing to save a checkpoint of a train state "
+                          "that is not known to be finite")
     self.ckpt.save(info.step, info.state, self.data_iter, self.meta)
+    self.newest_step = info.step
 
   def stopped(self, info: StepInfo) -> None:
     # due at every stop, so the step's checkpoint exists (saved in this pass or the first)

@@ -10,12 +10,19 @@ with ``step = state.step // grad_accum_steps`` (the optimizer step) and
 unless the caller passes its own. The eval step sums the next-token NLL, the tokens and
 their bytes of a batch (``objectives.batch_logits``), for loss, perplexity and bits per
 byte. ``compile_step`` AOT-compiles a jitted step and reports its compiled memory.
+
+Every step also reports ``finite_state``: whether the params and optimizer state it
+returns are all finite (``all_finite``, one fused reduction on device), which the
+loop's NaN guard and checkpoint hook read before anything saves that state. With
+``train.nonfinite='skip'`` a step whose loss, gradient norm or updated state is
+non-finite returns the old params and optimizer state (``jnp.where`` over the tree),
+and counts itself in the state's extra tree ``skipped_steps``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +37,37 @@ from ttt_jax.training.objectives import Objective, StepContext
 from ttt_jax.training.state import Built, TrainState
 
 
+FINITE_STATE = "finite_state"
+"""The step's metric: 1.0 if the params and optimizer state it returns are all finite."""
+SKIPPED = "skipped_steps"
+"""With ``train.nonfinite='skip'``: the state's extra tree (an int32 scalar) and the
+step's metric counting the steps whose update was dropped as non-finite."""
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """A bool scalar: every floating-point element of ``tree`` is finite. One reduction
+  per leaf combined into one scalar, all inside the caller's jit, so the host reads one
+  value, not one per array."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def skip_extras(cfg: Config) -> dict[str, jax.Array] | None:
+  """The extra trees ``train.nonfinite='skip'`` adds to the state (its counter), for
+  ``state.build``'s ``extras_init``; None otherwise."""
+  if cfg.train.nonfinite != "skip":
+    return None
+  return {SKIPPED: jnp.zeros((), jnp.int32)}
+
+
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     objective: Objective | None = None):
   """The pure step on one micro-batch: ``(state, batch) -> (state, metrics)``.
   ``objective``: the loss to differentiate (default: ``train.objective``'s)."""
   objective = objective if objective is not None else objectives.build(cfg)
   accum = cfg.optim.grad_accum_steps
+  skip_nonfinite = cfg.train.nonfinite == "skip"
   base_key = jax.random.key(cfg.train.seed)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -48,8 +80,19 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    extras = state.extras
+    if skip_nonfinite:  # keep the old params and optimizer state: a select, not a branch
+      ok = all_finite((params, opt_state)) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                       (params, opt_state), (state.params, state.opt_state))
+      extras = {**extras, SKIPPED: extras[SKIPPED] + (~ok).astype(jnp.int32)}
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               FINITE_STATE: all_finite((params, opt_state)).astype(jnp.float32), **aux}
+    if skip_nonfinite:
+      metrics[SKIPPED] = extras[SKIPPED]
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          extras=extras), metrics
 
   return train_step
 
