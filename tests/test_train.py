@@ -7,16 +7,22 @@ import json
 import math
 import os
 import time
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import evaluate as evaluate_cli
-from ttt_jax import generate, train
+from ttt_jax import generate, sharding, train
 from ttt_jax.errors import TrainingError
 from ttt_jax.eval import lm as eval_lm
+from ttt_jax.training import objectives
+from ttt_jax.training import state as state_lib
+from ttt_jax.training import step as step_lib
 from ttt_jax.training.step import train_flops_per_step
 from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_config, train_losses
 
@@ -156,9 +162,124 @@ def test_eval_time_is_not_counted_as_step_time(corpus, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(corpus, tmp_path):
   cfg = tiny_config(*corpus, "model.init_std=1e30", "train.eval_every=0")
-  with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step [12]; stopping"):
+  with pytest.raises(TrainingError, match=r"non-finite (loss|train state) at step [12] "
+                                          r"\(loss [\w.]+, grad_norm \w+\); stopping; no checkpoint"):
     train.train(cfg, tmp_path)
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def checkpointed_states(cfg, workdir) -> dict[int, Any]:
+  """Every checkpoint left in ``workdir``, restored: {step: train state}."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=10, async_save=False)
+  try:
+    states = {}
+    for step in ckpt.all_steps():
+      vocab_size = int(ckpt.read_meta(step)["vocab_size"])
+      extras = step_lib.skip_extras(cfg)
+      _, _, abstract, shardings = state_lib.abstract_state(
+          cfg, vocab_size, mesh, extras and jax.eval_shape(lambda: extras),
+          extras and {name: sharding.replicated(mesh) for name in extras})
+      states[step] = ckpt.restore(step, ckpt_lib.with_shardings(abstract, shardings),
+                                  None).state
+  finally:
+    ckpt.close()
+  return states
+
+
+def is_finite(state) -> bool:
+  return bool(step_lib.all_finite((state.params, state.opt_state)))
+
+
+@pytest.mark.slow
+def test_a_diverging_run_saves_no_nan_checkpoint_and_a_rerun_resumes(corpus, tmp_path,
+                                                                      capsys):
+  """The issue's repro: lr 1e6 and a checkpoint every step. The loss stays finite a step
+  longer than the gradients; no checkpoint of a NaN state is saved, and a rerun with a
+  sane lr resumes from the newest (finite) one."""
+  diverging = tiny_config(*corpus, "optim.lr=1e6", "optim.warmup_steps=0",
+                          "checkpoint.every=1", "checkpoint.keep=10", "train.eval_every=0")
+  with pytest.raises(TrainingError) as error:
+    train.train(diverging, tmp_path)
+  states = checkpointed_states(diverging, tmp_path)
+  newest = max(states)
+  assert str(error.value).endswith(
+      f"; stopping; the newest checkpoint, step {newest}, is finite: rerun to resume from it")
+  assert all(is_finite(state) for state in states.values())
+  # lr 1e6 moved every parameter by ~1e6 at step 1: the checkpoints are finite but
+  # ruined, so the rerun resumes from the newest and stops there again, saving nothing
+  capsys.readouterr()
+  with pytest.raises(TrainingError) as again:
+    train.train(tiny_config(*corpus, "train.steps=8", "train.eval_every=0",
+                            "checkpoint.every=1", "checkpoint.keep=10"), tmp_path)
+  assert f"resumed from checkpoint at step {newest}\n" in capsys.readouterr().out
+  assert str(again.value).startswith(f"non-finite train state at step {newest + 1} ")
+  assert f"; the newest checkpoint, step {newest}, is finite" in str(again.value)
+  assert checkpointed_states(diverging, tmp_path).keys() == states.keys()
+
+
+LM_OBJECTIVE = objectives.build
+
+
+def nan_gradients_at(cfg, step: int) -> objectives.Objective:
+  """The LM loss with a finite value but NaN gradients at optimizer step ``step``
+  (1-based, as the loop counts): d sqrt(x)/dx is inf at 0, times dx/dparams = 0."""
+  lm_loss = LM_OBJECTIVE(cfg)
+
+  def objective(model, batch, ctx):
+    loss, aux = lm_loss(model, batch, ctx)
+    first = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    x = jnp.where(ctx.step == step - 1, jnp.sum(first * 0.0), 1.0)
+    return loss + jnp.sqrt(x) - jnp.where(ctx.step == step - 1, 0.0, 1.0), aux
+  return objective
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad_step", [5, 8])
+def test_a_run_diverging_at_any_step_leaves_its_newest_checkpoint_finite(
+    corpus, tmp_path, monkeypatch, bad_step):
+  """NaN gradients under a finite loss at ``bad_step`` (8: the run's last step, which
+  used to exit 0 with a NaN final checkpoint): the run stops there, and the newest
+  checkpoint is the last one before it, finite."""
+  monkeypatch.setattr(objectives, "build", lambda cfg: nan_gradients_at(cfg, bad_step))
+  cfg = tiny_config(*corpus, "train.steps=8", "train.eval_every=0", "checkpoint.every=3")
+  with pytest.raises(TrainingError, match=rf"^non-finite train state at step {bad_step} "
+                                          r"\(loss [0-9.]+, grad_norm nan\); stopping; the "
+                                          rf"newest checkpoint, step {bad_step // 3 * 3}, is"):
+    train.train(cfg, tmp_path)
+  states = checkpointed_states(cfg, tmp_path)
+  assert max(states) == bad_step // 3 * 3 and all(is_finite(s) for s in states.values())
+  monkeypatch.undo()  # the cause fixed, a rerun resumes from it and trains on
+  summary = train.train(cfg, tmp_path)
+  assert summary["start_step"] == bad_step // 3 * 3 and summary["final_step"] == 8
+  assert is_finite(summary["state"])
+
+
+@pytest.mark.slow
+def test_skip_drops_non_finite_updates_counts_them_and_resumes_with_the_count(
+    corpus, tmp_path, monkeypatch):
+  monkeypatch.setattr(objectives, "build", lambda cfg: nan_gradients_at(cfg, 3))
+  overrides = ("train.steps=8", "train.eval_every=0", "checkpoint.every=2",
+               "train.nonfinite=skip")
+  whole = train.train(tiny_config(*corpus, *overrides), tmp_path / "whole")
+  rows = [r for r in read_metrics(tmp_path / "whole") if "loss" in r]
+  assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+  assert [r["finite_state"] for r in rows] == [1.0] * 8
+  assert rows[2]["grad_norm"] in (None, "NaN") or math.isnan(rows[2]["grad_norm"])
+  assert is_finite(whole["state"])
+  assert int(whole["state"].extras["skipped_steps"]) == 1 and int(whole["state"].step) == 8
+  # interrupted after the skip and resumed: the same losses, count and params
+  first = train.train(tiny_config(*corpus, *overrides, "train.stop_after=5"),
+                      tmp_path / "resumed")
+  assert first["final_step"] == 5
+  resumed = train.train(tiny_config(*corpus, *overrides), tmp_path / "resumed")
+  assert resumed["start_step"] == 5
+  assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "whole")
+  assert ([r["skipped_steps"] for r in read_metrics(tmp_path / "resumed") if "loss" in r]
+          == [0, 0, 1, 1, 1, 1, 1, 1])
+  assert int(resumed["state"].extras["skipped_steps"]) == 1
+  for a, b in zip(params_of(whole), params_of(resumed)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
