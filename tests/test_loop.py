@@ -294,6 +294,7 @@ def test_the_checkpoint_hook_refuses_a_state_not_known_to_be_finite():
   assert ckpt.steps == [1]
 
 
+@pytest.mark.slow
 def test_the_train_step_reports_the_updated_state_s_finiteness():
   cfg = load_config(None, TINY)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -319,6 +320,7 @@ def nan_at_step(step: int) -> objectives.Objective:
   return objective
 
 
+@pytest.mark.slow
 def test_skip_drops_a_non_finite_update_counts_it_and_advances_the_step(tmp_path):
   cfg = load_config(None, TINY + ["train.nonfinite=skip"])
   mesh = sharding.make_mesh(cfg.mesh)
