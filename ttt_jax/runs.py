@@ -171,6 +171,14 @@ def _check_state_signature(meta: dict[str, Any], cfg: Config, state: Any) -> Non
         "(an untied LM head's weight moved from 'head' to 'head.w'); resume it with that "
         "version or use a new --workdir")
   if first.startswith(EXTRAS_PREFIX):
+    saved_skip = "skipped_steps" in _extra_names(saved)
+    if saved_skip != ("skipped_steps" in _extra_names(current)):
+      modes = {True: "'skip'", False: "'stop'"}
+      raise CheckpointError(
+          f"train.nonfinite: the checkpoint was written with {modes[saved_skip]}, whose "
+          f"train state {'has' if saved_skip else 'lacks'} the skipped_steps counter; "
+          f"resume with train.nonfinite={modes[saved_skip]} or use a new --workdir "
+          "(--init-from to start from its params)")
     raise CheckpointError(
         f"train state extras: the checkpoint has the extra trees {_extra_names(saved)}, "
         f"this run {_extra_names(current)} ({detail}); resume with the settings that "
