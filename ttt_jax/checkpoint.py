@@ -169,27 +169,17 @@ def _on_cpu(leaf: Any) -> bool:
   return not isinstance(leaf, jax.Array) or all(d.platform == "cpu" for d in leaf.devices())
 
 
-def dispatch_checksums(state: Any) -> tuple[list[str], jax.Array]:
-  """(paths, device array of their checksums), dispatched without waiting for them."""
-  with_paths = jax.tree_util.tree_leaves_with_path(state)
-  leaves = [leaf for _, leaf in with_paths]
-  return ([jax.tree_util.keystr(path) for path, _ in with_paths],
-          _checksum_words(leaves, fold=all(_on_cpu(leaf) for leaf in leaves)))
-
-
-def fetch_checksums(dispatched: tuple[list[str], jax.Array]) -> dict[str, str]:
-  """``{path: hex}`` of ``dispatch_checksums``' result: one transfer to the host."""
-  paths, words = dispatched
-  if not words.is_fully_addressable:  # replicated over processes: any local copy has it
-    words = words.addressable_data(0)
-  words = np.asarray(words)
-  return {path: f"{int(h):08x}" for path, h in zip(paths, words)}
-
-
 def state_checksums(state: Any) -> dict[str, str]:
   """``{path: 8 hex digits}``: a checksum of each array's global values, keyed like
-  ``state_signature`` (formula in the module docstring)."""
-  return fetch_checksums(dispatch_checksums(state))
+  ``state_signature`` (formula in the module docstring): one program for the whole
+  tree, one transfer of its result to the host."""
+  with_paths = jax.tree_util.tree_leaves_with_path(state)
+  leaves = [leaf for _, leaf in with_paths]
+  words = _checksum_words(leaves, fold=all(_on_cpu(leaf) for leaf in leaves))
+  if not words.is_fully_addressable:  # replicated over processes: any local copy has it
+    words = words.addressable_data(0)
+  return {jax.tree_util.keystr(path): f"{int(h):08x}"
+          for (path, _), h in zip(with_paths, np.asarray(words))}
 
 
 def verify_checksums(step: int, saved: dict[str, str], state: Any,
@@ -343,17 +333,16 @@ class Checkpointer:
     data_state = _IteratorState(data_iter)
     self._join_writer()
     if not self.background:
-      self._save(step, state, data_state, meta, dispatch_checksums(state))
+      self._save(step, state, data_state, meta)
       return
     snapshot = jax.device_put(state, may_alias=False)
-    # dispatched here, in program order with the train steps; fetched by the writer
-    checksums = dispatch_checksums(snapshot)
-    self._pending = self._writer.submit(self._save, step, snapshot, data_state, meta,
-                                        checksums)
+    # the writer hashes the snapshot (no train step donates it): the first save's
+    # compilation of the hash and its fetch stay off the training thread
+    self._pending = self._writer.submit(self._save, step, snapshot, data_state, meta)
 
   def _save(self, step: int, state: Any, data_state: _IteratorState,
-            meta: dict[str, Any], checksums: tuple[list[str], jax.Array]) -> None:
-    meta = {**meta, "state_checksums": fetch_checksums(checksums)}
+            meta: dict[str, Any]) -> None:
+    meta = {**meta, "state_checksums": state_checksums(state)}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
         data=grain.checkpoint.CheckpointSave(data_state),
