@@ -1,5 +1,6 @@
-"""Checkpointer: dtypes, the data position (exactly once), process-count changes, and
-checkpoints of an earlier form of the train state."""
+"""Checkpointer: dtypes, the data position (exactly once), process-count changes,
+checkpoints of an earlier form of the train state, and the checksums of the saved
+values that a restore verifies."""
 
 from __future__ import annotations
 
@@ -453,6 +454,22 @@ def test_four_bytes_overwritten_in_a_compressed_array_file_are_detected(tmp_path
              for m in messages), messages
 
 
+def test_init_from_params_verifies_their_checksums(tmp_path):
+  """``load_params`` (params only, a partial restore) checks the params it loads."""
+  state = {"params": noisy_state(1), "opt": {"mu": jnp.zeros(3)}}
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, compress=False)
+  ckpt.save(5, state, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  like = abstract_like(state["params"])
+  step, params, _ = ckpt_lib.load_params(tmp_path, like, check=lambda meta: None)
+  np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(state["params"]["w"]))
+  target = largest_state_file(tmp_path, 5)
+  target.write_bytes(np.random.default_rng(3).bytes(target.stat().st_size))
+  with pytest.raises(ckpt_lib.ChecksumError,
+                     match=r"checkpoint 5: array \['params'\]\['w'\] does not match"):
+    ckpt_lib.load_params(tmp_path, like, check=lambda meta: None)
+
+
 def test_a_checkpoint_without_checksums_restores_unchecked(tmp_path):
   """A checkpoint written before checksums (its meta has none) restores as before,
   while a new save records them."""
@@ -468,3 +485,25 @@ def test_a_checkpoint_without_checksums_restores_unchecked(tmp_path):
   restored = restore_state(tmp_path, 1, state)
   for key, value in state.items():
     np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+
+@pytest.mark.slow
+def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_garbled(tmp_path, capsys):
+  """The issue's repro on a real run (checkpoint.compress=false): same-size random bytes
+  over the largest file of the newest checkpoint's state."""
+  from ttt_jax import train  # pylint: disable=import-outside-toplevel
+  from train_util import copy_stdlib_corpus, tiny_config  # pylint: disable=import-outside-toplevel
+  corpus = (copy_stdlib_corpus(tmp_path / "src"), tmp_path / "cache")
+  workdir = tmp_path / "run"
+  train.train(tiny_config(*corpus, "train.steps=40", "train.eval_every=0",
+                          "checkpoint.compress=false"), workdir)
+  target = largest_state_file(workdir / "checkpoints", 40)
+  target.write_bytes(np.random.default_rng(0).bytes(target.stat().st_size))
+  capsys.readouterr()
+  summary = train.train(tiny_config(*corpus, "train.steps=45", "train.eval_every=0",
+                                    "checkpoint.compress=false"), workdir)
+  out = capsys.readouterr().out
+  assert summary["start_step"] == 20
+  line = next(line for line in out.splitlines() if line.startswith("checkpoint 40: array"))
+  assert "does not match its saved checksum" in line and "trying an older one" in line
+  assert (tmp_path / "run" / "checkpoints.damaged" / "40-0").is_dir()
