@@ -320,8 +320,9 @@ def mixed_state():
 
 def test_checksums_follow_the_documented_formula():
   """On either reduction (CPU's fold, other devices' one sum), and for arrays larger
-  than the fold's stop, with sizes that leave a remainder at each fold."""
-  state = {**mixed_state(), "odd_fp32": jnp.arange(8 * 1031 + 5, dtype=jnp.float32) / 3}
+  than the fold's stop and chunk, with sizes that leave a remainder at each fold."""
+  state = {**mixed_state(), "odd_fp32": jnp.arange(8 * 1031 + 5, dtype=jnp.float32) / 3,
+           "chunks_fp32": jnp.arange(2 * ckpt_lib._CHUNK + 3, dtype=jnp.float32) / 3}
   sums = ckpt_lib.state_checksums(state)
   assert set(sums) == set(ckpt_lib.state_signature(state))
   leaves = [state[k] for k in sorted(state)]

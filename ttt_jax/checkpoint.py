@@ -41,8 +41,8 @@ changing any one word always changes ``h``, and swapping two different words cha
 it except by a 2**-32-scale accident, as does random damage. Integer sums do not depend
 on the order of reduction, so the value is the same under any mesh or sharding: the
 global array's values are hashed, not its shards or files. On CPU devices the sum is
-taken by folding the words' eighths onto each other (XLA's CPU integer reductions are
-several times slower than its elementwise adds); elsewhere by one ``jnp.sum``, which
+taken by folding the eighths of each chunk of 2**18 words onto each other (XLA's CPU
+integer reductions are several times slower than its elementwise adds); elsewhere by one ``jnp.sum``, which
 keeps a sharded array's words where they are. It costs about 0.4 ns per word here, a
 few percent of a save (``bench io`` reports it).
 
@@ -128,18 +128,30 @@ def _words(x: jax.Array) -> jax.Array:
   raise TypeError(f"cannot checksum an array of dtype {x.dtype}")
 
 
+_CHUNK = 2**18
+"""Words per chunk of the CPU fold: folding chunks that stay in cache is ~6x faster on a
+multi-million-word array than folding it whole."""
+
+
 def _folded_sum(v_N: jax.Array, ways: int = 8, stop: int = 1024) -> jax.Array:
-  """sum(v_N) mod 2**32 of a 1-D uint32 array, by adding its ``ways`` equal parts
-  elementwise until ``stop`` words are left (the remainder words summed aside)."""
-  total = jnp.zeros((), jnp.uint32)
-  while v_N.size > stop:
-    rest = v_N.size % ways
-    if rest:
-      total = total + jnp.sum(v_N[v_N.size - rest:], dtype=jnp.uint32)
-      v_N = v_N[:v_N.size - rest]
-    part = v_N.size // ways
-    v_N = sum((v_N[k * part:(k + 1) * part] for k in range(1, ways)), v_N[:part])
-  return total + jnp.sum(v_N, dtype=jnp.uint32)
+  """sum(v_N) mod 2**32 of a 1-D uint32 array: in chunks of ``_CHUNK`` words (at most
+  1024 chunks), each folded by adding its ``ways`` equal parts elementwise until
+  ``stop`` words are left (remainder words summed aside)."""
+
+  def fold(part_N: jax.Array) -> jax.Array:
+    total = jnp.zeros((), jnp.uint32)
+    while part_N.size > stop:
+      rest = part_N.size % ways
+      if rest:
+        total = total + jnp.sum(part_N[part_N.size - rest:], dtype=jnp.uint32)
+        part_N = part_N[:part_N.size - rest]
+      size = part_N.size // ways
+      part_N = sum((part_N[k * size:(k + 1) * size] for k in range(1, ways)), part_N[:size])
+    return total + jnp.sum(part_N, dtype=jnp.uint32)
+
+  chunk = max(_CHUNK, -(-v_N.size // 1024))
+  sums = [fold(v_N[start:start + chunk]) for start in range(0, v_N.size, chunk)]
+  return sum(sums[1:], sums[0])
 
 
 def _array_checksum(x: jax.Array, fold: bool) -> jax.Array:
