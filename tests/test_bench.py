@@ -102,6 +102,20 @@ def test_save_cost_times_saves_that_land_as_complete_checkpoints(tmp_path):
   assert cost["save_alone_wall_s"] > 0 and cost["save_alone_cpu_s"] > 0
 
 
+def test_checksum_cost_times_the_checksums_and_a_verified_restore(tmp_path):
+  state = {"w": jnp.arange(4096, dtype=jnp.float32)}
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=5)
+  try:
+    ckpt.save(3, state, _Position(), {"process_count": 1})
+    ckpt.wait()
+    cost = bench_io.checksum_cost(ckpt, state, 3, repeats=2)
+  finally:
+    ckpt.close()
+  assert set(cost) == {"checksum_wall_s", "checksum_cpu_s", "restore_wall_s",
+                       "restore_cpu_s"}
+  assert all(value > 0 for value in cost.values())
+
+
 @pytest.mark.slow
 def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate(tmp_path):
   cfg = tiny_config(copy_stdlib_corpus(tmp_path / "src"), tmp_path / "cache", "data.seq_len=16")
@@ -113,6 +127,9 @@ def test_bench_io_reports_the_stall_the_save_cost_and_the_data_rate(tmp_path):
   assert result["save_alone_cpu_fraction_of_step"] == pytest.approx(
       result["save_alone_cpu_s"] / result["step_time_s"])
   assert result["save_alone_wall_s"] > 0 and result["checkpoint_bytes"] > 0
+  assert result["checksum_cpu_fraction_of_save"] == pytest.approx(
+      result["checksum_cpu_s"] / result["save_alone_cpu_s"])
+  assert result["checksum_first_call_wall_s"] > 0 and result["restore_wall_s"] > 0
   assert result["trainer_tokens_per_sec"] == pytest.approx(8 * 16 / result["step_time_s"])
   assert result["data_over_trainer"] == pytest.approx(
       result["data_tokens_per_sec"] / result["trainer_tokens_per_sec"])

@@ -1,5 +1,6 @@
-"""Checkpointer: dtypes, the data position (exactly once), process-count changes, and
-checkpoints of an earlier form of the train state."""
+"""Checkpointer: dtypes, the data position (exactly once), process-count changes,
+checkpoints of an earlier form of the train state, and the checksums of the saved
+values that a restore verifies."""
 
 from __future__ import annotations
 
@@ -279,3 +280,231 @@ def test_init_from_path_forms(tmp_path):
   assert ckpt_lib.resolve_source(run / "checkpoints" / "5") == (run / "checkpoints", 5)
   with pytest.raises(ckpt_lib.CheckpointError, match="--init-from expects"):
     ckpt_lib.resolve_source(tmp_path / "nothing")
+
+
+# --- checksums of the saved values (issue 21: "verify what is loaded") ---
+
+def reference_checksum(x) -> str:
+  """The module docstring's formula in numpy, on the host."""
+  x = np.asarray(x)
+  if x.dtype == np.bool_:
+    w = x.astype(np.uint32)
+  elif x.dtype.itemsize in (1, 2):
+    w = x.view(f"uint{8 * x.dtype.itemsize}").astype(np.uint32)
+  else:
+    w = x.view(np.uint32)
+  w = w.reshape(-1)
+  i = np.arange(w.size, dtype=np.uint32)
+
+  def fmix(v):
+    v = v ^ (v >> np.uint32(16))
+    v = v * np.uint32(0x85EBCA6B)
+    v = v ^ (v >> np.uint32(13))
+    v = v * np.uint32(0xC2B2AE35)
+    return v ^ (v >> np.uint32(16))
+
+  with np.errstate(over="ignore"):
+    h = fmix(w ^ (i * np.uint32(0x9E3779B9))).sum(dtype=np.uint32)
+  return f"{int(h):08x}"
+
+
+def mixed_state():
+  rng = np.random.default_rng(0)
+  return {"w_fp32": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+          "w_bf16": jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16),
+          "ids_int32": jnp.asarray(rng.integers(-9, 9, size=(8, 4)), jnp.int32),
+          "bytes_uint8": jnp.asarray(rng.integers(0, 255, size=(8,)), jnp.uint8),
+          "mask_bool": jnp.asarray(rng.integers(0, 2, size=(8, 2)), bool),
+          "step": jnp.asarray(7, jnp.int32)}
+
+
+def test_checksums_follow_the_documented_formula():
+  """On either reduction (CPU's fold, other devices' one sum), and for arrays larger
+  than the fold's stop and chunk, with sizes that leave a remainder at each fold."""
+  state = {**mixed_state(), "odd_fp32": jnp.arange(8 * 1031 + 5, dtype=jnp.float32) / 3,
+           "chunks_fp32": jnp.arange(2 * ckpt_lib._CHUNK + 3, dtype=jnp.float32) / 3}
+  sums = ckpt_lib.state_checksums(state)
+  assert set(sums) == set(ckpt_lib.state_signature(state))
+  leaves = [state[k] for k in sorted(state)]
+  unfolded = np.asarray(ckpt_lib._checksum_words(leaves, fold=False))
+  for key, value, other in zip(sorted(state), leaves, unfolded):
+    assert sums[f"['{key}']"] == reference_checksum(value) == f"{int(other):08x}", key
+
+
+def test_checksums_are_the_same_on_any_mesh_and_see_one_changed_or_swapped_element():
+  state = mixed_state()
+  expected = ckpt_lib.state_checksums(state)
+  P = jax.sharding.PartitionSpec
+  for shape, names, spec in [((8,), ("fsdp",), P("fsdp")),
+                             ((4, 2), ("data", "tensor"), P("data", "tensor")),
+                             ((2, 4), ("data", "tensor"), P(None, "data")),
+                             ((8,), ("fsdp",), P())]:
+    mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+    def place(x, spec=spec, mesh=mesh):
+      fits = x.ndim == len(spec) and all(
+          a is None or x.shape[d] % mesh.shape[a] == 0 for d, a in enumerate(spec))
+      return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec if fits else P()))
+
+    placed = jax.tree.map(place, state)
+    assert ckpt_lib.state_checksums(placed) == expected, (shape, spec)
+    unfolded = ckpt_lib._checksum_words(jax.tree.leaves(placed), fold=False)
+    assert [f"{int(h):08x}" for h in np.asarray(unfolded)] == [
+        expected[f"['{k}']"] for k in sorted(state)], (shape, spec)
+  for key, value in state.items():
+    flat = np.asarray(value).reshape(-1).copy()
+    changed = flat.copy()
+    changed[-1] = np.logical_not(changed[-1]) if flat.dtype == bool else changed[-1] + 1
+    variants = [changed]
+    i, j = next((i, j) for i in range(flat.size) for j in range(i + 1, flat.size)
+                if flat[i] != flat[j]) if flat.size > 1 else (None, None)
+    if i is not None:
+      swapped = flat.copy()
+      swapped[[i, j]] = swapped[[j, i]]
+      variants.append(swapped)
+    for variant in variants:
+      other = {**state, key: jnp.asarray(variant.reshape(value.shape), value.dtype)}
+      assert ckpt_lib.state_checksums(other)[f"['{key}']"] != expected[f"['{key}']"], key
+
+
+def test_a_resharded_restore_verifies_its_checksums(tmp_path):
+  """Saved on an (8,) mesh, restored onto a (4, 2) one: the checksums of the global
+  values match, so the restore passes; the meta records them."""
+  mesh8 = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh42 = jax.make_mesh((4, 2), ("data", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  P = jax.sharding.PartitionSpec
+  state = {"w": jax.device_put(jnp.arange(128, dtype=jnp.float32).reshape(16, 8) / 7,
+                               jax.sharding.NamedSharding(mesh8, P("fsdp")))}
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  ckpt.save(1, state, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  assert ckpt.read_meta(1)["state_checksums"] == ckpt_lib.state_checksums(state)
+  like = {"w": jax.device_put(state["w"], jax.sharding.NamedSharding(mesh42, P("data", "tensor")))}
+  restored = ckpt.restore(1, abstract_like(like), None).state
+  ckpt.close()
+  assert restored["w"].sharding == like["w"].sharding
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+
+
+def noisy_state(seed: int):
+  """Incompressible values (zstd stores them as raw blocks), large enough that the
+  array's data file is the largest file under ``state/``."""
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(128, 128)), jnp.float32),
+          "step": jnp.asarray(seed, jnp.int32)}
+
+
+def save_two(directory, compress: bool) -> None:
+  for step in (1, 2):
+    ckpt = ckpt_lib.Checkpointer(directory, keep=3, compress=compress)
+    ckpt.save(step, noisy_state(step), iter(dataset()), {"process_count": 1})
+    ckpt.close()
+
+
+def largest_state_file(directory, step: int):
+  files = [f for f in (directory / str(step) / "state").rglob("*") if f.is_file()]
+  return max(files, key=lambda f: f.stat().st_size)
+
+
+def restore_latest(directory):
+  messages = []
+  ckpt = ckpt_lib.Checkpointer(directory, keep=3)
+  try:
+    restored = ckpt.restore_latest(abstract_like(noisy_state(0)), None,
+                                   check=lambda meta: None, log=messages.append)
+  finally:
+    ckpt.close()
+  return restored, messages
+
+
+def assert_fell_back_to_step_1(directory, restored, messages):
+  assert restored is not None and restored.step == 1
+  np.testing.assert_array_equal(np.asarray(restored.state["w"]),
+                                np.asarray(noisy_state(1)["w"]))
+  assert any(m.startswith("checkpoint 2") for m in messages), messages
+  assert (directory.parent / (directory.name + ".damaged") / "2-0").is_dir()
+  assert all("\n" not in m for m in messages)
+
+
+def test_same_size_random_bytes_in_an_uncompressed_array_file_are_detected(tmp_path):
+  """The issue's repro: random bytes over the largest file of an uncompressed
+  checkpoint's state; the restore names the array and uses the previous checkpoint."""
+  directory = tmp_path / "checkpoints"
+  save_two(directory, compress=False)
+  target = largest_state_file(directory, 2)
+  target.write_bytes(np.random.default_rng(3).bytes(target.stat().st_size))
+  restored, messages = restore_latest(directory)
+  assert_fell_back_to_step_1(directory, restored, messages)
+  assert any("checkpoint 2: array ['w'] does not match its saved checksum" in m
+             for m in messages), messages
+
+
+def test_four_bytes_overwritten_in_a_compressed_array_file_are_detected(tmp_path):
+  directory = tmp_path / "checkpoints"
+  save_two(directory, compress=True)
+  target = largest_state_file(directory, 2)
+  data = bytearray(target.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 4] = b"\xde\xad\xbe\xef"
+  target.write_bytes(bytes(data))
+  restored, messages = restore_latest(directory)
+  assert_fell_back_to_step_1(directory, restored, messages)
+  assert any("checkpoint 2: array ['w'] does not match its saved checksum" in m
+             for m in messages), messages
+
+
+def test_init_from_params_verifies_their_checksums(tmp_path):
+  """``load_params`` (params only, a partial restore) checks the params it loads."""
+  state = {"params": noisy_state(1), "opt": {"mu": jnp.zeros(3)}}
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, compress=False)
+  ckpt.save(5, state, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  like = abstract_like(state["params"])
+  step, params, _ = ckpt_lib.load_params(tmp_path, like, check=lambda meta: None)
+  np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(state["params"]["w"]))
+  target = largest_state_file(tmp_path, 5)
+  target.write_bytes(np.random.default_rng(3).bytes(target.stat().st_size))
+  with pytest.raises(ckpt_lib.ChecksumError,
+                     match=r"checkpoint 5: array \['params'\]\['w'\] does not match"):
+    ckpt_lib.load_params(tmp_path, like, check=lambda meta: None)
+
+
+def test_a_checkpoint_without_checksums_restores_unchecked(tmp_path):
+  """A checkpoint written before checksums (its meta has none) restores as before,
+  while a new save records them."""
+  state = small_state()
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2)
+  ckpt.save(1, state, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  meta_file = next((tmp_path / "1" / "meta").glob("*"))
+  meta = json.loads(meta_file.read_text())
+  assert meta["state_checksums"] == ckpt_lib.state_checksums(state)
+  del meta["state_checksums"]
+  meta_file.write_text(json.dumps(meta))
+  restored = restore_state(tmp_path, 1, state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(value))
+
+
+@pytest.mark.slow
+def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_garbled(tmp_path, capsys):
+  """The issue's repro on a real run (checkpoint.compress=false): same-size random bytes
+  over the largest file of the newest checkpoint's state."""
+  from ttt_jax import train  # pylint: disable=import-outside-toplevel
+  from train_util import copy_stdlib_corpus, tiny_config  # pylint: disable=import-outside-toplevel
+  corpus = (copy_stdlib_corpus(tmp_path / "src"), tmp_path / "cache")
+  workdir = tmp_path / "run"
+  train.train(tiny_config(*corpus, "train.steps=40", "train.eval_every=0",
+                          "checkpoint.compress=false"), workdir)
+  target = largest_state_file(workdir / "checkpoints", 40)
+  target.write_bytes(np.random.default_rng(0).bytes(target.stat().st_size))
+  capsys.readouterr()
+  summary = train.train(tiny_config(*corpus, "train.steps=45", "train.eval_every=0",
+                                    "checkpoint.compress=false"), workdir)
+  out = capsys.readouterr().out
+  assert summary["start_step"] == 20
+  line = next(line for line in out.splitlines() if line.startswith("checkpoint 40: array"))
+  assert "does not match its saved checksum" in line and "trying an older one" in line
+  assert (tmp_path / "run" / "checkpoints.damaged" / "40-0").is_dir()

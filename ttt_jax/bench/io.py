@@ -2,8 +2,9 @@
 [--saves S] [--spare-writer-cpu]``.
 
 Measures the training stall caused by each async checkpoint save, as a fraction of one
-step, the wall and CPU time of a save run alone, and the tokens/s the data pipeline
-delivers alone against what the trainer consumes.
+step, the wall and CPU time of a save run alone and of a restore, the cost of the
+checksums a save records and a restore verifies (``checkpoint.state_checksums``), and
+the tokens/s the data pipeline delivers alone against what the trainer consumes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -45,6 +46,35 @@ def save_cost(ckpt: ckpt_lib.Checkpointer, state: Any, data_iter: Any, meta: dic
     walls.append(time.perf_counter() - wall)
   return {"save_alone_wall_s": statistics.median(walls),
           "save_alone_cpu_s": statistics.median(cpus)}
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[float]]:
+  """(wall seconds, process CPU seconds) of each of ``repeats`` calls of ``fn``."""
+  walls, cpus = [], []
+  for _ in range(repeats):
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    cpus.append(time.process_time() - cpu)
+    walls.append(time.perf_counter() - wall)
+  return walls, cpus
+
+
+def checksum_cost(ckpt: ckpt_lib.Checkpointer, state: Any, step: int,
+                  repeats: int) -> dict[str, float]:
+  """Wall and process CPU time of the state's checksums (``state_checksums``: the
+  on-device hash and its one fetch, which a save does once on the saved state and a
+  restore once on the restored one), and of a restore of checkpoint ``step`` with its
+  verification. Medians over ``repeats``, after one untimed call."""
+  jax.block_until_ready(state)
+  ckpt_lib.state_checksums(state)
+  walls, cpus = _timed(lambda: ckpt_lib.state_checksums(state), repeats)
+  abstract = ckpt_lib.with_shardings(state, jax.tree.map(lambda x: x.sharding, state))
+  restore_walls, restore_cpus = _timed(
+      lambda: jax.block_until_ready(ckpt.restore(step, abstract, None).state), repeats)
+  return {"checksum_wall_s": statistics.median(walls),
+          "checksum_cpu_s": statistics.median(cpus),
+          "restore_wall_s": statistics.median(restore_walls),
+          "restore_cpu_s": statistics.median(restore_cpus)}
 
 
 def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False) -> dict:
@@ -90,6 +120,9 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
   batches = [sharding.put_batch(next(data_iter), mesh) for _ in range(4)]
   compiled, _, _ = compile_step(step_fn, built.state, batches[0], log=lambda _: None)
   state = built.state
+  checksum_compile = time.perf_counter()  # once per run, in its first save
+  ckpt_lib.state_checksums(state)
+  checksum_compile = time.perf_counter() - checksum_compile
   for i in range(3):
     state, metrics = compiled(state, batches[i % 4])
   jax.block_until_ready(metrics)
@@ -118,6 +151,8 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
       float(pending["loss"])
       walls[saving].append(time.perf_counter() - start)
     cost = save_cost(ckpt, state, data_iter, meta, saves, first_step=2 * saves)
+    ckpt.wait()
+    cost.update(checksum_cost(ckpt, state, ckpt.all_steps()[-1], saves))
     ckpt.close()
   step_time = statistics.median(walls[False]) / every
   differences = [w - wo for w, wo in zip(walls[True], walls[False])]
@@ -154,7 +189,12 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
       "stall_fraction_of_step": stall / step_time,
       "median_save_call_s": statistics.median(save_calls),
       **cost,
+      "checksum_first_call_wall_s": checksum_compile,
       "save_alone_cpu_fraction_of_step": cost["save_alone_cpu_s"] / step_time,
+      "checksum_cpu_fraction_of_save": cost["checksum_cpu_s"] / cost["save_alone_cpu_s"],
+      "checksum_wall_fraction_of_save": cost["checksum_wall_s"] / cost["save_alone_wall_s"],
+      "checksum_cpu_fraction_of_restore": cost["checksum_cpu_s"] / cost["restore_cpu_s"],
+      "checksum_wall_fraction_of_restore": cost["checksum_wall_s"] / cost["restore_wall_s"],
       "interval_wall_s": {"without_save": walls[False], "with_save": walls[True]},
       "trainer_tokens_per_sec": consumed,
       "data_tokens_per_sec": delivered,
