@@ -32,13 +32,13 @@ from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.inference import sampling
 from ttt_jax.models.lm import LM
-from ttt_jax.runs import load_trained
+from ttt_jax.runs import check_workdir, load_trained
 
 
 def load_for_generation(workdir: str | Path, overrides: list[str] = ()
                         ) -> tuple[Config, LM, Tokenizer, StepAnnotator | None]:
   """(config, model, tokenizer, the semantic step annotator of a CCT run or None)."""
-  workdir = Path(workdir)
+  workdir = check_workdir(workdir)
   tokenizer_path = workdir / "tokenizer.model"
   if not tokenizer_path.exists():
     raise ConfigError(f"{tokenizer_path}: missing; generation needs the run's tokenizer")

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   pages on (``train.host_hugepages``) after the config has been checked."""
   args = parse_args(argv)
   with user_errors():
+    runs.check_workdir(args.workdir)
     overrides = list(args.set)
     if args.init_from:
       overrides.append(f"checkpoint.init_from={args.init_from}")
