@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
   with user_errors():
     if args.max_new_tokens < 1:
       raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-      raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not args.temperature >= 0:  # NaN too
+      raise ConfigError(f"--temperature: must be >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+      raise ConfigError(f"--top-p: must be in (0, 1], got {args.top_p}")
     text = generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          overrides=args.set, hash_chain=args.hash_chain)
