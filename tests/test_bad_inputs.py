@@ -112,7 +112,7 @@ CASES = [
     Case("config is a directory", ("train", "--config", "{files}", "--workdir", "{new}"),
          r"cannot read config file"),
     Case("config not UTF-8", ("train", "--config", "{files}/binary.yaml", "--workdir", "{new}"),
-         r"binary\.yaml"),
+         r"binary\.yaml: not a UTF-8 text file"),
     Case("invalid YAML", ("train", "--config", "{files}/invalid.yaml", "--workdir", "{new}"),
          r"invalid\.yaml: line \d+ invalid YAML"),
     Case("YAML list at the top", ("train", "--config", "{files}/list.yaml", "--workdir", "{new}"),
@@ -153,6 +153,8 @@ CASES = [
                                            "--max-new-tokens", "0"), r"--max-new-tokens: must be"),
     Case("generate, negative temperature", ("generate", "--workdir", "{run}", "--prompt", "def",
                                             "--temperature", "-1"), r"--temperature: must be"),
+    Case("generate, NaN temperature", ("generate", "--workdir", "{run}", "--prompt", "def",
+                                       "--temperature", "nan"), r"--temperature: must be"),
     Case("generate, top-p 0", ("generate", "--workdir", "{run}", "--prompt", "def", "--top-p", "0"),
          r"--top-p: must be in"),
     Case("generate, top-p 1.5", ("generate", "--workdir", "{run}", "--prompt", "def",
@@ -169,6 +171,8 @@ CASES = [
          r"'lmm' is not one of"),
     Case("evaluate, negative batches", ("evaluate", "--workdir", "{run}", "--batches", "-1"),
          r"--batches"),
+    Case("evaluate, another model", ("evaluate", "--workdir", "{run}", "--set", "model.d_model=32"),
+         r"model"),
     Case("evaluate, empty workdir", ("evaluate", "--workdir", ""), r"^error: --workdir: empty"),
     Case("evaluate, not a run", ("evaluate", "--workdir", "{files}"), r"no config\.yaml here"),
     # bench counts
@@ -187,9 +191,14 @@ CASES = [
     Case("bench ttt, zero mini-batch", ("bench", "ttt", "--mini-batch", "0"),
          r"^error: --mini-batch: must be >= 1"),
     Case("bench mhc, zero rounds", ("bench", "mhc", "--rounds", "0"), r"^error: --rounds: must be"),
+    Case("bench mhc, negative warmup", ("bench", "mhc", "--warmup", "-1"),
+         r"^error: --warmup: must be >= 0"),
     Case("bench mhc, zero replicas", ("bench", "mhc", "--replicas", "0"),
          r"^error: --replicas: must be"),
-    Case("bench cct, bad contexts", ("bench", "cct", "--contexts", "1024,x"), r"^error: --contexts"),
+    Case("bench cct, bad contexts", ("bench", "cct", "--config", "configs/cct_tier1_160m.yaml",
+                                     "--contexts", "1024,x"), r"^error: --contexts"),
+    Case("bench cct, zero context", ("bench", "cct", "--config", "configs/cct_tier1_160m.yaml",
+                                     "--contexts", "0"), r"^error: --contexts: every context"),
     Case("bench cct, zero new tokens", ("bench", "cct", "--hash-chain", "--new-tokens", "0"),
          r"^error: --new-tokens: must be >= 1"),
     # cct_chain records
@@ -294,9 +303,10 @@ def _run_case(setup: Setup, case: Case) -> Outcome:
     if arg == "TINY":
       argv.extend(setup.tiny)
     else:
-      argv.append(arg.format(run=setup.run, files=setup.files, new=new))
-  config_paths = {"configs/quickstart.yaml": str(REPO / "configs" / "quickstart.yaml")}
-  argv = [config_paths.get(arg, arg) for arg in argv]
+      for placeholder, path in (("{run}", setup.run), ("{files}", setup.files), ("{new}", new)):
+        arg = arg.replace(placeholder, str(path))
+      argv.append(arg)
+  argv = [str(REPO / arg) if arg.startswith("configs/") else arg for arg in argv]
   result = subprocess.run([sys.executable, "-m", f"ttt_jax.{case.argv[0]}", *argv],
                           env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
                           cwd=cwd)

@@ -284,6 +284,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
       text = path.read_text()
     except OSError as e:
       raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+      raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     try:
       loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
