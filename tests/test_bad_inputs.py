@@ -18,7 +18,9 @@ To add a case, append a ``Case`` to ``CASES``. In its ``argv``:
 - the item ``TINY`` expands to the ``--set`` flags of the good run's config (so a case
   that adds ``--set key=value`` after it changes that one field).
 ``fast=True`` marks a case that fails on the config alone, before JAX compiles anything:
-those run in the fast tier, the rest are ``slow``. The slow cases run two at a time.
+those run in the fast tier, the rest are ``slow``. The slow cases run two at a time: the
+whole module takes about 2 minutes on 2 idle CPUs (3 under load), most of it each
+process's JAX import.
 """
 
 from __future__ import annotations

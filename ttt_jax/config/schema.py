@@ -258,7 +258,8 @@ class OptimConfig:
   name: str = "adamw"
   """Optimizer: adamw | sgd | muon (Muon for hidden matrices, AdamW for the rest)."""
   lr: float = 3e-3
-  """Peak learning rate (for Muon: of the Muon-routed matrices)."""
+  """Peak learning rate (for Muon: of the Muon-routed matrices); finite and at most
+  ``MAX_LR`` (1e10)."""
   schedule: str = "cosine"
   """'cosine' (warmup, cosine to min_lr_ratio*lr), 'wsd' (warmup, constant, linear
   warmdown over the last decay_fraction) or 'constant' (warmup then constant)."""
@@ -281,7 +282,8 @@ class OptimConfig:
   nesterov: bool = False
   """Nesterov momentum for SGD and Muon."""
   adam_lr: float = 0.0
-  """muon: peak lr of the AdamW-routed params (embeddings, head, norms, scalars); 0 means lr."""
+  """muon: peak lr of the AdamW-routed params (embeddings, head, norms, scalars); 0 means lr.
+  Finite and at most ``MAX_LR``."""
   adam_b1: float = 0.9
   """muon: beta1 of the AdamW-routed params."""
   adam_b2: float = 0.95
