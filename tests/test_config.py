@@ -375,3 +375,22 @@ def test_naming_the_slots_own_mechanism_keeps_its_settings(tmp_path):
   assert load_config(None, ["model.mixer.mini_batch=8", "model.mixer=ttt_linear"]
                      ).model.mixer == TTTLinearConfig(mini_batch=8)
   assert load_config(path, ["model.mixer=attention"]).model.mixer == AttentionConfig()
+
+
+@pytest.mark.parametrize("field", ["lr", "adam_lr"])
+@pytest.mark.parametrize("value", ["1e39", "1e11", ".inf", ".nan"])
+def test_a_learning_rate_outside_float32s_useful_range_is_refused(field, value):
+  with pytest.raises(ConfigError, match=rf"^optim\.{field}: must be"):
+    load_config(None, [f"optim.{field}={value}"])
+  assert getattr(load_config(None, [f"optim.{field}=1e10"]).optim, field) == 1e10
+
+
+@pytest.mark.parametrize("text,key", [("model: 5\n", "model"), ("optim: [1]\n", "optim"),
+                                      ("model:\n  mixer: 3\n", "model.mixer"),
+                                      ("model:\n", "model")])
+@pytest.mark.parametrize("overrides", [[], ["model.n_layers=2"], ["model.mixer.mini_batch=8"]])
+def test_a_section_given_as_a_scalar_in_the_file_names_the_file(tmp_path, text, key, overrides):
+  path = tmp_path / "x.yaml"
+  path.write_text(text)
+  with pytest.raises(ConfigError, match=rf"^{path}: {key}: expected a"):
+    load_config(path, overrides)

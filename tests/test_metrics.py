@@ -65,3 +65,18 @@ def test_a_disabled_writer_writes_nothing(tmp_path):
   writer.close()
   assert not list(tmp_path.iterdir())
 
+
+
+def test_non_finite_values_are_written_as_null_and_the_file_is_strict_json(tmp_path):
+  writer = metrics.MetricsWriter(tmp_path, tensorboard=True, enabled=True)
+  writer.write(1, {"loss": np.float32("nan"), "lr": float("inf"), "grad_norm": -np.inf,
+                   "ttt/per_layer": [1.0, float("nan")], "mfu": 0.5})
+  writer.close()
+  text = (tmp_path / "metrics.jsonl").read_text()
+
+  def refuse(constant):
+    raise ValueError(f"bare {constant} in metrics.jsonl")
+
+  rows = [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+  assert rows == [{"step": 1, "loss": None, "lr": None, "grad_norm": None,
+                   "ttt/per_layer": [1.0, None], "mfu": 0.5}]

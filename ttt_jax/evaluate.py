@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ttt_jax import registry
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm  # noqa: F401  (registers the 'lm' task)
 from ttt_jax.eval.tasks import EvalTask
+from ttt_jax.runs import check_workdir
 
 
 def _task_name(argv: list[str] | None) -> str:
@@ -43,11 +43,12 @@ def main(argv: list[str] | None = None) -> None:
   task.add_arguments(parser)
   args = parser.parse_args(argv)
   with user_errors():
+    workdir = check_workdir(args.workdir)
     try:
       result = task.run(args)
     except ValueError as e:  # a task's one-line refusal (wrong kind of run, ...)
       raise ConfigError(str(e)) from None
-    (Path(args.workdir) / f"eval_{args.task}.json").write_text(
+    (workdir / f"eval_{args.task}.json").write_text(
         json.dumps(result, indent=2) + "\n")
   print(json.dumps(result, indent=2))
 

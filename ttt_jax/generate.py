@@ -32,13 +32,13 @@ from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.inference import sampling
 from ttt_jax.models.lm import LM
-from ttt_jax.runs import load_trained
+from ttt_jax.runs import check_workdir, load_trained
 
 
 def load_for_generation(workdir: str | Path, overrides: list[str] = ()
                         ) -> tuple[Config, LM, Tokenizer, StepAnnotator | None]:
   """(config, model, tokenizer, the semantic step annotator of a CCT run or None)."""
-  workdir = Path(workdir)
+  workdir = check_workdir(workdir)
   tokenizer_path = workdir / "tokenizer.model"
   if not tokenizer_path.exists():
     raise ConfigError(f"{tokenizer_path}: missing; generation needs the run's tokenizer")
@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
   with user_errors():
     if args.max_new_tokens < 1:
       raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-      raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not args.temperature >= 0:  # NaN too
+      raise ConfigError(f"--temperature: must be >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+      raise ConfigError(f"--top-p: must be in (0, 1], got {args.top_p}")
     text = generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          overrides=args.set, hash_chain=args.hash_chain)

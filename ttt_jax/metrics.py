@@ -2,7 +2,8 @@
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per line: train rows
 with ``step, loss, lr, grad_norm, tokens_per_sec, step_time_s, mfu`` and eval rows
-with ``step, eval_loss, eval_ppl, eval_bpb``. Tensorboard tags are namespaced
+with ``step, eval_loss, eval_ppl, eval_bpb``. A non-finite float (NaN, inf) is written
+as ``null``, so every line is strict JSON. Tensorboard tags are namespaced
 (``train/loss``, ``eval/bpb``, ``perf/mfu``).
 
 ``step_time_s`` is wall time per step over the rows' window, measured between the
@@ -66,7 +67,7 @@ class MetricsWriter:
       return
     row = {"step": int(step), **{k: _to_python(v) for k, v in row.items()}}
     with self.path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(_finite_or_null(row), allow_nan=False) + "\n")
     if self._tb is not None:
       for key, value in row.items():
         if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -81,6 +82,18 @@ class MetricsWriter:
 def _to_python(value: Any) -> Any:
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     value = np.asarray(value).item()
+  return value
+
+
+def _finite_or_null(value: Any) -> Any:
+  """``value`` with every non-finite float (in lists and mappings too) as None, which
+  JSON writes as ``null``: strict parsers reject bare ``NaN`` and ``Infinity``."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
   return value
 
 

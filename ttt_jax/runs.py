@@ -42,9 +42,19 @@ STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
 """Meta keys that fix the sample stream, and the config field each is named by."""
 
 
+def check_workdir(workdir: str | Path) -> Path:
+  """``workdir`` as a Path; a ``ConfigError`` naming ``--workdir`` when it is empty or
+  blank (an unset shell variable), which would otherwise mean the current directory."""
+  if not str(workdir).strip():
+    raise ConfigError(f"--workdir: empty ({str(workdir)!r}); give a run directory "
+                      "(an unset shell variable?)")
+  return Path(workdir)
+
+
 def prepare_workdir(workdir: str | Path) -> Path:
-  """Creates ``workdir``; a ``TrainingError`` if it cannot be written."""
-  workdir = Path(workdir)
+  """Creates ``workdir``; a ``ConfigError`` if it is empty (``check_workdir``), a
+  ``TrainingError`` if it cannot be written."""
+  workdir = check_workdir(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -243,7 +253,7 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
 
 def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
   """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``."""
-  workdir = Path(workdir)
+  workdir = check_workdir(workdir)
   if not (workdir / "config.yaml").exists():
     raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
   cfg = load_config(workdir / "config.yaml", overrides, legacy=True)

@@ -34,6 +34,8 @@ from ttt_jax.training import step as step_lib
 
 def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Runs training; returns a summary (final losses, timings) for callers and tests."""
+  if cfg.checkpoint.init_from and not (runs.check_workdir(workdir) / "checkpoints").is_dir():
+    ckpt_lib.resolve_source(cfg.checkpoint.init_from)  # a bad path: before the workdir exists
   workdir = runs.prepare_workdir(workdir)
   is_main = jax.process_index() == 0
   progress = loop.Progress(is_main and cfg.logging.progress_bar, cfg.train.steps)
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   pages on (``train.host_hugepages``) after the config has been checked."""
   args = parse_args(argv)
   with user_errors():
+    runs.check_workdir(args.workdir)
     overrides = list(args.set)
     if args.init_from:
       overrides.append(f"checkpoint.init_from={args.init_from}")

@@ -20,6 +20,7 @@ import json
 
 from ttt_jax import host_memory, registry
 from ttt_jax.bench import io, mhc, train, ttt  # noqa: F401  (register their subjects)
+from ttt_jax.bench import common
 from ttt_jax.bench.common import Bench
 from ttt_jax.config import TrainConfig, load_config
 from ttt_jax.errors import user_errors
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   args = parser.parse_args(argv)
   bench: Bench = registry.BENCHES.get(args.what)
   with user_errors():
+    common.check_counts(args, bench.counts)
     cfg = load_config(args.config, args.set) if bench.uses_config else None
   hugepages = TrainConfig.host_hugepages if cfg is None else cfg.train.host_hugepages
   if reexec and hugepages:  # a subject without a config: the field's default

@@ -32,6 +32,9 @@ class Bench:
   """The JSON-able result, from the config (``--config`` with ``--set``) and the flags."""
   uses_config: bool = True
   """False: the subject takes no ``--config`` (``run`` gets None)."""
+  counts: tuple[tuple[str, int], ...] = ()
+  """(flag's dest, least value) of every count flag: ``check_counts`` checks them all
+  before the subject loads its config or starts JAX."""
 
 
 def register(bench: Bench) -> Bench:
@@ -47,11 +50,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
-def check_counts(args: argparse.Namespace, *names: str) -> None:
-  """ConfigError naming the first of the command-line counts ``names`` that is < 1."""
-  for name in names:
-    if getattr(args, name) < 1:
-      raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+def check_counts(args: argparse.Namespace, counts: tuple[tuple[str, int], ...]) -> None:
+  """ConfigError naming the first command-line count below its least value:
+  ``counts`` holds (flag's dest, least value) pairs, as ``Bench.counts``."""
+  for name, least in counts:
+    value = getattr(args, name)
+    if value < least:
+      raise ConfigError(f"--{name.replace('_', '-')}: must be >= {least}, got {value}")
 
 
 def machine(processor: bool = False) -> str:

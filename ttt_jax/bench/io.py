@@ -214,4 +214,5 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 BENCH = common.register(common.Bench(
     "io", "async checkpoint stall and data pipeline throughput", __doc__, _add_arguments,
-    lambda cfg, args: bench_io(cfg, args.steps, args.saves, args.spare_writer_cpu)))
+    lambda cfg, args: bench_io(cfg, args.steps, args.saves, args.spare_writer_cpu),
+    counts=(("steps", 1), ("saves", 1))))

@@ -187,12 +187,10 @@ def _run(cfg: Config, args: argparse.Namespace) -> dict:
   if not args.reference_tokens_per_sec > 0:
     raise ConfigError("--reference-tokens-per-sec: must be > 0, got "
                       f"{args.reference_tokens_per_sec}")
-  common.check_counts(args, "steps", "rounds", "replicas")
-  if args.warmup < 0:
-    raise ConfigError(f"--warmup: must be >= 0, got {args.warmup}")
   return bench_mhc(cfg, args.steps, args.warmup, args.rounds, args.reference_tokens_per_sec,
                    args.replicas)
 
 
 BENCH = common.register(common.Bench(
-    "mhc", "mHC vs plain residual: step time and peak memory", __doc__, _add_arguments, _run))
+    "mhc", "mHC vs plain residual: step time and peak memory", __doc__, _add_arguments, _run,
+    counts=(("steps", 1), ("rounds", 1), ("replicas", 1), ("warmup", 0))))

@@ -74,4 +74,5 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 BENCH = common.register(common.Bench(
     "train", "time the compiled train step", __doc__, _add_arguments,
-    lambda cfg, args: bench_train(cfg, args.steps, args.warmup)))
+    lambda cfg, args: bench_train(cfg, args.steps, args.warmup),
+    counts=(("steps", 1), ("warmup", 0))))

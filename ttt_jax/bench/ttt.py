@@ -116,4 +116,6 @@ def _run(cfg: None, args: argparse.Namespace) -> dict:
 
 BENCH = common.register(common.Bench(
     "ttt", "one TTT-Linear layer: dual vs primal vs decode", __doc__, _add_arguments, _run,
-    uses_config=False))
+    uses_config=False,
+    counts=(("batch", 1), ("seq", 1), ("width", 1), ("heads", 1), ("mini_batch", 1),
+            ("remat_group", 0), ("iters", 1), ("warmup", 0))))

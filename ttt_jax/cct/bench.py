@@ -65,16 +65,27 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--rounds", type=int, default=10, help="--hash-chain: timing rounds")
 
 
+def _contexts(text: str) -> list[int]:
+  """``--contexts 1024,4096``: positive token counts, or a ConfigError naming the flag."""
+  try:
+    contexts = [int(c) for c in text.split(",")]
+  except ValueError:
+    raise ConfigError(f"--contexts: expected comma-separated integers, got {text!r}") from None
+  if min(contexts) < 1:
+    raise ConfigError(f"--contexts: every context must be >= 1, got {text!r}")
+  return contexts
+
+
 def _run(cfg: Config, args: argparse.Namespace) -> dict:
   if not args.hash_chain:
-    return bench_memory(cfg, [int(c) for c in args.contexts.split(",")],
-                        args.baseline_decode_tokens)
+    return bench_memory(cfg, _contexts(args.contexts), args.baseline_decode_tokens)
   if cfg.model.mixer.type != "cct":
     raise ConfigError(f"model.mixer.type: --hash-chain needs 'cct', got "
                       f"{cfg.model.mixer.type!r}")
-  common.check_counts(args, "batch", "prompt_len", "new_tokens", "rounds")
   return bench_hash_chain(cfg, args.batch, args.prompt_len, args.new_tokens, args.rounds)
 
 
 BENCH = common.register(common.Bench(
-    "cct", "CCT working memory vs KV cache: measured bytes", __doc__, _add_arguments, _run))
+    "cct", "CCT working memory vs KV cache: measured bytes", __doc__, _add_arguments, _run,
+    counts=(("baseline_decode_tokens", 0), ("batch", 1), ("prompt_len", 1),
+            ("new_tokens", 1), ("rounds", 1))))

@@ -206,6 +206,26 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
+def _check_sections(path: Path, values: dict, cls: type = Config, prefix: str = "") -> None:
+  """A ConfigError naming the file and key where ``path`` gives a section (a config
+  dataclass, or a model slot) as something other than a mapping (a slot: or a name),
+  before ``--set`` overrides are applied to it and would misreport it as theirs."""
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if f.name not in values:
+      continue
+    value, key = values[f.name], f"{prefix}{f.name}"
+    if f.metadata.get("slot") is not None:
+      if not isinstance(value, (dict, str)):
+        raise ConfigError(f"{path}: {key}: expected a mechanism name or a mapping with "
+                          f"'type', got {type(value).__name__} {value!r}")
+    elif dataclasses.is_dataclass(hints[f.name]):
+      if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {key}: expected a mapping, got "
+                          f"{type(value).__name__} {value!r}")
+      _check_sections(path, value, hints[f.name], key + ".")
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
   parts = dotted.split(".")
   node = tree
@@ -264,6 +284,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
       text = path.read_text()
     except OSError as e:
       raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+      raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     try:
       loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -273,6 +295,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if loaded is not None and not isinstance(loaded, dict):
       raise ConfigError(f"{path}: expected a mapping at the top level")
     values = loaded or {}
+    _check_sections(path, values)
     if legacy and isinstance(values.get("model"), dict):
       values["model"] = upgrade_legacy(values["model"])
   for override in overrides:

@@ -59,13 +59,13 @@ def check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
 
 def check_positive(section: str, obj: Any, *names: str) -> None:
   for name in names:
-    if getattr(obj, name) <= 0:
+    if not getattr(obj, name) > 0:  # NaN too
       raise ConfigError(f"{section}.{name}: must be > 0, got {getattr(obj, name)!r}")
 
 
 def check_non_negative(section: str, obj: Any, *names: str) -> None:
   for name in names:
-    if getattr(obj, name) < 0:
+    if not getattr(obj, name) >= 0:  # NaN too
       raise ConfigError(f"{section}.{name}: must be >= 0, got {getattr(obj, name)!r}")
 
 
@@ -248,12 +248,18 @@ class DataConfig:
     check_non_negative("data", self, "worker_count")
 
 
+MAX_LR = 1e10
+"""The largest learning rate accepted: beyond it, float32 arithmetic on the updates (an
+lr of 1e39 is inf in float32) makes every step non-finite."""
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   name: str = "adamw"
   """Optimizer: adamw | sgd | muon (Muon for hidden matrices, AdamW for the rest)."""
   lr: float = 3e-3
-  """Peak learning rate (for Muon: of the Muon-routed matrices)."""
+  """Peak learning rate (for Muon: of the Muon-routed matrices); finite and at most
+  ``MAX_LR`` (1e10)."""
   schedule: str = "cosine"
   """'cosine' (warmup, cosine to min_lr_ratio*lr), 'wsd' (warmup, constant, linear
   warmdown over the last decay_fraction) or 'constant' (warmup then constant)."""
@@ -276,7 +282,8 @@ class OptimConfig:
   nesterov: bool = False
   """Nesterov momentum for SGD and Muon."""
   adam_lr: float = 0.0
-  """muon: peak lr of the AdamW-routed params (embeddings, head, norms, scalars); 0 means lr."""
+  """muon: peak lr of the AdamW-routed params (embeddings, head, norms, scalars); 0 means lr.
+  Finite and at most ``MAX_LR``."""
   adam_b1: float = 0.9
   """muon: beta1 of the AdamW-routed params."""
   adam_b2: float = 0.95
@@ -294,6 +301,10 @@ class OptimConfig:
     check_positive("optim", self, "lr", "grad_accum_steps", "ns_steps")
     check_non_negative("optim", self, "warmup_steps", "weight_decay", "clip_norm", "adam_lr",
                         "eps")
+    for name in ("lr", "adam_lr"):
+      if not getattr(self, name) <= MAX_LR:  # inf and NaN too
+        raise ConfigError(f"optim.{name}: must be <= {MAX_LR:g} (far outside float32's "
+                          f"useful range), got {getattr(self, name)!r}")
     for name in ("min_lr_ratio", "decay_fraction", "b1", "b2", "adam_b1", "adam_b2",
                  "momentum"):
       if not 0.0 <= getattr(self, name) <= 1.0:
