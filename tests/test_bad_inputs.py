@@ -59,6 +59,12 @@ def _train(*args: str) -> tuple[str, ...]:
   return ("train", "--config", os.devnull, "--workdir", "{new}", "TINY", *args)
 
 
+def _config_file(name: str, *args: str) -> tuple[str, ...]:
+  """``train`` with the config file ``name`` of the case files on a fresh workdir."""
+  return ("train", "--config", f"{{files}}/{name}" if name else "{files}", "--workdir",
+          "{new}", *args)
+
+
 def _on_run(*args: str) -> tuple[str, ...]:
   """``train`` resuming the good run with its own config, then ``args``."""
   return ("train", "--config", os.devnull, "--workdir", "{run}", "TINY", *args)
@@ -109,24 +115,22 @@ CASES = [
          r"/nonexistent/\*\.txt"),
     Case("mesh larger than the devices", _train("--set", "mesh.num_devices=4"), r"mesh"),
     # config files
-    Case("missing config file", ("train", "--config", "{files}/nope.yaml", "--workdir", "{new}"),
+    Case("missing config file", _config_file("nope.yaml"),
          r"nope\.yaml: cannot read config file", fast=True),
-    Case("config is a directory", ("train", "--config", "{files}", "--workdir", "{new}"),
-         r"cannot read config file"),
-    Case("config not UTF-8", ("train", "--config", "{files}/binary.yaml", "--workdir", "{new}"),
+    Case("config is a directory", _config_file(""), r"cannot read config file"),
+    Case("config not UTF-8", _config_file("binary.yaml"),
          r"binary\.yaml: not a UTF-8 text file"),
-    Case("invalid YAML", ("train", "--config", "{files}/invalid.yaml", "--workdir", "{new}"),
+    Case("invalid YAML", _config_file("invalid.yaml"),
          r"invalid\.yaml: line \d+ invalid YAML"),
-    Case("YAML list at the top", ("train", "--config", "{files}/list.yaml", "--workdir", "{new}"),
+    Case("YAML list at the top", _config_file("list.yaml"),
          r"list\.yaml: expected a mapping at the top level"),
-    Case("YAML model: 5 with --set", ("train", "--config", "{files}/model5.yaml", "--workdir",
-                                      "{new}", "--set", "model.n_layers=2"),
+    Case("YAML model: 5 with --set", _config_file("model5.yaml", "--set", "model.n_layers=2"),
          r"model5\.yaml: model: expected a mapping, got int 5", fast=True),
-    Case("YAML python tag", ("train", "--config", "{files}/python_tag.yaml", "--workdir", "{new}"),
+    Case("YAML python tag", _config_file("python_tag.yaml"),
          r"python_tag\.yaml:.* invalid YAML"),
-    Case("YAML unknown key", ("train", "--config", "{files}/unknown.yaml", "--workdir", "{new}"),
+    Case("YAML unknown key", _config_file("unknown.yaml"),
          r"unknown config key 'optim\.learning_rate'"),
-    Case("YAML flat legacy key", ("train", "--config", "{files}/legacy.yaml", "--workdir", "{new}"),
+    Case("YAML flat legacy key", _config_file("legacy.yaml"),
          r"model\.ttt_mini_batch: moved to"),
     # workdirs
     Case("empty workdir", ("train", "--config", "configs/quickstart.yaml", "--workdir", ""),

@@ -82,10 +82,10 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     extras = state.extras
-    if skip_nonfinite and SKIPPED not in extras:
-      raise ValueError("train.nonfinite='skip': the train state needs the extra tree "
-                       f"'{SKIPPED}' (state.build(..., extras_init=...) with skip_extras)")
     if skip_nonfinite:  # keep the old params and optimizer state: a select, not a branch
+      if SKIPPED not in extras:
+        raise ValueError("train.nonfinite='skip': the train state needs the extra tree "
+                         f"'{SKIPPED}' (state.build(..., extras_init=...) with skip_extras)")
       ok = all_finite((params, opt_state)) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                                        (params, opt_state), (state.params, state.opt_state))
