@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import distributed, host_memory, runs, sharding
+from ttt_jax import diagnostics, distributed, host_memory, runs, sharding
 from ttt_jax import metrics as metrics_lib
 from ttt_jax.config import Config, load_config
 from ttt_jax.data import corpus as corpus_lib
@@ -78,6 +78,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       f"{flops_per_step / 1e9:.2f} GFLOP per step")
 
   with contextlib.ExitStack() as resources:
+    resources.enter_context(diagnostics.library_logs(workdir / "logs" / "libraries.log"))
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                  keep_every=cfg.checkpoint.keep_every,
                                  async_save=cfg.checkpoint.async_save,
