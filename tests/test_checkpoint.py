@@ -228,7 +228,7 @@ def test_background_save_error_reaches_the_training_thread(tmp_path):
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True, device_snapshot=True)
   ckpt.save(1, small_state(), iter(dataset()), {"process_count": 1})
   ckpt.save(1, {"other": jnp.zeros(2)}, iter(dataset()), {"process_count": 1})
-  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint save failed"):
+  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint save at step 1 failed"):
     ckpt.close()
 
 

@@ -438,7 +438,7 @@ class Checkpointer:
         f"checkpoint save at step {step} failed in {self.directory}: "
         f"{describe_error(error)}; "
         + (f"checkpoint {kept[-1]} and those before it are intact" if kept else
-           "no earlier checkpoint exists")
+           "no checkpoint before it exists")
         + " (the partial save is removed when the run restarts)")
 
   def _join_writer(self) -> None:
