@@ -426,6 +426,36 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(setup, async_sa
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
 
 
+def _size(directory: Path) -> int:
+  return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+@pytest.mark.slow
+def test_no_space_left_during_a_save_is_one_line(setup, tmp_path):
+  """A real full disk: a tmpfs with room for the run and half a checkpoint (where this
+  process may mount one; the file-size limit above covers every machine)."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  room = _size(setup.run) + _size(setup.run / "checkpoints" / "4") // 2
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room // 1024 + 64}k", "tmpfs",
+                     str(mount)], capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    workdir = mount / "run"
+    shutil.copytree(setup.run, workdir)
+    result = _resume(setup, workdir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert re.search(r"^error: checkpoint save at step 6 failed in .*: No space left on device "
+                     r"\(ENOSPC, errno 28\); checkpoint 4 and those before it are intact",
+                     result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+    assert not _NOISE.search(result.stdout + result.stderr), result.stderr[-3000:]
+    for step in ("2", "4"):
+      assert (_tree_digest(workdir / "checkpoints" / step)
+              == _tree_digest(setup.run / "checkpoints" / step))
+  finally:
+    subprocess.run(["umount", str(mount)], check=True)
+
+
 def _truncate_largest(step_dir: Path) -> None:
   largest = max((f for f in (step_dir / "state").rglob("*") if f.is_file()),
                 key=lambda f: f.stat().st_size)
