@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 
 import pytest
 
@@ -132,3 +133,22 @@ def test_another_explicit_tokenizer_is_refused_naming_both(run, capsys):
   assert len(err) == 1 and err[0].startswith(f"error: data.tokenizer: {other_model} "), err
   assert f"{workdir / 'tokenizer.model'}" in err[0]
   assert sorted(workdir.iterdir()) == before  # no results file
+
+
+@pytest.mark.slow
+def test_a_run_without_its_tokenizer_file_is_refused_unless_given_the_same(run, capsys,
+                                                                          tmp_path):
+  workdir, _, other_model = run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  (copy / "tokenizer.model").rename(tmp_path / "kept.model")
+  for extra, message in (([], f"{copy / 'tokenizer.model'}: missing; "),
+                         (["--set", f"data.tokenizer={other_model}"],
+                          f"data.tokenizer: {other_model} ")):
+    with pytest.raises(SystemExit):
+      evaluate.main(["--workdir", str(copy), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+  result, _ = _evaluate(capsys, copy, "--set", f"data.tokenizer={tmp_path / 'kept.model'}")
+  assert result["tokenizer_hash"] == hashlib.sha256(
+      (tmp_path / "kept.model").read_bytes()).hexdigest()

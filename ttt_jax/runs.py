@@ -271,19 +271,43 @@ def checkpoint_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def _check_given_tokenizer(given: str, sha256: str, whose: str) -> None:
+  """An explicit ``data.tokenizer`` (``given``, or '') must be the model of content hash
+  ``sha256``, ``whose`` the params were trained with."""
+  if not given:
+    return
+  other = corpus_lib.load_tokenizer(given)
+  if other.sha256 != sha256:
+    raise ConfigError(
+        f"data.tokenizer: {given} (sha256 {other.sha256[:12]}...) is not {whose} "
+        f"(sha256 {sha256[:12]}...), whose token ids the params were trained on; leave "
+        "data.tokenizer unset to use it")
+
+
 def _with_tokenizer(cfg: Config, path: Path, whose: str, given: str) -> Config:
   """``cfg`` reading text with the tokenizer at ``path`` (and its vocab size); ``given``,
   an explicit ``data.tokenizer`` (or ''), must be the same model, compared by content."""
   tokenizer = corpus_lib.load_tokenizer(str(path))
-  if given:
-    other = corpus_lib.load_tokenizer(given)
-    if other.sha256 != tokenizer.sha256:
-      raise ConfigError(
-          f"data.tokenizer: {given} (sha256 {other.sha256[:12]}...) is not {whose} "
-          f"tokenizer {path} (sha256 {tokenizer.sha256[:12]}...), whose token ids the "
-          "params were trained on; leave data.tokenizer unset to use it")
+  _check_given_tokenizer(given, tokenizer.sha256, f"{whose} tokenizer {path}")
   data = dataclasses.replace(cfg.data, tokenizer=str(path), vocab_size=tokenizer.vocab_size)
   return dataclasses.replace(cfg, data=data)
+
+
+def _run_tokenizer(cfg: Config, workdir: Path, given: str, trained_with: str | None
+                   ) -> Config:
+  """``cfg`` reading text with the run's own ``tokenizer.model``; ``given``: an explicit
+  ``data.tokenizer`` override (or ''); ``trained_with``: the tokenizer hash the newest
+  checkpoint records (None: a packed .bin run without a tokenizer)."""
+  path = workdir / RUN_TOKENIZER
+  if path.is_file():
+    return _with_tokenizer(cfg, path, "the run's", given)
+  if trained_with is not None and not given:
+    raise ConfigError(f"{path}: missing; the run's params read token ids with its "
+                      f"tokenizer (sha256 {trained_with[:12]}...): put it back, or --set "
+                      "data.tokenizer to a copy")
+  if trained_with is not None:
+    _check_given_tokenizer(given, trained_with, "the run's tokenizer")
+  return cfg
 
 
 def resolve_init_from(cfg: Config, workdir: str | Path) -> Config:
@@ -328,17 +352,17 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
   if not (workdir / "config.yaml").exists():
     raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
   cfg = load_config(workdir / "config.yaml", overrides, legacy=True)
-  if (workdir / RUN_TOKENIZER).is_file():
-    saved = load_config(workdir / "config.yaml", legacy=True)
-    given = cfg.data.tokenizer if cfg.data.tokenizer != saved.data.tokenizer else ""
-    cfg = _with_tokenizer(cfg, workdir / RUN_TOKENIZER, "the run's", given)
+  saved = load_config(workdir / "config.yaml", legacy=True)
+  given = cfg.data.tokenizer if cfg.data.tokenizer != saved.data.tokenizer else ""
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                async_save=False)
   try:
     steps = ckpt.all_steps()
     if not steps:
       raise CheckpointError(f"{workdir}: no complete checkpoint to load")
-    vocab_size = int(ckpt.read_meta(steps[-1])["vocab_size"])
+    meta = ckpt.read_meta(steps[-1])
+    cfg = _run_tokenizer(cfg, workdir, given, meta.get("tokenizer_hash"))
+    vocab_size = int(meta["vocab_size"])
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
     restored = ckpt.restore_latest(
