@@ -125,7 +125,8 @@ def test_init_from_on_a_workdir_with_checkpoints_is_an_error(tmp_path):
   cfg = load_config(None, [f"checkpoint.init_from={source}"])
   with pytest.raises(ConfigError, match=rf"^--init-from: {workdir} already has checkpoints "
                                         r"\(newest at step 7\); rerun without --init-from "
-                                        r"to resume it, or use a fresh --workdir$"):
+                                        r"\(checkpoint.init_from\) to resume it, or use a "
+                                        r"fresh --workdir$"):
     runs.resolve_init_from(cfg, workdir)
 
 

@@ -301,12 +301,13 @@ def _run_tokenizer(cfg: Config, workdir: Path, given: str, trained_with: str | N
   path = workdir / RUN_TOKENIZER
   if path.is_file():
     return _with_tokenizer(cfg, path, "the run's", given)
-  if trained_with is not None and not given:
+  if trained_with is None:
+    return cfg
+  if not given:
     raise ConfigError(f"{path}: missing; the run's params read token ids with its "
                       f"tokenizer (sha256 {trained_with[:12]}...): put it back, or --set "
                       "data.tokenizer to a copy")
-  if trained_with is not None:
-    _check_given_tokenizer(given, trained_with, "the run's tokenizer")
+  _check_given_tokenizer(given, trained_with, "the run's tokenizer")
   return cfg
 
 
@@ -325,7 +326,8 @@ def resolve_init_from(cfg: Config, workdir: str | Path) -> Config:
   if steps:
     raise ConfigError(
         f"--init-from: {workdir} already has checkpoints (newest at step {steps[-1]}); "
-        "rerun without --init-from to resume it, or use a fresh --workdir")
+        "rerun without --init-from (checkpoint.init_from) to resume it, or use a fresh "
+        "--workdir")
   source_run = ckpt_lib.resolve_source(cfg.checkpoint.init_from)[0].parent
   if not (source_run / RUN_TOKENIZER).is_file():  # a packed .bin run without one
     return cfg
