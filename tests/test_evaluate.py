@@ -75,7 +75,8 @@ def test_each_evaluation_has_its_own_results_file(tmp_path):
   assert len(set(paths)) == 3 and not any(o["default"] for o in others)
   # an eval_lm.json that records no identity (an older version's) is not replaced
   (tmp_path / "eval_lm.json").write_text(json.dumps({"task": "lm", "eval_loss": 1.0}))
-  assert tasks.results_path(tmp_path, default).name == f"eval_lm-{tasks.identity_hash(default)}.json"
+  hashed = tmp_path / f"eval_lm-{tasks.identity_hash(default)}.json"
+  assert tasks.results_path(tmp_path, default) == hashed
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def run(tmp_path_factory):
 
 
 def _evaluate(capsys, workdir, *argv: str) -> tuple[dict, str]:
-  evaluate.main(["--workdir", str(workdir), "--batches", "2", *argv])
+  evaluate.main(["--workdir", str(workdir), *argv])
   captured = capsys.readouterr()
   return json.loads(captured.out), captured.err
 
@@ -101,7 +102,8 @@ def _evaluate(capsys, workdir, *argv: str) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_another_corpus_is_read_with_the_runs_tokenizer(run, capsys):
   workdir, other_glob, _ = run
-  result, err = _evaluate(capsys, workdir, "--set", f"data.corpus=[{other_glob}]")
+  result, err = _evaluate(capsys, workdir, "--batches", "2",
+                          "--set", f"data.corpus=[{other_glob}]")
   run_hash = hashlib.sha256((workdir / "tokenizer.model").read_bytes()).hexdigest()
   assert result["tokenizer_hash"] == run_hash
   assert result["corpus"]["spec"] == [other_glob] and result["corpus"]["split"] == "val"
@@ -115,7 +117,7 @@ def test_another_corpus_is_read_with_the_runs_tokenizer(run, capsys):
   assert json.loads(path.read_text()) == result
   assert f"wrote {path}" in err.splitlines()
   assert not (workdir / "eval_lm.json").exists()
-  default, err = _evaluate(capsys, workdir, "--batches", "0")
+  default, _ = _evaluate(capsys, workdir)
   assert default["corpus"]["spec"] != [other_glob] and default["tokenizer_hash"] == run_hash
   assert json.loads((workdir / "eval_lm.json").read_text()) == default
   assert json.loads(path.read_text()) == result
@@ -149,6 +151,7 @@ def test_a_run_without_its_tokenizer_file_is_refused_unless_given_the_same(run, 
       evaluate.main(["--workdir", str(copy), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
-  result, _ = _evaluate(capsys, copy, "--set", f"data.tokenizer={tmp_path / 'kept.model'}")
+  result, _ = _evaluate(capsys, copy, "--batches", "2",
+                        "--set", f"data.tokenizer={tmp_path / 'kept.model'}")
   assert result["tokenizer_hash"] == hashlib.sha256(
       (tmp_path / "kept.model").read_bytes()).hexdigest()
