@@ -34,8 +34,7 @@ from ttt_jax.training import step as step_lib
 
 def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Runs training; returns a summary (final losses, timings) for callers and tests."""
-  if cfg.checkpoint.init_from and not (runs.check_workdir(workdir) / "checkpoints").is_dir():
-    ckpt_lib.resolve_source(cfg.checkpoint.init_from)  # a bad path: before the workdir exists
+  cfg = runs.resolve_init_from(cfg, workdir)  # before the workdir exists or text is read
   workdir = runs.prepare_workdir(workdir)
   is_main = jax.process_index() == 0
   progress = loop.Progress(is_main and cfg.logging.progress_bar, cfg.train.steps)
