@@ -25,6 +25,7 @@ per-token batch fields its mechanisms annotate: every program reads its data thr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -35,7 +36,7 @@ import jax
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import sharding
+from ttt_jax import diagnostics, sharding
 from ttt_jax.config import (Config, flatten, load_config, model_from_dict, save_config,
                             to_dict)
 from ttt_jax.data import corpus as corpus_lib
@@ -346,6 +347,20 @@ def _resumed_tokenizer(cfg: Config, workdir: Path) -> Config:
   return _with_tokenizer(cfg, workdir / RUN_TOKENIZER, "the run's", "")
 
 
+def _newest_meta(ckpt: ckpt_lib.Checkpointer, workdir: Path) -> dict[str, Any]:
+  """The metadata of the newest checkpoint that has readable metadata (an unreadable one
+  is reported and moved aside by ``restore_latest``)."""
+  steps = ckpt.all_steps()
+  if not steps:
+    raise CheckpointError(f"{workdir}: no complete checkpoint to load")
+  for step in reversed(steps):
+    try:
+      return ckpt.read_meta(step)
+    except Exception:  # noqa: BLE001 - any read failure: a damaged step
+      continue
+  raise CheckpointError(f"{workdir}: no checkpoint with readable metadata")
+
+
 def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
   """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``.
   The config reads text with the run's own ``tokenizer.model`` whatever ``data.corpus``
@@ -356,13 +371,12 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
   cfg = load_config(workdir / "config.yaml", overrides, legacy=True)
   saved = load_config(workdir / "config.yaml", legacy=True)
   given = cfg.data.tokenizer if cfg.data.tokenizer != saved.data.tokenizer else ""
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
-                               async_save=False)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise CheckpointError(f"{workdir}: no complete checkpoint to load")
-    meta = ckpt.read_meta(steps[-1])
+  with contextlib.ExitStack() as resources:
+    resources.enter_context(diagnostics.library_logs(workdir / "logs" / "libraries.log"))
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
+                                 async_save=False)
+    resources.callback(ckpt.close)
+    meta = _newest_meta(ckpt, workdir)
     cfg = _run_tokenizer(cfg, workdir, given, meta.get("tokenizer_hash"))
     vocab_size = int(meta["vocab_size"])
     mesh = sharding.make_mesh(cfg.mesh)
@@ -370,8 +384,6 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
     restored = ckpt.restore_latest(
         ckpt_lib.with_shardings(abstract, shardings), None, log=log,
         check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))
-  finally:
-    ckpt.close()
   if restored is None:
     raise CheckpointError(f"{workdir}: no usable checkpoint")
   return cfg, graphdef, restored.state.params, restored.step, mesh
