@@ -205,3 +205,17 @@ def test_bench_train_summary_line_pinned_peak_and_profile(tmp_path, capsys):
           in lines[-2])
   assert lines[-1] == f"profile of the 2 timed steps: {tmp_path / 'profile'}"
   assert list((tmp_path / "profile").rglob("*.trace.json.gz"))
+
+
+@pytest.mark.slow
+def test_bench_ttt_prints_a_table_of_its_variants_on_stderr(capsys):
+  bench_main.main(["ttt", "--batch", "1", "--seq", "16", "--width", "16", "--heads", "2",
+                   "--mini-batch", "8", "--iters", "1", "--warmup", "0"])
+  out, err = capsys.readouterr()
+  result = json.loads(out)
+  lines = err.splitlines()[-8:]
+  assert lines[0].startswith("ttt: one TTT-Linear layer (mamba), batch 1 x seq 16, width 16")
+  assert lines[1].split()[:3] == ["variant", "median", "ms"]
+  assert [line.split()[0] for line in lines[2:7]] == list(result["results"])
+  assert lines[2].split()[1] == f"{result['results']['dual_fwd_bwd']['median_ms']:.3f}"
+  assert lines[7].startswith(f"dual form vs primal: {result['dual_speedup_fwd_bwd']:.2f}x")
