@@ -50,6 +50,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ttt_jax import compare as compare_lib
 from ttt_jax import runs, sharding
 from ttt_jax.config import flatten, to_dict
 from ttt_jax.data import corpus as corpus_lib
@@ -202,3 +203,79 @@ def analyse(a: Path, b: Path, *, top_k: int, batches: int, barrier: bool) -> dic
   if barrier:
     result["barrier"] = loss_barrier(cfg_a, graphdef, mesh, params_a, params_b, batches)
   return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+_COLUMNS = (("cosine", "cos"), ("rel_l2", "rel_l2"), ("subspace_cos_left_mean", "sub_in"),
+            ("subspace_cos_right_mean", "sub_out"), ("op_norm_a", "opnorm_a"),
+            ("op_norm_b", "opnorm_b"), ("stable_rank_a", "srank_a"),
+            ("stable_rank_b", "srank_b"), ("condition_a", "cond_a"),
+            ("condition_b", "cond_b"), ("int6_rel_mse_a", "int6_a"),
+            ("int6_rel_mse_b", "int6_b"))
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return "-"
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def report(result: dict[str, Any]) -> str:
+  """The table of ``analyse``'s result, one row per parameter, and the barrier line."""
+  rows = [[name, "x".join(map(str, row["shape"])),
+           *(_cell(row.get(key)) for key, _ in _COLUMNS)]
+          for name, row in result["params"].items()]
+  lines = [compare_lib.table(["param", "shape", *(title for _, title in _COLUMNS)], rows)]
+  if "barrier" in result:
+    b = result["barrier"]
+    lines.append(f"loss barrier at the midpoint: {b['barrier']:+.4f} nats (a {b['loss_a']:.4f}, "
+                 f"b {b['loss_b']:.4f}, midpoint {b['loss_mid']:.4f})")
+  return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+  """inf and nan (a singular matrix's condition number) as null: strict JSON."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_json_safe(v) for v in value]
+  return value
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m ttt_jax.analysis",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--a", required=True, metavar="W1", help="a run directory")
+  parser.add_argument("--b", required=True, metavar="W2",
+                      help="another run directory of the same model config and tokenizer")
+  parser.add_argument("--top-k", type=int, default=8,
+                      help="singular subspace size for the principal angles (default 8)")
+  parser.add_argument("--batches", type=int, default=0,
+                      help="validation batches for the loss barrier (0: run a's eval.batches)")
+  parser.add_argument("--no-barrier", action="store_true",
+                      help="skip the loss barrier (no forward passes)")
+  parser.add_argument("--out", default=None,
+                      help="JSON output file (default W1/analysis_vs_<W2's name>.json)")
+  args = parser.parse_args(argv)
+  with user_errors():
+    if args.top_k < 1:
+      raise ConfigError(f"--top-k: must be at least 1, got {args.top_k}")
+    if args.batches < 0:
+      raise ConfigError(f"--batches: must be 0 or more, got {args.batches}")
+    a, b = runs.check_workdir(args.a), runs.check_workdir(args.b)
+    result = analyse(a, b, top_k=args.top_k, batches=args.batches,
+                     barrier=not args.no_barrier)
+    out = Path(args.out) if args.out else a / f"analysis_vs_{b.resolve().name}.json"
+    try:
+      out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    except OSError as e:
+      raise ConfigError(f"--out {out}: cannot write ({e.strerror})") from None
+  print(report(result))
+  print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
