@@ -214,7 +214,7 @@ def test_a_diverging_run_saves_no_nan_checkpoint_and_a_rerun_resumes(corpus, tmp
   with pytest.raises(TrainingError) as again:
     train.train(tiny_config(*corpus, "train.steps=8", "train.eval_every=0",
                             "checkpoint.every=1", "checkpoint.keep=10"), tmp_path)
-  assert f"resumed from checkpoint at step {newest}\n" in capsys.readouterr().out
+  assert f"resumed from checkpoint at step {newest}\n" in capsys.readouterr().err
   assert str(again.value).startswith(f"non-finite train state at step {newest + 1} ")
   assert f"; the newest checkpoint, step {newest}, is finite" in str(again.value)
   assert checkpointed_states(diverging, tmp_path).keys() == states.keys()
@@ -327,7 +327,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, 
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"\0" * 7)
   summary = train.train(tiny_config(*corpus, "train.steps=45", "train.eval_every=0"), tmp_path)
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err
   assert "checkpoint 40 is damaged" in out
   assert summary["start_step"] == 20
 
