@@ -76,3 +76,30 @@ def test_a_checkpoint_with_other_extra_trees_is_refused_naming_them():
   plain_meta = ckpt_lib.run_metadata(cfg, mesh, 512, plain, {})
   with pytest.raises(CheckpointError, match=r"extra trees \[\], this run \['ema'\]"):
     runs.check_compatible(plain_meta, cfg, 512, state=with_ema)
+
+
+def test_replaced_configs_are_kept_in_the_history_and_an_unchanged_one_adds_nothing(
+    tmp_path):
+  first = load_config(None, ["optim.lr=0.001", "train.steps=300"])
+  runs.write_run_files(first, tmp_path, None)
+  runs.write_run_files(first, tmp_path, None, step=100)  # a resume without changes
+  assert not (tmp_path / runs.CONFIG_HISTORY).exists()
+  second = load_config(None, ["optim.lr=0.002", "train.steps=300"])
+  runs.write_run_files(second, tmp_path, None, step=300)
+  third = load_config(None, ["optim.lr=0.002", "train.steps=600"])
+  runs.write_run_files(third, tmp_path, None, step=450)
+  runs.write_run_files(third, tmp_path, None, step=500)
+  history = tmp_path / runs.CONFIG_HISTORY
+  assert sorted(p.name for p in history.iterdir()) == [
+      "config.1.step300.yaml", "config.2.step450.yaml"]
+  assert load_config(history / "config.1.step300.yaml") == first
+  assert load_config(history / "config.2.step450.yaml") == second
+  assert load_config(tmp_path / "config.yaml") == third
+
+
+def test_a_config_yaml_this_version_cannot_read_is_kept_too(tmp_path):
+  (tmp_path / "config.yaml").write_text("train: {retired_field: 1}\n")
+  runs.write_run_files(load_config(None), tmp_path, None, step=7)
+  kept = tmp_path / runs.CONFIG_HISTORY / "config.1.step7.yaml"
+  assert kept.read_text() == "train: {retired_field: 1}\n"
+  assert load_config(tmp_path / "config.yaml") == load_config(None)

@@ -368,7 +368,8 @@ class MetricsLog(Hook):
 
 class Evaluation(Hook):
   """``evaluate(state) -> row`` at step 0 of a fresh run, every ``every`` steps and at
-  ``final_step`` (``every`` 0: never); rows go to the writer and ``rows``."""
+  ``final_step`` (``every`` 0: never); rows go to the writer and ``rows``, and a line
+  (``metrics.eval_line``) to ``log``."""
 
   def __init__(self, evaluate: Callable[[Any], dict[str, float]],
                writer: metrics_lib.MetricsWriter, *, every: int, final_step: int,
