@@ -30,6 +30,8 @@ import hashlib
 import json
 import os
 import re
+import resource
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -369,6 +371,114 @@ def test_fast_cases_fail_with_one_line(base):
 @pytest.mark.slow
 def test_every_bad_input_fails_with_one_line_and_the_good_run_is_untouched(setup):
   _check(setup, [case for case in CASES if not case.fast], workers=2)
+
+
+# Faults of the storage and of saved files, on copies of the good run. The library noise
+# that each of them used to print (orbax's absl tracebacks, asyncio's "exception was never
+# retrieved", "Exception ignored in: <coroutine>", "Event loop is closed", tensorstore's
+# object reprs) must not reach the console.
+_NOISE = re.compile(r"Traceback|Exception ignored|Event loop is closed|never retrieved|"
+                    r"<bound method|ERROR:absl|sys\.meta_path")
+
+
+def _copy_of_run(setup: Setup, name: str) -> Path:
+  copy = setup.root / "faults" / name
+  shutil.copytree(setup.run, copy)
+  return copy
+
+
+def _resume(setup: Setup, workdir: Path, *args: str, file_limit: int | None = None
+            ) -> subprocess.CompletedProcess:
+  """The good run's command on ``workdir`` to step 6, under a file-size limit (bytes)
+  if given: writing past it fails with EFBIG, like a full disk fails with ENOSPC."""
+  def limit() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+  return subprocess.run(
+      [sys.executable, "-m", "ttt_jax.train", "--config", os.devnull, "--workdir",
+       str(workdir), *setup.tiny, "--set", "train.steps=6", *args],
+      env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO,
+      preexec_fn=None if file_limit is None else limit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(setup, async_save):
+  workdir = _copy_of_run(setup, f"full_disk_async_{async_save}")
+  before = _tree_digest(workdir / "checkpoints" / "4")
+  largest = max(f.stat().st_size for f in (workdir / "checkpoints" / "4").rglob("*")
+                if f.is_file())
+  result = _resume(setup, workdir, "--set", f"checkpoint.async_save={str(async_save).lower()}",
+                   file_limit=largest // 2)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert re.search(rf"^error: checkpoint save at step 6 failed in {re.escape(str(workdir))}"
+                   r"/checkpoints: File too large \(EFBIG, errno 27\); checkpoint 4 and those "
+                   r"before it are intact", lines[-1]), lines[-1]
+  assert not _NOISE.search(result.stdout + result.stderr), result.stderr[-3000:]
+  assert _tree_digest(workdir / "checkpoints" / "4") == before
+  assert "File too large" in (workdir / "logs" / "libraries.log").read_text()
+  # the next run removes the partial save and resumes from the newest good checkpoint
+  result = _resume(setup, workdir)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-3000:]
+  assert "resumed from checkpoint at step 4" in output
+  assert not _NOISE.search(output), output[-3000:]
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "6"]
+
+
+def _size(directory: Path) -> int:
+  return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+@pytest.mark.slow
+def test_no_space_left_during_a_save_is_one_line(setup, tmp_path):
+  """A real full disk: a tmpfs with room for the run and half a checkpoint (where this
+  process may mount one; the file-size limit above covers every machine)."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  room = _size(setup.run) + _size(setup.run / "checkpoints" / "4") // 2
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room // 1024 + 64}k", "tmpfs",
+                     str(mount)], capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    workdir = mount / "run"
+    shutil.copytree(setup.run, workdir)
+    result = _resume(setup, workdir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert re.search(r"^error: checkpoint save at step 6 failed in .*: No space left on device "
+                     r"\(ENOSPC, errno 28\); checkpoint 4 and those before it are intact",
+                     result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
+    assert not _NOISE.search(result.stdout + result.stderr), result.stderr[-3000:]
+    for step in ("2", "4"):
+      assert (_tree_digest(workdir / "checkpoints" / step)
+              == _tree_digest(setup.run / "checkpoints" / step))
+  finally:
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def _truncate_largest(step_dir: Path) -> None:
+  largest = max((f for f in (step_dir / "state").rglob("*") if f.is_file()),
+                key=lambda f: f.stat().st_size)
+  os.truncate(largest, 100)
+
+
+def _delete_manifest(step_dir: Path) -> None:
+  next((step_dir / "state").rglob("manifest.ocdbt")).unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_truncate_largest, _delete_manifest])
+def test_a_recovered_checkpoint_prints_one_line_without_library_noise(setup, damage):
+  workdir = _copy_of_run(setup, damage.__name__)
+  damage(workdir / "checkpoints" / "4")
+  result = _resume(setup, workdir)
+  output = result.stdout + result.stderr  # the run's messages, on either stream
+  assert result.returncode == 0, output[-3000:]
+  assert not _NOISE.search(output), output[-3000:]
+  damaged = [line for line in output.splitlines() if "checkpoint 4 is" in line]
+  assert len(damaged) == 1 and "trying an older one" in damaged[0], output[-3000:]
+  assert "resumed from checkpoint at step 2" in output
+  assert (workdir / "checkpoints.damaged" / "4-0").is_dir()
 
 
 @pytest.mark.slow

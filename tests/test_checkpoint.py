@@ -4,8 +4,10 @@ values that a restore verifies."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 import threading
 from typing import NamedTuple
@@ -228,7 +230,7 @@ def test_background_save_error_reaches_the_training_thread(tmp_path):
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=2, async_save=True, device_snapshot=True)
   ckpt.save(1, small_state(), iter(dataset()), {"process_count": 1})
   ckpt.save(1, {"other": jnp.zeros(2)}, iter(dataset()), {"process_count": 1})
-  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint save failed"):
+  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint save at step 1 failed"):
     ckpt.close()
 
 
@@ -508,3 +510,46 @@ def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_garbled(t
   line = next(line for line in out.splitlines() if line.startswith("checkpoint 40: array"))
   assert "does not match its saved checksum" in line and "trying an older one" in line
   assert (tmp_path / "run" / "checkpoints.damaged" / "40-0").is_dir()
+
+
+def test_storage_errnos_are_found_in_the_chain_and_described_in_one_line():
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as inner:
+      raise ValueError("write failed") from inner
+  except ValueError as e:
+    chained = e
+  assert ckpt_lib.error_errno(chained) == errno.ENOSPC
+  assert ckpt_lib.describe_error(chained) == "No space left on device (ENOSPC, errno 28)"
+  tensorstore = ValueError("OUT_OF_RANGE: Failed writing \"x\": File too large "
+                           "[os_error_code='27']")
+  assert ckpt_lib.error_errno(tensorstore) == errno.EFBIG
+  damaged = Exception("Encountered error while reading array index: (slice(0, 4, 1),). "
+                      "See full TensorStore details: <bound method pybind11_x.spec of "
+                      "TensorStore({\n  'driver': 'cast',\n})>.")
+  assert ckpt_lib.error_errno(damaged) is None
+  assert ckpt_lib.describe_error(damaged) == (
+      "Exception: Encountered error while reading array index: (slice(0, 4, 1),).")
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(errno.EACCES, "Permission denied"),
+    ValueError("PERMISSION_DENIED: Error reading local file [os_error_code='13']")])
+def test_a_storage_failure_on_restore_stops_without_moving_the_checkpoint(
+    tmp_path, monkeypatch, error):
+  """A checkpoint that cannot be read for want of permission (or space, or a working
+  disk) may be whole: it is reported, not moved aside as damaged."""
+  directory = tmp_path / "checkpoints"
+  save_two(directory, compress=False)
+
+  def fail(self, step, abstract_state, data_iter):
+    raise error
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", fail)
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=rf"^cannot read checkpoint 2 in {re.escape(str(directory))}: "
+                           r"Permission denied \(EACCES, errno 13\)$"):
+    restore_latest(directory)
+  assert not (tmp_path / "checkpoints.damaged").exists()
+  assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+

@@ -1,17 +1,23 @@
-"""Run directories: the workdir, the checks a resumed or fine-tuned run must pass, and
-the refusals' one-line messages."""
+"""Run directories: the workdir, the checks a resumed or fine-tuned run must pass, the
+tokenizer a fine-tuning run reads its text with, and the refusals' one-line messages."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import runs, sharding
+from ttt_jax import runs, sharding, train
 from ttt_jax.config import MeshConfig, load_config
-from ttt_jax.errors import CheckpointError, TrainingError
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data.tokenizer import train_tokenizer
+from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
 from ttt_jax.training.state import abstract_state
+from data_util import write_stdlib_sample
+from train_util import copy_stdlib_corpus, tiny_config
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
@@ -76,6 +82,79 @@ def test_a_checkpoint_with_other_extra_trees_is_refused_naming_them():
   plain_meta = ckpt_lib.run_metadata(cfg, mesh, 512, plain, {})
   with pytest.raises(CheckpointError, match=r"extra trees \[\], this run \['ema'\]"):
     runs.check_compatible(plain_meta, cfg, 512, state=with_ema)
+
+
+def _tokenizer_file(path: Path, texts: list[str], vocab_size: int) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  train_tokenizer(texts, vocab_size, max_sentences=5000).save(path)
+  return path
+
+
+def test_init_from_reads_text_with_the_source_runs_tokenizer(tmp_path):
+  texts = write_stdlib_sample(tmp_path / "text")
+  source = tmp_path / "source"
+  (source / "checkpoints" / "5" / "state").mkdir(parents=True)
+  model = _tokenizer_file(source / "tokenizer.model", texts, 400)
+  other = _tokenizer_file(tmp_path / "other.model", texts, 420)
+  cfg = load_config(None, ["data.vocab_size=2048"])
+  assert runs.resolve_init_from(cfg, tmp_path / "plain") == cfg  # no --init-from
+  for form in (source, source / "checkpoints", source / "checkpoints" / "5"):
+    tuned = runs.resolve_init_from(
+        load_config(None, ["data.vocab_size=2048", f"checkpoint.init_from={form}"]),
+        tmp_path / "tuned")
+    assert (tuned.data.tokenizer, tuned.data.vocab_size) == (str(model), 400)
+  copy = tmp_path / "copy.model"
+  copy.write_bytes(model.read_bytes())
+  same = load_config(None, [f"checkpoint.init_from={source}", f"data.tokenizer={copy}"])
+  assert runs.resolve_init_from(same, tmp_path / "tuned").data.tokenizer == str(model)
+  mismatched = load_config(None, [f"checkpoint.init_from={source}", f"data.tokenizer={other}"])
+  with pytest.raises(ConfigError, match=rf"^data.tokenizer: {other} \(sha256 .*\) is not the "
+                                        rf"--init-from run's \({source}\) tokenizer {model} "):
+    runs.resolve_init_from(mismatched, tmp_path / "tuned")
+  assert not (tmp_path / "tuned").exists()
+
+
+def test_init_from_on_a_workdir_with_checkpoints_is_an_error(tmp_path):
+  texts = write_stdlib_sample(tmp_path / "text")
+  source = tmp_path / "source"
+  (source / "checkpoints" / "5" / "state").mkdir(parents=True)
+  _tokenizer_file(source / "tokenizer.model", texts, 400)
+  workdir = tmp_path / "run"
+  for step in ("3", "7", "9.orbax-checkpoint-tmp-1"):  # the last: a save in progress
+    (workdir / "checkpoints" / step).mkdir(parents=True)
+  cfg = load_config(None, [f"checkpoint.init_from={source}"])
+  with pytest.raises(ConfigError, match=rf"^--init-from: {workdir} already has checkpoints "
+                                        r"\(newest at step 7\); rerun without --init-from "
+                                        r"\(checkpoint.init_from\) to resume it, or use a "
+                                        r"fresh --workdir$"):
+    runs.resolve_init_from(cfg, workdir)
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_other_text_just_works_and_resumes(tmp_path):
+  cache = tmp_path / "cache"
+  source_cfg = tiny_config(copy_stdlib_corpus(tmp_path / "src"), cache, "train.steps=2",
+                           "train.eval_every=0", "checkpoint.every=2")
+  train.train(source_cfg, tmp_path / "source")
+  write_stdlib_sample(tmp_path / "other")
+  tokenizers = sorted((cache / "tokenizers").iterdir())
+  overrides = ("train.steps=4", "train.eval_every=0", "checkpoint.every=2",
+               "checkpoint.async_save=false")
+  tuned_cfg = tiny_config(str(tmp_path / "other" / "*.py"), cache, *overrides,
+                          "train.stop_after=2", f"checkpoint.init_from={tmp_path / 'source'}")
+  tuned = train.train(tuned_cfg, tmp_path / "tuned")
+  assert (tuned["start_step"], tuned["final_step"]) == (0, 2)
+  # the source's tokenizer, taken before the text was read: none trained for the new text
+  assert sorted((cache / "tokenizers").iterdir()) == tokenizers
+  assert ((tmp_path / "tuned" / "tokenizer.model").read_bytes()
+          == (tmp_path / "source" / "tokenizer.model").read_bytes())
+  with pytest.raises(ConfigError, match="already has checkpoints \\(newest at step 2\\)"):
+    train.train(tuned_cfg, tmp_path / "tuned")
+  # rerun without --init-from: resumes, still with the source's tokenizer
+  resumed = train.train(tiny_config(str(tmp_path / "other" / "*.py"), cache, *overrides),
+                        tmp_path / "tuned")
+  assert (resumed["start_step"], resumed["final_step"]) == (2, 4)
+  assert sorted((cache / "tokenizers").iterdir()) == tokenizers
 
 
 def test_replaced_configs_are_kept_in_the_history_and_an_unchanged_one_adds_nothing(

@@ -361,14 +361,10 @@ def test_init_from_takes_params_and_starts_fresh(trained, corpus, tmp_path):
   assert fresh["start_step"] == 0
   trained_loss = np.mean([train_losses(workdir)[s] for s in range(56, 61)])
   assert abs(fresh["losses"][1] - trained_loss) < 0.5  # not the untrained ~ln(512)=6.2
-  # params-only fine-tuning on other text: its own tokenizer would misread the ids
+  # params-only fine-tuning on other text reads it with the source run's tokenizer
   other = ("train.steps=2", "train.eval_every=0", f"checkpoint.init_from={workdir}",
            f"data.corpus=[{corpus[0].replace('*.py', 'd*.py')}]")  # difflib, dataclasses
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"data.tokenizer: the params were trained with another tokenizer"):
-    train.train(tiny_config(*corpus, *other), tmp_path / "retokenized")
-  train.train(tiny_config(*corpus, *other, f"data.tokenizer={workdir}/tokenizer.model"),
-              tmp_path / "same_tokenizer")
+  train.train(tiny_config(*corpus, *other), tmp_path / "retokenized")
   branch = train.train(tiny_config(*corpus, "train.steps=62", "train.eval_every=0",
                                    f"checkpoint.init_from={workdir}/checkpoints/40",
                                    "checkpoint.init_from_full=true"), tmp_path / "branch")

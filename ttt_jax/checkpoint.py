@@ -48,8 +48,19 @@ costs 0.4-0.5 ns per word, 2.5-3.4 ms for the quickstart's 6.5M-word train state
 4-5% of a save's CPU time (``bench io`` reports it per save and per restore).
 
 Orbax writes into a temporary directory and renames it when complete, so a crash mid-save
-never leaves a step that ``all_steps()`` would list. A step that still fails to restore
-(truncated files) is reported and the previous one is tried.
+never leaves a step that ``all_steps()`` would list; the next ``Checkpointer`` on the
+directory removes such leftovers. A step that still fails to restore (truncated files) is
+reported and the previous one is tried.
+
+A save or restore that fails because of the storage rather than the checkpoint (no
+space, a file-size limit or quota, permissions, an I/O error: ``STORAGE_ERRNOS``) is one
+``CheckpointError`` line naming the directory and the errno, found in the error's chain
+(an ``OSError``, or the ``os_error_code`` tensorstore puts in its messages). The
+checkpoints already written are untouched: a failed save stops the run, and a failed
+restore does not move the checkpoint aside as damaged. Orbax finishes an async save on
+its own threads, so its failure surfaces at the next save or at ``close``, named with
+the step that failed; it is reported once, and the later calls that see the same
+failure again stay quiet.
 
 Async saves in a single-process run with ``device_snapshot`` take a device-side copy of
 the state (the next train step donates the original buffers) and hand it to orbax on a
@@ -65,11 +76,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import json
 import importlib.metadata
 import os
 import platform
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +103,45 @@ class ChecksumError(CheckpointError):
 
 
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
+
+STORAGE_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+    errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+"""Errnos that blame the storage, not the checkpoint's contents."""
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_DETAILS = re.compile(r"\s*See full TensorStore details:.*", re.DOTALL)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """``error`` and its causes and contexts, outermost first."""
+  chain: list[BaseException] = []
+  while error is not None and all(error is not e for e in chain):
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def error_errno(error: BaseException) -> int | None:
+  """The errno of an I/O failure in ``error``'s chain, or None."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno:
+      return e.errno
+    if match := _OS_ERROR_CODE.search(str(e)):
+      return int(match.group(1))
+  return None
+
+
+def describe_error(error: BaseException, limit: int = 300) -> str:
+  """One line for a library error: the errno's name and text where there is one, else
+  the innermost cause's type and first line (without tensorstore's object reprs)."""
+  code = error_errno(error)
+  if code is not None:
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, '?')}, errno {code})"
+  innermost = _chain(error)[-1]
+  text = _DETAILS.sub("", str(innermost)).strip().splitlines()
+  line = f"{type(innermost).__name__}: {text[0] if text else ''}"
+  return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def state_signature(state: Any) -> dict[str, str]:
@@ -321,6 +373,8 @@ class Checkpointer:
         initializer=_start_writer_thread, initargs=(writer_cpus,))
         if self.background else None)
     self._pending: concurrent.futures.Future | None = None
+    self._in_flight: int | None = None  # the newest step handed to orbax
+    self._reported = False  # a save failure has been raised to the caller
     if self._writer is not None:  # start the thread now: not in the first save, and a
       try:                        # failed pinning is reported here
         self._writer.submit(lambda: None).result()
@@ -330,7 +384,7 @@ class Checkpointer:
                          f"{sorted(writer_cpus or ())}") from None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "meta"),
         item_handlers={"state": state_handler(compress),
@@ -346,7 +400,11 @@ class Checkpointer:
     data_state = _IteratorState(data_iter)
     self._join_writer()
     if not self.background:
-      self._save(step, state, data_state, meta)
+      try:
+        self._save(step, state, data_state, meta)
+      except CheckpointError:
+        self._reported = True
+        raise
       return
     snapshot = jax.device_put(state, may_alias=False)
     # the writer hashes the snapshot (no train step donates it): the first save's
@@ -356,10 +414,32 @@ class Checkpointer:
   def _save(self, step: int, state: Any, data_state: _IteratorState,
             meta: dict[str, Any]) -> None:
     meta = {**meta, "state_checksums": state_checksums(state)}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state),
-        data=grain.checkpoint.CheckpointSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    self._finish_previous()
+    self._in_flight = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          data=grain.checkpoint.CheckpointSave(data_state),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # noqa: BLE001 - any failure of the write is reported as one line
+      raise self._save_error(step, e) from None
+
+  def _finish_previous(self) -> None:
+    """Waits for orbax to finish the save in flight; its failure, as a CheckpointError."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(self._in_flight, e) from None
+
+  def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
+    steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    kept = [s for s in steps if step is None or s < step]
+    return CheckpointError(
+        f"checkpoint save at step {step} failed in {self.directory}: "
+        f"{describe_error(error)}; "
+        + (f"checkpoint {kept[-1]} and those before it are intact" if kept else
+           "no checkpoint before it exists")
+        + " (the partial save is removed when the run restarts)")
 
   def _join_writer(self) -> None:
     """Waits for the background thread to hand its save to orbax; re-raises its error."""
@@ -367,9 +447,13 @@ class Checkpointer:
       return
     pending, self._pending = self._pending, None
     error = pending.exception()
-    if error is not None:
-      raise CheckpointError(f"checkpoint save failed: {type(error).__name__}: {error}"
-                            ) from error
+    if error is None:
+      return
+    self._reported = True
+    if isinstance(error, CheckpointError):
+      raise error
+    raise CheckpointError(f"checkpoint save failed: {type(error).__name__}: {error}"
+                          ) from error
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -450,8 +534,9 @@ class Checkpointer:
     for step in reversed(self.all_steps()):
       try:
         meta = self.read_meta(step)
-      except Exception as e:  # noqa: BLE001 - any read failure means a damaged step
-        log(f"checkpoint {step} is unreadable ({type(e).__name__}: {e}); trying an older one")
+      except Exception as e:  # noqa: BLE001 - any other read failure means a damaged step
+        self._check_storage(step, e)
+        log(f"checkpoint {step} is unreadable ({describe_error(e)}); trying an older one")
         damaged.append(step)
         continue
       check(meta)
@@ -462,12 +547,19 @@ class Checkpointer:
         log(f"{e}; trying an older one")
         damaged.append(step)
       except Exception as e:  # noqa: BLE001
-        log(f"checkpoint {step} is damaged ({type(e).__name__}: {str(e)[:200]}); "
-            "trying an older one")
+        self._check_storage(step, e)
+        log(f"checkpoint {step} is damaged ({describe_error(e)}); trying an older one")
         damaged.append(step)
     if damaged:
       self._quarantine(damaged, log)
     return restored
+
+  def _check_storage(self, step: int, error: BaseException) -> None:
+    """Raises a storage failure (``STORAGE_ERRNOS``) as one line: the checkpoint may be
+    whole, so it is not moved aside."""
+    if error_errno(error) in STORAGE_ERRNOS:
+      raise CheckpointError(f"cannot read checkpoint {step} in {self.directory}: "
+                            f"{describe_error(error)}") from None
 
   def _quarantine(self, steps: list[int], log: Callable[[str], None]) -> None:
     """Moves damaged step directories to ``<checkpoints>.damaged/<step>-<n>``."""
@@ -484,8 +576,14 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
+    """Waits for every save to be complete; raises a save failure not yet reported."""
     self._join_writer()
-    self.manager.wait_until_finished()
+    try:
+      self._finish_previous()
+    except CheckpointError:
+      if not self._reported:
+        self._reported = True
+        raise
 
   def close(self) -> None:
     try:
@@ -493,7 +591,11 @@ class Checkpointer:
     finally:
       if self._writer is not None:
         self._writer.shutdown()
-      self.manager.close()
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001 - wait() has reported the failure that this repeats
+        if not self._reported:
+          raise
 
 
 def resolve_source(path: str | Path) -> tuple[Path, int | None]:

@@ -11,18 +11,30 @@ Tasks (``registry.EVAL_TASKS``; ``--help`` with ``--task T`` lists T's own flags
   and ``all`` (every one of them in the guide's "Results JSON" shape, tier-1 criteria as
   PASS/FAIL).
 
-Prints a JSON object and writes it to ``W/eval_<task>.json``.
+Every task that loads the run (``runs.load_trained``) reads text with the run's own
+``tokenizer.model``, whatever ``--set data.corpus=...`` names: scores on another corpus
+are the run's tokens' losses, comparable with its own. ``--set data.tokenizer=PATH`` is
+accepted only if PATH is the same model (by content hash), else refused in one line.
+
+Prints a JSON object, which records the ``evaluation`` asked for (task, weights: 'raw',
+the overrides and the task's flags) and, for ``lm``, the checkpoint step, weights, corpus
+(``data.corpus`` spec, split, content hash) and tokenizer hash. It writes it to the
+workdir: the default evaluation (no ``--set``, default flags) to ``eval_<task>.json``,
+any other to ``eval_<task>-<hash8>.json``, with hash8 from its ``evaluation``, so one
+evaluation never replaces another's file (``eval.tasks.results_path``); the file
+written is named on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ttt_jax import registry
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm  # noqa: F401  (registers the 'lm' task)
-from ttt_jax.eval.tasks import EvalTask
+from ttt_jax.eval import tasks
 from ttt_jax.runs import check_workdir
 
 
@@ -34,7 +46,7 @@ def _task_name(argv: list[str] | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   with user_errors():
-    task: EvalTask = registry.EVAL_TASKS.get(_task_name(argv))
+    task: tasks.EvalTask = registry.EVAL_TASKS.get(_task_name(argv))
   parser = argparse.ArgumentParser(prog="python -m ttt_jax.evaluate", description=__doc__)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--task", default="lm",
@@ -48,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
       result = task.run(args)
     except ValueError as e:  # a task's one-line refusal (wrong kind of run, ...)
       raise ConfigError(str(e)) from None
-    (workdir / f"eval_{args.task}.json").write_text(
-        json.dumps(result, indent=2) + "\n")
+    result = {**result, "evaluation": tasks.identity(args, parser)}
+    path = tasks.results_path(workdir, result["evaluation"])
+    path.write_text(json.dumps(result, indent=2) + "\n")
+  print(f"wrote {path}", file=sys.stderr)
   print(json.dumps(result, indent=2))
 
 

@@ -16,12 +16,21 @@ reads changed (``SCHEDULE_FIELDS``); ``write_run_files`` keeps each replaced
 ``init_from`` starts a new run from another run's params or whole state, and
 ``load_trained`` gives the params of a finished run to sampling and evaluation.
 
+Params read token ids as the pieces of the tokenizer they were trained with, so that
+tokenizer follows them: ``resolve_init_from`` gives a fine-tuning run its source run's
+``tokenizer.model`` before any text is tokenized (and refuses ``--init-from`` on a
+workdir that already has checkpoints, which would otherwise resume instead), and
+``load_trained`` always reads text with the run's own ``tokenizer.model``, whatever
+``data.corpus`` names. An explicit ``data.tokenizer`` that is another model (by content
+hash) is refused in one line naming both files.
+
 ``run_batches`` builds the run's train stream and validation batches, with the
 per-token batch fields its mechanisms annotate: every program reads its data through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -47,6 +56,8 @@ STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
                  "val_fraction": "data.val_fraction", "corpus_hash": "data.corpus",
                  "tokenizer_hash": "data.tokenizer"}
 """Meta keys that fix the sample stream, and the config field each is named by."""
+RUN_TOKENIZER = "tokenizer.model"
+"""The file in a workdir holding the tokenizer the run's params read token ids with."""
 
 
 def check_workdir(workdir: str | Path) -> Path:
@@ -348,19 +359,109 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
   return state._replace(params=params), 0
 
 
+def checkpoint_steps(workdir: Path) -> list[int]:
+  """The steps of the checkpoint directories in ``workdir/checkpoints`` (sorted; a save
+  still in progress has another name)."""
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _check_given_tokenizer(given: str, sha256: str, whose: str) -> None:
+  """An explicit ``data.tokenizer`` (``given``, or '') must be the model of content hash
+  ``sha256``, ``whose`` the params were trained with."""
+  if not given:
+    return
+  other = corpus_lib.load_tokenizer(given)
+  if other.sha256 != sha256:
+    raise ConfigError(
+        f"data.tokenizer: {given} (sha256 {other.sha256[:12]}...) is not {whose} "
+        f"(sha256 {sha256[:12]}...), whose token ids the params were trained on; leave "
+        "data.tokenizer unset to use it")
+
+
+def _with_tokenizer(cfg: Config, path: Path, whose: str, given: str) -> Config:
+  """``cfg`` reading text with the tokenizer at ``path`` (and its vocab size); ``given``,
+  an explicit ``data.tokenizer`` (or ''), must be the same model, compared by content."""
+  tokenizer = corpus_lib.load_tokenizer(str(path))
+  _check_given_tokenizer(given, tokenizer.sha256, f"{whose} tokenizer {path}")
+  data = dataclasses.replace(cfg.data, tokenizer=str(path), vocab_size=tokenizer.vocab_size)
+  return dataclasses.replace(cfg, data=data)
+
+
+def _run_tokenizer(cfg: Config, workdir: Path, given: str, trained_with: str | None
+                   ) -> Config:
+  """``cfg`` reading text with the run's own ``tokenizer.model``; ``given``: an explicit
+  ``data.tokenizer`` override (or ''); ``trained_with``: the tokenizer hash the newest
+  checkpoint records (None: a packed .bin run without a tokenizer)."""
+  path = workdir / RUN_TOKENIZER
+  if path.is_file():
+    return _with_tokenizer(cfg, path, "the run's", given)
+  if trained_with is None:
+    return cfg
+  if not given:
+    raise ConfigError(f"{path}: missing; the run's params read token ids with its "
+                      f"tokenizer (sha256 {trained_with[:12]}...): put it back, or --set "
+                      "data.tokenizer to a copy")
+  _check_given_tokenizer(given, trained_with, "the run's tokenizer")
+  return cfg
+
+
+def resolve_init_from(cfg: Config, workdir: str | Path) -> Config:
+  """The config a training run on ``workdir`` reads its text with, before the corpus is
+  prepared. With ``checkpoint.init_from``: the workdir must hold no checkpoint yet, and
+  the source run's ``tokenizer.model`` (SRC may be a run, its checkpoints or one step
+  directory) replaces the one the run would train, unless ``data.tokenizer`` is given,
+  which must then be the same model. Resuming a run that was given a tokenizer (as an
+  ``--init-from`` run is) keeps its own ``tokenizer.model`` when ``data.tokenizer`` is
+  unset. Otherwise ``cfg`` unchanged."""
+  workdir = check_workdir(workdir)
+  steps = checkpoint_steps(workdir)
+  if not cfg.checkpoint.init_from:
+    return _resumed_tokenizer(cfg, workdir) if steps and not cfg.data.tokenizer else cfg
+  if steps:
+    raise ConfigError(
+        f"--init-from: {workdir} already has checkpoints (newest at step {steps[-1]}); "
+        "rerun without --init-from (checkpoint.init_from) to resume it, or use a fresh "
+        "--workdir")
+  source_run = ckpt_lib.resolve_source(cfg.checkpoint.init_from)[0].parent
+  if not (source_run / RUN_TOKENIZER).is_file():  # a packed .bin run without one
+    return cfg
+  return _with_tokenizer(cfg, source_run / RUN_TOKENIZER,
+                         f"the --init-from run's ({source_run})", cfg.data.tokenizer)
+
+
+def _resumed_tokenizer(cfg: Config, workdir: Path) -> Config:
+  """``cfg`` with the workdir's own tokenizer when its saved config names one."""
+  try:
+    saved = load_config(workdir / "config.yaml", legacy=True)
+  except ConfigError:  # no (readable) config.yaml: nothing recorded to keep
+    return cfg
+  if not saved.data.tokenizer or not (workdir / RUN_TOKENIZER).is_file():
+    return cfg
+  return _with_tokenizer(cfg, workdir / RUN_TOKENIZER, "the run's", "")
+
+
 def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
-  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``."""
+  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``.
+  The config reads text with the run's own ``tokenizer.model`` whatever ``data.corpus``
+  is; an explicit ``data.tokenizer`` override must be the same model."""
   workdir = check_workdir(workdir)
   if not (workdir / "config.yaml").exists():
     raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
   cfg = load_config(workdir / "config.yaml", overrides, legacy=True)
+  saved = load_config(workdir / "config.yaml", legacy=True)
+  given = cfg.data.tokenizer if cfg.data.tokenizer != saved.data.tokenizer else ""
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                async_save=False)
   try:
     steps = ckpt.all_steps()
     if not steps:
       raise CheckpointError(f"{workdir}: no complete checkpoint to load")
-    vocab_size = int(ckpt.read_meta(steps[-1])["vocab_size"])
+    meta = ckpt.read_meta(steps[-1])
+    cfg = _run_tokenizer(cfg, workdir, given, meta.get("tokenizer_hash"))
+    vocab_size = int(meta["vocab_size"])
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
     restored = ckpt.restore_latest(

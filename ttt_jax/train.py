@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import distributed, host_memory, runs, sharding
+from ttt_jax import diagnostics, distributed, host_memory, runs, sharding
 from ttt_jax import metrics as metrics_lib
 from ttt_jax.config import Config, load_config
 from ttt_jax.data import corpus as corpus_lib
@@ -42,8 +42,7 @@ from ttt_jax.training import step as step_lib
 def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Runs training; returns a summary (final losses, timings) for callers and tests."""
   started = time.perf_counter()
-  if cfg.checkpoint.init_from and not (runs.check_workdir(workdir) / "checkpoints").is_dir():
-    ckpt_lib.resolve_source(cfg.checkpoint.init_from)  # a bad path: before the workdir exists
+  cfg = runs.resolve_init_from(cfg, workdir)  # before the workdir exists or text is read
   workdir = runs.prepare_workdir(workdir)
   is_main = jax.process_index() == 0
   log = loop.console if is_main else (lambda _: None)
@@ -86,6 +85,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       f"{flops_per_step / 1e9:.2f} GFLOP per step")
 
   with contextlib.ExitStack() as resources:
+    resources.enter_context(diagnostics.library_logs(workdir / "logs" / "libraries.log"))
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                  keep_every=cfg.checkpoint.keep_every,
                                  async_save=cfg.checkpoint.async_save,

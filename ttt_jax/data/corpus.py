@@ -292,7 +292,9 @@ def _token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
 
 
-def _load_tokenizer(path_str: str) -> Tokenizer:
+def load_tokenizer(path_str: str) -> Tokenizer:
+  """The sentencepiece model at ``path_str``; a ``DataError`` naming ``data.tokenizer``
+  when it is missing, not a model, or has no EOS piece."""
   path = Path(path_str).expanduser()
   if not path.is_file():
     raise DataError(f"data.tokenizer: {path} does not exist")
@@ -310,7 +312,7 @@ def _tokenizer_for(cfg: DataConfig, train_documents: Sequence[Document], cache: 
   """The tokenizer named by ``data.tokenizer``, or one trained on the train split (and
   the path of its ``.model`` file)."""
   if cfg.tokenizer:
-    tokenizer = _load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     log(f"tokenizer: loaded {cfg.tokenizer} (vocab {tokenizer.vocab_size})")
     return tokenizer, Path(cfg.tokenizer).expanduser()
   user_symbols = (STEP_PIECE,) if cfg.step_boundaries != "none" else ()
@@ -468,7 +470,7 @@ def _packed_corpus(cfg: DataConfig, path: Path, log: Callable[[str], None]) -> C
   _check_windows(num_tokens - num_val, num_val, cfg.seq_len, str(path))
   tokenizer = None
   if cfg.tokenizer:
-    tokenizer = _load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size != vocab_size:
       raise DataError(f"data.tokenizer: {cfg.tokenizer} has vocab {tokenizer.vocab_size}, "
                       f"but {sidecar.name} says vocab_size={vocab_size}")

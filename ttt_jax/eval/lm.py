@@ -54,8 +54,10 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Arr
 
 
 def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, Any]:
-  """``evaluate`` of the newest usable checkpoint in ``workdir`` on its run's validation
-  batches (``batches`` of them; 0: ``eval.batches``), with where it comes from."""
+  """``evaluate`` of the newest usable checkpoint in ``workdir`` on the validation batches
+  of ``data.corpus`` (``batches`` of them; 0: ``eval.batches``), read with the run's own
+  tokenizer (``runs.load_trained``), with what was scored: the checkpoint step, its
+  weights, the corpus spec, split and content hash, and the tokenizer's hash."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log)
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
@@ -66,7 +68,10 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, 
   eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
   row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
                  piece_bytes(corpus, mesh))
-  return {"task": "lm", "workdir": str(workdir), "step": step,
+  return {"task": "lm", "workdir": str(workdir), "step": step, "weights": tasks.RAW_WEIGHTS,
+          "corpus": {"spec": list(cfg.data.corpus), "split": "val",
+                     "sha256": corpus.meta.get("corpus_hash")},
+          "tokenizer_hash": corpus.meta.get("tokenizer_hash"),
           "batches": len(eval_batches), "batch_size": batch_size,
           "seq_len": cfg.data.seq_len, **row}
 

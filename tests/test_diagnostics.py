@@ -1,0 +1,45 @@
+"""Library diagnostics go to the file, not the console."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+
+from ttt_jax import diagnostics
+
+
+class _RaisesOnDelete:
+  def __del__(self):
+    raise RuntimeError("Event loop is closed")
+
+
+def test_library_records_and_unraisable_exceptions_go_to_the_file(tmp_path, capfd):
+  path = tmp_path / "logs" / "libraries.log"
+  with diagnostics.library_logs(path):
+    logging.getLogger("absl").error("save failed: OUT_OF_RANGE")
+    logging.getLogger("asyncio").error("Future exception was never retrieved")
+    _RaisesOnDelete()
+    gc.collect()
+  out, err = capfd.readouterr()
+  assert out == "" and err == ""
+  text = path.read_text()
+  assert "save failed: OUT_OF_RANGE" in text and "never retrieved" in text
+  assert "RuntimeError: Event loop is closed" in text and "_RaisesOnDelete" in text
+
+
+def test_the_loggers_and_hook_are_restored(tmp_path):
+  absl = logging.getLogger("absl")
+  before = (list(absl.handlers), absl.propagate, sys.unraisablehook)
+  with diagnostics.library_logs(tmp_path / "libraries.log"):
+    assert sys.unraisablehook is not before[2]
+  assert (list(absl.handlers), absl.propagate, sys.unraisablehook) == before
+  assert not (tmp_path / "libraries.log").exists()  # created on the first record only
+
+
+def test_an_unwritable_file_drops_records_quietly(tmp_path, capfd):
+  path = tmp_path / "libraries.log"
+  path.mkdir()  # a directory: opening it for appending fails
+  with diagnostics.library_logs(path):
+    logging.getLogger("absl").error("lost")
+  assert capfd.readouterr().err == ""
