@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 from ttt_jax import diagnostics
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class _RaisesOnDelete:
@@ -43,3 +48,21 @@ def test_an_unwritable_file_drops_records_quietly(tmp_path, capfd):
   with diagnostics.library_logs(path):
     logging.getLogger("absl").error("lost")
   assert capfd.readouterr().err == ""
+
+
+def test_until_exit_catches_what_a_library_reports_at_interpreter_shutdown(tmp_path):
+  """A command line's process: an object finalized while the interpreter shuts down (as
+  a failed save's asyncio leftovers are) reports to the file, not to stderr."""
+  log = tmp_path / "run" / "logs" / "libraries.log"
+  code = f"""
+from ttt_jax import diagnostics
+diagnostics.library_logs_until_exit({str(log)!r})
+class Leftover:
+  def __del__(self):
+    raise RuntimeError("Event loop is closed")
+leftover = Leftover()
+"""
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+  assert result.returncode == 0 and result.stderr == "", result.stderr
+  assert "RuntimeError: Event loop is closed" in log.read_text()

@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax import compare as compare_lib
-from ttt_jax import runs, sharding
+from ttt_jax import diagnostics, runs, sharding
 from ttt_jax.config import flatten, to_dict
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import ConfigError, user_errors
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batches < 0:
       raise ConfigError(f"--batches: must be 0 or more, got {args.batches}")
     a, b = runs.check_workdir(args.a), runs.check_workdir(args.b)
+    diagnostics.library_logs_until_exit(diagnostics.run_log(a))
     result = analyse(a, b, top_k=args.top_k, batches=args.batches,
                      barrier=not args.no_barrier)
     out = Path(args.out) if args.out else a / f"analysis_vs_{b.resolve().name}.json"

@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ttt_jax import diagnostics
 from ttt_jax.cct import chain
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.generate import load_for_generation
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="override the run's config, as given to generate")
   args = parser.parse_args(argv)
   with user_errors():
-    check_workdir(args.workdir)
+    diagnostics.library_logs_until_exit(diagnostics.run_log(check_workdir(args.workdir)))
     try:
       record = json.loads(Path(args.record).read_text())
     except (OSError, ValueError) as e:

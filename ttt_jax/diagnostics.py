@@ -5,11 +5,17 @@ and coroutines that a failed tensorstore read or write leaves behind ("exception
 never retrieved", "Exception ignored in: <coroutine ...>", "Event loop is closed")
 through its ``asyncio`` logger and ``sys.unraisablehook``. Each repeats, with a library
 traceback, a failure that ttt_jax reports itself in one line (a damaged checkpoint moved
-aside, a save that failed), often dozens of times. Inside ``library_logs(path)`` they
-are appended to ``path`` instead (``W/logs/libraries.log`` for the command lines): the
-console keeps one line per event, and the file keeps everything for a bug report. The
-block ends with a garbage collection, so that coroutines a failed call left behind are
-finalized (and reported) while the file still receives them, not at interpreter exit.
+aside, a save that failed), often dozens of times. They are appended to a file instead
+(``W/logs/libraries.log``, created with its folder on the first record): the console
+keeps one line per event, and the file keeps everything for a bug report.
+
+- ``library_logs(path)``: within a block (``train``, ``runs.load_trained``), then
+  restored. The block ends with a garbage collection, so that coroutines a failed call
+  left behind are finalized (and reported) while the file still receives them.
+- ``library_logs_until_exit(path)``: for a command line's process, from then on: a
+  library thread can still report a failed save's leftovers while the interpreter
+  shuts down, after any block has ended.
+
 Nothing is dropped unless the file itself cannot be written (a full disk), in which case
 the records are lost rather than printed as logging errors.
 """
@@ -22,16 +28,28 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 LIBRARY_LOGGERS = ("absl", "asyncio")
 """The loggers whose records go to the file."""
 
-_UNRAISABLE = "ttt_jax.unraisable"
+
+def run_log(workdir: str | Path) -> Path:
+  """A run directory's library log."""
+  return Path(workdir) / "logs" / "libraries.log"
 
 
 class _FileHandler(logging.FileHandler):
-  """A file handler that drops a record it cannot write instead of printing a traceback."""
+  """Appends to ``path``, creating it and its folder on the first record; a record it
+  cannot write is dropped instead of printing a traceback."""
+
+  def __init__(self, path: Path):
+    super().__init__(path, delay=True)
+    self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+  def _open(self):
+    Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+    return super()._open()
 
   def emit(self, record: logging.LogRecord) -> None:
     try:
@@ -43,32 +61,49 @@ class _FileHandler(logging.FileHandler):
     del record
 
 
-@contextlib.contextmanager
-def library_logs(path: str | Path) -> Iterator[Path]:
-  """Within the block, the ``LIBRARY_LOGGERS``' records and unraisable exceptions are
-  appended to ``path`` (created on the first record), not printed."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handler = _FileHandler(path, delay=True)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-  loggers = [logging.getLogger(name) for name in (*LIBRARY_LOGGERS, _UNRAISABLE)]
-  saved = [(logger.handlers, logger.propagate) for logger in loggers]
-  for logger in loggers:
-    logger.handlers, logger.propagate = [handler], False
-  previous_hook = sys.unraisablehook
-
-  def unraisable(info: Any) -> None:
+def _unraisable_hook(handler: logging.Handler):
+  """A ``sys.unraisablehook`` that writes to ``handler`` itself (not through a logger
+  whose routing a block may have restored meanwhile)."""
+  def hook(info: Any) -> None:
     where = f" in {info.object!r}" if info.object is not None else ""
     lines = traceback.format_exception(info.exc_type, info.exc_value, info.exc_traceback)
-    logging.getLogger(_UNRAISABLE).warning("%s%s\n%s", info.err_msg or "Exception ignored",
-                                           where, "".join(lines).rstrip())
+    handler.handle(logging.makeLogRecord({
+        "name": "unraisable", "levelno": logging.WARNING, "levelname": "WARNING",
+        "msg": f"{info.err_msg or 'Exception ignored'}{where}\n{''.join(lines).rstrip()}"}))
+  return hook
 
-  sys.unraisablehook = unraisable
-  try:
-    yield path
-  finally:
-    gc.collect()  # what a failed library call left behind is finalized here, to the file
+
+def _route(path: str | Path) -> Callable[[], None]:
+  """Routes the library loggers and unraisable exceptions to ``path``; returns the
+  function that restores the previous routing."""
+  handler = _FileHandler(Path(path))
+  loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+  saved = [(logger.handlers, logger.propagate) for logger in loggers]
+  previous_hook = sys.unraisablehook
+  for logger in loggers:
+    logger.handlers, logger.propagate = [handler], False
+  sys.unraisablehook = _unraisable_hook(handler)
+
+  def restore() -> None:
     sys.unraisablehook = previous_hook
     for logger, (handlers, propagate) in zip(loggers, saved):
       logger.handlers, logger.propagate = handlers, propagate
     handler.close()
+  return restore
+
+
+@contextlib.contextmanager
+def library_logs(path: str | Path) -> Iterator[Path]:
+  """Within the block, the ``LIBRARY_LOGGERS``' records and unraisable exceptions are
+  appended to ``path``, not printed."""
+  restore = _route(path)
+  try:
+    yield Path(path)
+  finally:
+    gc.collect()  # what a failed library call left behind is finalized here, to the file
+    restore()
+
+
+def library_logs_until_exit(path: str | Path) -> None:
+  """``library_logs`` for the rest of the process (a command line's ``main``)."""
+  _route(path)

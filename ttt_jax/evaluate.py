@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 
-from ttt_jax import registry
+from ttt_jax import diagnostics, registry
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm  # noqa: F401  (registers the 'lm' task)
 from ttt_jax.eval import tasks
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   with user_errors():
     workdir = check_workdir(args.workdir)
+    diagnostics.library_logs_until_exit(diagnostics.run_log(workdir))
     try:
       result = task.run(args)
     except ValueError as e:  # a task's one-line refusal (wrong kind of run, ...)

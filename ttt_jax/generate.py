@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ttt_jax import diagnostics
 from ttt_jax.cct import chain as cct_chain
 from ttt_jax.cct.decode import semantic_annotator
 from ttt_jax.cct.steps import StepAnnotator
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
       raise ConfigError(f"--temperature: must be >= 0 (0: greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
       raise ConfigError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    diagnostics.library_logs_until_exit(diagnostics.run_log(check_workdir(args.workdir)))
     text = generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          overrides=args.set, hash_chain=args.hash_chain)

@@ -469,7 +469,7 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
   saved = load_config(workdir / "config.yaml", legacy=True)
   given = cfg.data.tokenizer if cfg.data.tokenizer != saved.data.tokenizer else ""
   with contextlib.ExitStack() as resources:
-    resources.enter_context(diagnostics.library_logs(workdir / "logs" / "libraries.log"))
+    resources.enter_context(diagnostics.library_logs(diagnostics.run_log(workdir)))
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                  async_save=False)
     resources.callback(ckpt.close)

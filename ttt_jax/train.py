@@ -85,7 +85,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       f"{flops_per_step / 1e9:.2f} GFLOP per step")
 
   with contextlib.ExitStack() as resources:
-    resources.enter_context(diagnostics.library_logs(workdir / "logs" / "libraries.log"))
+    resources.enter_context(diagnostics.library_logs(diagnostics.run_log(workdir)))
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
                                  keep_every=cfg.checkpoint.keep_every,
                                  async_save=cfg.checkpoint.async_save,
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   args = parse_args(argv)
   with user_errors():
     if not args.print_config:
-      runs.check_workdir(args.workdir)
+      diagnostics.library_logs_until_exit(diagnostics.run_log(runs.check_workdir(args.workdir)))
     overrides = list(args.set)
     if args.init_from:
       overrides.append(f"checkpoint.init_from={args.init_from}")
