@@ -211,14 +211,17 @@ def test_valid_averaging_configs_load():
 
 # ----------------------------------------------------------------------------- a tiny run
 
-WARMDOWN = 30
-"""Updates of the tiny run's linear warmdown (wsd, the last half of its 60 steps)."""
-EMA_DECAY = 1 - 3 / WARMDOWN
-"""d = 0.9: a time constant 1/(1 - d) of a third of the warmdown, so the weights from
-before it (30 updates back) weigh d^30 = 4% of the EMA at the end; a longer window would
-average the high-lr weights the warmdown moves away from, a shorter one barely smooths."""
-AVERAGING = (f"optim.ema_decay={EMA_DECAY}", "optim.swa_every=5", "optim.swa_start_lr_ratio=0.5",
-             "optim.schedule=wsd", "optim.decay_fraction=0.5", "eval.weights=all")
+STEPS, WARMDOWN = 200, 100
+"""The tiny run: 200 updates, the last 100 a linear warmdown of the lr to zero (wsd)."""
+EMA_DECAY = 1 - 1 / WARMDOWN ** 0.5
+"""d = 0.9, a time constant tau = 1/(1 - d) = sqrt(WARMDOWN) updates. Over a linear
+warmdown to zero the params move about k^2 / (2 W) peak-lr steps in their last k updates,
+so an EMA of time constant tau ends about tau^2 / W peak-lr steps behind them: tau =
+sqrt(W) keeps that lag to about one step, while still averaging tau updates' noise."""
+AVERAGING = (f"train.steps={STEPS}", "train.eval_every=100", f"optim.ema_decay={EMA_DECAY}",
+             "optim.swa_every=5", "optim.swa_start_lr_ratio=0.5", "optim.schedule=wsd",
+             f"optim.decay_fraction={WARMDOWN / STEPS}", "optim.min_lr_ratio=0",
+             "eval.weights=all")
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +232,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def averaged_run(corpus, tmp_path_factory):
-  """A 60-step tiny run keeping both averages and evaluating all weights."""
+  """The tiny run keeping both averages and evaluating all weights."""
   workdir = tmp_path_factory.mktemp("run")
   cfg = tiny_config(*corpus, *AVERAGING)
   return cfg, workdir, train.train(cfg, workdir)
@@ -238,27 +241,27 @@ def averaged_run(corpus, tmp_path_factory):
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run_with_its_averages(averaged_run, corpus, tmp_path):
   cfg, _, summary = averaged_run
-  first = train.train(tiny_config(*corpus, *AVERAGING, "train.stop_after=27"), tmp_path)
-  assert first["final_step"] == 27
+  first = train.train(tiny_config(*corpus, *AVERAGING, "train.stop_after=97"), tmp_path)
+  assert first["final_step"] == 97
   resumed = train.train(cfg, tmp_path)
-  assert resumed["start_step"] == 27
+  assert resumed["start_step"] == 97
   state = averaging.find_state(resumed["state"].opt_state)
-  assert int(state.count) == 60 and int(state.swa_count) > 0
+  assert int(state.count) == STEPS and int(state.swa_count) > 0
   expected, got = summary["state"].opt_state, resumed["state"].opt_state
   assert jax.tree.structure(expected) == jax.tree.structure(got)
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert resumed["eval"][60] == summary["eval"][60]
+  assert resumed["eval"][STEPS] == summary["eval"][STEPS]
 
 
 @pytest.mark.slow
 def test_eval_logs_every_weights_and_ema_is_no_worse_after_a_warmdown(averaged_run, capsys):
   _, workdir, summary = averaged_run
-  final = summary["eval"][60]
+  final = summary["eval"][STEPS]
   for prefix in ("", "ema_", "swa_"):
     assert {f"{prefix}eval_loss", f"{prefix}eval_bpb"} <= set(final)
   rows = [r for r in read_metrics(workdir) if "ema_eval_loss" in r]
-  assert [r["step"] for r in rows] == [0, 30, 60]
+  assert [r["step"] for r in rows] == [0, 100, STEPS]
   # at step 0 every average is the initial params
   assert rows[0]["ema_eval_loss"] == rows[0]["eval_loss"] == rows[0]["swa_eval_loss"]
   print(f"eval_loss raw {final['eval_loss']:.4f} ema {final['ema_eval_loss']:.4f} "
@@ -268,7 +271,7 @@ def test_eval_logs_every_weights_and_ema_is_no_worse_after_a_warmdown(averaged_r
 
   evaluate_cli.main(["--workdir", str(workdir), "--weights", "ema"])
   result = json.loads(capsys.readouterr().out)
-  assert (result["weights"], result["step"]) == ("ema", 60)
+  assert (result["weights"], result["step"]) == ("ema", STEPS)
   assert result["eval_loss"] == pytest.approx(final["ema_eval_loss"], rel=1e-6)
   assert result["evaluation"]["weights"] == "ema" and not result["evaluation"]["default"]
   assert not (workdir / "eval_lm.json").exists()  # the default file is the raw weights'

@@ -58,7 +58,8 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
   """``evaluate`` of the newest usable checkpoint in ``workdir`` on the validation batches
   of ``data.corpus`` (``batches`` of them; 0: ``eval.batches``), read with the run's own
   tokenizer (``runs.load_trained``), with what was scored: the checkpoint step, its
-  ``weights`` ('raw', or the run's 'ema' / 'swa' average), the corpus spec, split and content hash, and the tokenizer's hash."""
+  ``weights`` ('raw', or the run's 'ema' / 'swa' average), the corpus spec, split and
+  content hash, and the tokenizer's hash."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log,
                                                         weights=weights)
