@@ -22,7 +22,7 @@ import numpy as np
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import diagnostics, distributed, host_memory, runs, sharding
 from ttt_jax import metrics as metrics_lib
-from ttt_jax.config import Config, load_config
+from ttt_jax.config import Config, load_config, to_yaml
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import user_errors
 from ttt_jax.eval import lm as eval_lm
@@ -128,14 +128,23 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m ttt_jax.train", description=__doc__)
+  parser = argparse.ArgumentParser(
+      prog="python -m ttt_jax.train", description=__doc__,
+      epilog="Every config field with its type, default and documentation: python -m "
+             "ttt_jax.config [--section model.mixer]. Compare finished runs: python -m "
+             "ttt_jax.compare RUN...")
   parser.add_argument("--config", required=True, help="YAML config file")
-  parser.add_argument("--workdir", required=True, help="run directory")
+  parser.add_argument("--workdir", help="run directory (required unless --print-config)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. --set train.steps=100 (repeatable)")
   parser.add_argument("--init-from", metavar="PATH", default=None,
                       help="start from another run's params (checkpoint.init_from)")
-  return parser.parse_args(argv)
+  parser.add_argument("--print-config", action="store_true",
+                      help="print the resolved config (file, --set, defaults) as YAML and exit")
+  args = parser.parse_args(argv)
+  if args.workdir is None and not args.print_config:
+    parser.error("the following arguments are required: --workdir")
+  return args
 
 
 def main(argv: list[str] | None = None, reexec: bool = False) -> None:
@@ -143,11 +152,15 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   pages on (``train.host_hugepages``) after the config has been checked."""
   args = parse_args(argv)
   with user_errors():
-    runs.check_workdir(args.workdir)
+    if not args.print_config:
+      runs.check_workdir(args.workdir)
     overrides = list(args.set)
     if args.init_from:
       overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+      print(to_yaml(cfg), end="")
+      return
     if reexec and cfg.train.host_hugepages:
       host_memory.reexec_with_hugepages("ttt_jax.train", argv)
     distributed.initialize_from_env()
