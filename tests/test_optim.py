@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ttt_jax import registry
-from ttt_jax.training import optim
+from ttt_jax.training import averaging, optim
 from ttt_jax.config import OptimConfig
 from ttt_jax.registry import AxisInfo
 
@@ -388,8 +388,13 @@ def test_nnx_state_matches_dict_tree(name):
     np.testing.assert_allclose(after[key] - before[key], dict_updates[key], rtol=1e-3, atol=2e-6)
 
 
-@pytest.mark.parametrize("name,accum", [("adamw", 1), ("sgd", 2), ("muon", 1), ("muon", 2)])
-def test_opt_state_shardings(name, accum):
+AVERAGES = dict(ema_decay=0.9, swa_every=2)
+
+
+@pytest.mark.parametrize("name,accum,averages", [
+    ("adamw", 1, {}), ("sgd", 2, {}), ("muon", 1, {}), ("muon", 2, {}), ("adamw", 1, AVERAGES),
+    ("muon", 2, AVERAGES)])
+def test_opt_state_shardings(name, accum, averages):
   mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",),
                        axis_types=(jax.sharding.AxisType.Auto,))
   specs = model_like_specs()
@@ -397,8 +402,8 @@ def test_opt_state_shardings(name, accum):
                                                   for a in spec)))
   param_shardings = jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, P))
   params = jax.device_put(model_like_params(jax.random.key(6)), param_shardings)
-  tx = optim.build_optimizer(OptimConfig(name=name, nesterov=True, grad_accum_steps=accum),
-                            10, specs)
+  tx = optim.build_optimizer(OptimConfig(name=name, nesterov=True, grad_accum_steps=accum,
+                                         **averages), 10, specs)
   abstract = jax.eval_shape(tx.init, params)
   shardings = optim.opt_state_shardings(tx, abstract, param_shardings,
                                         NamedSharding(mesh, P()))
@@ -411,3 +416,10 @@ def test_opt_state_shardings(name, accum):
       assert (leaf.shape, leaf.sharding.spec) in param_specs
   updates, _ = jax.jit(tx.update)(params, opt_state, params)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  average = averaging.find_state(opt_state)
+  if averages:  # the averages are sharded exactly like the params
+    for tree in (average.ema, average.swa):
+      assert jax.tree.leaves(jax.tree.map(lambda a: a.sharding, tree)) == jax.tree.leaves(
+          param_shardings)
+  else:
+    assert average is None

@@ -16,7 +16,7 @@ Every task that loads the run (``runs.load_trained``) reads text with the run's 
 are the run's tokens' losses, comparable with its own. ``--set data.tokenizer=PATH`` is
 accepted only if PATH is the same model (by content hash), else refused in one line.
 
-Prints a JSON object, which records the ``evaluation`` asked for (task, weights: 'raw',
+Prints a JSON object, which records the ``evaluation`` asked for (task, weights,
 the overrides and the task's flags) and, for ``lm``, the checkpoint step, weights, corpus
 (``data.corpus`` spec, split, content hash) and tokenizer hash. It writes it to the
 workdir: the default evaluation (no ``--set``, default flags) to ``eval_<task>.json``,

@@ -49,7 +49,7 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
-from ttt_jax.training import optim
+from ttt_jax.training import averaging, optim
 from ttt_jax.training.state import Built, TrainState, abstract_state
 
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
@@ -458,8 +458,10 @@ def _newest_meta(ckpt: ckpt_lib.Checkpointer, workdir: Path) -> dict[str, Any]:
   raise CheckpointError(f"{workdir}: no checkpoint with readable metadata")
 
 
-def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
-  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``.
+def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
+                 weights: str = averaging.RAW):
+  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``;
+  ``weights`` 'ema' / 'swa' gives that average of the params (``averaging.weights``).
   The config reads text with the run's own ``tokenizer.model`` whatever ``data.corpus``
   is; an explicit ``data.tokenizer`` override must be the same model."""
   workdir = check_workdir(workdir)
@@ -483,4 +485,5 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print):
         check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))
   if restored is None:
     raise CheckpointError(f"{workdir}: no usable checkpoint")
-  return cfg, graphdef, restored.state.params, restored.step, mesh
+  params = averaging.weights(restored.state.params, restored.state.opt_state, weights)
+  return cfg, graphdef, params, restored.step, mesh

@@ -34,7 +34,7 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import user_errors
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.models import lm
-from ttt_jax.training import loop, optim
+from ttt_jax.training import averaging, loop, optim
 from ttt_jax.training import state as state_lib
 from ttt_jax.training import step as step_lib
 
@@ -126,7 +126,9 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         flops_per_step=flops_per_step, peak_flops=peak,
         echo=log if is_main and plain else None)
     evaluation = loop.Evaluation(
-        lambda s: eval_lm.evaluate(eval_step, s.params, eval_batches, piece_bytes), writer,
+        lambda s: averaging.evaluate_each(
+            lambda params: eval_lm.evaluate(eval_step, params, eval_batches, piece_bytes),
+            s.params, s.opt_state, averaging.eval_weights(cfg)), writer,
         every=cfg.train.eval_every, final_step=cfg.train.steps, log=log)
     checkpoint = loop.Checkpoint(ckpt, data_iter, run_meta, every=cfg.checkpoint.every,
                                  log=log)

@@ -294,13 +294,27 @@ class OptimConfig:
   """Global gradient-norm clip; 0 disables."""
   grad_accum_steps: int = 1
   """Micro-batches accumulated per optimizer update (optax.MultiSteps)."""
+  ema_decay: float = 0.0
+  """Exponential moving average of the weights, e_t = d e_{t-1} + (1 - d) p_t once per
+  optimizer update from e_0 = the initial params (time constant 1/(1 - d) updates), in
+  [0, 1); 0 disables. Kept in float32 in the optimizer state (``training/averaging.py``):
+  sharded like the params and checkpointed; ``eval.weights`` scores it."""
+  swa_every: int = 0
+  """Stochastic weight averaging: a snapshot of the weights every swa_every optimizer
+  updates once the lr has fallen to swa_start_lr_ratio x peak, averaged uniformly
+  (float32, in the optimizer state; before the first snapshot it follows the weights);
+  0 disables."""
+  swa_start_lr_ratio: float = 0.2
+  """SWA starts at the first update past the warmup whose lr is at most this fraction of
+  the peak lr; in (0, 1] and at least the schedule's final ratio (min_lr_ratio; 1 for
+  'constant'), else it would never start."""
 
   def __post_init__(self):
     check_choice("optim", "name", self.name, ("adamw", "sgd", "muon"))
     check_choice("optim", "schedule", self.schedule, ("cosine", "wsd", "constant"))
     check_positive("optim", self, "lr", "grad_accum_steps", "ns_steps")
     check_non_negative("optim", self, "warmup_steps", "weight_decay", "clip_norm", "adam_lr",
-                        "eps")
+                        "eps", "swa_every")
     for name in ("lr", "adam_lr"):
       if not getattr(self, name) <= MAX_LR:  # inf and NaN too
         raise ConfigError(f"optim.{name}: must be <= {MAX_LR:g} (far outside float32's "
@@ -309,6 +323,16 @@ class OptimConfig:
                  "momentum"):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ConfigError(f"optim.{name}: must be in [0, 1], got {getattr(self, name)}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ConfigError(f"optim.ema_decay: must be in [0, 1) (0 disables), got {self.ema_decay}")
+    if not 0.0 < self.swa_start_lr_ratio <= 1.0:
+      raise ConfigError(f"optim.swa_start_lr_ratio: must be in (0, 1], got "
+                        f"{self.swa_start_lr_ratio}")
+    final_ratio = 1.0 if self.schedule == "constant" else self.min_lr_ratio
+    if self.swa_every and self.swa_start_lr_ratio < final_ratio:
+      raise ConfigError(f"optim.swa_start_lr_ratio: {self.swa_start_lr_ratio} is below the "
+                        f"{self.schedule} schedule's final lr ratio {final_ratio}, so SWA "
+                        "would never start")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,10 +388,15 @@ class EvalConfig:
   """Validation batches per evaluation (fixed, unshuffled, the same every time)."""
   batch_size: int = 0
   """Sequences per validation batch; 0 means train.batch_size."""
+  weights: str = "raw"
+  """Weights the train loop evaluates: 'raw' (the params: eval_loss, eval_bpb, ...),
+  'ema' or 'swa' (the raw ones and that average side by side: ema_eval_loss, ...; needs
+  optim.ema_decay / optim.swa_every) or 'all' (raw and every average the run keeps)."""
 
   def __post_init__(self):
     check_positive("eval", self, "batches")
     check_non_negative("eval", self, "batch_size")
+    check_choice("eval", "weights", self.weights, ("raw", "ema", "swa", "all"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,6 +523,12 @@ class Config:
       raise ConfigError("train.nonfinite: 'skip' drops one micro-batch's update, which "
                         "would shift optim.grad_accum_steps's accumulation; use 'stop' "
                         f"or optim.grad_accum_steps=1 (got {self.optim.grad_accum_steps})")
+    enabling = {"ema": ("optim.ema_decay", self.optim.ema_decay),
+                "swa": ("optim.swa_every", self.optim.swa_every)}
+    wanted = [w for w in enabling if self.eval.weights in (w, "all")]
+    if wanted and not any(enabling[w][1] for w in wanted):
+      raise ConfigError(f"eval.weights: {self.eval.weights!r} needs "
+                        f"{' or '.join(enabling[w][0] for w in wanted)} > 0")
     # the one hook for checks across sections: each model slot's, then the objective's
     for slot in SLOTS:
       getattr(self.model, slot).check(self)

@@ -67,9 +67,11 @@ def batches(args: argparse.Namespace) -> int:
 def identity(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
   """What an evaluation command asked for: task, weights, ``--set`` overrides (in order)
   and the task's own flags; ``default``: no overrides and every flag at its default."""
-  flags = {k: v for k, v in sorted(vars(args).items()) if k not in COMMON_FLAGS}
-  default = not args.set and all(v == parser.get_default(k) for k, v in flags.items())
-  return {"task": args.task, "weights": RAW_WEIGHTS, "overrides": list(args.set),
+  weights = getattr(args, "weights", RAW_WEIGHTS)  # a task's --weights, if it has one
+  flags = {k: v for k, v in sorted(vars(args).items()) if k not in COMMON_FLAGS + ("weights",)}
+  default = (not args.set and weights == RAW_WEIGHTS
+             and all(v == parser.get_default(k) for k, v in flags.items()))
+  return {"task": args.task, "weights": weights, "overrides": list(args.set),
           "flags": flags, "default": default}
 
 

@@ -38,6 +38,10 @@ the train loop calls ``update`` once per micro-batch, parameters change on every
 ``grad_accum_steps``-th call only, clipping sees the averaged gradient and the
 schedules count optimizer updates, not micro-batches.
 
+Weight averaging (EMA, SWA; ``training.averaging``) is the chain's last transformation,
+inside MultiSteps: the averages live in the optimizer state, are sharded like the params
+(``opt_state_shardings``) and update once per optimizer update.
+
 All parameter-dependent choices are looked up by parameter path, so one optimizer works
 on nested dicts, on ``nnx.State`` of ``nnx.Variable``s and on their pure-array form
 (``nnx.Optimizer`` inits with the former and updates with the latter).
@@ -53,6 +57,7 @@ from jax.sharding import PartitionSpec as P
 
 from ttt_jax import registry
 from ttt_jax.config import OptimConfig
+from ttt_jax.training import averaging
 
 MATRIX, EMBEDDING, VECTOR = "matrix", "embedding", "vector"
 """The parameter groups returned by ``param_group``."""
@@ -219,9 +224,17 @@ def lr_schedule(cfg: OptimConfig, total_steps: int,
 # ----------------------------------------------------------------------------- optimizers
 
 
+def swa_active(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """Whether optimizer update ``step`` (0 = the first) may take an SWA snapshot: past the
+  warmup, with lr <= ``swa_start_lr_ratio`` x peak lr."""
+  schedule, warmup = lr_schedule(cfg, total_steps), min(cfg.warmup_steps, total_steps)
+  return lambda step: (step >= warmup) & (schedule(step) <= cfg.swa_start_lr_ratio * cfg.lr)
+
+
 def build_optimizer(cfg: OptimConfig, total_steps: int,
                     logical_axes: Any) -> optax.GradientTransformation:
-  """clip_by_global_norm -> adamw | sgd | muon, wrapped in MultiSteps if accumulating.
+  """clip_by_global_norm -> adamw | sgd | muon -> weight averaging (when ``ema_decay`` or
+  ``swa_every`` is set: ``averaging.transform``), wrapped in MultiSteps if accumulating.
 
   ``total_steps`` counts optimizer updates; ``logical_axes`` has the params' tree
   structure with PartitionSpec leaves (``nnx.get_partition_spec(params)``). The lr to
@@ -253,6 +266,9 @@ def build_optimizer(cfg: OptimConfig, total_steps: int,
   tx = optimizer
   if cfg.clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optimizer)
+  if cfg.ema_decay > 0 or cfg.swa_every > 0:
+    tx = optax.chain(tx, averaging.transform(cfg.ema_decay, cfg.swa_every,
+                                             swa_active(cfg, total_steps)))
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps).gradient_transformation()
   return tx
