@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt_jax import runs, sharding
+from ttt_jax import quant, runs, sharding
 from ttt_jax.data import bpb
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data.tokenizer import Tokenizer
@@ -53,14 +53,18 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Arr
   return row
 
 
-def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, Any]:
+def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
+                artifact: str = "") -> dict[str, Any]:
   """``evaluate`` of the newest usable checkpoint in ``workdir`` on the validation batches
   of ``data.corpus`` (``batches`` of them; 0: ``eval.batches``), read with the run's own
   tokenizer (``runs.load_trained``), with what was scored: the checkpoint step, its
-  weights, the corpus spec, split and content hash, and the tokenizer's hash."""
+  weights, the corpus spec, split and content hash, and the tokenizer's hash.
+  ``artifact``: score that quantized artifact (``python -m ttt_jax.export``) instead."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log)
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
+  if artifact:
+    params, step = quant.load_artifact(artifact, params, corpus.meta.get("tokenizer_hash"))
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
   _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
                                      eval_batch_size=batch_size,
@@ -68,7 +72,7 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, 
   eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
   row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
                  piece_bytes(corpus, mesh))
-  return {"task": "lm", "workdir": str(workdir), "step": step, "weights": tasks.RAW_WEIGHTS,
+  return {"task": "lm", "workdir": str(workdir), "step": step, "weights": (f"artifact {artifact}" if artifact else tasks.RAW_WEIGHTS),
           "corpus": {"spec": list(cfg.data.corpus), "split": "val",
                      "sha256": corpus.meta.get("corpus_hash")},
           "tokenizer_hash": corpus.meta.get("tokenizer_hash"),
@@ -77,8 +81,14 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, 
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-  return evaluate_lm(Path(args.workdir), args.set, tasks.batches(args))
+  return evaluate_lm(Path(args.workdir), args.set, tasks.batches(args), args.artifact)
 
 
-LM = tasks.register(tasks.EvalTask("lm", _run, tasks.add_batches_argument))
-"""``evaluate --task lm [--batches N]``."""
+def _arguments(parser: argparse.ArgumentParser) -> None:
+  tasks.add_batches_argument(parser)
+  parser.add_argument("--artifact", default="", help="score this quantized artifact "
+                      "(python -m ttt_jax.export) instead of the newest checkpoint")
+
+
+LM = tasks.register(tasks.EvalTask("lm", _run, _arguments))
+"""``evaluate --task lm [--batches N] [--artifact F]``."""
