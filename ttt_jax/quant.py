@@ -294,8 +294,8 @@ def deserialize(data: bytes, path: Path) -> tuple[dict[str, Any], dict[tuple, En
   """(header, tensors by path) of an artifact's bytes; a ``CheckpointError`` naming
   ``path`` for anything that is not an intact artifact of this format."""
   if not data.startswith(MAGIC):
-    raise CheckpointError(f"{path}: not a ttt_jax quantized artifact (no {MAGIC!r} "
-                          "header; write one with python -m ttt_jax.export)")
+    raise CheckpointError(f"{path}: not a ttt_jax quantized artifact (no "
+                          f"{MAGIC.decode()} header; python -m ttt_jax.export writes one)")
   try:
     body = lzma.decompress(data[len(MAGIC):], format=lzma.FORMAT_XZ)
   except (lzma.LZMAError, EOFError) as e:
@@ -315,24 +315,31 @@ def deserialize(data: bytes, path: Path) -> tuple[dict[str, Any], dict[tuple, En
   return header, tensors
 
 
-def read_artifact(path: str | Path) -> tuple[dict[str, Any], dict[tuple, Encoded]]:
-  """``deserialize`` of the file at ``path``."""
+class Artifact(NamedTuple):
+  """An artifact read from its file."""
+  path: Path
+  header: dict[str, Any]
+  tensors: dict[tuple, Encoded]
+
+
+def read_artifact(path: str | Path) -> Artifact:
+  """The artifact at ``path`` (``deserialize``); a ``CheckpointError`` naming it when it
+  cannot be read or is not intact."""
   path = Path(path)
   try:
     data = path.read_bytes()
   except OSError as e:
     raise CheckpointError(f"{path}: cannot read the artifact ({e.strerror})") from None
-  return deserialize(data, path)
+  return Artifact(path, *deserialize(data, path))
 
 
-def load_artifact(path: str | Path, like: nnx.State, tokenizer_hash: str | None = None
-                  ) -> tuple[nnx.State, int]:
-  """(params, step) of the artifact at ``path``, dequantized into the tree, dtypes and
-  shardings of ``like`` (the run's params). Refused in one line naming the file where
-  its tensors are not ``like``'s or it was made with another tokenizer than
-  ``tokenizer_hash`` (when both are known)."""
-  path = Path(path)
-  header, tensors = read_artifact(path)
+def artifact_params(artifact: Artifact, like: nnx.State, tokenizer_hash: str | None = None
+                    ) -> tuple[nnx.State, int]:
+  """(params, step) of ``artifact``, dequantized into the tree, dtypes and shardings of
+  ``like`` (the run's params). Refused in one line naming the file where its tensors are
+  not ``like``'s or it was made with another tokenizer than ``tokenizer_hash`` (when both
+  are known)."""
+  path, header, tensors = artifact
   saved_tokenizer = header.get("tokenizer_hash")
   if tokenizer_hash and saved_tokenizer and saved_tokenizer != tokenizer_hash:
     raise CheckpointError(f"{path}: made with another tokenizer (sha256 "
@@ -345,14 +352,20 @@ def load_artifact(path: str | Path, like: nnx.State, tokenizer_hash: str | None 
                           f"{'/'.join(map(str, missing[0]))} is in one of them only)")
   leaves = []
   for key, var in flat:
-    values = decode(tensors[key])
-    if values.shape != tuple(var.get_value().shape):
+    values, model = decode(tensors[key]), var.get_value()
+    if values.shape != tuple(model.shape):
       raise CheckpointError(f"{path}: not this model's artifact ({'/'.join(map(str, key))} "
                             f"has shape {list(values.shape)}, the model's "
-                            f"{list(var.get_value().shape)})")
-    array = jax.device_put(values.astype(var.get_value().dtype), var.get_value().sharding)
-    leaves.append((key, var.replace(array)))
+                            f"{list(model.shape)})")
+    leaves.append((key, var.replace(jax.device_put(values.astype(model.dtype),
+                                                   model.sharding))))
   return nnx.from_flat_state(leaves), int(header["step"])
+
+
+def load_artifact(path: str | Path, like: nnx.State, tokenizer_hash: str | None = None
+                  ) -> tuple[nnx.State, int]:
+  """``artifact_params`` of the artifact at ``path``."""
+  return artifact_params(read_artifact(path), like, tokenizer_hash)
 
 
 # ----------------------------------------------------------------------------- late QAT

@@ -61,10 +61,11 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
   weights, the corpus spec, split and content hash, and the tokenizer's hash.
   ``artifact``: score that quantized artifact (``python -m ttt_jax.export``) instead."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+  quantized = quant.read_artifact(artifact) if artifact else None  # refused before loading
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log)
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
-  if artifact:
-    params, step = quant.load_artifact(artifact, params, corpus.meta.get("tokenizer_hash"))
+  if quantized is not None:
+    params, step = quant.artifact_params(quantized, params, corpus.meta.get("tokenizer_hash"))
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
   _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
                                      eval_batch_size=batch_size,
