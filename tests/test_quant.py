@@ -4,6 +4,8 @@ with a straight-through gradient, switched on by the schedule without recompilin
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +13,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ttt_jax import quant
+from ttt_jax import export, quant, train
 from ttt_jax.config import load_config
 from ttt_jax.errors import CheckpointError
 from ttt_jax.training import objectives, optim, state, step
 from ttt_jax.training.objectives import StepContext
+from train_util import copy_stdlib_corpus, read_metrics, tiny_config
 
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.ffn.d_ff=128",
         "data.vocab_size=512", "data.seq_len=16", "mesh.num_devices=1", "mesh.fsdp=1"]
@@ -75,6 +78,14 @@ def test_the_clip_search_finds_the_brute_force_minimum(bits):
       assert np.isclose(scale[layer, 0, out], scales, rtol=1e-6).any()
       better_than_max += not np.isclose(scale[layer, 0, out], scales[-1], rtol=1e-6)
   assert better_than_max > 0  # heavy tails: some rows clip below their max
+
+
+def test_large_tensors_are_quantized_in_slices_with_the_same_result(monkeypatch):
+  w = _heavy_tailed(5, (3, 20, 7))
+  whole = quant.quantize(w, (1,), 6)
+  monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 100)  # 3 x 20 x 7 x 6 candidates: 3 slices
+  for expected, sliced in zip(whole, quant.quantize(w, (1,), 6)):
+    np.testing.assert_array_equal(sliced, expected)
 
 
 def test_an_all_zero_row_stays_zero():
@@ -283,3 +294,20 @@ def test_the_train_step_switches_to_fake_quantization_without_recompiling():
   expected, _ = jax.jit(lambda p: objectives.build(cfg)(nnx.merge(graphdef, p), batch, ctx))(
       model_params)
   np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_with_late_qat_logs_the_switch_and_exports(tmp_path, capsys):
+  cfg = tiny_config(copy_stdlib_corpus(tmp_path / "src"), tmp_path / "cache",
+                    "train.steps=16", "train.eval_every=0", "checkpoint.every=16",
+                    "optim.warmup_steps=2", "quant.qat_lr_ratio=0.5")
+  start = quant.qat_start_step(cfg)
+  assert start is not None and 2 < start < 15
+  train.train(cfg, tmp_path / "run")
+  flags = {row["step"]: row[quant.QAT_METRIC] for row in read_metrics(tmp_path / "run")
+           if quant.QAT_METRIC in row}
+  # a row's step counts the steps done: row k reports optimizer step k - 1
+  assert flags == {k: float(k - 1 >= start) for k in range(1, 17)}
+  capsys.readouterr()
+  export.main(["--workdir", str(tmp_path / "run")])
+  assert json.loads(capsys.readouterr().out)["step"] == 16

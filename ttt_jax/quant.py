@@ -71,6 +71,8 @@ PERCENTILES = (0.9, 0.95, 0.99, 0.999, 0.9999, 1.0)
 """Candidate clips, as quantiles of a row's |w|; the one of least MSE is kept."""
 MIN_QUANT_ELEMENTS = 4096
 """Tensors with fewer elements are stored raw (module doc)."""
+CHUNK_ELEMENTS = 2 ** 24
+"""``quantize`` holds about this many candidate values (elements x percentiles) at once."""
 MATRIX, EMBEDDING, RAW = "matrix", "embedding", "raw"
 """Tensor kinds: quantized with bits_matrix, with bits_embed, or stored as floats."""
 MAGIC = b"TTTQART1"
@@ -123,9 +125,18 @@ def row_errors(w: np.ndarray, scales: np.ndarray, axes: tuple[int, ...],
 def quantize(w: Any, axes: tuple[int, ...], bits: int,
              percentiles: tuple[float, ...] = PERCENTILES) -> tuple[np.ndarray, np.ndarray]:
   """(q int8, s float32) of ``w``, rows reduced over ``axes``, with the clip of least
-  MSE among ``percentiles`` (module doc). ``s`` keeps w's rank (1 along ``axes``)."""
+  MSE among ``percentiles`` (module doc). ``s`` keeps w's rank (1 along ``axes``).
+  Rows are independent, so a large ``w`` is done in slices of its first row axis
+  (``CHUNK_ELEMENTS``), with the same result."""
   w = np.asarray(w, np.float32)
   axes = tuple(sorted(a % w.ndim for a in axes))
+  split = next((i for i in range(w.ndim) if i not in axes), None)
+  pieces = min(w.size * len(percentiles) // CHUNK_ELEMENTS,
+               w.shape[split] if split is not None else 1)
+  if pieces > 1:
+    parts = [quantize(part, axes, bits, percentiles)
+             for part in np.array_split(w, pieces, axis=split)]
+    return tuple(np.concatenate(arrays, axis=split) for arrays in zip(*parts))
   clips = np.quantile(_rows(np.abs(w), axes), np.asarray(percentiles), axis=-1)
   clips = np.expand_dims(clips.astype(np.float32), tuple(a + 1 for a in axes))
   scales = scale_of(clips, bits)
