@@ -22,7 +22,7 @@ default), 'embedding' ones (any 'vocab' axis: embedding [V, D], untied head [D, 
 is one token's vector) with ``bits_embed`` (8). Kept as raw floats: 'vector' parameters
 (norm scales, biases, gates, mHC/CCT/TTT control parameters: any axis registered with
 ``AxisInfo.vector``, or fewer than two matrix axes) and every tensor of fewer than
-``MIN_QUANT_ELEMENTS`` elements, where a per-row scale would cost as much as it saves.
+``MIN_QUANT_ELEMENTS`` elements, whose bytes hardly count and whose scales would.
 A raw tensor is stored as float16 when that loses at most float16's rounding: every value
 finite with |x| <= 65504 (no overflow) and every non-zero |x| >= 2^-14 (float16's
 smallest normal, so no loss to subnormals); otherwise as float32.
@@ -44,7 +44,8 @@ quant.qat_lr_ratio * optim.lr, a traced boolean, so one compiled step serves bot
 phases), the step merges the model from fake-quantized matrices, w -> w^ with
 clip = the row's max |w| (p = 1: no sort inside the step), and a straight-through
 gradient dL/dw = dL/dw^ (``fake_quant``'s custom VJP). Only what the export quantizes as
-'matrix' is fake-quantized; the optimizer keeps updating the float weights.
+'matrix' is fake-quantized; the optimizer keeps updating the float weights, and the
+train loop's evaluations score those (export to score the quantized ones).
 """
 
 from __future__ import annotations
