@@ -189,6 +189,18 @@ def test_bad_artifact_files_are_refused_in_one_line_naming_the_file(tmp_path):
   _one_line(error, tmp_path / "absent")
 
 
+def test_an_artifact_of_another_tokenizer_is_refused(tmp_path):
+  params = _tiny_params()
+  encoded = quant.encode_params(params)
+  (tmp_path / "a.ttq").write_bytes(quant.serialize(encoded, {"step": 1,
+                                                             "tokenizer_hash": "ab" * 32}))
+  assert quant.load_artifact(tmp_path / "a.ttq", params, "ab" * 32)[1] == 1
+  with pytest.raises(CheckpointError) as error:
+    quant.load_artifact(tmp_path / "a.ttq", params, "cd" * 32)
+  _one_line(error, tmp_path / "a.ttq")
+  assert "another tokenizer" in str(error.value)
+
+
 def test_a_header_with_wrong_offsets_is_refused_not_read_out_of_bounds(tmp_path):
   encoded = {("w",): quant.Encoded(quant.RAW, np.ones((4,), np.float16))}
   data = quant.serialize(encoded, {"step": 0})
