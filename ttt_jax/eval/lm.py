@@ -73,7 +73,8 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
   eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
   row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
                  piece_bytes(corpus, mesh))
-  return {"task": "lm", "workdir": str(workdir), "step": step, "weights": (f"artifact {artifact}" if artifact else tasks.RAW_WEIGHTS),
+  weights = f"artifact {artifact}" if artifact else tasks.RAW_WEIGHTS
+  return {"task": "lm", "workdir": str(workdir), "step": step, "weights": weights,
           "corpus": {"spec": list(cfg.data.corpus), "split": "val",
                      "sha256": corpus.meta.get("corpus_hash")},
           "tokenizer_hash": corpus.meta.get("tokenizer_hash"),
