@@ -497,6 +497,26 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  qat_lr_ratio: float = 0.0
+  """Late quantization-aware training (``ttt_jax.quant``): once past the warmup, the
+  first optimizer step whose learning rate is below qat_lr_ratio * optim.lr, and every
+  step after it, runs the forward pass on fake-quantized matrices (per-row symmetric,
+  qat_bits, clip = the row's max |w|; straight-through gradient). 0 = off. A schedule
+  that never falls below the ratio ('constant', or a floor optim.min_lr_ratio at or
+  above it) never switches it on."""
+  qat_bits: int = 6
+  """Bits of the fake-quantized matrices (2..8): values in [-(2^(bits-1) - 1),
+  2^(bits-1) - 1], as ``python -m ttt_jax.export --bits-matrix`` stores them."""
+
+  def __post_init__(self):
+    if not 0.0 <= self.qat_lr_ratio <= 1.0:
+      raise ConfigError(f"quant.qat_lr_ratio: must be in [0, 1], got {self.qat_lr_ratio}")
+    if not 2 <= self.qat_bits <= 8:
+      raise ConfigError(f"quant.qat_bits: must be in [2, 8], got {self.qat_bits}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   """Model architecture."""
@@ -514,6 +534,8 @@ class Config:
   """Device mesh and sharding rules."""
   logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
   """Logging and profiling."""
+  quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+  """Late quantization-aware training (export: ``python -m ttt_jax.export``)."""
 
   def __post_init__(self):
     if self.train.batch_size % self.optim.grad_accum_steps:

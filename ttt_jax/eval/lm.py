@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttt_jax import runs, sharding
+from ttt_jax import quant, runs, sharding
 from ttt_jax.data import bpb
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.errors import ConfigError
 from ttt_jax.eval import tasks
 from ttt_jax.training.step import make_eval_step
 
@@ -54,16 +55,23 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Arr
 
 
 def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
-                weights: str = tasks.RAW_WEIGHTS) -> dict[str, Any]:
+                weights: str = tasks.RAW_WEIGHTS, artifact: str = "") -> dict[str, Any]:
   """``evaluate`` of the newest usable checkpoint in ``workdir`` on the validation batches
   of ``data.corpus`` (``batches`` of them; 0: ``eval.batches``), read with the run's own
   tokenizer (``runs.load_trained``), with what was scored: the checkpoint step, its
   ``weights`` ('raw', or the run's 'ema' / 'swa' average), the corpus spec, split and
-  content hash, and the tokenizer's hash."""
+  content hash, and the tokenizer's hash. ``artifact``: score that quantized artifact
+  (``python -m ttt_jax.export``) instead."""
+  if artifact and weights != tasks.RAW_WEIGHTS:
+    raise ConfigError(f"--weights {weights}: an --artifact holds its own weights; "
+                      "export the average instead")
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+  quantized = quant.read_artifact(artifact) if artifact else None  # refused before loading
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log,
                                                         weights=weights)
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
+  if quantized is not None:
+    params, step = quant.artifact_params(quantized, params, corpus.meta.get("tokenizer_hash"))
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
   _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
                                      eval_batch_size=batch_size,
@@ -71,6 +79,8 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
   eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
   row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
                  piece_bytes(corpus, mesh))
+  if artifact:
+    weights = f"artifact {artifact}"
   return {"task": "lm", "workdir": str(workdir), "step": step, "weights": weights,
           "corpus": {"spec": list(cfg.data.corpus), "split": "val",
                      "sha256": corpus.meta.get("corpus_hash")},
@@ -80,14 +90,17 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-  return evaluate_lm(Path(args.workdir), args.set, tasks.batches(args), args.weights)
+  return evaluate_lm(Path(args.workdir), args.set, tasks.batches(args), args.weights,
+                     args.artifact)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
   tasks.add_batches_argument(parser)
   parser.add_argument("--weights", choices=("raw", "ema", "swa"), default=tasks.RAW_WEIGHTS,
                       help="the params as trained, or the run's EMA / SWA average")
+  parser.add_argument("--artifact", default="", help="score this quantized artifact "
+                      "(python -m ttt_jax.export) instead of the newest checkpoint")
 
 
 LM = tasks.register(tasks.EvalTask("lm", _run, _arguments))
-"""``evaluate --task lm [--batches N] [--weights raw|ema|swa]``."""
+"""``evaluate --task lm [--batches N] [--weights raw|ema|swa | --artifact F]``."""

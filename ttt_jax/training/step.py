@@ -17,6 +17,10 @@ loop's NaN guard and checkpoint hook read before anything saves that state. With
 ``train.nonfinite='skip'`` a step whose loss, gradient norm or updated state is
 non-finite returns the old params and optimizer state (``jnp.where`` over the tree),
 and counts itself in the state's extra tree ``skipped_steps``.
+
+Late QAT (``quant.qat_lr_ratio`` > 0): the model is merged from ``quant.qat_transform``'s
+params, the matrices fake-quantized once the lr falls under the ratio (a traced switch,
+no recompilation), and the step reports it as ``qat_active``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ttt_jax import sharding
+from ttt_jax import quant, sharding
 from ttt_jax.config import Config
 from ttt_jax.models import lm
 from ttt_jax.training import objectives
@@ -69,13 +73,19 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
   accum = cfg.optim.grad_accum_steps
   skip_nonfinite = cfg.train.nonfinite == "skip"
   base_key = jax.random.key(cfg.train.seed)
+  qat = quant.qat_transform(cfg)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     ctx = StepContext(state.step // accum, jax.random.fold_in(base_key, state.step),
                       state.extras)
 
     def loss_fn(params):
-      return objective(nnx.merge(graphdef, params), batch, ctx)
+      qat_metrics = {}
+      if qat is not None:  # the matrices fake-quantized once past the switch step
+        params, qat_on = qat(params, ctx.step)
+        qat_metrics = {quant.QAT_METRIC: qat_on.astype(jnp.float32)}
+      loss, aux = objective(nnx.merge(graphdef, params), batch, ctx)
+      return loss, {**aux, **qat_metrics}
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,0 +1,108 @@
+"""``python -m ttt_jax.export`` and ``evaluate --task lm --artifact``: on a trained tiny
+model the quantized artifacts cost little loss and few bytes, exports are reproducible,
+and a bad artifact file is refused in one line naming it."""
+
+from __future__ import annotations
+
+import json
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+import pytest
+
+from ttt_jax import evaluate, export, quant, runs, train
+from train_util import copy_stdlib_corpus, tiny_config
+
+EVAL_BATCHES = "4"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A 60-step tiny run (tests/train_util.py) with a wider FFN, so that, as in any real
+  model, the int6 matrices hold most of the params (131k of 164k; the tied [512, 64]
+  int8 embedding 33k). With the default d_ff=128 the embedding is 28% of the params and
+  the artifact about 21.7% of their float32 bytes, too close to the bound to test."""
+  root = tmp_path_factory.mktemp("exported")
+  train.train(tiny_config(copy_stdlib_corpus(root / "src"), root / "cache",
+                          "train.eval_every=0", "checkpoint.every=60", "model.ffn.d_ff=256"),
+              root / "run")
+  return root / "run"
+
+
+def _export(capsys, *argv: str) -> dict:
+  export.main(list(argv))
+  return json.loads(capsys.readouterr().out)
+
+
+def _eval_loss(capsys, workdir, *argv: str) -> float:
+  evaluate.main(["--workdir", str(workdir), "--batches", EVAL_BATCHES, *argv])
+  return json.loads(capsys.readouterr().out)["eval_loss"]
+
+
+def _one_error_line(capsys, main, argv: list[str]) -> str:
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code != 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+@pytest.mark.slow
+def test_int6_and_int8_artifacts_cost_little_loss_and_int6_few_bytes(run, capsys):
+  int6 = _export(capsys, "--workdir", str(run))
+  int8 = _export(capsys, "--workdir", str(run), "--bits-matrix", "8", "--out",
+                 str(run / "int8.ttq"))
+  params = runs.load_trained(run, log=lambda _: None)[2]
+  for result in (int6, int8):
+    assert result["bytes"] == Path(result["artifact"]).stat().st_size
+    assert result["fp32_param_bytes"] == sum(4 * x.size for x in jax.tree.leaves(params))
+  assert int6["bits"] == {"matrix": 6, "embedding": 8} and int6["step"] == 60
+  assert int6["bytes"] <= 0.22 * int6["fp32_param_bytes"], int6
+  assert int6["bytes"] < int8["bytes"]
+  raw = _eval_loss(capsys, run)
+  loss6 = _eval_loss(capsys, run, "--artifact", int6["artifact"])
+  loss8 = _eval_loss(capsys, run, "--artifact", int8["artifact"])
+  assert abs(loss6 - raw) <= 0.02 and abs(loss8 - raw) <= 0.005, (raw, loss6, loss8)
+  assert loss6 != raw  # the artifact, not the checkpoint, was scored
+
+
+@pytest.mark.slow
+def test_exports_are_byte_identical_and_load_as_their_in_memory_dequantization(
+    run, capsys, tmp_path):
+  first = _export(capsys, "--workdir", str(run), "--out", str(tmp_path / "a.ttq"))
+  second = _export(capsys, "--workdir", str(run), "--out", str(tmp_path / "b.ttq"))
+  assert (tmp_path / "a.ttq").read_bytes() == (tmp_path / "b.ttq").read_bytes()
+  assert first["bytes"] == second["bytes"]
+  _, _, params, step, _ = runs.load_trained(run, log=lambda _: None)
+  loaded, loaded_step = quant.load_artifact(tmp_path / "a.ttq", params)
+  assert loaded_step == step
+  expected = {path: quant.decode(enc) for path, enc in quant.encode_params(params).items()}
+  for path, var in nnx.to_flat_state(loaded):
+    np.testing.assert_array_equal(np.asarray(var.get_value()), expected[tuple(path)])
+
+
+@pytest.mark.slow
+def test_a_bad_artifact_is_refused_in_one_line_naming_it(run, capsys, tmp_path):
+  good = _export(capsys, "--workdir", str(run), "--out", str(tmp_path / "good.ttq"))
+  data = (tmp_path / "good.ttq").read_bytes()
+  (tmp_path / "garbage.ttq").write_bytes(b"not an artifact at all")
+  (tmp_path / "truncated.ttq").write_bytes(data[:len(data) // 2])
+  flipped = bytearray(data)
+  flipped[len(data) // 2] ^= 0xFF
+  (tmp_path / "flipped.ttq").write_bytes(bytes(flipped))
+  for name in ("garbage.ttq", "truncated.ttq", "flipped.ttq", "missing.ttq"):
+    line = _one_error_line(capsys, evaluate.main, ["--workdir", str(run), "--artifact",
+                                                   str(tmp_path / name)])
+    assert str(tmp_path / name) in line, line
+  assert good["bytes"] == len(data)
+  line = _one_error_line(capsys, export.main, ["--workdir", str(run), "--bits-matrix", "9"])
+  assert "--bits-matrix" in line
+
+
+def test_export_of_a_directory_without_a_run_is_one_line(capsys, tmp_path):
+  line = _one_error_line(capsys, export.main, ["--workdir", str(tmp_path)])
+  assert str(tmp_path) in line
