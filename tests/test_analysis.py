@@ -129,3 +129,15 @@ def test_another_model_is_refused_in_one_line(two_runs, tmp_path, capsys):
     analysis.main(["--a", str(two_runs[0]), "--b", str(other), "--no-barrier"])
   assert exit_info.value.code == 2
   assert "another model than --a" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_roundtrip_error_of_a_quantized_matrix_is_bounded_by_half_a_step():
+  """Per-row int6: each row's error is at most s/2 per value inside its clip, so the
+  relative MSE is at most (clip / 31 / 2)^2 / mean square; rows of one value are exact."""
+  from jax.sharding import PartitionSpec as P
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=(128, 64)).astype(np.float32)
+  rel = analysis.roundtrip_rel_mse(w, P("embed", "mlp"))
+  bound = np.mean((np.abs(w).max(axis=0) / 31 / 2) ** 2) / np.mean(w ** 2)
+  assert 0 < rel <= bound
+  assert analysis.roundtrip_rel_mse(np.ones((128, 64), np.float32), P("embed", "mlp")) == 0.0

@@ -25,8 +25,9 @@ and the principal angles between the top-k singular subspaces of ``M_a`` and ``M
 "Numerical methods for computing angles between linear subspaces"); likewise for the
 right (output-side) vectors. Reported: the mean and the smallest cosine.
 
-**Quantization.** ``int6_rel_mse`` = |M - dequant(quant(M))|^2 / |M|^2 of the artifact's
-per-row quantization (``ttt_jax.quant``) for each run, and their ratio b / a.
+**Quantization.** ``int6_rel_mse`` = |x - dequant(quant(x))|^2 / |x|^2 of the artifact's
+encoding (``ttt_jax.quant``: per-row int6 matrices, int8 embeddings, float16 or float32
+for the rest) for each run, and ``int6_mse_ratio``, their ratio b / a.
 
 **Loss barrier** (linear mode connectivity, Frankle et al., "Linear Mode Connectivity
 and the Lottery Ticket Hypothesis"): on run a's validation batches,
@@ -51,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax import compare as compare_lib
-from ttt_jax import diagnostics, runs, sharding
+from ttt_jax import diagnostics, quant, runs
 from ttt_jax.config import flatten, to_dict
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import ConfigError, user_errors
@@ -99,6 +100,15 @@ def top_subspace_cosines(m_a: np.ndarray, m_b: np.ndarray, k: int
 
 def _mean(values: list[float]) -> float:
   return float(np.mean(values)) if values else math.nan
+
+
+def roundtrip_rel_mse(x: np.ndarray, spec: Any) -> float:
+  """|x - decode(encode(x))|^2 / |x|^2 of the artifact's encoding (``quant.encode``:
+  int6 matrices, int8 embeddings, the rest as float16 or float32)."""
+  x = np.asarray(x, np.float32)
+  error = quant.decode(quant.encode(x, spec, bits_matrix=6, bits_embed=8)) - x
+  total = float(np.sum(np.square(x, dtype=np.float64)))
+  return float(np.sum(np.square(error, dtype=np.float64)) / total) if total else 0.0
 
 
 def compare_tensors(a: np.ndarray, b: np.ndarray, matrices: tuple | None, top_k: int
@@ -153,8 +163,11 @@ def compare_params(params_a: Any, params_b: Any, logical_axes: Any, top_k: int
   rows = {}
   for (path, a), b in zip(flat_a, flat_b):
     spec = table.spec_of(path, a)
-    rows[_path_name(path)] = compare_tensors(np.asarray(a), np.asarray(b),
-                                             _matrix_axes(spec, np.ndim(a)), top_k)
+    row = compare_tensors(np.asarray(a), np.asarray(b), _matrix_axes(spec, np.ndim(a)), top_k)
+    row["int6_rel_mse_a"], row["int6_rel_mse_b"] = (roundtrip_rel_mse(x, spec) for x in (a, b))
+    row["int6_mse_ratio"] = (row["int6_rel_mse_b"] / row["int6_rel_mse_a"]
+                             if row["int6_rel_mse_a"] else math.nan)
+    rows[_path_name(path)] = row
   return rows
 
 
@@ -172,11 +185,7 @@ def loss_barrier(cfg, graphdef, mesh, params_a, params_b, batches: int) -> dict[
   """Validation losses at both ends and at the linear midpoint, and the barrier."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
-  batch_size = cfg.eval.batch_size or cfg.train.batch_size
-  _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
-                                     eval_batch_size=batch_size,
-                                     eval_batches=batches or cfg.eval.batches)
-  eval_batches = [sharding.put_batch(batch, mesh) for batch in host_batches]
+  eval_batches, _ = eval_lm.validation_batches(cfg, corpus, mesh, batches)
   step = jax.jit(make_eval_step(graphdef))
   pieces = eval_lm.piece_bytes(corpus, mesh)
   midpoint = jax.tree.map(lambda x, y: ((x.astype(np.float32) + y.astype(np.float32)) / 2

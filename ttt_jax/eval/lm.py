@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import quant, runs, sharding
+from ttt_jax.config import Config
 from ttt_jax.data import bpb
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data.tokenizer import Tokenizer
@@ -54,6 +55,17 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Arr
   return row
 
 
+def validation_batches(cfg: Config, corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh,
+                       batches: int = 0) -> tuple[list[dict[str, jax.Array]], int]:
+  """(the first ``batches`` validation batches (0: ``eval.batches``) on the mesh, their
+  batch size): what the train loop evaluates on."""
+  batch_size = cfg.eval.batch_size or cfg.train.batch_size
+  _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
+                                     eval_batch_size=batch_size,
+                                     eval_batches=batches or cfg.eval.batches)
+  return [sharding.put_batch(b, mesh) for b in host_batches], batch_size
+
+
 def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
                 weights: str = tasks.RAW_WEIGHTS, artifact: str = "") -> dict[str, Any]:
   """``evaluate`` of the newest usable checkpoint in ``workdir`` on the validation batches
@@ -72,11 +84,7 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   if quantized is not None:
     params, step = quant.artifact_params(quantized, params, corpus.meta.get("tokenizer_hash"))
-  batch_size = cfg.eval.batch_size or cfg.train.batch_size
-  _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
-                                     eval_batch_size=batch_size,
-                                     eval_batches=batches or cfg.eval.batches)
-  eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
+  eval_batches, batch_size = validation_batches(cfg, corpus, mesh, batches)
   row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
                  piece_bytes(corpus, mesh))
   if artifact:
