@@ -34,6 +34,7 @@ import sys
 from ttt_jax import registry
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm  # noqa: F401  (registers the 'lm' task)
+from ttt_jax.eval import score_first  # noqa: F401  (registers the 'ttt' task)
 from ttt_jax.eval import tasks
 from ttt_jax.runs import check_workdir
 

@@ -23,18 +23,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import runs, sharding
+from ttt_jax.config import Config
 from ttt_jax.data import bpb
 from ttt_jax.data import corpus as corpus_lib
-from ttt_jax.data.tokenizer import Tokenizer
-from ttt_jax.eval import tasks
+from ttt_jax.data import pipeline
+from ttt_jax.eval import sliding, tasks
 from ttt_jax.training.step import make_eval_step
 
 
-def piece_bytes(corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh) -> jax.Array:
-  """int32 [V] UTF-8 bytes of each token (zeros without a tokenizer: no bpb), replicated."""
+def host_piece_bytes(corpus: corpus_lib.Corpus) -> np.ndarray:
+  """int32 [V] UTF-8 bytes of each token (zeros without a tokenizer: no bpb)."""
   values = (corpus.tokenizer.piece_bytes if corpus.tokenizer else
             np.zeros(corpus.vocab_size, np.int32))
-  return jax.device_put(np.asarray(values, np.int32), sharding.replicated(mesh))
+  return np.asarray(values, np.int32)
+
+
+def piece_bytes(corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh) -> jax.Array:
+  """``host_piece_bytes``, replicated over ``mesh``."""
+  return jax.device_put(host_piece_bytes(corpus), sharding.replicated(mesh))
 
 
 def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Array]],
@@ -53,27 +59,55 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterable[dict[str, jax.Arr
   return row
 
 
+def val_stream(cfg: Config, corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh,
+               batches: int, max_tokens: int = 0) -> sliding.Stream:
+  """The validation tokens an evaluation scores, with what their windows need: those of
+  ``batches`` validation batches (0: ``eval.batches``; ``sliding.eval_stream``), or with
+  ``max_tokens`` the split's first ``max_tokens`` tokens."""
+  batch_size = cfg.eval.batch_size or cfg.train.batch_size
+  tokens = (np.asarray(corpus.val_tokens[:max_tokens]) if max_tokens else
+            sliding.eval_stream(corpus.val_tokens, seq_len=cfg.data.seq_len,
+                                batch_size=batch_size, batches=batches or cfg.eval.batches))
+  return sliding.Stream(tokens, cfg.data.seq_len, batch_size, host_piece_bytes(corpus), mesh,
+                        pipeline.batch_annotators(cfg, corpus.tokenizer),
+                        corpus_lib.document_eos_id(cfg.data, corpus))
+
+
+def run_record(workdir: Path, cfg: Config, corpus: corpus_lib.Corpus,
+               step: int) -> dict[str, Any]:
+  """What an evaluation of a run scored: the run, the checkpoint step, its weights, the
+  corpus spec, split and content hash, and the tokenizer's hash."""
+  return {"workdir": str(workdir), "step": step, "weights": tasks.RAW_WEIGHTS,
+          "corpus": {"spec": list(cfg.data.corpus), "split": "val",
+                     "sha256": corpus.meta.get("corpus_hash")},
+          "tokenizer_hash": corpus.meta.get("tokenizer_hash")}
+
+
 def evaluate_lm(workdir: Path, overrides: list[str], batches: int) -> dict[str, Any]:
   """``evaluate`` of the newest usable checkpoint in ``workdir`` on the validation batches
   of ``data.corpus`` (``batches`` of them; 0: ``eval.batches``), read with the run's own
-  tokenizer (``runs.load_trained``), with what was scored: the checkpoint step, its
-  weights, the corpus spec, split and content hash, and the tokenizer's hash."""
+  tokenizer (``runs.load_trained``), with what was scored (``run_record``). With
+  ``eval.stride`` below ``data.seq_len``, by sliding windows over the tokens those batches
+  cover (``sliding.evaluate``), also giving the scored ``tokens`` and ``bytes``."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log)
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
-  _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
-                                     eval_batch_size=batch_size,
-                                     eval_batches=batches or cfg.eval.batches)
-  eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
-  row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
-                 piece_bytes(corpus, mesh))
-  return {"task": "lm", "workdir": str(workdir), "step": step, "weights": tasks.RAW_WEIGHTS,
-          "corpus": {"spec": list(cfg.data.corpus), "split": "val",
-                     "sha256": corpus.meta.get("corpus_hash")},
-          "tokenizer_hash": corpus.meta.get("tokenizer_hash"),
-          "batches": len(eval_batches), "batch_size": batch_size,
-          "seq_len": cfg.data.seq_len, **row}
+  stride = cfg.eval.stride or cfg.data.seq_len
+  if stride == cfg.data.seq_len:  # the train loop's evaluation, bit for bit
+    _, host_batches = runs.run_batches(cfg, corpus, train_batch_size=None,
+                                       eval_batch_size=batch_size,
+                                       eval_batches=batches or cfg.eval.batches)
+    eval_batches = [sharding.put_batch(b, mesh) for b in host_batches]
+    row = evaluate(jax.jit(make_eval_step(graphdef)), params, eval_batches,
+                   piece_bytes(corpus, mesh))
+    count = len(eval_batches)
+  else:
+    stream = val_stream(cfg, corpus, mesh, batches)
+    row = sliding.evaluate(graphdef, params, stream, stride)
+    count = (len(stream.tokens) - 1) // (batch_size * cfg.data.seq_len)
+  return {"task": "lm", **run_record(workdir, cfg, corpus, step), "batches": count,
+          "batch_size": batch_size, "seq_len": cfg.data.seq_len, "stride": stride, **row}
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
