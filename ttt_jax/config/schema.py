@@ -392,7 +392,7 @@ class TTTEvalConfig:
   epochs: int = 2
   """Passes of SGD over each scored chunk's tokens (0: no adaptation, the sliding
   figure)."""
-  lr: float = 0.01
+  lr: float = 0.05
   """SGD learning rate (of the first chunk with ``cosine``)."""
   momentum: float = 0.9
   """SGD momentum in [0, 1); the velocity carries across chunks."""

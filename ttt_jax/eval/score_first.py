@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import sys
@@ -67,7 +68,8 @@ def chunks(stream: sliding.Stream, stride: int, chunk_tokens: int) -> list[Chunk
                                    stream.seq_len, stream.seq_len)) for part in parts]
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+  """A parameter's '/'-joined path (what a ``ttt_eval.params`` regex searches)."""
   names = [str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
            for entry in path]
   return "/".join(name for name in names if name != "value")
@@ -76,7 +78,7 @@ def _path_name(path: tuple) -> str:
 def adapted_leaves(cfg: Config, vocab_size: int, params: Any) -> list[bool]:
   """Per leaf of ``params`` (flattened): whether ``ttt_eval.params`` adapts it."""
   choice = cfg.ttt_eval.params
-  paths = [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   if choice == "all":
     return [True] * len(paths)
   if choice == "matrices":
@@ -86,10 +88,14 @@ def adapted_leaves(cfg: Config, vocab_size: int, params: Any) -> list[bool]:
   return [re.search(choice, path) is not None for path in paths]
 
 
-def make_adapt_step(graphdef: nnx.GraphDef, adapt: list[bool], ttt: TTTEvalConfig):
+@functools.lru_cache(maxsize=8)
+def make_adapt_step(graphdef: nnx.GraphDef, adapt: tuple[bool, ...], momentum: float,
+                    grad_clip: float):
   """Jitted ``(params, velocity, batch, lr) -> (params, velocity)``: one SGD step with
   momentum (``v = momentum * v + g``, ``p = p - lr * v``) on the mean NLL of the batch's
-  masked targets, over the leaves ``adapt`` marks (``velocity``: their list)."""
+  masked targets, gradients clipped to global norm ``grad_clip`` (0: not), over the
+  leaves ``adapt`` marks (``velocity``: their list). Cached: one compilation per model
+  and setting."""
   def step(params: Any, velocity: list[jax.Array], batch: dict[str, jax.Array],
            lr: jax.Array):
     leaves, treedef = jax.tree.flatten(params)
@@ -105,10 +111,10 @@ def make_adapt_step(graphdef: nnx.GraphDef, adapt: list[bool], ttt: TTTEvalConfi
       return sum_nll / jnp.maximum(tokens, 1.0)
 
     grads = jax.grad(loss_fn)(trained)
-    if ttt.grad_clip > 0:
+    if grad_clip > 0:
       norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grads))
-      grads = [g * jnp.minimum(1.0, ttt.grad_clip / (norm + 1e-12)) for g in grads]
-    velocity = [ttt.momentum * v + g for v, g in zip(velocity, grads)]
+      grads = [g * jnp.minimum(1.0, grad_clip / (norm + 1e-12)) for g in grads]
+    velocity = [momentum * v + g for v, g in zip(velocity, grads)]
     trained = [p - (lr * v).astype(p.dtype) for p, v in zip(trained, velocity)]
     return full(trained), velocity
 
@@ -128,7 +134,7 @@ def run(graphdef: nnx.GraphDef, params: Any, stream: sliding.Stream, ttt: TTTEva
   """Score-first TTT of ``params`` over ``stream`` (module doc): per-chunk summed NLL
   and tokens, the totals over every scored batch (``sliding.totals``), SGD steps."""
   score_step = sliding.make_score_step(graphdef)
-  adapt_step = make_adapt_step(graphdef, adapt, ttt)
+  adapt_step = make_adapt_step(graphdef, tuple(adapt), ttt.momentum, ttt.grad_clip)
   piece_bytes = sliding.device_piece_bytes(stream)
   velocity = [jnp.zeros_like(leaf) for leaf, on in zip(jax.tree.leaves(params), adapt) if on]
   parts, outputs, per_chunk, steps = chunks(stream, stride, ttt.chunk_tokens), [], [], 0

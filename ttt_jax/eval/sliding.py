@@ -24,6 +24,7 @@ the batches on the host in float64, in batch order, so any grouping of the same 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -133,9 +134,11 @@ def masked_nll(model: lm.LM, batch: Mapping[str, jax.Array]) -> tuple[jax.Array,
   return sum_nll, tokens
 
 
+@functools.lru_cache(maxsize=8)
 def make_score_step(graphdef: nnx.GraphDef):
   """Jitted ``(params, batch, piece_bytes) -> float32 [3]``: the batch's summed NLL of
-  its scored targets, their number and their UTF-8 bytes."""
+  its scored targets, their number and their UTF-8 bytes. Cached: one compilation per
+  model."""
   def score(params: nnx.State, batch: dict[str, jax.Array], piece_bytes: jax.Array):
     sum_nll, tokens = masked_nll(nnx.merge(graphdef, params), batch)
     scored_bytes = jnp.sum(jnp.where(batch[MASK] > 0, piece_bytes[batch["targets"]], 0))
