@@ -404,7 +404,7 @@ class TTTEvalConfig:
   params: str = "all"
   """Which parameters adapt: 'all', 'matrices' (the optimizer's 'matrix' group: hidden
   weight matrices, not embeddings, norms, biases or gates) or a regular expression
-  searched in each parameter's '/'-joined path (e.g. 'blocks/ffn')."""
+  searched in each parameter's '/'-joined path (e.g. 'blocks/mlp/')."""
   stride: int = 0
   """Sliding-window stride of the scoring; 0 means eval.stride (whose 0 is
   data.seq_len). At most data.seq_len."""

@@ -7,7 +7,9 @@ UTF-8 bytes they decode to (``Tokenizer.piece_bytes``):
   eval_loss = N / n,   eval_ppl = exp(eval_loss),   eval_bpb = N / (ln 2 * b)
 
 ``evaluate`` is what the train loop logs; ``evaluate_lm`` scores the newest checkpoint
-of a run directory (``python -m ttt_jax.evaluate --task lm``, registered here).
+of a run directory (``python -m ttt_jax.evaluate --task lm``, registered here), by
+sliding windows (``sliding``) when ``eval.stride`` is below ``data.seq_len``, over the
+same tokens (``val_stream``).
 """
 
 from __future__ import annotations
