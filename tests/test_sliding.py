@@ -88,6 +88,19 @@ def test_every_stride_scores_n_minus_one_tokens_and_their_exact_bytes(sample, st
   assert scored_bytes == bpb.count_bytes(stream.tokens[1:], stream.piece_bytes)
 
 
+def test_ttt_eval_max_tokens_takes_the_splits_first_tokens(sample, tmp_path):
+  corpus, mesh = sample
+  cfg = load_config(None, ["data.seq_len=32", "train.batch_size=4", "eval.batches=3",
+                           f"data.cache_dir={tmp_path}"])
+  default = eval_lm.val_stream(cfg, corpus, mesh, 0)
+  assert len(default.tokens) == 3 * 4 * 32 + 1
+  np.testing.assert_array_equal(eval_lm.val_stream(cfg, corpus, mesh, 0, 100).tokens,
+                                corpus.val_tokens[:100])
+  assert len(eval_lm.val_stream(cfg, corpus, mesh, 0, 10**9).tokens) == len(corpus.val_tokens)
+  with pytest.raises(ConfigError, match="ttt_eval.max_tokens: 32 tokens do not fill"):
+    eval_lm.val_stream(cfg, corpus, mesh, 0, 32)
+
+
 def test_the_stride_must_be_within_the_window():
   for stride, message in ((65, "eval.stride: must be <= data.seq_len=64, got 65"),
                           (-1, "eval.stride: must be >= 0")):

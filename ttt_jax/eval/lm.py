@@ -29,6 +29,7 @@ from ttt_jax.config import Config
 from ttt_jax.data import bpb
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
+from ttt_jax.errors import ConfigError
 from ttt_jax.eval import sliding, tasks
 from ttt_jax.training.step import make_eval_step
 
@@ -65,8 +66,11 @@ def val_stream(cfg: Config, corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh,
                batches: int, max_tokens: int = 0) -> sliding.Stream:
   """The validation tokens an evaluation scores, with what their windows need: those of
   ``batches`` validation batches (0: ``eval.batches``; ``sliding.eval_stream``), or with
-  ``max_tokens`` the split's first ``max_tokens`` tokens."""
+  ``max_tokens`` the split's first ``max_tokens`` tokens (all of it if fewer)."""
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
+  if 0 < max_tokens <= cfg.data.seq_len:
+    raise ConfigError(f"ttt_eval.max_tokens: {max_tokens} tokens do not fill one window of "
+                      f"data.seq_len={cfg.data.seq_len} + 1")
   tokens = (np.asarray(corpus.val_tokens[:max_tokens]) if max_tokens else
             sliding.eval_stream(corpus.val_tokens, seq_len=cfg.data.seq_len,
                                 batch_size=batch_size, batches=batches or cfg.eval.batches))
