@@ -80,6 +80,9 @@ def test_which_parameters_adapt(tmp_path):
   regex = score_first.adapted_leaves(tiny_config("unused", tmp_path, "ttt_eval.params=mlp/"),
                                      512, params)
   assert {p for p, on in zip(paths, regex) if on} == {p for p in paths if "mlp/" in p} != set()
+  with pytest.raises(ConfigError, match="ttt_eval.params: 'nowhere' matches no parameter"):
+    score_first.adapted_leaves(tiny_config("unused", tmp_path, "ttt_eval.params=nowhere"),
+                               512, params)
 
 
 @pytest.fixture(scope="module")

@@ -79,11 +79,11 @@ def val_stream(cfg: Config, corpus: corpus_lib.Corpus, mesh: jax.sharding.Mesh,
                         corpus_lib.document_eos_id(cfg.data, corpus))
 
 
-def run_record(workdir: Path, cfg: Config, corpus: corpus_lib.Corpus,
-               step: int) -> dict[str, Any]:
-  """What an evaluation of a run scored: the run, the checkpoint step, its weights, the
-  corpus spec, split and content hash, and the tokenizer's hash."""
-  return {"workdir": str(workdir), "step": step, "weights": tasks.RAW_WEIGHTS,
+def run_record(workdir: Path, cfg: Config, corpus: corpus_lib.Corpus, step: int,
+               weights: str = tasks.RAW_WEIGHTS) -> dict[str, Any]:
+  """What an evaluation of a run scored: the run, the checkpoint step, its ``weights``,
+  the corpus spec, split and content hash, and the tokenizer's hash."""
+  return {"workdir": str(workdir), "step": step, "weights": weights,
           "corpus": {"spec": list(cfg.data.corpus), "split": "val",
                      "sha256": corpus.meta.get("corpus_hash")},
           "tokenizer_hash": corpus.meta.get("tokenizer_hash")}

@@ -46,6 +46,7 @@ from ttt_jax import runs
 from ttt_jax.config import Config, to_dict
 from ttt_jax.config.schema import TTTEvalConfig
 from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.errors import ConfigError
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.eval import sliding, tasks
 from ttt_jax.training import optim
@@ -80,12 +81,20 @@ def adapted_leaves(cfg: Config, vocab_size: int, params: Any) -> list[bool]:
   choice = cfg.ttt_eval.params
   paths = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   if choice == "all":
-    return [True] * len(paths)
-  if choice == "matrices":
+    chosen = [True] * len(paths)
+  elif choice == "matrices":
     abstract = nnx.state(nnx.eval_shape(model_fn(cfg, vocab_size)))
     groups = jax.tree.leaves(optim.param_groups(nnx.get_partition_spec(abstract)))
-    return [group == optim.MATRIX for group in groups]
-  return [re.search(choice, path) is not None for path in paths]
+    if len(groups) != len(paths):
+      raise ValueError(f"ttt_eval.params: the weights have {len(paths)} arrays, the "
+                       f"model {len(groups)}")
+    chosen = [group == optim.MATRIX for group in groups]
+  else:
+    chosen = [re.search(choice, path) is not None for path in paths]
+  if not any(chosen):
+    raise ConfigError(f"ttt_eval.params: {choice!r} matches no parameter (paths look like "
+                      f"{paths[0]!r})")
+  return chosen
 
 
 @functools.lru_cache(maxsize=8)
@@ -184,16 +193,19 @@ def evaluate(cfg: Config, graphdef: nnx.GraphDef, params: Any, vocab_size: int,
 
 
 def evaluate_run(workdir: Path, overrides: list[str], batches: int,
-                 weights: Callable[[Any], Any] = lambda params: params) -> dict[str, Any]:
+                 weights: Callable[[Any], Any] = lambda params: params,
+                 weights_name: str = tasks.RAW_WEIGHTS) -> dict[str, Any]:
   """``evaluate`` on the newest usable checkpoint of ``workdir`` (``runs.load_trained``;
-  ``weights`` maps its params to the weights evaluated), over the validation stream of
-  ``batches`` batches (0: ``eval.batches``) or ``ttt_eval.max_tokens`` tokens."""
+  ``weights`` maps its params to the weights evaluated, recorded as ``weights_name``:
+  averaged or dequantized ones), over the validation stream of ``batches`` batches (0:
+  ``eval.batches``) or ``ttt_eval.max_tokens`` tokens."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log)
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   stream = eval_lm.val_stream(cfg, corpus, mesh, batches, cfg.ttt_eval.max_tokens)
   result = evaluate(cfg, graphdef, weights(params), corpus.vocab_size, stream)
-  return {"task": "ttt", **eval_lm.run_record(workdir, cfg, corpus, step), **result}
+  return {"task": "ttt", **eval_lm.run_record(workdir, cfg, corpus, step, weights_name),
+          **result}
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
