@@ -1,6 +1,9 @@
-"""ttt_jax.bench (mhc, io): the mHC comparison's statistics on a tiny model, the checkpoint-stall
-benchmark, and argument errors."""
+"""ttt_jax.bench (mhc, io, train): the mHC comparison's statistics on a tiny model, the
+checkpoint-stall benchmark, argument errors, the help of every flag, the summaries on
+stderr and the pinned MFU peak."""
 
+import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -16,7 +19,8 @@ from ttt_jax.bench import mhc as bench_mhc
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import registry
 from ttt_jax.bench import __main__ as bench_main
-from ttt_jax.config import load_config
+from ttt_jax.bench import common as bench_common
+from ttt_jax.config import ConfigError, load_config
 from train_util import copy_stdlib_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +154,68 @@ def test_subjects_are_dispatched_from_the_bench_table(capsys):
                      "--hash-chain"])
   assert exit_info.value.code == 2
   assert capsys.readouterr().err.startswith("error: model.mixer.type: --hash-chain needs 'cct'")
+
+
+def test_every_bench_flag_has_help_text():
+  for name, bench in registry.BENCHES.items():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for action in parser._actions:  # argparse keeps no public list of a parser's flags
+      assert action.help and action.help.strip(), (name, action.option_strings)
+
+
+def test_mhc_summary_is_a_table_of_the_variants_and_the_overheads():
+  runs = {}
+  for k in range(2):
+    runs["plain", k] = runs["plain_remat", k] = _run([1.0] * 4)
+    runs["mhc", k] = runs["mhc_remat", k] = _run([1.25] * 4, peak=3 * 2**20)
+  result = {**bench_mhc.mhc_summary(runs, steps=2, tokens=100, reference_tokens_per_sec=40.0),
+            "mhc_streams": 4, "rounds": 2, "steps_per_round": 2, "replicas": 2}
+  lines = "\n".join(bench_mhc.summary(result)).splitlines()
+  assert lines[0] == "mhc: 4 streams, 2 rounds x 2 steps, 2 replicas"
+  assert lines[2].split() == ["plain", "1", "1", "100", "0.0%", "100", "B"]
+  assert lines[3].split() == ["mhc", "1.25", "1.25", "80", "0.0%", "3.0", "MiB"]
+  assert lines[6].startswith("mHC overhead: +25.0% (paired +25.0% +- 0.0%), with remat +25.0%")
+  assert lines[6].endswith("2.00x the PyTorch reference's 40 tokens/s")
+
+
+def test_peak_flops_flag_pins_the_config_peak_or_is_refused():
+  cfg = load_config(None, [])
+  assert bench_common.pinned_peak_flops(cfg, None) is cfg
+  assert bench_common.pinned_peak_flops(cfg, 2.5e11).train.peak_flops == 2.5e11
+  with pytest.raises(ConfigError, match=r"^--peak-flops: must be > 0, got 0.0$"):
+    bench_common.pinned_peak_flops(cfg, 0.0)
+
+
+@pytest.mark.slow
+def test_bench_train_summary_line_pinned_peak_and_profile(tmp_path, capsys):
+  bench_main.main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                   *(arg for o in TINY for arg in ("--set", o)), "--steps", "2", "--warmup",
+                   "0", "--peak-flops", "1.5e11", "--profile", str(tmp_path / "profile")])
+  out, err = capsys.readouterr()
+  result = json.loads(out)  # stdout is the JSON alone
+  devices = result["devices"]
+  assert result["peak_source"] == "config"
+  assert result["peak_flops_mesh"] == 1.5e11 * devices
+  assert result["mfu"] == pytest.approx(
+      result["train_flops_per_step"] / (result["step_time_s"] * 1.5e11 * devices))
+  lines = err.splitlines()
+  assert lines[-2].startswith(f"train: {result['step_time_s']:.4g} s/step (best ")
+  assert (f"MFU {100 * result['mfu']:.2f}% of {150 * devices:.1f} GFLOP/s (config)"
+          in lines[-2])
+  assert lines[-1] == f"profile of the 2 timed steps: {tmp_path / 'profile'}"
+  assert list((tmp_path / "profile").rglob("*.trace.json.gz"))
+
+
+@pytest.mark.slow
+def test_bench_ttt_prints_a_table_of_its_variants_on_stderr(capsys):
+  bench_main.main(["ttt", "--batch", "1", "--seq", "16", "--width", "16", "--heads", "2",
+                   "--mini-batch", "8", "--iters", "1", "--warmup", "0"])
+  out, err = capsys.readouterr()
+  result = json.loads(out)
+  lines = err.splitlines()[-8:]
+  assert lines[0].startswith("ttt: one TTT-Linear layer (mamba), batch 1 x seq 16, width 16")
+  assert lines[1].split()[:3] == ["variant", "median", "ms"]
+  assert [line.split()[0] for line in lines[2:7]] == list(result["results"])
+  assert lines[2].split()[1] == f"{result['results']['dual_fwd_bwd']['median_ms']:.3f}"
+  assert lines[7].startswith(f"dual form vs primal: {result['dual_speedup_fwd_bwd']:.2f}x")

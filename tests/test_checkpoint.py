@@ -505,7 +505,7 @@ def test_a_run_resumes_from_the_previous_checkpoint_when_the_newest_is_garbled(t
   capsys.readouterr()
   summary = train.train(tiny_config(*corpus, "train.steps=45", "train.eval_every=0",
                                     "checkpoint.compress=false"), workdir)
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err
   assert summary["start_step"] == 20
   line = next(line for line in out.splitlines() if line.startswith("checkpoint 40: array"))
   assert "does not match its saved checksum" in line and "trying an older one" in line

@@ -1,5 +1,6 @@
 """Config tree: YAML + --set loading, model slot sections, type checks, one-line errors,
-the legacy flat model form, round trip, describe."""
+the legacy flat model form, round trip, describe, ``python -m ttt_jax.config`` and
+``train --print-config``."""
 
 import dataclasses
 import math
@@ -14,9 +15,11 @@ import pytest
 import yaml
 
 from ttt_jax import config as config_lib
+from ttt_jax import train as train_lib
 from ttt_jax import registry, sharding
 from ttt_jax.cct.mixer import CCTConfig
 from ttt_jax.config import SLOTS, Config, ConfigError, ModelConfig, Section, load_config
+from ttt_jax.config import __main__ as config_main
 from ttt_jax.config.schema import field_docs
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
 from ttt_jax.models.mixers.attention import AttentionConfig
@@ -179,6 +182,80 @@ def test_configs_are_frozen():
   cfg = Config()
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.train.steps = 3  # type: ignore[misc]
+
+
+def _config_cli(capsys, *argv: str) -> str:
+  """stdout of ``python -m ttt_jax.config ARGV`` (run in this process)."""
+  config_main.main(list(argv))
+  return capsys.readouterr().out
+
+
+def test_config_command_prints_every_documented_field_by_section(capsys):
+  out = _config_cli(capsys)
+  blocks = out.split("\n\n")  # one block per top-level section, in the tree's order
+  assert [block.split(".", 1)[0] for block in blocks] == [
+      f.name for f in dataclasses.fields(Config)]
+  lines = out.splitlines()
+  steps = lines.index("train.steps (int, default 1000)")
+  assert lines[steps + 1].startswith("    Total optimizer steps")
+  documented = [line for line in lines if line and not line.startswith("    ")]
+  assert len(documented) == len(config_lib.describe())
+
+
+def test_config_command_section_is_one_section_or_model_slot(capsys):
+  lines = _config_cli(capsys, "--section", "model.mixer").splitlines()
+  keys = [line.split(" ", 1)[0] for line in lines if not line.startswith("    ")]
+  assert keys[0] == "model.mixer" and all(k.startswith("model.mixer.") for k in keys[1:])
+  assert "model.mixer.mini_batch [ttt_linear] (int, default 16)" in lines
+  train = _config_cli(capsys, "--section", "train").splitlines()
+  assert train[0].startswith("train.") and not any(line.startswith("model.") for line in train)
+  with pytest.raises(SystemExit) as exit_info:
+    config_main.main(["--section", "modle.mixer"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith(
+      "error: --section 'modle.mixer': no such config section or field (sections: model, "
+      "data, optim, train, eval, checkpoint, mesh, logging); did you mean model.mixer")
+  assert err.count("\n") == 1
+
+
+def test_config_command_prints_the_resolved_config_as_yaml(capsys):
+  path, overrides = str(REPO / "configs" / "ttt_linear_tiny.yaml"), ["model.mixer.mini_batch=8"]
+  resolved = load_config(path, overrides)
+  out = _config_cli(capsys, "--config", path, "--set", overrides[0])
+  assert config_lib.from_dict(yaml.safe_load(out)) == resolved
+  section = _config_cli(capsys, "--config", path, "--set", overrides[0], "--section", "model.mixer")
+  assert yaml.safe_load(section) == {"model": {"mixer": config_lib.to_dict(resolved.model.mixer)}}
+  assert section.splitlines()[:3] == ["model:", "  mixer:", "    type: ttt_linear"]
+
+
+def test_train_print_config_prints_the_resolved_config_and_exits(capsys, tmp_path):
+  path = str(REPO / "configs" / "quickstart.yaml")
+  train_lib.main(["--config", path, "--print-config", "--set", "train.steps=3",
+                  "--init-from", str(tmp_path / "source")])
+  cfg = config_lib.from_dict(yaml.safe_load(capsys.readouterr().out))
+  assert cfg == load_config(path, ["train.steps=3",
+                                   f"checkpoint.init_from={tmp_path / 'source'}"])
+  with pytest.raises(SystemExit) as exit_info:
+    train_lib.main(["--config", path])
+  assert exit_info.value.code == 2
+  assert "the following arguments are required: --workdir" in capsys.readouterr().err
+
+
+def test_train_help_points_to_the_config_documentation(capsys):
+  with pytest.raises(SystemExit):
+    train_lib.parse_args(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  assert "python -m ttt_jax.config [--section model.mixer]" in out
+  assert "--print-config" in out
+
+
+@pytest.mark.slow
+def test_config_module_runs_from_the_command_line():
+  proc = subprocess.run([sys.executable, "-m", "ttt_jax.config", "--section", "eval"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines()[0] == "eval.batches (int, default 8)"
 
 
 @pytest.mark.slow

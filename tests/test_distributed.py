@@ -86,7 +86,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(corpus, tmp
        *train_args(corpus, multi, *mesh, "train.stop_after=10")],
       env=cli_env(4), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "over 8 of 8 devices (2 processes)" in result.stdout
+  assert "over 8 of 8 devices (2 processes)" in result.stderr
   ref_losses, multi_losses = train_losses(reference), train_losses(multi)
   assert sorted(multi_losses) == list(range(1, 11))  # metrics written once (process 0)
   np.testing.assert_allclose([multi_losses[s] for s in range(1, 11)],
@@ -136,12 +136,12 @@ def test_sigterm_and_sigkill_at_random_moments_resume_bit_exactly(corpus, tmp_pa
     out, err = proc.communicate(timeout=120)
     if sig == signal.SIGTERM:
       assert proc.returncode == 0, err[-3000:]
-      assert "received SIGTERM; saved a checkpoint at step" in out
+      assert "received SIGTERM; saved a checkpoint at step" in err
     else:
       assert proc.returncode == -signal.SIGKILL
   final = subprocess.run(args, env=cli_env(8), capture_output=True, text=True, timeout=300)
   assert final.returncode == 0, final.stderr[-3000:]
-  assert "resumed from checkpoint at step" in final.stdout
+  assert "resumed from checkpoint at step" in final.stderr
 
   assert train_losses(workdir) == train_losses(reference), f"kill-time seed {seed}"
   _, _, params, step, _ = runs.load_trained(workdir, log=lambda _: None)

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from ttt_jax import checkpoint as ckpt_lib
+from ttt_jax import metrics as metrics_lib
 from ttt_jax import sharding
 from ttt_jax.training import objectives
 from ttt_jax.config import load_config
@@ -361,3 +362,62 @@ def test_skip_needs_no_gradient_accumulation():
     load_config(None, TINY + ["train.nonfinite=skip", "optim.grad_accum_steps=2"])
   with pytest.raises(ConfigError, match=r"train.nonfinite: 'drop' is not one of"):
     load_config(None, TINY + ["train.nonfinite=drop"])
+
+
+def test_console_modes_put_plain_lines_where_a_bar_cannot_be_read():
+  # (progress_bar, plain, terminal) -> (bar, plain lines)
+  table = {
+      (True, "auto", True): (True, False), (True, "auto", False): (False, True),
+      (False, "auto", True): (False, True), (False, "auto", False): (False, True),
+      (True, "always", True): (True, True), (True, "always", False): (True, True),
+      (True, "never", False): (True, False), (False, "never", True): (False, False)}
+  for args, modes in table.items():
+    assert loop.console_modes(*args) == modes, args
+  with pytest.raises(ConfigError, match=r"logging.plain: 'sometimes' is not one of"):
+    load_config(None, ["logging.plain=sometimes"])
+
+
+def counting_step(state, batch):
+  return state + 1, {"loss": jnp.float32(5.0 - 0.1 * batch), "grad_norm": jnp.float32(0.5)}
+
+
+def test_metric_rows_and_evals_reach_stderr_as_plain_lines(tmp_path, capsys):
+  trainer = loop.Trainer(counting_step, iter(range(100)))
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False, enabled=True)
+  progress = trainer.add(loop.Progress(False, 5))
+  trainer.add(loop.MetricsLog(writer, trainer.clock, log_every=2, final_step=5,
+                              lr_by_step=np.full(5, 1e-3), tokens_per_step=1000,
+                              flops_per_step=1e9, peak_flops=1e12, echo=progress.write))
+  trainer.add(loop.Evaluation(lambda state: {"eval_loss": 4.0, "eval_bpb": 1.5}, writer,
+                              every=5, final_step=5, log=progress.write))
+  trainer.run(jnp.int32(0), 0, 5)
+  out, err = capsys.readouterr()
+  assert out == "" and "\r" not in err
+  lines = err.splitlines()
+  assert [line.split(" loss ")[0] for line in lines] == [
+      "eval step 0/5", "step 2/5", "step 4/5", "step 5/5", "eval step 5/5"]
+  assert lines[1].startswith("step 2/5 loss 4.900 lr 1.0e-03 gnorm 0.500 tok/s ")
+  assert " mfu " in lines[1] and " eta " in lines[1]
+  assert lines[-1] == "eval step 5/5 loss 4.000 bpb 1.500"
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4, 5]  # the same rows as the file
+
+
+def test_without_echo_the_metrics_log_prints_nothing(tmp_path, capsys):
+  trainer = loop.Trainer(counting_step, iter(range(100)))
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False, enabled=True)
+  trainer.add(loop.MetricsLog(writer, trainer.clock, log_every=1, final_step=3,
+                              lr_by_step=np.full(3, 1e-3), tokens_per_step=1000,
+                              flops_per_step=1e9, peak_flops=1e12))
+  trainer.run(jnp.int32(0), 0, 3)
+  assert capsys.readouterr() == ("", "")
+
+
+def test_a_stop_request_says_how_to_continue(capsys):
+  trainer = loop.Trainer(counting_step, iter(range(100)))
+  trainer.add_hook(lambda info: trainer.request_stop("SIGTERM"), every=3)
+  trainer.add(loop.Checkpoint(FakeCheckpointer(), None, {}, every=0, log=loop.console))
+  assert trainer.run(jnp.int32(0), 0, 10).step == 3
+  assert capsys.readouterr().err == (
+      "received SIGTERM; saved a checkpoint at step 3 and stopped; rerun the same command "
+      "to continue\n")

@@ -80,3 +80,41 @@ def test_non_finite_values_are_written_as_null_and_the_file_is_strict_json(tmp_p
   rows = [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
   assert rows == [{"step": 1, "loss": None, "lr": None, "grad_norm": None,
                    "ttt/per_layer": [1.0, None], "mfu": 0.5}]
+
+
+ROW = {"loss": 3.41234, "lr": 8.1234e-4, "grad_norm": 0.93, "tokens_per_sec": 41234.0,
+       "step_time_s": 0.2, "mfu": 0.03123}
+
+
+def test_a_train_row_is_one_plain_line_of_rounded_numbers():
+  assert metrics.train_line(120, 300, ROW, 72.4) == (
+      "step 120/300 loss 3.412 lr 8.1e-04 gnorm 0.930 tok/s 41.2k mfu 3.1% eta 1m12s")
+  assert metrics.train_line(7, 9, {**ROW, "skipped_steps": 2.0}, 0.5).endswith(
+      "eta 0.5s skipped 2")
+  assert metrics.eval_line(30, 60, {"eval_loss": 4.1234, "eval_ppl": 61.75,
+                                    "eval_bpb": 1.2}) == (
+      "eval step 30/60 loss 4.123 ppl 61.75 bpb 1.200")
+
+
+def test_durations_and_counts_read_as_a_human_writes_them():
+  assert [metrics.format_duration(s) for s in (0.04, 59.9, 61, 3599, 3600 * 5 + 300)] == [
+      "0.0s", "59.9s", "1m01s", "59m59s", "5h05m"]
+  assert metrics.format_duration(float("inf")) == "?"
+  assert [metrics.format_count(x) for x in (812, 41234, 3.05e6, 1.2e9)] == [
+      "812", "41.2k", "3.05M", "1.2G"]
+
+
+def test_the_summary_names_steps_times_losses_and_the_checkpoint(tmp_path):
+  lines = metrics.summary_lines(
+      start_step=20, final_step=60, total_steps=60, wall_s=83.0, setup_s=12.5, loss=3.4,
+      eval_step=60, eval_row={"eval_loss": 3.5, "eval_ppl": 33.1, "eval_bpb": 1.25},
+      checkpoint=tmp_path / "checkpoints" / "60")
+  assert lines == [
+      "done: 40 steps (step 20 -> 60 of 60) in 1m23s (set-up 12.5s, training 1m10s)",
+      "final loss 3.400; eval at step 60: loss 3.500 bpb 1.250",
+      f"checkpoint: {tmp_path}/checkpoints/60"]
+  assert metrics.summary_lines(start_step=0, final_step=1, total_steps=5, wall_s=1.0,
+                               setup_s=0.5, loss=None, eval_step=None, eval_row=None,
+                               checkpoint=None) == [
+      "done: 1 step (step 0 -> 1 of 5) in 1.0s (set-up 0.5s, training 0.5s)",
+      "checkpoint: none saved"]

@@ -155,3 +155,30 @@ def test_fine_tuning_on_other_text_just_works_and_resumes(tmp_path):
                         tmp_path / "tuned")
   assert (resumed["start_step"], resumed["final_step"]) == (2, 4)
   assert sorted((cache / "tokenizers").iterdir()) == tokenizers
+
+
+def test_replaced_configs_are_kept_in_the_history_and_an_unchanged_one_adds_nothing(
+    tmp_path):
+  first = load_config(None, ["optim.lr=0.001", "train.steps=300"])
+  runs.write_run_files(first, tmp_path, None)
+  runs.write_run_files(first, tmp_path, None, step=100)  # a resume without changes
+  assert not (tmp_path / runs.CONFIG_HISTORY).exists()
+  second = load_config(None, ["optim.lr=0.002", "train.steps=300"])
+  runs.write_run_files(second, tmp_path, None, step=300)
+  third = load_config(None, ["optim.lr=0.002", "train.steps=600"])
+  runs.write_run_files(third, tmp_path, None, step=450)
+  runs.write_run_files(third, tmp_path, None, step=500)
+  history = tmp_path / runs.CONFIG_HISTORY
+  assert sorted(p.name for p in history.iterdir()) == [
+      "config.1.step300.yaml", "config.2.step450.yaml"]
+  assert load_config(history / "config.1.step300.yaml") == first
+  assert load_config(history / "config.2.step450.yaml") == second
+  assert load_config(tmp_path / "config.yaml") == third
+
+
+def test_a_config_yaml_this_version_cannot_read_is_kept_too(tmp_path):
+  (tmp_path / "config.yaml").write_text("train: {retired_field: 1}\n")
+  runs.write_run_files(load_config(None), tmp_path, None, step=7)
+  kept = tmp_path / runs.CONFIG_HISTORY / "config.1.step7.yaml"
+  assert kept.read_text() == "train: {retired_field: 1}\n"
+  assert load_config(tmp_path / "config.yaml") == load_config(None)

@@ -22,8 +22,10 @@ from ttt_jax.errors import TrainingError
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.training import objectives
 from ttt_jax.training import state as state_lib
+from ttt_jax.training import step as step_lib
 from ttt_jax.training.step import train_flops_per_step
-from train_util import copy_stdlib_corpus, eval_losses, read_metrics, tiny_config, train_losses
+from train_util import (copy_stdlib_corpus, eval_losses, read_metrics, tiny_config,
+                        tiny_overrides, train_losses)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,7 @@ def test_a_diverging_run_saves_no_nan_checkpoint_and_a_rerun_resumes(corpus, tmp
   with pytest.raises(TrainingError) as again:
     train.train(tiny_config(*corpus, "train.steps=8", "train.eval_every=0",
                             "checkpoint.every=1", "checkpoint.keep=10"), tmp_path)
-  assert f"resumed from checkpoint at step {newest}\n" in capsys.readouterr().out
+  assert f"resumed from checkpoint at step {newest}\n" in capsys.readouterr().err
   assert str(again.value).startswith(f"non-finite train state at step {newest + 1} ")
   assert f"; the newest checkpoint, step {newest}, is finite" in str(again.value)
   assert checkpointed_states(diverging, tmp_path).keys() == states.keys()
@@ -327,7 +329,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(corpus, tmp_path, 
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"\0" * 7)
   summary = train.train(tiny_config(*corpus, "train.steps=45", "train.eval_every=0"), tmp_path)
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err
   assert "checkpoint 40 is damaged" in out
   assert summary["start_step"] == 20
 
@@ -369,3 +371,47 @@ def test_init_from_takes_params_and_starts_fresh(trained, corpus, tmp_path):
   assert branch["start_step"] == 40
   # the branch continues the source run exactly: same state, same data position
   assert branch["losses"][41] == train_losses(workdir)[41]
+
+
+@pytest.mark.slow
+def test_messages_of_a_stopped_resumed_changed_and_finished_run(corpus, tmp_path, capsys,
+                                                               monkeypatch):
+  """Set-up lines, then plain step lines (stderr is no terminal here) and the summary;
+  the stop_after hint; a resume naming its config changes; the finished run's rerun."""
+  common = ("train.eval_every=0", "train.log_every=4", "checkpoint.every=0")
+  train.train(tiny_config(*corpus, *common, "train.steps=12", "train.stop_after=8"),
+              tmp_path)
+  out, err = capsys.readouterr()
+  assert out == "" and "\r" not in err
+  lines = err.splitlines()
+  compiled = next(i for i, line in enumerate(lines) if line.startswith("compiled train step"))
+  assert [line.split(" loss ")[0] for line in lines[compiled + 1:compiled + 3]] == [
+      "step 4/12", "step 8/12"]
+  assert lines[compiled + 3].startswith("done: 8 steps (step 0 -> 8 of 12) in ")
+  assert lines[compiled + 4].startswith("final loss ")
+  assert lines[compiled + 5:] == [
+      f"checkpoint: {tmp_path}/checkpoints/8",
+      "stopped after 8 steps at step 8 (train.stop_after); rerun the same command to continue"]
+
+  changed = tiny_config(*corpus, *common, "train.steps=16", "optim.lr=1e-2")
+  summary = train.train(changed, tmp_path)
+  assert summary["final_step"] == 16
+  err = capsys.readouterr().err
+  assert ("resumed from checkpoint at step 8\nresume: config changed: optim.lr 0.02 -> 0.01, "
+          "train.steps 12 -> 16, train.stop_after 8 -> 0\nresume: the learning-rate "
+          "schedule changes from step 9 on (optim.lr, train.steps): lr ") in err
+  assert "step 16/16 loss " in err and "stopped after" not in err
+  history = tmp_path / "config_history"
+  assert [p.name for p in history.iterdir()] == ["config.1.step8.yaml"]
+  assert "train.stop_after: 8" not in (tmp_path / "config.yaml").read_text()
+
+  monkeypatch.setattr(step_lib, "compile_step", lambda *a, **k: pytest.fail("compiled"))
+  argv = ["--config", os.devnull, "--workdir", str(tmp_path)]
+  for override in tiny_overrides(*corpus) + list(common) + ["train.steps=16",
+                                                            "optim.lr=1e-2"]:
+    argv += ["--set", override]
+  train.main(argv)  # returns: exit status 0
+  err = capsys.readouterr().err
+  assert err.endswith("resumed from checkpoint at step 16\nrun already complete at step 16 "
+                      "(train.steps=16); raise train.steps to extend it\n")
+  assert [p.name for p in history.iterdir()] == ["config.1.step8.yaml"]

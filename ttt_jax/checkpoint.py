@@ -53,7 +53,7 @@ directory removes such leftovers. A step that still fails to restore (truncated 
 reported and the previous one is tried.
 
 A save or restore that fails because of the storage rather than the checkpoint (no
-space, a file-size limit or quota, permissions, an I/O error: ``STORAGE_ERRNOS``) is one
+space, a file-size limit or quota, permissions, an I/O error: ``errors.STORAGE_ERRNOS``) is one
 ``CheckpointError`` line naming the directory and the errno, found in the error's chain
 (an ``OSError``, or the ``os_error_code`` tensorstore puts in its messages). The
 checkpoints already written are untouched: a failed save stops the run, and a failed
@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import errno
 import functools
 import json
 import importlib.metadata
@@ -95,7 +94,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import Config, config_hash, to_dict
-from ttt_jax.errors import CheckpointError
+from ttt_jax.errors import STORAGE_ERRNOS, CheckpointError, describe_errno
 
 
 class ChecksumError(CheckpointError):
@@ -103,11 +102,6 @@ class ChecksumError(CheckpointError):
 
 
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
-
-STORAGE_ERRNOS = frozenset({
-    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
-    errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
-"""Errnos that blame the storage, not the checkpoint's contents."""
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 _DETAILS = re.compile(r"\s*See full TensorStore details:.*", re.DOTALL)
@@ -137,7 +131,7 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
   the innermost cause's type and first line (without tensorstore's object reprs)."""
   code = error_errno(error)
   if code is not None:
-    return f"{os.strerror(code)} ({errno.errorcode.get(code, '?')}, errno {code})"
+    return describe_errno(code)
   innermost = _chain(error)[-1]
   text = _DETAILS.sub("", str(innermost)).strip().splitlines()
   line = f"{type(innermost).__name__}: {text[0] if text else ''}"

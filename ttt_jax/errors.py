@@ -2,14 +2,28 @@
 
 Each is raised with one line that names the config field, file or flag at fault;
 ``user_errors`` turns it into ``error: <line>`` on stderr and a non-zero exit (2 for a
-config problem, 1 otherwise). Anything else is a bug and keeps its traceback.
+config problem, 1 otherwise). An ``OSError`` that blames the storage (``STORAGE_ERRNOS``:
+no space, a quota or file-size limit, permissions, an I/O error) is reported the same way,
+naming the file and the errno. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 from typing import Iterator
+
+STORAGE_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+    errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+"""Errnos that blame the storage (or the process's limits), not the data or the code."""
+
+
+def describe_errno(code: int) -> str:
+  """``No space left on device (ENOSPC, errno 28)``."""
+  return f"{os.strerror(code)} ({errno.errorcode.get(code, '?')}, errno {code})"
 
 
 class UserError(Exception):
@@ -40,3 +54,9 @@ def user_errors() -> Iterator[None]:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+  except OSError as e:
+    if e.errno not in STORAGE_ERRNOS:
+      raise
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"error: {where}{describe_errno(e.errno)}", file=sys.stderr)
+    raise SystemExit(1) from None

@@ -1,4 +1,4 @@
-"""Metric sinks (metrics.jsonl, tensorboardX, progress bar) and throughput maths.
+"""Metric sinks (metrics.jsonl, tensorboardX, plain log lines) and throughput maths.
 
 Only process 0 writes. ``metrics.jsonl`` holds one JSON object per line: train rows
 with ``step, loss, lr, grad_norm, tokens_per_sec, step_time_s, mfu`` and eval rows
@@ -9,6 +9,10 @@ as ``null``, so every line is strict JSON. Tensorboard tags are namespaced
 ``step_time_s`` is wall time per step over the rows' window, measured between the
 steps' completions. Evals and profile writing are left out of it; the blocking part of
 a checkpoint save is kept in, since that stall is the training loop's own cost.
+
+The console gets the same rows as plain lines (``train_line``, ``eval_line``: one per
+row, no carriage returns, readable in a cluster's log file) and a run's closing summary
+(``summary_lines``); numbers are rounded for reading, never printed as reprs.
 """
 
 from __future__ import annotations
@@ -95,6 +99,72 @@ def _finite_or_null(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [_finite_or_null(v) for v in value]
   return value
+
+
+def format_duration(seconds: float) -> str:
+  """``seconds`` for reading: '8.2s', '1m12s', '3h05m'."""
+  if not math.isfinite(seconds):
+    return "?"
+  if seconds < 60:
+    return f"{seconds:.1f}s"
+  minutes = int(seconds // 60)
+  if minutes < 60:
+    return f"{minutes}m{int(seconds % 60):02d}s"
+  return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def format_count(value: float) -> str:
+  """A rate or count with a unit prefix: '812', '41.2k', '3.05M', '1.20G'."""
+  for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= factor:
+      return f"{value / factor:.3g}{suffix}"
+  return f"{value:.3g}"
+
+
+def train_line(step: int, final_step: int, row: dict[str, float], eta_s: float) -> str:
+  """A train row (``MetricsLog``'s) as one line: ``step 120/300 loss 3.412 lr 8.1e-04
+  gnorm 0.93 tok/s 41.2k mfu 3.1% eta 1m12s`` (and the skipped steps, when any)."""
+  line = (f"step {step}/{final_step} loss {row['loss']:#.4g} lr {row['lr']:.1e} "
+          f"gnorm {row['grad_norm']:#.3g} tok/s {format_count(row['tokens_per_sec'])} "
+          f"mfu {100 * row['mfu']:.1f}% eta {format_duration(eta_s)}")
+  if row.get("skipped_steps"):
+    line += f" skipped {row['skipped_steps']:.0f}"
+  return line
+
+
+def eval_line(step: int, final_step: int, row: dict[str, float]) -> str:
+  """An eval row as one line: ``eval step 30/60 loss 4.123 ppl 61.75 bpb 1.234``."""
+  return f"eval step {step}/{final_step} " + _eval_values(row)
+
+
+def _eval_values(row: dict[str, float], keys: tuple[str, ...] | None = None) -> str:
+  """'loss 4.123 bpb 1.234': the row's values (those in ``keys``), unprefixed."""
+  return " ".join(f"{key.removeprefix('eval_')} {value:#.4g}" for key, value in row.items()
+                  if keys is None or key in keys)
+
+
+def summary_lines(*, start_step: int, final_step: int, total_steps: int, wall_s: float,
+                  setup_s: float, loss: float | None, eval_step: int | None,
+                  eval_row: dict[str, float] | None, checkpoint: Path | None) -> list[str]:
+  """The closing lines of a run that went from ``start_step`` to ``final_step`` (of
+  ``total_steps``) in ``wall_s`` seconds, ``setup_s`` of them before the first step:
+  its last loss, its last eval row (at ``eval_step``) and the checkpoint it leaves
+  (None: none)."""
+  done = final_step - start_step
+  lines = [f"done: {done} step{'s' * (done != 1)} (step {start_step} -> {final_step} of "
+           f"{total_steps}) in {format_duration(wall_s)} (set-up "
+           f"{format_duration(setup_s)}, training {format_duration(wall_s - setup_s)})"]
+  results = []
+  if loss is not None:
+    results.append(f"final loss {loss:#.4g}")
+  if eval_row:
+    results.append(f"eval at step {eval_step}: "
+                   + _eval_values(eval_row, ("eval_loss", "eval_bpb")))
+  if results:
+    lines.append("; ".join(results))
+  lines.append(f"checkpoint: {checkpoint}" if checkpoint is not None else
+               "checkpoint: none saved")
+  return lines
 
 
 def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:

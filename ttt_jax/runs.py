@@ -1,13 +1,18 @@
 """Run directories: what a run reads from and writes to its workdir, and what a rerun
 must match.
 
-A workdir holds ``config.yaml``, ``tokenizer.model``, ``metrics.jsonl``, ``tb/``,
-``checkpoints/`` and ``profile/``. Rerunning on a workdir resumes its newest usable
+A workdir holds ``config.yaml``, ``config_history/``, ``tokenizer.model``,
+``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``profile/``. Rerunning on a workdir
+resumes its newest usable
 checkpoint (``restore_or_init``) unless that checkpoint was written by another model
 (``check_compatible``), another train state form (``_check_state_signature``) or
 another sample stream (``stream_identity``: the sampling settings and the content
 hashes of the text and the tokenizer); each refusal is one line naming the field, and
 leaves the workdir's files as they were (``write_run_files`` runs after the checks).
+A resumed run may change the config: ``resume_changes`` names every changed field on
+one line, and the learning-rate change at the resume step when a field the schedule
+reads changed (``SCHEDULE_FIELDS``); ``write_run_files`` keeps each replaced
+``config.yaml`` in ``config_history/``.
 ``init_from`` starts a new run from another run's params or whole state, and
 ``load_trained`` gives the params of a finished run to sampling and evaluation.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +49,7 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
+from ttt_jax.training import optim
 from ttt_jax.training.state import Built, TrainState, abstract_state
 
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
@@ -76,11 +83,101 @@ def prepare_workdir(workdir: str | Path) -> Path:
   return workdir
 
 
-def write_run_files(cfg: Config, workdir: Path, tokenizer: Tokenizer | None) -> None:
-  """``config.yaml`` and ``tokenizer.model`` (process 0). Call it after the resume checks:
-  a refused run must leave the workdir's files as they were."""
+SCHEDULE_FIELDS = ("train.steps", "optim.lr", "optim.schedule", "optim.warmup_steps",
+                   "optim.min_lr_ratio", "optim.decay_fraction")
+"""The fields ``optim.lr_schedule`` reads (and ``optim.adam_lr`` for Muon's AdamW-routed
+params): changing one on resume changes the learning rate from there on."""
+CONFIG_HISTORY = "config_history"
+"""The workdir's folder of replaced configs: ``config.<n>.step<S>.yaml``, the n-th
+config replaced, at step S."""
+
+
+def saved_config(workdir: Path) -> tuple[Config | None, str | None]:
+  """(config, None) of the workdir's ``config.yaml``; (None, why) when it cannot be read
+  as a config of this version; (None, None) when there is none."""
+  path = Path(workdir) / "config.yaml"
+  if not path.exists():
+    return None, None
+  try:
+    return load_config(path, legacy=True), None
+  except ConfigError as e:
+    return None, str(e)
+
+
+def config_changes(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+  """(dotted key, before, after) of every field that differs, in config order."""
+  old, new = flatten(to_dict(before)), flatten(to_dict(after))
+  keys = list(new) + [k for k in old if k not in new]
+  return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
+def show_value(value: Any) -> str:
+  """A config value as YAML writes it: 0.001, true, null, [a, b], plain strings."""
+  if isinstance(value, bool) or value is None:
+    return {True: "true", False: "false", None: "null"}[value]
+  if isinstance(value, float):
+    return f"{value:g}"
+  if isinstance(value, (list, tuple)):
+    return "[" + ", ".join(show_value(v) for v in value) + "]"
+  return str(value)
+
+
+def lr_after(cfg: Config, step: int) -> float:
+  """The learning rate of the update after ``step`` under ``cfg``'s schedule."""
+  return float(optim.lr_schedule(cfg.optim, cfg.train.steps)(step))
+
+
+def resume_changes(saved: Config, cfg: Config, step: int) -> list[str]:
+  """The lines telling how ``cfg`` differs from the ``saved`` config of the run it
+  resumes at ``step``: every changed field, then (when one the schedule reads changed)
+  the learning rate of step ``step + 1`` before -> after. None when nothing changed."""
+  changes = config_changes(saved, cfg)
+  if not changes:
+    return []
+  lines = ["resume: config changed: " + ", ".join(
+      f"{key} {show_value(old)} -> {show_value(new)}" for key, old, new in changes)]
+  schedule_fields = SCHEDULE_FIELDS + (("optim.adam_lr",) if cfg.optim.name == "muon" else ())
+  reshaping = [key for key, _, _ in changes if key in schedule_fields]
+  if reshaping:
+    lines.append(f"resume: the learning-rate schedule changes from step {step + 1} on "
+                 f"({', '.join(reshaping)}): lr {lr_after(saved, step):.2e} -> "
+                 f"{lr_after(cfg, step):.2e}")
+  return lines
+
+
+def report_resume(cfg: Config, workdir: Path, step: int, log: Callable[[str], None]) -> None:
+  """Logs ``resume_changes`` against the workdir's ``config.yaml`` (process 0)."""
   if jax.process_index() != 0:
     return
+  saved, why = saved_config(workdir)
+  if why is not None:
+    log(f"resume: the saved config.yaml cannot be compared with this config ({why}); "
+        f"it is kept in {CONFIG_HISTORY}/")
+  for line in resume_changes(saved, cfg, step) if saved is not None else ():
+    log(line)
+
+
+def _archive_config(workdir: Path, step: int) -> None:
+  """Moves ``config.yaml`` to ``config_history/config.<n>.step<step>.yaml``."""
+  history = workdir / CONFIG_HISTORY
+  history.mkdir(exist_ok=True)
+  numbers = [int(m.group(1)) for p in history.iterdir()
+             if (m := re.fullmatch(r"config\.(\d+)\.step\d+\.yaml", p.name))]
+  os.replace(workdir / "config.yaml",
+             history / f"config.{max(numbers, default=0) + 1}.step{step}.yaml")
+
+
+def write_run_files(cfg: Config, workdir: Path, tokenizer: Tokenizer | None, *,
+                    step: int = 0) -> None:
+  """``config.yaml`` and ``tokenizer.model`` (process 0), the run starting at ``step``.
+  A ``config.yaml`` that holds another config is first moved to ``config_history/``
+  (one that loads as this same config is just rewritten). Call it after the resume
+  checks: a refused run must leave the workdir's files as they were."""
+  if jax.process_index() != 0:
+    return
+  saved, why = saved_config(workdir)
+  if why is not None or saved is not None and saved != cfg:
+    _archive_config(workdir, step)
   save_config(cfg, workdir / "config.yaml")
   if tokenizer is not None:
     tokenizer.save(workdir / "tokenizer.model")

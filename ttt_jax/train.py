@@ -2,9 +2,14 @@
 
 parse -> build (data, mesh, sharded state, jitted steps, resume from the workdir) ->
 run (``training.loop.Trainer`` with the NaN guard, progress, metrics, eval, checkpoint,
-profile and stop-on-signal hooks). The loop dispatches step t+1 before it reads step
-t's metrics, so the host never waits on the device except when it has to (eval rows,
-checkpoints, the end).
+profile and stop-on-signal hooks) -> summary. The loop dispatches step t+1 before it
+reads step t's metrics, so the host never waits on the device except when it has to
+(eval rows, checkpoints, the end).
+
+Messages go to stderr, one a line: set-up's first (so a set-up error prints on a clean
+line), then the progress bar on a terminal and plain ``step ...`` lines in a log file
+(``logging.plain``), then the run's summary. A resumed run names what changed in its
+config; a rerun of a finished run says so and stops before compiling anything.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,7 @@ import numpy as np
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import diagnostics, distributed, host_memory, runs, sharding
 from ttt_jax import metrics as metrics_lib
-from ttt_jax.config import Config, load_config
+from ttt_jax.config import Config, load_config, to_yaml
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import user_errors
 from ttt_jax.eval import lm as eval_lm
@@ -34,11 +41,11 @@ from ttt_jax.training import step as step_lib
 
 def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   """Runs training; returns a summary (final losses, timings) for callers and tests."""
+  started = time.perf_counter()
   cfg = runs.resolve_init_from(cfg, workdir)  # before the workdir exists or text is read
   workdir = runs.prepare_workdir(workdir)
   is_main = jax.process_index() == 0
-  progress = loop.Progress(is_main and cfg.logging.progress_bar, cfg.train.steps)
-  log = progress.write if is_main else (lambda _: None)
+  log = loop.console if is_main else (lambda _: None)
 
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -47,7 +54,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                        "train.batch_size / optim.grad_accum_steps")
   eval_batch_size = cfg.eval.batch_size or cfg.train.batch_size
   sharding.check_batch(eval_batch_size, mesh, "eval.batch_size")
-  log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} of {jax.device_count()} devices "
+  axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+  log(f"mesh {axes} over {mesh.devices.size} of {jax.device_count()} devices "
       f"({jax.process_count()} processes); vocab {corpus.vocab_size}")
   log(host_memory.status(cfg.train.host_hugepages))
   dataset, eval_batches = runs.run_batches(
@@ -86,7 +94,15 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     resources.callback(ckpt.close)
     stream = runs.stream_identity(cfg, corpus.meta)
     state, start_step, resumed = runs.restore_or_init(cfg, built, ckpt, data_iter, stream, log)
-    runs.write_run_files(cfg, workdir, corpus.tokenizer)
+    if resumed:
+      runs.report_resume(cfg, workdir, start_step, log)
+    if start_step >= cfg.train.steps:
+      log(f"run already complete at step {start_step} (train.steps={cfg.train.steps}); "
+          "raise train.steps to extend it")
+      return {"compile_s": None, "memory": None, "n_params": n_params, "losses": {},
+              "eval": {}, "start_step": start_step, "final_step": start_step,
+              "state": state}
+    runs.write_run_files(cfg, workdir, corpus.tokenizer, step=start_step)
     # rows an earlier, interrupted attempt logged past the starting step are dropped
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.logging.tensorboard,
                                        enabled=is_main,
@@ -100,10 +116,15 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                                                              log=log)
     trainer = loop.Trainer(compiled_step, itertools.chain([first_batch], batches),
                            micro_steps=accum)
+    bar, plain = loop.console_modes(cfg.logging.progress_bar, cfg.logging.plain,
+                                    sys.stderr.isatty())
+    progress = loop.Progress(is_main and bar, cfg.train.steps, initial=start_step)
+    log = progress.write if is_main else log
     metrics_log = loop.MetricsLog(
         writer, trainer.clock, log_every=cfg.train.log_every, final_step=cfg.train.steps,
         lr_by_step=lr_by_step, tokens_per_step=cfg.train.batch_size * cfg.data.seq_len,
-        flops_per_step=flops_per_step, peak_flops=peak)
+        flops_per_step=flops_per_step, peak_flops=peak,
+        echo=log if is_main and plain else None)
     evaluation = loop.Evaluation(
         lambda s: eval_lm.evaluate(eval_step, s.params, eval_batches, piece_bytes), writer,
         every=cfg.train.eval_every, final_step=cfg.train.steps, log=log)
@@ -119,21 +140,43 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     last_step = cfg.train.steps
     if cfg.train.stop_after:
       last_step = min(last_step, start_step + cfg.train.stop_after)
+    setup_s = time.perf_counter() - started
     finished = trainer.run(state, start_step, last_step)
+  newest = checkpoint.newest()
+  last_eval = max(evaluation.rows, default=None)
+  for line in metrics_lib.summary_lines(
+      start_step=start_step, final_step=finished.step, total_steps=cfg.train.steps,
+      wall_s=time.perf_counter() - started, setup_s=setup_s,
+      loss=metrics_log.losses.get(finished.step),
+      eval_step=last_eval, eval_row=evaluation.rows.get(last_eval),
+      checkpoint=None if newest is None else ckpt.directory / str(newest)):
+    log(line)
+  if finished.step < cfg.train.steps and trainer.stop_reason is None:
+    log(f"stopped after {finished.step - start_step} steps at step {finished.step} "
+        "(train.stop_after); rerun the same command to continue")
   return {"compile_s": compile_s, "memory": memory, "n_params": n_params,
           "losses": metrics_log.losses, "eval": evaluation.rows, "start_step": start_step,
           "final_step": finished.step, "state": finished.state}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m ttt_jax.train", description=__doc__)
+  parser = argparse.ArgumentParser(
+      prog="python -m ttt_jax.train", description=__doc__,
+      epilog="Every config field with its type, default and documentation: python -m "
+             "ttt_jax.config [--section model.mixer]. Compare finished runs: python -m "
+             "ttt_jax.compare RUN...")
   parser.add_argument("--config", required=True, help="YAML config file")
-  parser.add_argument("--workdir", required=True, help="run directory")
+  parser.add_argument("--workdir", help="run directory (required unless --print-config)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. --set train.steps=100 (repeatable)")
   parser.add_argument("--init-from", metavar="PATH", default=None,
                       help="start from another run's params (checkpoint.init_from)")
-  return parser.parse_args(argv)
+  parser.add_argument("--print-config", action="store_true",
+                      help="print the resolved config (file, --set, defaults) as YAML and exit")
+  args = parser.parse_args(argv)
+  if args.workdir is None and not args.print_config:
+    parser.error("the following arguments are required: --workdir")
+  return args
 
 
 def main(argv: list[str] | None = None, reexec: bool = False) -> None:
@@ -141,11 +184,15 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   pages on (``train.host_hugepages``) after the config has been checked."""
   args = parse_args(argv)
   with user_errors():
-    runs.check_workdir(args.workdir)
+    if not args.print_config:
+      runs.check_workdir(args.workdir)
     overrides = list(args.set)
     if args.init_from:
       overrides.append(f"checkpoint.init_from={args.init_from}")
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+      print(to_yaml(cfg), end="")
+      return
     if reexec and cfg.train.host_hugepages:
       host_memory.reexec_with_hugepages("ttt_jax.train", argv)
     distributed.initialize_from_env()

@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m ttt_jax.bench {train,io,ttt,mhc,cct} ...``, one JSON object.
+"""Benchmarks: ``python -m ttt_jax.bench {train,io,ttt,mhc,cct} ...``: one JSON object on
+stdout, and a summary for people (a line per variant, or a small table) on stderr.
 
 - ``train --config C [--set k=v] [--steps N]``: step time, tokens/s, MFU, compile time
   and compiled memory of the train step on synthetic tokens;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ttt_jax import host_memory, registry
 from ttt_jax.bench import io, mhc, train, ttt  # noqa: F401  (register their subjects)
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None, reexec: bool = False) -> None:
   malloc_note = host_memory.status(hugepages)
   with user_errors():
     result = bench.run(cfg, args)
-  print(json.dumps({**result, "host_malloc": malloc_note}, indent=2))
+  print(json.dumps({**result, "host_malloc": malloc_note}, indent=2), flush=True)
+  print("\n".join(bench.summary(result)), file=sys.stderr)
 
 
 if __name__ == "__main__":

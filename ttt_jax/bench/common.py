@@ -1,5 +1,6 @@
-"""What the benchmarks share: the ``Bench`` entry each subject registers, synthetic
-batches, the machine's description and the statistics of timed samples."""
+"""What the benchmarks share: the ``Bench`` entry each subject registers, its common
+flags (``--config``, ``--set``, ``--peak-flops``), synthetic batches, the machine's
+description, the statistics of timed samples and the units of the human summaries."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class Bench:
   add_arguments: Callable[[argparse.ArgumentParser], None]
   run: Callable[[Config | None, argparse.Namespace], dict[str, Any]]
   """The JSON-able result, from the config (``--config`` with ``--set``) and the flags."""
+  summary: Callable[[dict[str, Any]], list[str]]
+  """The result for people: a line per variant (or a small table), printed on stderr
+  after the JSON on stdout."""
   uses_config: bool = True
   """False: the subject takes no ``--config`` (``run`` gets None)."""
   counts: tuple[tuple[str, int], ...] = ()
@@ -44,10 +48,29 @@ def register(bench: Bench) -> Bench:
 def add_config_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
   """``--config`` (required when ``default`` is None) and ``--set KEY=VALUE``."""
   if default is None:
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="YAML config file")
   else:
-    parser.add_argument("--config", default=default)
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--config", default=default, help=f"YAML config file (default {default})")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set train.batch_size=8 (repeatable)")
+
+
+def add_peak_flops_argument(parser: argparse.ArgumentParser) -> None:
+  """``--peak-flops``: the MFU denominator pinned (``Config.train.peak_flops``)."""
+  parser.add_argument("--peak-flops", type=float, default=None, metavar="FLOPS",
+                      help="per-device peak FLOP/s for MFU, e.g. 3e11 (default: "
+                           "train.peak_flops, else the device table, else a matmul measured "
+                           "now, which varies from run to run: pin it to compare MFU)")
+
+
+def pinned_peak_flops(cfg: Config, peak_flops: float | None) -> Config:
+  """``cfg`` with ``train.peak_flops`` set to ``--peak-flops`` (unchanged when not given);
+  a ConfigError unless it is > 0."""
+  if peak_flops is None:
+    return cfg
+  if not peak_flops > 0:
+    raise ConfigError(f"--peak-flops: must be > 0, got {peak_flops}")
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, peak_flops=peak_flops))
 
 
 def check_counts(args: argparse.Namespace, counts: tuple[tuple[str, int], ...]) -> None:
@@ -63,6 +86,24 @@ def machine(processor: bool = False) -> str:
   """'<arch>, <n> cpus' and, with ``processor``, the processor's name."""
   text = f"{platform.machine()}, {os.cpu_count()} cpus"
   return f"{text}, {platform.processor() or ''}".strip(", ") if processor else text
+
+
+def human_bytes(n: float | None) -> str:
+  """1536 -> '1.5 KiB' (binary units; '-' for None)."""
+  if n is None:
+    return "-"
+  units, power = ("B", "KiB", "MiB", "GiB", "TiB"), 0
+  while abs(n) >= 1024 and power < len(units) - 1:
+    n, power = n / 1024, power + 1
+  return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
+
+
+def human_count(x: float) -> str:
+  """12345.6 -> '12.3K' (decimal units)."""
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(x) >= scale:
+      return f"{x / scale:.1f}{unit}"
+  return f"{x:.0f}"
 
 
 def standard_error(values: list[float]) -> float:

@@ -203,6 +203,24 @@ def bench_io(cfg: Config, steps: int, saves: int, spare_writer_cpu: bool = False
   }
 
 
+def summary(result: dict) -> list[str]:
+  """The stall of a save, a save's and a restore's own cost, the data rate."""
+  return [
+      f"io: step {result['step_time_s']:.4g} s; stall per save "
+      f"{1e3 * result['stall_per_save_s']:.1f} ms +- {1e3 * result['stall_per_save_stderr_s']:.1f}"
+      f" ({100 * result['stall_fraction_of_step']:.1f}% of a step; median "
+      f"{1e3 * result['stall_per_save_median_s']:.1f} ms), save call "
+      f"{1e3 * result['median_save_call_s']:.1f} ms",
+      f"a save alone: {result['save_alone_wall_s']:.3f} s wall, {result['save_alone_cpu_s']:.3f} s "
+      f"CPU ({common.human_bytes(result['checkpoint_bytes'])}); a restore "
+      f"{result['restore_wall_s']:.3f} s; checksums "
+      f"{100 * result['checksum_cpu_fraction_of_save']:.1f}% of a save's CPU, "
+      f"{100 * result['checksum_cpu_fraction_of_restore']:.1f}% of a restore's",
+      f"data pipeline: {common.human_count(result['data_tokens_per_sec'])} tokens/s alone, "
+      f"{result['data_over_trainer']:.1f}x the trainer's "
+      f"{common.human_count(result['trainer_tokens_per_sec'])}"]
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
   common.add_config_arguments(parser, "configs/quickstart.yaml")
   parser.add_argument("--steps", type=int, default=40,
@@ -214,5 +232,5 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 BENCH = common.register(common.Bench(
     "io", "async checkpoint stall and data pipeline throughput", __doc__, _add_arguments,
-    lambda cfg, args: bench_io(cfg, args.steps, args.saves, args.spare_writer_cpu),
+    lambda cfg, args: bench_io(cfg, args.steps, args.saves, args.spare_writer_cpu), summary,
     counts=(("steps", 1), ("saves", 1))))

@@ -25,6 +25,7 @@ import numpy as np
 
 from ttt_jax import registry, sharding
 from ttt_jax.bench import common
+from ttt_jax.compare import table
 from ttt_jax.config import Config, ModelConfig, to_dict
 from ttt_jax.errors import ConfigError
 from ttt_jax.training.state import build
@@ -169,6 +170,24 @@ def mhc_summary(runs: dict[tuple[str, int], dict], *, steps: int, tokens: int,
   }
 
 
+def summary(result: dict) -> list[str]:
+  """A table of the variants, then mHC's overheads and its speed against PyTorch."""
+  rows = [[name, f"{v['step_time_median_s']:.4g}", f"{v['step_time_min_s']:.4g}",
+           common.human_count(v["tokens_per_sec_median"]), f"{100 * v['replica_spread']:.1f}%",
+           common.human_bytes(v["peak_bytes"])] for name, v in result["variants"].items()]
+  paired, remat = result["overhead_paired"], result["overhead_remat_paired"]
+  return [
+      f"mhc: {result['mhc_streams']} streams, {result['rounds']} rounds x "
+      f"{result['steps_per_round']} steps, {result['replicas']} replicas",
+      table(["variant", "median s/step", "best s/step", "tokens/s", "replica spread",
+             "peak memory"], rows),
+      f"mHC overhead: {100 * result['overhead_median']:+.1f}% (paired "
+      f"{100 * paired['mean']:+.1f}% +- {100 * paired['stderr']:.1f}%), with remat "
+      f"{100 * result['overhead_remat_median']:+.1f}% (paired {100 * remat['mean']:+.1f}% +- "
+      f"{100 * remat['stderr']:.1f}%); {result['speedup_vs_pytorch_reference_median']:.2f}x "
+      f"the PyTorch reference's {result['pytorch_reference_tokens_per_sec']:.0f} tokens/s"]
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
   common.add_config_arguments(parser, "configs/bench_dense.yaml")
   parser.add_argument("--steps", type=int, default=3,
@@ -193,4 +212,5 @@ def _run(cfg: Config, args: argparse.Namespace) -> dict:
 
 BENCH = common.register(common.Bench(
     "mhc", "mHC vs plain residual: step time and peak memory", __doc__, _add_arguments, _run,
+    summary,
     counts=(("steps", 1), ("rounds", 1), ("replicas", 1), ("warmup", 0))))

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax.bench import common
+from ttt_jax.compare import table
 from ttt_jax.config import ModelConfig
 from ttt_jax.models.mixers import ttt_linear
 from ttt_jax.training.step import compile_step
@@ -94,15 +95,36 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
   }
 
 
+def summary(result: dict) -> list[str]:
+  """A table of the variants, then the dual form's speedup and the decode step."""
+  shape = result["shape"]
+  rows = [[name, f"{r['median_ms']:.3f}", f"{r['best_ms']:.3f}",
+           common.human_count(r["tokens_per_sec"]), common.human_bytes(r["peak_bytes"]),
+           f"{r['compile_s']:.1f}"] for name, r in result["results"].items()]
+  decode = result["results"]["decode"]
+  return [
+      f"ttt: one TTT-Linear layer ({shape['backbone']}), batch {shape['batch']} x seq "
+      f"{shape['seq']}, width {shape['width']}, {shape['heads']} heads, mini-batch "
+      f"{shape['mini_batch']}, {shape['dtype']}",
+      table(["variant", "median ms", "best ms", "tokens/s", "peak memory", "compile s"], rows),
+      f"dual form vs primal: {result['dual_speedup_fwd_bwd']:.2f}x (fwd+bwd), "
+      f"{result['dual_speedup_fwd']:.2f}x (fwd); decode {decode['per_token_ms']:.4f} ms/token, "
+      f"one step's peak memory {common.human_bytes(decode['one_step_peak_bytes'])}"]
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--backbone", default="mamba", choices=("mamba", "transformer"))
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--seq", type=int, default=512)
-  parser.add_argument("--width", type=int, default=256)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--mini-batch", type=int, default=16)
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--remat-group", type=int, default=0)
+  parser.add_argument("--backbone", default="mamba", choices=("mamba", "transformer"),
+                      help="TTT layer backbone: mamba (with the pre-conv) or transformer")
+  parser.add_argument("--batch", type=int, default=2, help="sequences per call")
+  parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+  parser.add_argument("--width", type=int, default=256, help="model width (d_model)")
+  parser.add_argument("--heads", type=int, default=4, help="heads (head width: width / heads)")
+  parser.add_argument("--mini-batch", type=int, default=16,
+                      help="TTT mini-batch: tokens per inner gradient step")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype of the layer (the fast weights stay float32)")
+  parser.add_argument("--remat-group", type=int, default=0,
+                      help="mini-batches per rematerialised group of the inner scan (0: none)")
   parser.add_argument("--iters", type=int, default=10,
                       help="timed rounds (one call of each variant)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compile")
@@ -116,6 +138,7 @@ def _run(cfg: None, args: argparse.Namespace) -> dict:
 
 BENCH = common.register(common.Bench(
     "ttt", "one TTT-Linear layer: dual vs primal vs decode", __doc__, _add_arguments, _run,
+    summary,
     uses_config=False,
     counts=(("batch", 1), ("seq", 1), ("width", 1), ("heads", 1), ("mini_batch", 1),
             ("remat_group", 0), ("iters", 1), ("warmup", 0))))

@@ -51,9 +51,22 @@ def bench_memory(cfg: Config, contexts: list[int], baseline_decode_tokens: int) 
           "jax": jax.__version__, "backend": jax.default_backend()}
 
 
+def summary(result: dict) -> list[str]:
+  """A line per context (bytes and ratio), or the hash chain's overhead."""
+  if result["benchmark"] == "cct_hash_chain":
+    return [f"cct hash chain: {result['overhead_pct_median']:+.2f}% time per generated token "
+            f"(paired {result['overhead_pct_paired_median']:+.2f}%; target < "
+            f"{result['target_pct']:.0f}%), chain host time "
+            f"{result['chain_host_ms_median']:.3f} ms"]
+  return [f"cct @ {context} tokens: working memory {common.human_bytes(row['cct_bytes'])} vs "
+          f"KV cache {common.human_bytes(row['baseline_bytes'])} = {row['ratio']:.1f}x"
+          for context, row in result["contexts"].items()]
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
   common.add_config_arguments(parser, "configs/cct_tier1_160m.yaml")
-  parser.add_argument("--contexts", default="1024,4096,8192,32768")
+  parser.add_argument("--contexts", default="1024,4096,8192,32768",
+                      help="comma-separated context lengths (tokens) to decode and measure")
   parser.add_argument("--baseline-decode-tokens", type=int, default=0,
                       help="decode only this many tokens into the baseline's cache (0: all)")
   parser.add_argument("--hash-chain", action="store_true",
@@ -87,5 +100,6 @@ def _run(cfg: Config, args: argparse.Namespace) -> dict:
 
 BENCH = common.register(common.Bench(
     "cct", "CCT working memory vs KV cache: measured bytes", __doc__, _add_arguments, _run,
+    summary,
     counts=(("baseline_decode_tokens", 0), ("batch", 1), ("prompt_len", 1),
             ("new_tokens", 1), ("rounds", 1))))

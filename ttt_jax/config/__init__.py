@@ -3,9 +3,10 @@
 Import names from here: ``from ttt_jax.config import Config, load_config``.
 """
 
-from ttt_jax.config.loading import (LEGACY_MODEL_KEYS, config_hash, describe, flatten,
-                                    from_dict, load_config, model_from_dict, parse_override,
-                                    save_config, to_dict, upgrade_legacy)
+from ttt_jax.config.loading import (LEGACY_MODEL_KEYS, config_hash, describe,
+                                    describe_section, flatten, from_dict, load_config,
+                                    model_from_dict, parse_override, save_config, to_dict,
+                                    to_yaml, upgrade_legacy)
 from ttt_jax.config.schema import (SLOTS, CheckpointConfig, Config, DataConfig, EvalConfig,
                                    LoggingConfig, MeshConfig, ModelConfig, OptimConfig,
                                    Section, TrainConfig, check_choice, check_non_negative,
@@ -15,6 +16,6 @@ from ttt_jax.errors import ConfigError
 __all__ = ["LEGACY_MODEL_KEYS", "SLOTS", "CheckpointConfig", "Config", "ConfigError",
            "DataConfig", "EvalConfig", "LoggingConfig", "MeshConfig", "ModelConfig",
            "OptimConfig", "Section", "TrainConfig", "check_choice", "check_non_negative",
-           "check_positive", "config_hash", "describe", "flatten", "from_dict", "load_config",
-           "model_from_dict",
-           "parse_override", "save_config", "to_dict", "upgrade_legacy"]
+           "check_positive", "config_hash", "describe", "describe_section", "flatten",
+           "from_dict", "load_config", "model_from_dict", "parse_override", "save_config",
+           "to_dict", "to_yaml", "upgrade_legacy"]

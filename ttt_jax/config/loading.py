@@ -304,11 +304,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
   return from_dict(values)
 
 
+def to_yaml(cfg: Any) -> str:
+  """A config (or a section of one) as YAML in field order: what ``save_config`` writes."""
+  return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
   """Writes ``cfg`` as YAML, atomically (a crash never leaves a half-written file)."""
   path = Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  tmp.write_text(to_yaml(cfg))
   os.replace(tmp, path)
 
 
@@ -341,3 +346,22 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
       lines.append(f"{key} ({_type_name(hints[f.name])}, default {to_dict(default)!r}): "
                    f"{docs.get(f.name, '')}")
   return lines
+
+
+def describe_section(section: str) -> list[str]:
+  """The ``describe()`` lines of one section (``train``), model slot (``model.mixer``) or
+  field (``train.steps``): those whose dotted key is ``section`` or lies under it. An
+  unknown name is a ConfigError listing the sections and close matches."""
+  lines = describe()
+  keys = [line.split(" ", 1)[0] for line in lines]
+  chosen = [line for line, key in zip(lines, keys)
+            if key == section or key.startswith(section + ".")]
+  if not chosen:
+    names = sorted({".".join(key.split(".")[:depth]) for key in keys
+                    for depth in range(1, key.count(".") + 2)})
+    close = difflib.get_close_matches(section, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    sections = ", ".join(f.name for f in dataclasses.fields(Config))
+    raise ConfigError(f"--section {section!r}: no such config section or field (sections: "
+                      f"{sections}){hint}")
+  return chosen

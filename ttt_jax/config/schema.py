@@ -506,7 +506,13 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
   progress_bar: bool = True
-  """Show a tqdm progress bar on process 0."""
+  """Show a tqdm progress bar on process 0, from the first step on (set-up messages
+  come before it, on lines of their own); off where ``plain`` prints lines instead."""
+  plain: str = "auto"
+  """Plain progress lines on stderr every ``train.log_every`` steps (step, loss, lr,
+  grad norm, tokens/s, MFU, ETA), readable in a log file: 'auto' when stderr is not a
+  terminal (a cluster job's log; the bar is then off) or the bar is off, 'always'
+  (under the bar on a terminal), 'never'."""
   tensorboard: bool = True
   """Write tensorboardX events under WORKDIR/tb (process 0)."""
   profile_start: int = -1
@@ -516,6 +522,7 @@ class LoggingConfig:
 
   def __post_init__(self):
     check_positive("logging", self, "profile_steps")
+    check_choice("logging", "plain", self.plain, ("auto", "always", "never"))
 
 
 @dataclasses.dataclass(frozen=True)

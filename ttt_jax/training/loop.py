@@ -26,6 +26,9 @@ evals and other untimed hook work out of the step time; a hook with ``timed = Tr
 
 The hooks of ``python -m ttt_jax.train`` live here too: ``NanGuard``, ``Progress``,
 ``MetricsLog``, ``Evaluation``, ``Checkpoint``, ``Profile`` and ``StopOnSignal``.
+Everything they print goes to stderr, one message a line: the progress bar on a
+terminal (``console_modes``), and plain ``step ...`` lines from ``MetricsLog``'s rows
+where a log file reads them, so no host sync is added for the console.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import contextlib
 import dataclasses
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -279,15 +283,31 @@ class NanGuard(Hook):
     raise TrainingError(message)
 
 
+def console_modes(progress_bar: bool, plain: str, terminal: bool) -> tuple[bool, bool]:
+  """(bar, plain lines) for ``logging.progress_bar`` and ``logging.plain`` when stderr
+  is (``terminal``) or is not a terminal: 'auto' prints plain lines, and no bar, where
+  stderr is a file (a bar there is one long line of carriage returns), and plain lines
+  where the bar is off; 'always' both; 'never' the bar alone."""
+  auto_file = plain == "auto" and not terminal
+  return (progress_bar and not auto_file,
+          plain == "always" or plain == "auto" and (auto_file or not progress_bar))
+
+
+def console(text: str) -> None:
+  """One message line on stderr (set-up messages, and those printed without a bar)."""
+  print(text, file=sys.stderr, flush=True)
+
+
 class Progress(Hook):
-  """A tqdm progress bar with the latest loss (``enabled``), and the log lines that
-  must not break it."""
+  """A tqdm progress bar on stderr with the latest loss (``enabled``), and the log
+  lines that must not break it. Make it when set-up is done: the bar shows at once."""
 
   def __init__(self, enabled: bool, total: int, initial: int = 0):
     self._bar = None
     if enabled:
       from tqdm import tqdm  # optional dependency
-      self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
+      self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step",
+                       file=sys.stderr)
 
   def start(self, info: StepInfo) -> None:
     self.update(info.step)
@@ -304,9 +324,9 @@ class Progress(Hook):
 
   def write(self, text: str) -> None:
     if self._bar is not None:
-      self._bar.write(text)
+      self._bar.write(text, file=sys.stderr)
     else:
-      print(text, flush=True)
+      console(text)
 
   def close(self) -> None:
     if self._bar is not None:
@@ -315,13 +335,15 @@ class Progress(Hook):
 
 class MetricsLog(Hook):
   """Train rows of ``metrics.jsonl`` every ``log_every`` steps and at ``final_step``:
-  loss, lr, grad_norm, tokens/s, step time, MFU and the objective's own metrics.
-  ``losses``: every step's loss."""
+  loss, lr, grad_norm, tokens/s, step time, MFU and the objective's own metrics; each
+  row also goes to ``echo`` (None: nowhere) as a plain line with the ETA to
+  ``final_step`` at the row's step time. ``losses``: every step's loss."""
 
   def __init__(self, writer: metrics_lib.MetricsWriter, clock: Clock, *, log_every: int,
                final_step: int, lr_by_step: np.ndarray, tokens_per_step: int,
-               flops_per_step: float, peak_flops: float):
-    self.writer, self.clock = writer, clock
+               flops_per_step: float, peak_flops: float,
+               echo: Callable[[str], None] | None = None):
+    self.writer, self.clock, self.echo = writer, clock, echo
     self.log_every, self.final_step = log_every, final_step
     self.lr_by_step = lr_by_step
     self.tokens_per_step, self.flops_per_step, self.peak_flops = (
@@ -334,16 +356,20 @@ class MetricsLog(Hook):
     if step % self.log_every == 0 or step == self.final_step:
       step_time = self.clock.step_time(step)
       extra = {k: v for k, v in metrics.items() if k not in ("loss", "grad_norm")}
-      self.writer.write(step, {
-          "loss": metrics["loss"], "lr": float(self.lr_by_step[step - 1]),
-          "grad_norm": metrics["grad_norm"],
-          "tokens_per_sec": self.tokens_per_step / step_time, "step_time_s": step_time,
-          "mfu": self.flops_per_step / (step_time * self.peak_flops), **extra})
+      row = {"loss": metrics["loss"], "lr": float(self.lr_by_step[step - 1]),
+             "grad_norm": metrics["grad_norm"],
+             "tokens_per_sec": self.tokens_per_step / step_time, "step_time_s": step_time,
+             "mfu": self.flops_per_step / (step_time * self.peak_flops), **extra}
+      self.writer.write(step, row)
+      if self.echo is not None:
+        eta = step_time * max(self.final_step - step, 0)
+        self.echo(metrics_lib.train_line(step, self.final_step, row, eta))
 
 
 class Evaluation(Hook):
   """``evaluate(state) -> row`` at step 0 of a fresh run, every ``every`` steps and at
-  ``final_step`` (``every`` 0: never); rows go to the writer and ``rows``."""
+  ``final_step`` (``every`` 0: never); rows go to the writer and ``rows``, and a line
+  (``metrics.eval_line``) to ``log``."""
 
   def __init__(self, evaluate: Callable[[Any], dict[str, float]],
                writer: metrics_lib.MetricsWriter, *, every: int, final_step: int,
@@ -363,7 +389,7 @@ class Evaluation(Hook):
     row = self.evaluate(info.state)
     self.writer.write(info.step, row)
     self.rows[info.step] = row
-    self.log(f"step {info.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
+    self.log(metrics_lib.eval_line(info.step, self.final_step, row))
 
 
 class Checkpoint(Hook):
@@ -403,7 +429,7 @@ class Checkpoint(Hook):
   def stopped(self, info: StepInfo) -> None:
     # due at every stop, so the step's checkpoint exists (saved in this pass or the first)
     self.log(f"received {info.stop_reason}; saved a checkpoint at step {info.step} "
-             "and stopped")
+             "and stopped; rerun the same command to continue")
 
 
 class Profile(Hook):
