@@ -4,6 +4,7 @@ today's evaluation bit for bit; a smaller stride is no worse on a trained model.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import ConfigError, DataError
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.eval import sliding
+from ttt_jax.training.step import make_eval_step
 from data_util import prepare_sample
 from train_util import copy_stdlib_corpus, eval_losses, tiny_config
 
@@ -120,12 +122,17 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_stride_seq_len_is_todays_evaluation_and_smaller_strides_are_no_worse(trained):
-  today = eval_losses(trained)[60]
+  cfg, graphdef, params, _, mesh = runs.load_trained(trained, log=lambda _: None)
+  corpus = corpus_lib.prepare_corpus(cfg.data, log=lambda _: None)
+  _, batches = runs.run_batches(cfg, corpus, train_batch_size=None, eval_batch_size=8,
+                                eval_batches=4)
+  today = eval_lm.evaluate(jax.jit(make_eval_step(graphdef)), params,
+                           [sharding.put_batch(b, mesh) for b in batches],
+                           eval_lm.piece_bytes(corpus, mesh))["eval_loss"]
   full = eval_lm.evaluate_lm(trained, [], 0)
   assert full["eval_loss"] == today and full["stride"] == 64  # bit for bit
-  cfg, graphdef, params, _, mesh = runs.load_trained(trained, log=lambda _: None)
-  stream = eval_lm.val_stream(cfg, corpus_lib.prepare_corpus(cfg.data, log=lambda _: None),
-                              mesh, 0)
+  assert today == pytest.approx(eval_losses(trained)[60], rel=1e-6)  # as the loop logged
+  stream = eval_lm.val_stream(cfg, corpus, mesh, 0)
   exact = (len(stream.tokens) - 1, bpb.count_bytes(stream.tokens[1:], stream.piece_bytes))
   assert exact[0] == 4 * 8 * 64  # eval.batches x batch x seq_len
   # the windowed path at stride = seq_len: the same targets, the same loss to rounding
