@@ -20,6 +20,7 @@ from train_util import copy_stdlib_corpus, tiny_config
 
 TASK_FLAGS = {
     "lm": ["--batches", "2"],
+    "ttt": ["--batches", "2"],
     "sufficiency": ["--batches", "2"],
     "compression": ["--contexts", "64,128"],
     "passkey": ["--passkey-lengths", "64", "--passkey-depths", "0,1", "--passkey-trials", "1"],

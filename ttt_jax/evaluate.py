@@ -3,7 +3,19 @@
 Tasks (``registry.EVAL_TASKS``; ``--help`` with ``--task T`` lists T's own flags):
 - ``lm``: loss, perplexity and bits per byte of the newest checkpoint on the run's
   validation split (the same fixed batches the train loop evaluates on, or
-  ``--batches N`` of them).
+  ``--batches N`` of them). With ``--set eval.stride=S`` (< ``data.seq_len``) by sliding
+  windows over the tokens those batches cover (``eval.sliding``): each window of seq_len
+  tokens scores only its last S targets (the first all), so each of the N - 1 targets is
+  scored once, with at least seq_len - S tokens of context; ``tokens`` and ``bytes``
+  report what was scored. S = seq_len (the default) is the train loop's evaluation, bit
+  for bit.
+- ``ttt``: legal score-first test-time training (``eval.score_first``, settings in the
+  ``ttt_eval`` section): the stream's sliding windows are cut into chunks; each chunk is
+  scored with the current weights, then (all but the last) SGD with momentum trains on
+  its tokens. A token's score depends only on the checkpoint and the tokens before it;
+  nothing is trained on before it is scored or re-scored after. Reports ``sliding``
+  (no TTT) and ``ttt`` bits per byte side by side, ``delta_bpb``, per-chunk NLL, SGD
+  steps and the wall time of each pass; the checkpoint is only read.
 - CCT runs (``ttt_jax.cct.evals``): ``sufficiency``, ``compression`` (``--contexts``),
   ``passkey`` (``--passkey-lengths/-depths/-trials``), ``perplexity`` (against
   ``--baseline W2``, a run of the same config without CCT), ``governance`` (the
@@ -34,6 +46,7 @@ import sys
 from ttt_jax import diagnostics, registry
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm  # noqa: F401  (registers the 'lm' task)
+from ttt_jax.eval import score_first  # noqa: F401  (registers the 'ttt' task)
 from ttt_jax.eval import tasks
 from ttt_jax.runs import check_workdir
 

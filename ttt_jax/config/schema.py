@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 from typing import Any, ClassVar
 
 from ttt_jax import registry
@@ -388,6 +389,13 @@ class EvalConfig:
   """Validation batches per evaluation (fixed, unshuffled, the same every time)."""
   batch_size: int = 0
   """Sequences per validation batch; 0 means train.batch_size."""
+  stride: int = 0
+  """Sliding-window evaluation (``evaluate --task lm``; ``ttt_jax.eval.sliding``): over
+  the tokens the validation batches cover, a window of data.seq_len tokens starts every
+  ``stride`` tokens and scores only its last ``stride`` targets (the first window all of
+  its targets), so each target is scored once with at least seq_len - stride tokens of
+  context. 0 means data.seq_len: the non-overlapping windows the train loop evaluates.
+  At most data.seq_len; cost grows as seq_len / stride."""
   weights: str = "raw"
   """Weights the train loop evaluates: 'raw' (the params: eval_loss, eval_bpb, ...),
   'ema' or 'swa' (the raw ones and that average side by side: ema_eval_loss, ...; needs
@@ -395,8 +403,58 @@ class EvalConfig:
 
   def __post_init__(self):
     check_positive("eval", self, "batches")
-    check_non_negative("eval", self, "batch_size")
+    check_non_negative("eval", self, "batch_size", "stride")
     check_choice("eval", "weights", self.weights, ("raw", "ema", "swa", "all"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTEvalConfig:
+  """Legal score-first test-time training at evaluation (``evaluate --task ttt``;
+  ``ttt_jax.eval.score_first``): the validation stream is cut into chunks; each chunk's
+  sliding windows are scored with the current weights, then (all but the last chunk)
+  the weights train on that chunk's tokens. No token is trained on before it is scored;
+  the adapted weights are never saved."""
+
+  chunk_tokens: int = 2048
+  """Targets per chunk, rounded down to whole scoring batches (stride x eval batch size
+  targets each, the first batch seq_len - stride more), at least one batch."""
+  epochs: int = 2
+  """Passes of SGD over each scored chunk's tokens (0: no adaptation, the sliding
+  figure)."""
+  lr: float = 0.05
+  """SGD learning rate (of the first chunk with ``cosine``)."""
+  momentum: float = 0.9
+  """SGD momentum in [0, 1); the velocity carries across chunks."""
+  cosine: bool = True
+  """Decay the learning rate by a cosine over the chunks: lr * (1 + cos(pi * c /
+  (chunks - 1))) / 2 for chunk c."""
+  grad_clip: float = 1.0
+  """Global gradient-norm clip of each SGD step; 0 disables."""
+  params: str = "all"
+  """Which parameters adapt: 'all', 'matrices' (the optimizer's 'matrix' group: hidden
+  weight matrices, not embeddings, norms, biases or gates) or a regular expression
+  searched in each parameter's '/'-joined path (e.g. 'blocks/mlp/')."""
+  stride: int = 0
+  """Sliding-window stride of the scoring; 0 means eval.stride (whose 0 is
+  data.seq_len). At most data.seq_len."""
+  max_tokens: int = 0
+  """Tokens of the validation split evaluated, from its start; 0 means the tokens the
+  validation batches cover (eval.batches x batch x seq_len + 1, as ``--task lm``)."""
+
+  def __post_init__(self):
+    check_positive("ttt_eval", self, "chunk_tokens")
+    check_non_negative("ttt_eval", self, "epochs", "lr", "grad_clip", "stride",
+                       "max_tokens")
+    if not 0.0 <= self.momentum < 1.0:
+      raise ConfigError(f"ttt_eval.momentum: must be in [0, 1), got {self.momentum!r}")
+    if not self.lr <= MAX_LR:
+      raise ConfigError(f"ttt_eval.lr: must be <= {MAX_LR:g}, got {self.lr!r}")
+    if self.params not in ("all", "matrices"):
+      try:
+        re.compile(self.params)
+      except re.error as e:
+        raise ConfigError(f"ttt_eval.params: {self.params!r} is neither 'all', 'matrices' "
+                          f"nor a regular expression ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,6 +586,8 @@ class Config:
   """Training loop."""
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   """Validation."""
+  ttt_eval: TTTEvalConfig = dataclasses.field(default_factory=TTTEvalConfig)
+  """Score-first test-time training at evaluation (``evaluate --task ttt``)."""
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   """Checkpointing."""
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -551,6 +611,10 @@ class Config:
     if wanted and not any(enabling[w][1] for w in wanted):
       raise ConfigError(f"eval.weights: {self.eval.weights!r} needs "
                         f"{' or '.join(enabling[w][0] for w in wanted)} > 0")
+    for key, stride in (("eval.stride", self.eval.stride),
+                        ("ttt_eval.stride", self.ttt_eval.stride)):
+      if stride > self.data.seq_len:
+        raise ConfigError(f"{key}: must be <= data.seq_len={self.data.seq_len}, got {stride}")
     # the one hook for checks across sections: each model slot's, then the objective's
     for slot in SLOTS:
       getattr(self.model, slot).check(self)

@@ -169,11 +169,19 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batch
   for batch_index in range(min(num_batches, available)):
     first = (batch_index * batch_size + process_index * local) * seq_len
     block = np.asarray(tokens[first:first + local * seq_len + 1], np.int32)
-    batch = {"inputs": block[:-1].reshape(local, seq_len),
-             "targets": block[1:].reshape(local, seq_len)}
-    for name, annotate in annotators.items():
-      batch[name] = np.stack([annotate(row) for row in batch["inputs"]])
-    if eos_id is not None:
-      batch["segment_ids"] = document_segment_ids(batch["inputs"], eos_id)
-    batches.append(batch)
+    batches.append(annotate_rows({"inputs": block[:-1].reshape(local, seq_len),
+                                  "targets": block[1:].reshape(local, seq_len)},
+                                 annotators, eos_id))
   return batches
+
+
+def annotate_rows(batch: dict[str, np.ndarray], annotators: Mapping[str, Annotator],
+                  eos_id: int | None) -> dict[str, np.ndarray]:
+  """``batch`` (rows of ``inputs`` [B, L]) with one field per annotator and, given an
+  ``eos_id``, the rows' document ``segment_ids``."""
+  batch = dict(batch)
+  for name, annotate in annotators.items():
+    batch[name] = np.stack([annotate(row) for row in batch["inputs"]])
+  if eos_id is not None:
+    batch["segment_ids"] = document_segment_ids(batch["inputs"], eos_id)
+  return batch
