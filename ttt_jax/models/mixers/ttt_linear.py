@@ -418,7 +418,10 @@ def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
     z = z - scale_BxM[:, None, :, None] * carried
   out = (q.astype(F32) + layer_norm(z, ln_scale, ln_bias, INNER_LN_EPS)).astype(dtype)
   # Running sums of the last token's fragment, on top of its anchor's.
-  grad_w = jnp.einsum("bhmk,bhml->bhkl", k.astype(F32) * eta_last_BxHxM[..., None], g_BxHxMxK)
+  # Kᵀ(e ∘ G) with Kᵀ formed first: XLA:CPU's fast matmul path wants the contracted axis
+  # last on the left operand.
+  weighted_kt_BxHxKxM = jnp.swapaxes(k.astype(F32) * eta_last_BxHxM[..., None], 2, 3)
+  grad_w = jnp.einsum("bhkm,bhml->bhkl", weighted_kt_BxHxKxM, g_BxHxMxK)
   grad_b = jnp.einsum("bhm,bhml->bhl", eta_last_BxHxM, g_BxHxMxK)
   anchor = fast
   if continues_BxM is not None:
@@ -469,6 +472,10 @@ def run_minibatches(inner: InnerParams, fast: FastWeights, mbs: MiniBatches, *,
   """Scans ``minibatch_step`` over the n mini-batches: (state after them, out
   [N, B, H, M, K] compute dtype)."""
   body = lambda fast, mb: minibatch_step(inner, fast, mb, commit=commit, partial=partial)
+  # The backward recomputes each mini-batch from its anchor and inputs (all the scan
+  # saves): cheaper than storing and re-reading its intermediates.
+  body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable,
+                        prevent_cse=False)
   return scan_minibatches(body, fast, mbs, remat_group)
 
 
@@ -687,19 +694,18 @@ def minibatch_rope(x_BxTxHxK: jax.Array, rel_BxT: jax.Array, spec: TTTSpec) -> j
 def project_inputs(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
                    rel_BxT: jax.Array, history_BxPxN: jax.Array | None,
                    segment_ids_BxT: jax.Array | None = None) -> Projected:
-  """Every input projection (θ_Q, θ_K or θ_QK, θ_V, θ_G, θ_lr) as one matmul over the
-  concatenated weights (float32 accumulation), then the convs and RoPE at ``rel``."""
+  """Every input projection (θ_Q, θ_K or θ_QK, θ_V, θ_G, θ_lr; float32 accumulation),
+  then the convs and RoPE at ``rel``."""
   batch, length, _ = x_BxTxD.shape
   dtype = x_BxTxD.dtype
   mamba = spec.backbone == "mamba"
-  n = spec.width
   weights = ([params.wq_DxN, params.wv_DxN, params.wg_DxN] if mamba
              else [params.wq_DxN, params.wk_DxN, params.wv_DxN])
-  fused_DxF = jnp.concatenate([w.astype(dtype) for w in weights]
-                              + [params.lr_gate_DxH.astype(dtype)], axis=1)
-  fused_BxTxF = dense(x_BxTxD, fused_DxF, preferred_element_type=F32)
-  parts = [fused_BxTxF[..., i * n:(i + 1) * n].astype(dtype) for i in range(3)]
-  lr_logits_BxTxH = fused_BxTxF[..., 3 * n:]
+  # One matmul per projection: XLA:CPU runs three [D, N] products faster than one
+  # [D, 3N + H] product over the concatenated weights.
+  parts = [dense(x_BxTxD, w.astype(dtype), preferred_element_type=F32).astype(dtype)
+           for w in weights]
+  lr_logits_BxTxH = dense(x_BxTxD, params.lr_gate_DxH.astype(dtype), preferred_element_type=F32)
   gate_BxTxN = None
   if mamba:
     qk_BxTxN, v_BxTxN, gate_BxTxN = parts
