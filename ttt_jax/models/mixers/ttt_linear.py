@@ -32,12 +32,15 @@ Per head h (H heads of width K; the head index is dropped below), token x_t in R
   Dual form (appendix A): with g from one LN forward/backward at the anchor,
       Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G,   E_ij = s_i η_j [j ≤ i]
       W' = W - Kᵀ (e ∘ G),  b' = b - eᵀ G,  e_j = E_{m-1, j}
-  only matmuls. Layout of the computation: everything that does not depend on the state
-  (E ∘ (Q Kᵀ + 1), v - k, the scales) is formed for all mini-batches at once; a
-  ``jax.lax.scan`` carries the fp32 state and computes only the sequential part (k W, G
-  and the update); then Z and out = q + LN(Z) are formed for all mini-batches at once
-  from the per-mini-batch anchors the scan emits. Groups of ``remat_group`` mini-batches
-  can be rematerialised in the backward pass. A remainder mini-batch (T mod b tokens) is
+  only matmuls. Layout of the computation: q, k, v, η are cut into mini-batches once
+  (one transposing copy each); a ``jax.lax.scan`` carries the fp32 state and its body
+  forms everything of one mini-batch (G, E ∘ (Q Kᵀ + 1), Z, out = q + LN(Z) and the
+  update), so no per-mini-batch tensor is materialised for the whole sequence and each
+  one is read back while it is still in cache. The backward recomputes each mini-batch
+  from its anchor and inputs (the scan saves nothing else): on CPU, re-running the small
+  matmuls is cheaper than storing and re-reading their intermediates. Groups of
+  ``remat_group`` mini-batches can in addition be rematerialised from the group's first
+  anchor (less memory, one more forward). A remainder mini-batch (T mod b tokens) is
   padded with η = 0 tokens and left open (anchor + running sums) at the end.
 
   Output: y = (gelu(x θ_G) ∘) LN_post(concat_h out_h) θ_O  (gate: Mamba backbone only).
@@ -418,9 +421,11 @@ def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
     z = z - scale_BxM[:, None, :, None] * carried
   out = (q.astype(F32) + layer_norm(z, ln_scale, ln_bias, INNER_LN_EPS)).astype(dtype)
   # Running sums of the last token's fragment, on top of its anchor's.
-  # Kᵀ(e ∘ G) with Kᵀ formed first: XLA:CPU's fast matmul path wants the contracted axis
+  # Kᵀ(e ∘ G) with Kᵀ materialised first (the barrier keeps XLA from folding the
+  # transpose back into the matmul): XLA:CPU's fast matmul path wants the contracted axis
   # last on the left operand.
-  weighted_kt_BxHxKxM = jnp.swapaxes(k.astype(F32) * eta_last_BxHxM[..., None], 2, 3)
+  weighted_kt_BxHxKxM = jax.lax.optimization_barrier(
+      jnp.swapaxes(k.astype(F32) * eta_last_BxHxM[..., None], 2, 3))
   grad_w = jnp.einsum("bhkm,bhml->bhkl", weighted_kt_BxHxKxM, g_BxHxMxK)
   grad_b = jnp.einsum("bhm,bhml->bhl", eta_last_BxHxM, g_BxHxMxK)
   anchor = fast
