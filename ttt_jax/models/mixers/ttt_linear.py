@@ -135,7 +135,8 @@ class TTTLinearConfig(Section):
   """eta_base of the inner learning rate eta_j = eta_base*sigmoid(x_j w_lr + b_lr)/head_dim."""
   remat_group: int = 0
   """Rematerialise the inner scan in groups of this many mini-batches (the backward
-  recomputes a group from its carried fast weights); 0 disables."""
+  recomputes a group from its first anchor, so only every g-th anchor is kept); 0: every
+  anchor is kept (the backward always recomputes each mini-batch from its anchor)."""
   conv_width: int = 4
   """Mamba backbone: width of the causal depthwise convolutions."""
 
