@@ -428,7 +428,7 @@ def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
   weighted_kt_BxHxKxM = jax.lax.optimization_barrier(
       jnp.swapaxes(k.astype(F32) * eta_last_BxHxM[..., None], 2, 3))
   grad_w = jnp.einsum("bhkm,bhml->bhkl", weighted_kt_BxHxKxM, g_BxHxMxK)
-  grad_b = jnp.einsum("bhm,bhml->bhl", eta_last_BxHxM, g_BxHxMxK)
+  grad_b = jnp.sum(eta_last_BxHxM[..., None] * g_BxHxMxK, axis=2)
   anchor = fast
   if continues_BxM is not None:
     anchor = _select_rows(continues_BxM[:, -1], fast,
