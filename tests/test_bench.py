@@ -218,4 +218,10 @@ def test_bench_ttt_prints_a_table_of_its_variants_on_stderr(capsys):
   assert lines[1].split()[:3] == ["variant", "median", "ms"]
   assert [line.split()[0] for line in lines[2:7]] == list(result["results"])
   assert lines[2].split()[1] == f"{result['results']['dual_fwd_bwd']['median_ms']:.3f}"
+  assert lines[1].split()[-5:] == ["XLA", "flops", "XLA", "bytes", "temp"]
+  for name, r in result["results"].items():  # XLA's view of every compiled variant
+    assert r["xla_flops"] > 0 and r["xla_bytes_accessed"] > 0 and r["temp_bytes"] > 0, name
+  dual = result["results"]["dual_fwd_bwd"]
+  assert lines[2].endswith(bench_common.human_bytes(dual["temp_bytes"]))
+  assert dual["xla_flops"] > result["results"]["dual_fwd"]["xla_flops"]  # + the backward
   assert lines[7].startswith(f"dual form vs primal: {result['dual_speedup_fwd_bwd']:.2f}x")

@@ -8,6 +8,14 @@ token by token (``ttt_linear_decode_step`` in a scan over the sequence). It repo
 median and best times, tokens/s and the compiled peak memory (for decode also that of
 one step, which does not grow with the sequence). Variants are compiled first, then
 timed in interleaved rounds. It takes no config.
+
+Per variant it also reports what XLA's compiled program says about its traffic, which
+does not depend on how busy the machine is: the cost analysis (FLOPs and bytes
+accessed) and the temporary buffers (``temp_size_in_bytes`` of the memory analysis).
+XLA's cost analysis counts the body of a loop once, not once per iteration, so for the
+scans (the dual form's mini-batches, the primal form's and decode's tokens) it
+describes the code around the loops plus one iteration; compare it between
+implementations of the same loop structure, not as total work.
 """
 
 from __future__ import annotations
@@ -26,6 +34,16 @@ from ttt_jax.compare import table
 from ttt_jax.config import ModelConfig
 from ttt_jax.models.mixers import ttt_linear
 from ttt_jax.training.step import compile_step
+
+
+def compiled_costs(compiled: jax.stages.Compiled) -> dict:
+  """XLA's cost analysis of a compiled program: FLOPs and bytes accessed (each loop body
+  counted once; None where the backend reports none)."""
+  costs = compiled.cost_analysis()
+  if isinstance(costs, (list, tuple)):  # older jax: one dict per program
+    costs = costs[0] if costs else None
+  costs = costs or {}
+  return {"xla_flops": costs.get("flops"), "xla_bytes_accessed": costs.get("bytes accessed")}
 
 
 def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_batch: int,
@@ -62,7 +80,9 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
   compiled, results = {}, {}
   for name, (fn, *args) in cases.items():
     compiled[name], compile_s, memory = compile_step(jax.jit(fn), *args, log=lambda _: None)
-    results[name] = {"compile_s": compile_s, "peak_bytes": memory.get("peak_bytes")}
+    results[name] = {"compile_s": compile_s, "peak_bytes": memory.get("peak_bytes"),
+                     "temp_bytes": memory.get("temp_size_in_bytes"),
+                     **compiled_costs(compiled[name])}
     for _ in range(warmup):
       jax.block_until_ready(compiled[name](*args))
   times = {name: [] for name in cases}
@@ -96,20 +116,25 @@ def bench_ttt(backbone: str, batch: int, seq: int, width: int, heads: int, mini_
 
 
 def summary(result: dict) -> list[str]:
-  """A table of the variants, then the dual form's speedup and the decode step."""
+  """A table of the variants (times, then XLA's view of the compiled program), then the
+  dual form's speedup and the decode step."""
   shape = result["shape"]
+  flops = lambda r: "-" if r["xla_flops"] is None else common.human_count(r["xla_flops"])
   rows = [[name, f"{r['median_ms']:.3f}", f"{r['best_ms']:.3f}",
            common.human_count(r["tokens_per_sec"]), common.human_bytes(r["peak_bytes"]),
-           f"{r['compile_s']:.1f}"] for name, r in result["results"].items()]
+           f"{r['compile_s']:.1f}", flops(r), common.human_bytes(r["xla_bytes_accessed"]),
+           common.human_bytes(r["temp_bytes"])] for name, r in result["results"].items()]
   decode = result["results"]["decode"]
   return [
       f"ttt: one TTT-Linear layer ({shape['backbone']}), batch {shape['batch']} x seq "
       f"{shape['seq']}, width {shape['width']}, {shape['heads']} heads, mini-batch "
       f"{shape['mini_batch']}, {shape['dtype']}",
-      table(["variant", "median ms", "best ms", "tokens/s", "peak memory", "compile s"], rows),
+      table(["variant", "median ms", "best ms", "tokens/s", "peak memory", "compile s",
+             "XLA flops", "XLA bytes", "temp"], rows),
       f"dual form vs primal: {result['dual_speedup_fwd_bwd']:.2f}x (fwd+bwd), "
       f"{result['dual_speedup_fwd']:.2f}x (fwd); decode {decode['per_token_ms']:.4f} ms/token, "
-      f"one step's peak memory {common.human_bytes(decode['one_step_peak_bytes'])}"]
+      f"one step's peak memory {common.human_bytes(decode['one_step_peak_bytes'])}; XLA "
+      f"flops and bytes count each loop body once"]
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -91,9 +91,14 @@ def rope_angles(positions_BxT: jax.Array, head_dim: int, theta: float) -> jax.Ar
 
 def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
   """Rotates each head vector by its position (rotate-half layout); computed in float32."""
+  angles_BxTx1xK2 = rope_angles(positions_BxT, x_BxTxHxK.shape[-1], theta)[:, :, None, :]
+  return rope_rotate(x_BxTxHxK, jnp.cos(angles_BxTx1xK2), jnp.sin(angles_BxTx1xK2))
+
+
+def rope_rotate(x_BxTxHxK: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates each head vector by the angles of ``cos`` and ``sin`` ([.., K/2], broadcast
+  against x's pairs; rotate-half layout) in float32."""
   head_dim = x_BxTxHxK.shape[-1]
-  angles_BxTx1xK2 = rope_angles(positions_BxT, head_dim, theta)[:, :, None, :]
-  cos, sin = jnp.cos(angles_BxTx1xK2), jnp.sin(angles_BxTx1xK2)
   x_f32 = x_BxTxHxK.astype(jnp.float32)
   x1, x2 = x_f32[..., : head_dim // 2], x_f32[..., head_dim // 2:]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -32,12 +32,15 @@ Per head h (H heads of width K; the head index is dropped below), token x_t in R
   Dual form (appendix A): with g from one LN forward/backward at the anchor,
       Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G,   E_ij = s_i η_j [j ≤ i]
       W' = W - Kᵀ (e ∘ G),  b' = b - eᵀ G,  e_j = E_{m-1, j}
-  only matmuls. Layout of the computation: everything that does not depend on the state
-  (E ∘ (Q Kᵀ + 1), v - k, the scales) is formed for all mini-batches at once; a
-  ``jax.lax.scan`` carries the fp32 state and computes only the sequential part (k W, G
-  and the update); then Z and out = q + LN(Z) are formed for all mini-batches at once
-  from the per-mini-batch anchors the scan emits. Groups of ``remat_group`` mini-batches
-  can be rematerialised in the backward pass. A remainder mini-batch (T mod b tokens) is
+  only matmuls. Layout of the computation: q, k, v, η are cut into mini-batches once
+  (one transposing copy each); a ``jax.lax.scan`` carries the fp32 state and its body
+  forms everything of one mini-batch (G, E ∘ (Q Kᵀ + 1), Z, out = q + LN(Z) and the
+  update), so no per-mini-batch tensor is materialised for the whole sequence and each
+  one is read back while it is still in cache. The backward recomputes each mini-batch
+  from its anchor and inputs (the scan saves nothing else): on CPU, re-running the small
+  matmuls is cheaper than storing and re-reading their intermediates. Groups of
+  ``remat_group`` mini-batches can in addition be rematerialised from the group's first
+  anchor (less memory, one more forward). A remainder mini-batch (T mod b tokens) is
   padded with η = 0 tokens and left open (anchor + running sums) at the end.
 
   Output: y = (gelu(x θ_G) ∘) LN_post(concat_h out_h) θ_O  (gate: Mamba backbone only).
@@ -102,7 +105,7 @@ from flax import nnx
 from ttt_jax import registry
 from ttt_jax.config import ModelConfig, Section, check_choice, check_non_negative, check_positive
 from ttt_jax.models.context import SequenceContext
-from ttt_jax.models.layers import apply_rope, normal, param
+from ttt_jax.models.layers import dense, normal, param, rope_angles, rope_rotate
 from ttt_jax.registry import AxisInfo
 
 F32 = jnp.float32
@@ -132,7 +135,8 @@ class TTTLinearConfig(Section):
   """eta_base of the inner learning rate eta_j = eta_base*sigmoid(x_j w_lr + b_lr)/head_dim."""
   remat_group: int = 0
   """Rematerialise the inner scan in groups of this many mini-batches (the backward
-  recomputes a group from its carried fast weights); 0 disables."""
+  recomputes a group from its first anchor, so only every g-th anchor is kept); 0: every
+  anchor is kept (the backward always recomputes each mini-batch from its anchor)."""
   conv_width: int = 4
   """Mamba backbone: width of the causal depthwise convolutions."""
 
@@ -323,86 +327,108 @@ def minibatch_layout(batch: int, length: int, mini_batch: int,
 
 
 class MiniBatches(NamedTuple):
-  """The state-independent inputs of n mini-batches of m tokens (leading axis n), computed
-  for all of them at once before the scan; the scan body sees one mini-batch."""
+  """The inputs of n mini-batches of m tokens in the scan's layout (leading axis n). The
+  scan body sees one mini-batch and forms everything else from it, so nothing of size
+  n x (per-mini-batch work) is materialised outside the scan."""
   q_NxBxHxMxK: jax.Array
   """Queries (compute dtype)."""
   k_NxBxHxMxK: jax.Array
   """Keys (compute dtype)."""
-  target_NxBxHxMxK: jax.Array
-  """v - k, float32."""
-  mix_NxBxHxMxM: jax.Array
-  """E ∘ (q Kᵀ + 1), E_ij = s_i η_j [j ≤ i, same document], float32."""
-  eta_last_NxBxHxM: jax.Array
-  """η_j where token j's update reaches the mini-batch's last token, else 0."""
+  v_NxBxHxMxK: jax.Array
+  """Values (compute dtype)."""
+  eta_NxBxHxM: jax.Array
+  """Inner learning rates η_j, float32."""
   scale_NxBxM: jax.Array
-  """s at each token's position inside its mini-batch fragment."""
+  """s at each token's position inside its mini-batch fragment, float32."""
+  segment_ids_NxBxM: jax.Array | None
+  """Document of each token (tokens see only their own document's); None: one document."""
   continues_NxBxM: jax.Array | None
   """Token continues the carried state (else its anchor is (W0, b0)); None: all do."""
-  zk0_NxBxHxMxK: jax.Array | None
-  """k W0 + b0 (float32) for the tokens that do not continue; None with continues."""
   commit_N: jax.Array | None
   """Traced: whether the mini-batch closes at its last slot; None: the caller's static choice."""
 
 
-def prepare_minibatches(inner: InnerParams, q_NxBxHxMxK: jax.Array, k_NxBxHxMxK: jax.Array,
-                        v_NxBxHxMxK: jax.Array, eta_NxBxHxM: jax.Array,
-                        rel_NxBxM: jax.Array | None = None,
-                        segment_ids_NxBxM: jax.Array | None = None,
-                        continues_NxBxM: jax.Array | None = None,
-                        commit_N: jax.Array | None = None) -> MiniBatches:
-  """``MiniBatches`` from chunked inputs. ``rel`` None means positions 0..m-1."""
-  n, batch, _, m, _ = q_NxBxHxMxK.shape
+def chunked_scales(inner: InnerParams, n: int, batch: int, m: int,
+                   rel_NxBxM: jax.Array | None = None) -> jax.Array:
+  """s at every token's ``rel`` (None: positions 0..m-1), float32 [N, B, M]."""
   scales_M = position_scales(inner)
   if rel_NxBxM is None:
-    scale_NxBxM = jnp.broadcast_to(scales_M[:m], (n, batch, m))
-  else:
-    scale_NxBxM = scales_M[rel_NxBxM]
-  visible = jnp.tril(jnp.ones((m, m), bool))                                    # [M, M]
-  if segment_ids_NxBxM is not None:
-    same_NxBxMxM = segment_ids_NxBxM[..., :, None] == segment_ids_NxBxM[..., None, :]
-    visible = (visible & same_NxBxMxM)[:, :, None]                              # [N,B,1,M,M]
-  eta_NxBxHxM = eta_NxBxHxM.astype(F32)
-  scores = jnp.einsum("nbhik,nbhjk->nbhij", q_NxBxHxMxK, k_NxBxHxMxK,
-                      preferred_element_type=F32) + 1.0                         # C2
-  mix = jnp.where(visible, scale_NxBxM[:, :, None, :, None] * eta_NxBxHxM[:, :, :, None, :]
-                  * scores, 0.0)
-  eta_last = jnp.where(visible[..., -1, :], eta_NxBxHxM, 0.0)
-  target = v_NxBxHxMxK.astype(F32) - k_NxBxHxMxK.astype(F32)
-  zk0 = None
-  if continues_NxBxM is not None:
-    zk0 = jnp.einsum("nbhmk,hkl->nbhml", k_NxBxHxMxK, inner.w0_HxKxK.astype(q_NxBxHxMxK.dtype),
-                     preferred_element_type=F32) + inner.b0_HxK.astype(F32)[:, None, :]
-  return MiniBatches(q_NxBxHxMxK, k_NxBxHxMxK, target, mix, eta_last, scale_NxBxM,
-                     continues_NxBxM, zk0, commit_N)
+    return jnp.broadcast_to(scales_M[:m], (n, batch, m))
+  return scales_M[rel_NxBxM]
 
 
-def minibatch_update(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
-                     commit: bool = True, partial: bool = False
-                     ) -> tuple[FastWeights, tuple[FastWeights, jax.Array]]:
-  """The sequential part of one mini-batch (``mb`` without its n axis): the inner
-  gradients g at the anchors and the state after the mini-batch. Returns (new state,
-  (incoming state, g [B, H, M, K] float32)); ``minibatch_outputs`` forms the outputs.
+def mixing_matrix(q_BxHxMxK: jax.Array, k_BxHxMxK: jax.Array, eta_BxHxM: jax.Array,
+                  scale_BxM: jax.Array, segment_ids_BxM: jax.Array | None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """E ∘ (Q Kᵀ + 1) [B, H, M, M] with E_ij = s_i η_j [j ≤ i, same document], float32,
+  and e_j = E_{m-1, j} / s_{m-1}: η_j where token j's update reaches the last token."""
+  m = q_BxHxMxK.shape[2]
+  visible = jnp.tril(jnp.ones((m, m), bool))                                   # [M, M]
+  if segment_ids_BxM is not None:
+    same_BxMxM = segment_ids_BxM[:, :, None] == segment_ids_BxM[:, None, :]
+    visible = (visible & same_BxMxM)[:, None]                                  # [B,1,M,M]
+  scores = jnp.einsum("bhik,bhjk->bhij", q_BxHxMxK, k_BxHxMxK,
+                      preferred_element_type=F32) + 1.0                        # C2
+  mix = jnp.where(visible, scale_BxM[:, None, :, None] * eta_BxHxM[:, :, None, :] * scores,
+                  0.0)
+  eta_last = jnp.where(visible[..., -1, :], eta_BxHxM, 0.0)
+  return mix, eta_last
+
+
+def anchor_affine(inner: InnerParams, fast: FastWeights, x_BxHxMxK: jax.Array,
+                  continues_BxM: jax.Array | None) -> jax.Array:
+  """x W + b at each token's anchor, float32 [B, H, M, K]: the carried (W, b), or (W0, b0)
+  for tokens that do not continue it. Matmul operands in the compute dtype (C1)."""
+  dtype = x_BxHxMxK.dtype
+  z = jnp.einsum("bhmk,bhkl->bhml", x_BxHxMxK, fast.w_BxHxKxK.astype(dtype),
+                 preferred_element_type=F32) + fast.b_BxHxK[:, :, None, :]
+  if continues_BxM is None:
+    return z
+  z0 = jnp.einsum("bhmk,hkl->bhml", x_BxHxMxK, inner.w0_HxKxK.astype(dtype),
+                  preferred_element_type=F32) + inner.b0_HxK.astype(F32)[:, None, :]
+  return jnp.where(continues_BxM[:, None, :, None], z, z0)
+
+
+def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
+                   commit: bool = True, partial: bool = False
+                   ) -> tuple[FastWeights, jax.Array]:
+  """One mini-batch of the dual form (``mb`` without its n axis): the inner gradients G
+  at the anchor, the outputs and the state after the mini-batch. Returns (new state,
+  out [B, H, M, K] in the compute dtype).
 
   ``partial``: the incoming running sums may be non-zero (a mini-batch continued from a
   cache). ``commit``: close the mini-batch (W <- W - s_last Σ, sums <- 0) or keep the
   anchor and the sums; ``mb.commit_N``, when given, decides instead (traced).
   """
-  dtype = mb.k_NxBxHxMxK.dtype
-  k_BxHxMxK = mb.k_NxBxHxMxK
-  zk_BxHxMxK = jnp.einsum("bhmk,bhkl->bhml", k_BxHxMxK, fast.w_BxHxKxK.astype(dtype),  # C1
-                          preferred_element_type=F32) + fast.b_BxHxK[:, :, None, :]
+  q, k = mb.q_NxBxHxMxK, mb.k_NxBxHxMxK
+  dtype = q.dtype
+  ln_scale, ln_bias = inner.ln_scale_HxK[None, :, None, :], inner.ln_bias_HxK[None, :, None, :]
   continues_BxM = mb.continues_NxBxM
-  if continues_BxM is not None:
-    zk_BxHxMxK = jnp.where(continues_BxM[:, None, :, None], zk_BxHxMxK, mb.zk0_NxBxHxMxK)
-  g_BxHxMxK = inner_loss_grad(zk_BxHxMxK, mb.target_NxBxHxMxK,                 # C3
-                              inner.ln_scale_HxK[None, :, None, :],
-                              inner.ln_bias_HxK[None, :, None, :])
+  scale_BxM = mb.scale_NxBxM
+  # G: one LN forward/backward at the anchor (C3).
+  target = mb.v_NxBxHxMxK.astype(F32) - k.astype(F32)
+  g_BxHxMxK = inner_loss_grad(anchor_affine(inner, fast, k, continues_BxM), target,
+                              ln_scale, ln_bias)
+  # Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G, out = q + LN(Z) (C3, C4).
+  mix_BxHxMxM, eta_last_BxHxM = mixing_matrix(q, k, mb.eta_NxBxHxM, scale_BxM,
+                                              mb.segment_ids_NxBxM)
+  z = anchor_affine(inner, fast, q, continues_BxM) - jnp.einsum(
+      "bhij,bhjl->bhil", mix_BxHxMxM, g_BxHxMxK)
+  if partial:  # the open mini-batch's earlier tokens, through the running sums
+    carried = (jnp.einsum("bhmk,bhkl->bhml", q.astype(F32), fast.grad_w_BxHxKxK)
+               + fast.grad_b_BxHxK[:, :, None, :])
+    if continues_BxM is not None:
+      carried = jnp.where(continues_BxM[:, None, :, None], carried, 0.0)
+    z = z - scale_BxM[:, None, :, None] * carried
+  out = (q.astype(F32) + layer_norm(z, ln_scale, ln_bias, INNER_LN_EPS)).astype(dtype)
   # Running sums of the last token's fragment, on top of its anchor's.
-  eta_last_BxHxM = mb.eta_last_NxBxHxM
-  grad_w = jnp.einsum("bhmk,bhml->bhkl", k_BxHxMxK.astype(F32) * eta_last_BxHxM[..., None],
-                      g_BxHxMxK)
-  grad_b = jnp.einsum("bhm,bhml->bhl", eta_last_BxHxM, g_BxHxMxK)
+  # Kᵀ(e ∘ G) with Kᵀ materialised first (the barrier keeps XLA from folding the
+  # transpose back into the matmul): XLA:CPU's fast matmul path wants the contracted axis
+  # last on the left operand.
+  weighted_kt_BxHxKxM = jax.lax.optimization_barrier(
+      jnp.swapaxes(k.astype(F32) * eta_last_BxHxM[..., None], 2, 3))
+  grad_w = jnp.einsum("bhkm,bhml->bhkl", weighted_kt_BxHxKxM, g_BxHxMxK)
+  grad_b = jnp.sum(eta_last_BxHxM[..., None] * g_BxHxMxK, axis=2)
   anchor = fast
   if continues_BxM is not None:
     anchor = _select_rows(continues_BxM[:, -1], fast,
@@ -412,40 +438,14 @@ def minibatch_update(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
     grad_b = grad_b + anchor.grad_b_BxHxK
   pending = FastWeights(anchor.w_BxHxKxK, anchor.b_BxHxK, grad_w, grad_b)
   if mb.commit_N is None and not commit:
-    return pending, (fast, g_BxHxMxK)
-  scale_last_B = mb.scale_NxBxM[:, -1]
+    return pending, out
+  scale_last_B = scale_BxM[:, -1]
   committed = FastWeights(anchor.w_BxHxKxK - scale_last_B[:, None, None, None] * grad_w,
                           anchor.b_BxHxK - scale_last_B[:, None, None] * grad_b,
                           jnp.zeros_like(grad_w), jnp.zeros_like(grad_b))
   if mb.commit_N is not None:
     committed = jax.tree.map(lambda c, p: jnp.where(mb.commit_N, c, p), committed, pending)
-  return committed, (fast, g_BxHxMxK)
-
-
-def minibatch_outputs(inner: InnerParams, mbs: MiniBatches, fast_in: FastWeights,
-                      g_NxBxHxMxK: jax.Array, partial: bool = False) -> jax.Array:
-  """out_i = q_i + LN(Z_i), Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G for all n mini-batches at
-  once, from the states they started from (``fast_in``, leading n axis) and their
-  inner gradients: [N, B, H, M, K] in the compute dtype."""
-  q = mbs.q_NxBxHxMxK
-  dtype = q.dtype
-  z = jnp.einsum("nbhmk,nbhkl->nbhml", q, fast_in.w_BxHxKxK.astype(dtype),       # C1
-                 preferred_element_type=F32) + fast_in.b_BxHxK[:, :, :, None, :]
-  if mbs.continues_NxBxM is not None:
-    cont = mbs.continues_NxBxM[:, :, None, :, None]
-    z0 = jnp.einsum("nbhmk,hkl->nbhml", q, inner.w0_HxKxK.astype(dtype),
-                    preferred_element_type=F32) + inner.b0_HxK.astype(F32)[:, None, :]
-    z = jnp.where(cont, z, z0)
-  z = z - jnp.einsum("nbhij,nbhjl->nbhil", mbs.mix_NxBxHxMxM, g_NxBxHxMxK)   # C3
-  if partial:
-    carried = (jnp.einsum("nbhmk,nbhkl->nbhml", q.astype(F32), fast_in.grad_w_BxHxKxK)
-               + fast_in.grad_b_BxHxK[:, :, :, None, :])
-    if mbs.continues_NxBxM is not None:
-      carried = jnp.where(cont, carried, 0.0)
-    z = z - mbs.scale_NxBxM[:, :, None, :, None] * carried
-  out = q.astype(F32) + layer_norm(z, inner.ln_scale_HxK[None, None, :, None, :],  # C4
-                                   inner.ln_bias_HxK[None, None, :, None, :], INNER_LN_EPS)
-  return out.astype(dtype)
+  return committed, out
 
 
 def scan_minibatches(body: Callable, carry, xs, remat_group: int):
@@ -475,11 +475,14 @@ def scan_minibatches(body: Callable, carry, xs, remat_group: int):
 def run_minibatches(inner: InnerParams, fast: FastWeights, mbs: MiniBatches, *,
                     commit: bool = True, partial: bool = False, remat_group: int = 0
                     ) -> tuple[FastWeights, jax.Array]:
-  """Scans ``minibatch_update`` over the n mini-batches, then ``minibatch_outputs``:
-  (state after them, out [N, B, H, M, K] compute dtype)."""
-  body = lambda fast, mb: minibatch_update(inner, fast, mb, commit=commit, partial=partial)
-  fast_out, (fast_in, g_NxBxHxMxK) = scan_minibatches(body, fast, mbs, remat_group)
-  return fast_out, minibatch_outputs(inner, mbs, fast_in, g_NxBxHxMxK, partial)
+  """Scans ``minibatch_step`` over the n mini-batches: (state after them, out
+  [N, B, H, M, K] compute dtype)."""
+  body = lambda fast, mb: minibatch_step(inner, fast, mb, commit=commit, partial=partial)
+  # The backward recomputes each mini-batch from its anchor and inputs (all the scan
+  # saves): cheaper than storing and re-reading its intermediates.
+  body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable,
+                        prevent_cse=False)
+  return scan_minibatches(body, fast, mbs, remat_group)
 
 
 def _to_chunks(x_BxTx: jax.Array, n: int, size: int, time_axis_to: int) -> jax.Array:
@@ -532,11 +535,10 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
     rel_BxS, continues_BxS = minibatch_layout(batch, length + pad, size, segment_ids_BxS)
     rel, continues, segments = (_to_chunks(x, n_chunks, size, 1)
                                 for x in (rel_BxS, continues_BxS, segment_ids_BxS))
-  mbs = prepare_minibatches(
-      inner, chunks(q_BxTxHxK, 2), chunks(k_BxTxHxK, 2), chunks(v_BxTxHxK, 2),
-      chunks(eta_BxTxH, 2), rel_NxBxM=rel, segment_ids_NxBxM=segments,
-      continues_NxBxM=continues,
-      commit_N=jnp.arange(n_chunks) < n_full if remainder else None)
+  mbs = MiniBatches(
+      chunks(q_BxTxHxK, 2), chunks(k_BxTxHxK, 2), chunks(v_BxTxHxK, 2),
+      chunks(eta_BxTxH.astype(F32), 2), chunked_scales(inner, n_chunks, batch, size, rel),
+      segments, continues, commit_N=jnp.arange(n_chunks) < n_full if remainder else None)
   fast, out_NxBxHxMxK = run_minibatches(inner, init_fast_weights(inner, batch), mbs,
                                         remat_group=remat_group)
   out_BxTxHxK = _from_chunks(out_NxBxHxMxK)[:, :length]
@@ -559,9 +561,9 @@ def _dual_from_state(inner: InnerParams, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_Bx
     return _to_chunks(buffer, n_chunks, size, axis)
 
   last_slot_N = jnp.arange(n_chunks, dtype=jnp.int32) * size + size - 1
-  mbs = prepare_minibatches(inner, place(q_BxTxHxK, 2), place(k_BxTxHxK, 2),
-                            place(v_BxTxHxK, 2), place(eta_BxTxH.astype(F32), 2),
-                            commit_N=last_slot_N < offset + length)
+  mbs = MiniBatches(place(q_BxTxHxK, 2), place(k_BxTxHxK, 2), place(v_BxTxHxK, 2),
+                    place(eta_BxTxH.astype(F32), 2), chunked_scales(inner, n_chunks, batch, size),
+                    None, None, commit_N=last_slot_N < offset + length)
   fast, out_NxBxHxMxK = run_minibatches(inner, state.fast, mbs, partial=True,
                                         remat_group=remat_group)
   out_BxTxHxK = jax.lax.dynamic_slice_in_dim(_from_chunks(out_NxBxHxMxK), offset, length,
@@ -684,22 +686,32 @@ class Projected(NamedTuple):
   """The conv input history after these tokens (mamba) or None."""
 
 
+def minibatch_rope(x_BxTxHxK: jax.Array, rel_BxT: jax.Array, spec: TTTSpec) -> jax.Array:
+  """RoPE at the positions inside the mini-batch (``rel``, 0..b-1). The cos and sin of
+  those b positions are a table computed while tracing and gathered at ``rel``, so no
+  cos or sin runs per token (or, once XLA fuses them into their consumers, per element)."""
+  with jax.ensure_compile_time_eval():
+    angles_MxK2 = rope_angles(jnp.arange(spec.mini_batch)[None], spec.head_dim,
+                              spec.rope_theta)[0]
+    cos_MxK2, sin_MxK2 = jnp.cos(angles_MxK2), jnp.sin(angles_MxK2)
+  return rope_rotate(x_BxTxHxK, cos_MxK2[rel_BxT][:, :, None], sin_MxK2[rel_BxT][:, :, None])
+
+
 def project_inputs(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
                    rel_BxT: jax.Array, history_BxPxN: jax.Array | None,
                    segment_ids_BxT: jax.Array | None = None) -> Projected:
-  """Every input projection (θ_Q, θ_K or θ_QK, θ_V, θ_G, θ_lr) as one matmul over the
-  concatenated weights (float32 accumulation), then the convs and RoPE at ``rel``."""
+  """Every input projection (θ_Q, θ_K or θ_QK, θ_V, θ_G, θ_lr; float32 accumulation),
+  then the convs and RoPE at ``rel``."""
   batch, length, _ = x_BxTxD.shape
   dtype = x_BxTxD.dtype
   mamba = spec.backbone == "mamba"
-  n = spec.width
   weights = ([params.wq_DxN, params.wv_DxN, params.wg_DxN] if mamba
              else [params.wq_DxN, params.wk_DxN, params.wv_DxN])
-  fused_DxF = jnp.concatenate([w.astype(dtype) for w in weights]
-                              + [params.lr_gate_DxH.astype(dtype)], axis=1)
-  fused_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, fused_DxF, preferred_element_type=F32)
-  parts = [fused_BxTxF[..., i * n:(i + 1) * n].astype(dtype) for i in range(3)]
-  lr_logits_BxTxH = fused_BxTxF[..., 3 * n:]
+  # One matmul per projection: XLA:CPU runs three [D, N] products faster than one
+  # [D, 3N + H] product over the concatenated weights.
+  parts = [dense(x_BxTxD, w.astype(dtype), preferred_element_type=F32).astype(dtype)
+           for w in weights]
+  lr_logits_BxTxH = dense(x_BxTxD, params.lr_gate_DxH.astype(dtype), preferred_element_type=F32)
   gate_BxTxN = None
   if mamba:
     qk_BxTxN, v_BxTxN, gate_BxTxN = parts
@@ -713,8 +725,8 @@ def project_inputs(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
     q_BxTxN, k_BxTxN, v_BxTxN = parts
     history_BxPxN = None
   heads = (batch, length, spec.n_heads, spec.head_dim)
-  q_BxTxHxK = apply_rope(q_BxTxN.reshape(heads), rel_BxT, spec.rope_theta)
-  k_BxTxHxK = apply_rope(k_BxTxN.reshape(heads), rel_BxT, spec.rope_theta)
+  q_BxTxHxK = minibatch_rope(q_BxTxN.reshape(heads), rel_BxT, spec)
+  k_BxTxHxK = minibatch_rope(k_BxTxN.reshape(heads), rel_BxT, spec)
   eta_BxTxH = inner_learning_rate(lr_logits_BxTxH, params.lr_bias_H, spec.base_lr,
                                   spec.head_dim)
   return Projected(q_BxTxHxK, k_BxTxHxK, v_BxTxN.reshape(heads), eta_BxTxH, gate_BxTxN,
@@ -730,7 +742,7 @@ def output_projection(params: TTTLinearParams, spec: TTTSpec, gate_BxTxN: jax.Ar
                        params.post_bias_N, POST_LN_EPS).astype(dtype)
   if gate_BxTxN is not None:
     z_BxTxN = gate_BxTxN * z_BxTxN
-  return jnp.einsum("btn,nd->btd", z_BxTxN, params.wo_NxD.astype(dtype))
+  return dense(z_BxTxN, params.wo_NxD.astype(dtype))
 
 
 def ttt_linear_forward(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
