@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -391,13 +390,14 @@ def _resume(setup: Setup, workdir: Path, *args: str, file_limit: int | None = No
             ) -> subprocess.CompletedProcess:
   """The good run's command on ``workdir`` to step 6, under a file-size limit (bytes)
   if given: writing past it fails with EFBIG, like a full disk fails with ENOSPC."""
-  def limit() -> None:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
-  return subprocess.run(
-      [sys.executable, "-m", "ttt_jax.train", "--config", os.devnull, "--workdir",
-       str(workdir), *setup.tiny, "--set", "train.steps=6", *args],
-      env=cli_env(), capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO,
-      preexec_fn=None if file_limit is None else limit)
+  argv = ["-m", "ttt_jax.train", "--config", os.devnull, "--workdir", str(workdir),
+          *setup.tiny, "--set", "train.steps=6", *args]
+  if file_limit is not None:  # set by the child itself (no preexec_fn in a threaded parent)
+    argv = ["-c", f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+            f"({file_limit}, {file_limit})); os.execv(sys.executable, [sys.executable] + "
+            f"sys.argv[1:])", *argv]
+  return subprocess.run([sys.executable, *argv], env=cli_env(), capture_output=True,
+                        text=True, timeout=TIMEOUT_S, cwd=REPO)
 
 
 @pytest.mark.slow

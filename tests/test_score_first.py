@@ -147,7 +147,8 @@ def test_evaluate_task_ttt_reports_both_figures_and_leaves_the_checkpoint(text, 
                           "checkpoint.every=4"), workdir)
   before = _file_hashes(workdir / "checkpoints")
   capsys.readouterr()
-  settings = ["--set", "ttt_eval.stride=32", "--set", "ttt_eval.chunk_tokens=512"]
+  settings = ["--set", "ttt_eval.stride=32", "--set", "ttt_eval.chunk_tokens=512",
+              "--set", "ttt_eval.epochs=2"]
   evaluate.main(["--workdir", str(workdir), "--task", "ttt", *settings])
   result = json.loads(capsys.readouterr().out)
   assert _file_hashes(workdir / "checkpoints") == before
