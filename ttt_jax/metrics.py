@@ -139,8 +139,8 @@ def eval_line(step: int, final_step: int, row: dict[str, float]) -> str:
 
 def _eval_values(row: dict[str, float], keys: tuple[str, ...] | None = None) -> str:
   """'loss 4.123 bpb 1.234': the row's values (those in ``keys``), unprefixed."""
-  return " ".join(f"{key.removeprefix('eval_')} {value:#.4g}" for key, value in row.items()
-                  if keys is None or key in keys)
+  return " ".join(f"{key.removeprefix('eval_')} {f'{value:#.4g}'.rstrip('.')}"
+                  for key, value in row.items() if keys is None or key in keys)
 
 
 def summary_lines(*, start_step: int, final_step: int, total_steps: int, wall_s: float,
