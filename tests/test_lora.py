@@ -1,0 +1,155 @@
+"""LoRA adapters: target selection, layout, merge, gradients, counts; training only the
+adapters through the ordinary step; saving, loading and folding them into a run."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax import lora
+from ttt_jax.cct import mixer as cct
+from ttt_jax.config import Config, ConfigError, LoRAConfig, load_config
+from ttt_jax.models import lm
+from ttt_jax.models.context import default_positions
+from ttt_jax.training import objectives
+
+TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.ffn.d_ff=128"]
+MODELS = {"attention": [], "ttt_linear": ["model.mixer.type=ttt_linear"],
+          "cct": ["model.mixer.type=cct"], "mhc": ["model.residual.type=mhc"]}
+VOCAB = 97
+
+
+def tiny_model(name: str) -> tuple[Config, nnx.GraphDef, nnx.State]:
+  cfg = load_config(None, TINY + MODELS[name])
+  graphdef, params = nnx.split(lm.LM(cfg.model, VOCAB, rngs=nnx.Rngs(0)))
+  return cfg, graphdef, params
+
+
+def tokens_batch(cfg: Config, seed: int = 0) -> dict[str, jax.Array]:
+  inputs = jax.random.randint(jax.random.key(seed), (2, 32), 0, VOCAB)
+  batch = {"inputs": inputs}
+  if cfg.model.mixer.type == "cct":
+    positions = default_positions(inputs)
+    batch[cct.STEP_IDS] = cct.fixed_step_ids(positions, cfg.model.mixer.step_len)
+  return batch
+
+
+def logits(graphdef: nnx.GraphDef, params: nnx.State, batch) -> np.ndarray:
+  return np.asarray(objectives.batch_logits(nnx.merge(graphdef, params), batch))
+
+
+def random_adapters(cfg: LoRAConfig, targets, seed: int = 1):
+  """Adapters with a nonzero B, so they change the model."""
+  adapters = lora.init(cfg, targets, jax.random.key(seed))
+  return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed + 1), x.shape),
+                      adapters)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_fresh_adapter_leaves_the_logits_bitwise_unchanged(name):
+  cfg, graphdef, params = tiny_model(name)
+  targets = lora.find_targets(cfg.lora, params)
+  expected = {"attention": {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"},
+              "ttt_linear": {"wq", "wv", "wo", "w_gate", "w_up", "w_down"}}
+  names = {t.path[-1] for t in targets}
+  assert names == expected.get(name, expected["attention"])
+  adapters = lora.init(cfg.lora, targets, jax.random.key(3))
+  assert all(float(jnp.abs(pair["a"]).max()) > 0 for pair in jax.tree.leaves(
+      adapters, is_leaf=lambda x: isinstance(x, dict) and "a" in x))
+  merged = lora.merge(params, adapters, cfg.lora, targets)
+  batch = tokens_batch(cfg)
+  np.testing.assert_array_equal(logits(graphdef, merged, batch), logits(graphdef, params, batch))
+  changed = lora.merge(params, random_adapters(cfg.lora, targets), cfg.lora, targets)
+  assert not np.allclose(logits(graphdef, changed, batch), logits(graphdef, params, batch))
+
+
+def test_the_merged_weight_acts_as_the_base_plus_the_low_rank_path():
+  """x @ (W + s A B) = x @ W + s (x @ A) @ B per layer, on a stacked weight whose input
+  side is two axes (attention's output projection [layers, heads, embed])."""
+  cfg = load_config(None, TINY + ["model.head_dim=16", "lora.rank=3", "lora.alpha=5"])
+  _, _, params = tiny_model("attention")
+  target = next(t for t in lora.find_targets(cfg.lora, params) if t.path[-1] == "wo")
+  assert target.batch == (0,) and target.output == (2,)
+  w = np.asarray(params["blocks"]["mixer"]["wo"][...])
+  adapters = random_adapters(cfg.lora, [target])
+  merged = lora.merge(params, adapters, cfg.lora, [target])
+  w_merged = np.asarray(merged["blocks"]["mixer"]["wo"][...])
+  pair = adapters["blocks"]["mixer"]["wo"]
+  x = np.asarray(jax.random.normal(jax.random.key(5), (7, target.fan_in)), np.float64)
+  scale = 5 / 3
+  for layer in range(w.shape[0]):
+    a, b = np.asarray(pair["a"][layer], np.float64), np.asarray(pair["b"][layer], np.float64)
+    flat = lambda m: m.reshape(target.fan_in, target.fan_out).astype(np.float64)
+    np.testing.assert_allclose(x @ flat(w_merged[layer]),
+                               x @ flat(w[layer]) + scale * (x @ a) @ b, atol=1e-5, rtol=1e-5)
+  assert pair["a"].shape == (2, target.fan_in, 3) and pair["b"].shape == (2, 3, target.fan_out)
+
+
+def test_a_weight_whose_input_axes_follow_its_output_axes_keeps_its_layout():
+  """A per-head weight without 'embed' ([layers, heads, in, out] style): the batch axes
+  come first in the flattened view and the delta is transposed back to W's order."""
+  target = lora.Target(("w",), (2, 3, 4, 5), (0, 2), (3,), (1,), None)
+  a = jax.random.normal(jax.random.key(0), (2, 4, 5, 2))
+  b = jax.random.normal(jax.random.key(1), (2, 4, 2, 3))
+  d = np.asarray(lora.delta(target, a, b, 0.5))
+  assert d.shape == (2, 3, 4, 5)
+  want = 0.5 * np.einsum("lkir,lkro->loki", np.asarray(a), np.asarray(b))
+  np.testing.assert_allclose(d, want, rtol=1e-6, atol=1e-6)
+
+
+def test_adapter_gradients_match_float64_finite_differences():
+  cfg = load_config(None, TINY + ["lora.rank=2"])
+  _, _, params = tiny_model("attention")
+  targets = [t for t in lora.find_targets(cfg.lora, params) if t.path[-1] == "w_up"]
+  adapters = random_adapters(cfg.lora, targets)
+  x = np.asarray(jax.random.normal(jax.random.key(9), (5, 64)), np.float64)
+
+  def loss(adapters):
+    w = lora.merge(params, adapters, cfg.lora, targets)["blocks"]["mlp"]["w_up"][...]
+    return jnp.sum(jnp.tanh(jnp.einsum("nd,ldf->lnf", x, w)))
+
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
+    adapters = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), adapters)
+    grads = jax.grad(loss)(adapters)
+    eps = 1e-6
+    for name in ("a", "b"):
+      leaf = adapters["blocks"]["mlp"]["w_up"][name]
+      for index in [(0, 1, 1), (1, 0, 0), (1, 50, 1) if name == "a" else (1, 1, 100)]:
+        step = jnp.zeros_like(leaf).at[index].set(eps)
+        shifted = lambda sign: {"blocks": {"mlp": {"w_up": {
+            **adapters["blocks"]["mlp"]["w_up"], name: leaf + sign * step}}}}
+        numeric = (loss(shifted(1)) - loss(shifted(-1))) / (2 * eps)
+        np.testing.assert_allclose(float(grads["blocks"]["mlp"]["w_up"][name][index]),
+                                   float(numeric), rtol=1e-6, atol=1e-8)
+
+
+def test_trainable_count_is_the_formula():
+  cfg = load_config(None, TINY + ["lora.rank=4"])
+  _, _, params = tiny_model("attention")
+  targets = lora.find_targets(cfg.lora, params)
+  adapters = lora.init(cfg.lora, targets, jax.random.key(0))
+  n = lm.count_params(adapters)
+  # 2 layers x r x (in + out): q/k/v/o 64x64, gate/up 64x128, down 128x64
+  assert n == lora.trainable_count(targets, 4) == 2 * 4 * (4 * 128 + 3 * 192)
+  assert f"{n:,} trainable" in lora.summary_line(cfg.lora, targets)
+  axes = lora.logical_axes(targets)
+  assert axes["blocks"]["mixer"]["wq"]["a"] == jax.sharding.PartitionSpec("layers", None, None)
+  assert math.prod(adapters["blocks"]["mixer"]["wq"]["b"].shape) == 2 * 4 * 64
+  assert not np.asarray(adapters["blocks"]["mixer"]["wq"]["b"]).any()
+
+
+def test_a_target_that_matches_nothing_is_a_one_line_config_error():
+  cfg = load_config(None, TINY + ["lora.targets=[mixer/wq$, attn/q_proj]"])
+  _, _, params = tiny_model("attention")
+  with pytest.raises(ConfigError, match=r"lora.targets: 'attn/q_proj' matches no weight "
+                                        r"matrix") as error:
+    lora.find_targets(cfg.lora, params)
+  assert "\n" not in str(error.value)
+  with pytest.raises(ConfigError, match="lora.targets"):  # a norm scale is no matrix
+    lora.find_targets(load_config(None, TINY + ["lora.targets=[norm/scale]"]).lora, params)
