@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax import lora
+from train_util import copy_stdlib_corpus, eval_losses, tiny_config, train_losses
+from ttt_jax import lora, runs, train
 from ttt_jax.cct import mixer as cct
 from ttt_jax.config import Config, ConfigError, LoRAConfig, load_config
 from ttt_jax.models import lm
@@ -153,3 +154,54 @@ def test_a_target_that_matches_nothing_is_a_one_line_config_error():
   assert "\n" not in str(error.value)
   with pytest.raises(ConfigError, match="lora.targets"):  # a norm scale is no matrix
     lora.find_targets(load_config(None, TINY + ["lora.targets=[norm/scale]"]).lora, params)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  """A tiny trained run (the base) and the corpus and cache its config reads."""
+  root = tmp_path_factory.mktemp("lora")
+  corpus_glob, cache = copy_stdlib_corpus(root / "src"), root / "cache"
+  cfg = tiny_config(corpus_glob, cache, "train.steps=2", "train.eval_every=0",
+                    "checkpoint.every=2", "checkpoint.async_save=false")
+  train.train(cfg, root / "base")
+  return root, corpus_glob, cache
+
+
+def lora_config(base_run, *overrides: str) -> Config:
+  root, corpus_glob, cache = base_run
+  return tiny_config(corpus_glob, cache, "lora.enabled=true", "lora.rank=4",
+                     "train.steps=4", "train.eval_every=2", "checkpoint.every=2",
+                     "checkpoint.async_save=false", "optim.name=muon", "optim.weight_decay=0.1",
+                     *overrides)
+
+
+@pytest.mark.slow
+def test_training_moves_only_the_adapters_and_resumes_bitwise(base_run, capsys):
+  root = base_run[0]
+  init = f"checkpoint.init_from={root / 'base'}"
+  whole = train.train(lora_config(base_run, init), root / "whole")
+  first = train.train(lora_config(base_run, init, "train.stop_after=2"), root / "parts")
+  resumed = train.train(lora_config(base_run), root / "parts")
+  assert (first["final_step"], resumed["start_step"], resumed["final_step"]) == (2, 2, 4)
+  assert train_losses(root / "parts") == train_losses(root / "whole")
+  assert eval_losses(root / "whole")  # the merged model evaluates during training
+  for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(whole["state"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  state = whole["state"]
+  _, _, base = runs.load_trained(root / "base", log=lambda _: None)[:3]
+  for a, b in zip(jax.tree.leaves(state.extras[lora.BASE]), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the base is frozen
+  targets = lora.find_targets(lora_config(base_run).lora, base)
+  assert whole["n_params"] == lora.trainable_count(targets, 4)
+  assert any(np.asarray(b).any() for b in jax.tree.leaves(
+      jax.tree.map(lambda pair: pair["b"], state.params,
+                   is_leaf=lambda x: isinstance(x, dict) and "b" in x)))
+  # AdamW moments shaped like the adapters, nothing shaped like a base weight
+  adapter_shapes = {x.shape for x in jax.tree.leaves(state.params)}
+  opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim}
+  assert opt_shapes == adapter_shapes
+  assert "lora: rank 4, alpha 32; adapted 7 weights" in capsys.readouterr().err

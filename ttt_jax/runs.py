@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import diagnostics, sharding
+from ttt_jax import diagnostics, lora, sharding
 from ttt_jax.config import (Config, flatten, load_config, model_from_dict, save_config,
                             to_dict)
 from ttt_jax.data import corpus as corpus_lib
@@ -51,6 +51,7 @@ from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
 from ttt_jax.training import averaging, optim
 from ttt_jax.training.state import Built, TrainState, abstract_state
+from ttt_jax.training.step import model_params, model_shardings
 
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
                  "worker_count": "data.worker_count", "shuffle": "data.shuffle",
@@ -352,11 +353,15 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
       other.close()
     log(f"initialised from {directory}/{step}: params, optimizer state and data position")
     return restored.state, restored.step
+  # with lora.enabled the source's params are the frozen base the adapters train on
+  abstract = state.extras[lora.BASE] if cfg.lora.enabled else state.params
   step, params, _ = ckpt_lib.load_params(
-      source, ckpt_lib.with_shardings(state.params, built.state_shardings.params),
+      source, ckpt_lib.with_shardings(abstract, model_shardings(cfg, built.state_shardings)),
       check=lambda meta: check_compatible(meta, cfg, vocab_size,
                                           tokenizer_hash=stream["tokenizer_hash"]))
   log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
+  if cfg.lora.enabled:
+    return state._replace(extras={**state.extras, lora.BASE: params}), 0
   return state._replace(params=params), 0
 
 
@@ -486,4 +491,6 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
   if restored is None:
     raise CheckpointError(f"{workdir}: no usable checkpoint")
   params = averaging.weights(restored.state.params, restored.state.opt_state, weights)
+  if cfg.lora.enabled:  # an adapter run: its adapters folded into its base
+    params = model_params(cfg, restored.state._replace(params=params))
   return cfg, graphdef, params, restored.step, mesh

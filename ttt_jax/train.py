@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import diagnostics, distributed, host_memory, runs, sharding
+from ttt_jax import diagnostics, distributed, host_memory, lora, runs, sharding
 from ttt_jax import metrics as metrics_lib
 from ttt_jax.config import Config, load_config, to_yaml
 from ttt_jax.data import corpus as corpus_lib
@@ -71,6 +71,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   n_params = lm.count_params(built.state.params)
   log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer.type}, "
       f"residual={cfg.model.residual.type}, optimizer={cfg.optim.name}")
+  if cfg.lora.enabled:  # the params above are the adapters; the base is frozen
+    log(lora.summary_line(cfg.lora, lora.find_targets(cfg.lora, built.state.extras[lora.BASE])))
   train_step, eval_step = step_lib.jit_train_step(built), step_lib.jit_eval_step(built)
   data_iter = iter(dataset)
   eval_batches = [sharding.put_batch(b, mesh) for b in eval_batches]
@@ -128,7 +130,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     evaluation = loop.Evaluation(
         lambda s: averaging.evaluate_each(
             lambda params: eval_lm.evaluate(eval_step, params, eval_batches, piece_bytes),
-            s.params, s.opt_state, averaging.eval_weights(cfg)), writer,
+            step_lib.model_params(cfg, s), s.opt_state, averaging.eval_weights(cfg)), writer,
         every=cfg.train.eval_every, final_step=cfg.train.steps, log=log)
     checkpoint = loop.Checkpoint(ckpt, data_iter, run_meta, every=cfg.checkpoint.every,
                                  log=log)

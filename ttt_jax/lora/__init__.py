@@ -9,7 +9,7 @@ into an ordinary run directory; ``python -m ttt_jax.lora`` is the command line.
 """
 
 from ttt_jax.lora.adapters import (BASE, Target, delta, find_targets, init, logical_axes,
-                                   merge, summary_line, trainable_count)
+                                   merge, optimizer_config, summary_line, trainable_count)
 
 __all__ = ["BASE", "Target", "delta", "find_targets", "init", "logical_axes", "merge",
-           "summary_line", "trainable_count"]
+           "optimizer_config", "summary_line", "trainable_count"]

@@ -32,6 +32,7 @@ state's extras when the adapters are what trains (``lora.enabled``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, NamedTuple
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ttt_jax.config import LoRAConfig
+from ttt_jax.config import LoRAConfig, OptimConfig
 from ttt_jax.errors import ConfigError
 from ttt_jax.training import optim
 
@@ -163,9 +164,11 @@ def delta(target: Target, a: jax.Array, b: jax.Array, scale: float) -> jax.Array
 
 
 def merge(base: Any, adapters: dict[str, Any], cfg: LoRAConfig,
-          targets: list[Target]) -> Any:
+          targets: list[Target] | None = None) -> Any:
   """``base`` with W + (alpha / r) * A @ B for every target (float32, then W's dtype);
-  every other leaf is ``base``'s own."""
+  every other leaf is ``base``'s own. ``targets``: ``find_targets(cfg, base)`` unless
+  given."""
+  targets = find_targets(cfg, base) if targets is None else targets
   by_path = {t.path: t for t in targets}
   pairs = _pairs(adapters)
   if set(pairs) != set(by_path):
@@ -182,6 +185,13 @@ def merge(base: Any, adapters: dict[str, Any], cfg: LoRAConfig,
     return (w.astype(jnp.promote_types(update.dtype, w.dtype)) + update).astype(w.dtype)
 
   return jax.tree_util.tree_map_with_path(one, base)
+
+
+def optimizer_config(cfg: OptimConfig) -> OptimConfig:
+  """The adapters' optimizer: AdamW with ``cfg``'s lr, schedule, betas, eps, clipping and
+  accumulation, weight decay 0 (never Muon: A and B are thin factors, not matrices
+  whose updates orthogonalisation should whiten)."""
+  return dataclasses.replace(cfg, name="adamw", weight_decay=0.0)
 
 
 def trainable_count(targets: list[Target], rank: int) -> int:
