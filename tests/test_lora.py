@@ -3,7 +3,13 @@ adapters through the ordinary step; saving, loading and folding them into a run.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +18,14 @@ import pytest
 from flax import nnx
 
 from train_util import copy_stdlib_corpus, eval_losses, tiny_config, train_losses
-from ttt_jax import lora, runs, train
+from ttt_jax import generate, lora, runs, train
 from ttt_jax.cct import mixer as cct
-from ttt_jax.config import Config, ConfigError, LoRAConfig, load_config
+from ttt_jax.config import Config, ConfigError, LoRAConfig, config_hash, load_config
+from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.errors import CheckpointError
+from ttt_jax.eval import lm as eval_lm
+from ttt_jax.lora import __main__ as lora_main
+from ttt_jax.lora import files
 from ttt_jax.models import lm
 from ttt_jax.models.context import default_positions
 from ttt_jax.training import objectives
@@ -205,3 +216,100 @@ def test_training_moves_only_the_adapters_and_resumes_bitwise(base_run, capsys):
   opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim}
   assert opt_shapes == adapter_shapes
   assert "lora: rank 4, alpha 32; adapted 7 weights" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- files
+
+
+LOGITS_SCRIPT = """
+import sys
+import jax, numpy as np
+from flax import nnx
+from ttt_jax import runs
+from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.lora import files
+base, adapter, out = sys.argv[1:]
+cfg, graphdef, params, _, _ = runs.load_trained(base, log=lambda _: None)
+params = files.apply_adapter(adapter, cfg, params, Tokenizer(base + '/tokenizer.model').sha256,
+                             log=lambda _: None)
+tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 512)
+np.save(out, np.asarray(nnx.merge(graphdef, params)(tokens)))
+"""
+
+
+@pytest.fixture(scope="module")
+def adapter_run(base_run):
+  """An adapter run trained 2 steps on the base, and its adapter exported."""
+  root = base_run[0]
+  train.train(lora_config(base_run, f"checkpoint.init_from={root / 'base'}", "train.steps=2",
+                          "train.eval_every=0"), root / "adapted")
+  lora_main.main(["export", "--workdir", str(root / "adapted"), "--out", str(root / "adapter")])
+  return root
+
+
+def run_logits(workdir, adapter=None) -> np.ndarray:
+  cfg, graphdef, params, _, _ = runs.load_trained(workdir, log=lambda _: None)
+  if adapter is not None:
+    params = files.apply_adapter(adapter, cfg, params,
+                                 Tokenizer(workdir / "tokenizer.model").sha256,
+                                 log=lambda _: None)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 512)
+  return np.asarray(nnx.merge(graphdef, params)(tokens))
+
+
+@pytest.mark.slow
+def test_a_saved_adapter_loads_in_a_new_process_to_the_same_logits(adapter_run, tmp_path):
+  root = adapter_run
+  meta = json.loads((root / "adapter" / files.META_FILE).read_text())
+  base_cfg = load_config(root / "base" / "config.yaml")
+  assert meta["rank"] == 4 and meta["alpha"] == 32 and meta["step"] == 2
+  assert meta["targets"] == list(base_cfg.lora.targets)
+  assert meta["model_config_hash"] == config_hash(base_cfg.model)
+  assert meta["tokenizer_hash"] == Tokenizer(root / "base" / "tokenizer.model").sha256
+  here = run_logits(root / "base", root / "adapter")
+  subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, str(root / "base"),
+                  str(root / "adapter"), str(tmp_path / "logits.npy")],
+                 check=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+  np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), here)
+  # the adapter run read directly is the same adapter
+  np.testing.assert_allclose(run_logits(root / "base", root / "adapted"), here, rtol=0, atol=0)
+  assert not np.allclose(run_logits(root / "base"), here)
+
+
+@pytest.mark.slow
+def test_a_merged_run_is_an_ordinary_run_with_the_adapter_folded_in(adapter_run, capsys):
+  root = adapter_run
+  lora_main.main(["merge", "--workdir", str(root / "adapted"), "--out", str(root / "merged")])
+  merged_cfg = load_config(root / "merged" / "config.yaml")
+  assert not merged_cfg.lora.enabled
+  assert ((root / "merged" / "tokenizer.model").read_bytes()
+          == (root / "base" / "tokenizer.model").read_bytes())
+  np.testing.assert_allclose(run_logits(root / "merged"),
+                             run_logits(root / "base", root / "adapter"), rtol=0, atol=1e-6)
+  with pytest.raises(SystemExit):  # never over an existing run
+    lora_main.main(["merge", "--workdir", str(root / "adapted"), "--out", str(root / "merged")])
+  assert capsys.readouterr().err.splitlines()[-1].startswith("error: --out ")
+  # evaluate --adapter scores the base with the adapter as the merged run scores
+  with_adapter = eval_lm.evaluate_lm(root / "base", [], 2, adapter=str(root / "adapter"))
+  merged = eval_lm.evaluate_lm(root / "merged", [], 2)
+  assert with_adapter["eval_loss"] == pytest.approx(merged["eval_loss"], rel=1e-5)
+  assert with_adapter["eval_loss"] != eval_lm.evaluate_lm(root / "base", [], 2)["eval_loss"]
+  generate.main(["--workdir", str(root / "base"), "--adapter", str(root / "adapter"),
+                 "--prompt", "def ", "--max-new-tokens", "4", "--temperature", "0"])
+  assert "lora: rank 4, alpha 32; adapted 7 weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_adapter_is_refused_by_another_base_in_one_line(adapter_run, capsys):
+  root = adapter_run
+  cfg, _, params, _, _ = runs.load_trained(root / "base", log=lambda _: None)
+  other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=3))
+  with pytest.raises(CheckpointError, match="trained on another base model") as error:
+    files.load_adapter(root / "adapter", other, params, None)
+  assert "\n" not in str(error.value)
+  with pytest.raises(CheckpointError, match="another tokenizer"):
+    files.load_adapter(root / "adapter", cfg, params, "0" * 64)
+  with pytest.raises(SystemExit):
+    generate.main(["--workdir", str(root / "base"), "--adapter", str(root / "base"),
+                   "--prompt", "x"])  # a run, but no adapter run
+  assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")

@@ -463,12 +463,11 @@ def _newest_meta(ckpt: ckpt_lib.Checkpointer, workdir: Path) -> dict[str, Any]:
   raise CheckpointError(f"{workdir}: no checkpoint with readable metadata")
 
 
-def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
-                 weights: str = averaging.RAW):
-  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``;
-  ``weights`` 'ema' / 'swa' gives that average of the params (``averaging.weights``).
-  The config reads text with the run's own ``tokenizer.model`` whatever ``data.corpus``
-  is; an explicit ``data.tokenizer`` override must be the same model."""
+def restore_newest(workdir: str | Path, overrides: list[str] = (), log=print,
+                   data_iter: Any | None = None):
+  """(config, graphdef, restored train state, mesh) of the newest usable checkpoint in
+  ``workdir``, read as ``load_trained`` reads it; ``data_iter`` is moved to its data
+  position when given."""
   workdir = check_workdir(workdir)
   if not (workdir / "config.yaml").exists():
     raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
@@ -486,11 +485,22 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
     restored = ckpt.restore_latest(
-        ckpt_lib.with_shardings(abstract, shardings), None, log=log,
+        ckpt_lib.with_shardings(abstract, shardings), data_iter, log=log,
         check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))
   if restored is None:
     raise CheckpointError(f"{workdir}: no usable checkpoint")
+  return cfg, graphdef, restored, mesh
+
+
+def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
+                 weights: str = averaging.RAW):
+  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``;
+  ``weights`` 'ema' / 'swa' gives that average of the params (``averaging.weights``).
+  The config reads text with the run's own ``tokenizer.model`` whatever ``data.corpus``
+  is; an explicit ``data.tokenizer`` override must be the same model. An adapter run's
+  (``lora.enabled``) params are its adapters folded into its base."""
+  cfg, graphdef, restored, mesh = restore_newest(workdir, overrides, log)
   params = averaging.weights(restored.state.params, restored.state.opt_state, weights)
-  if cfg.lora.enabled:  # an adapter run: its adapters folded into its base
+  if cfg.lora.enabled:
     params = model_params(cfg, restored.state._replace(params=params))
   return cfg, graphdef, params, restored.step, mesh
