@@ -51,7 +51,7 @@ from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
 from ttt_jax.training import averaging, optim
 from ttt_jax.training.state import Built, TrainState, abstract_state
-from ttt_jax.training.step import model_params, model_shardings
+from ttt_jax.training.step import model_params, model_tree
 
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
                  "worker_count": "data.worker_count", "shuffle": "data.shuffle",
@@ -354,9 +354,9 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
     log(f"initialised from {directory}/{step}: params, optimizer state and data position")
     return restored.state, restored.step
   # with lora.enabled the source's params are the frozen base the adapters train on
-  abstract = state.extras[lora.BASE] if cfg.lora.enabled else state.params
   step, params, _ = ckpt_lib.load_params(
-      source, ckpt_lib.with_shardings(abstract, model_shardings(cfg, built.state_shardings)),
+      source, ckpt_lib.with_shardings(model_tree(cfg, state),
+                                      model_tree(cfg, built.state_shardings)),
       check=lambda meta: check_compatible(meta, cfg, vocab_size,
                                           tokenizer_hash=stream["tokenizer_hash"]))
   log(f"initialised params from {source} (step {step}); optimizer and data start fresh")

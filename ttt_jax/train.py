@@ -69,9 +69,10 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       extras_shardings=None if skip_extras is None else {
           name: sharding.replicated(mesh) for name in skip_extras})
   n_params = lm.count_params(built.state.params)
-  log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer.type}, "
-      f"residual={cfg.model.residual.type}, optimizer={cfg.optim.name}")
-  if cfg.lora.enabled:  # the params above are the adapters; the base is frozen
+  log(f"model: {lm.count_params(step_lib.model_tree(cfg, built.state)) / 1e6:.2f}M params, "
+      f"mixer={cfg.model.mixer.type}, residual={cfg.model.residual.type}, "
+      f"optimizer={'adamw (lora)' if cfg.lora.enabled else cfg.optim.name}")
+  if cfg.lora.enabled:  # n_params counts the adapters: what trains; the base is frozen
     log(lora.summary_line(cfg.lora, lora.find_targets(cfg.lora, built.state.extras[lora.BASE])))
   train_step, eval_step = step_lib.jit_train_step(built), step_lib.jit_eval_step(built)
   data_iter = iter(dataset)

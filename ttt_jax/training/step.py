@@ -133,9 +133,10 @@ def model_params(cfg: Config, state: TrainState) -> nnx.State:
   return state.params
 
 
-def model_shardings(cfg: Config, state_shardings: TrainState) -> Any:
-  """The shardings of ``model_params``."""
-  return state_shardings.extras[lora.BASE] if cfg.lora.enabled else state_shardings.params
+def model_tree(cfg: Config, state: TrainState) -> Any:
+  """The model's own params in a train state (of arrays, shapes or shardings): with
+  ``lora.enabled`` the frozen base, else the params."""
+  return state.extras[lora.BASE] if cfg.lora.enabled else state.params
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
@@ -153,7 +154,7 @@ def jit_eval_step(built: Built):
   """``make_eval_step`` jitted with the model params' shardings and the batch's."""
   replicated = sharding.replicated(built.mesh)
   return jax.jit(make_eval_step(built.graphdef),
-                 in_shardings=(model_shardings(built.cfg, built.state_shardings),
+                 in_shardings=(model_tree(built.cfg, built.state_shardings),
                                sharding.batch_sharding(built.mesh), replicated),
                  out_shardings=replicated)
 
