@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from train_util import copy_stdlib_corpus, eval_losses, tiny_config, train_losses
-from ttt_jax import generate, lora, runs, train
+from ttt_jax import generate, lora, runs, sharding, train
 from ttt_jax.cct import mixer as cct
 from ttt_jax.config import Config, ConfigError, LoRAConfig, config_hash, load_config
 from ttt_jax.data.tokenizer import Tokenizer
@@ -29,6 +29,7 @@ from ttt_jax.lora import files
 from ttt_jax.models import lm
 from ttt_jax.models.context import default_positions
 from ttt_jax.training import objectives
+from ttt_jax.training import state as state_lib
 
 TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.ffn.d_ff=128"]
 MODELS = {"attention": [], "ttt_linear": ["model.mixer.type=ttt_linear"],
@@ -62,6 +63,7 @@ def random_adapters(cfg: LoRAConfig, targets, seed: int = 1):
                       adapters)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_fresh_adapter_leaves_the_logits_bitwise_unchanged(name):
   cfg, graphdef, params = tiny_model(name)
@@ -313,3 +315,26 @@ def test_an_adapter_is_refused_by_another_base_in_one_line(adapter_run, capsys):
     generate.main(["--workdir", str(root / "base"), "--adapter", str(root / "base"),
                    "--prompt", "x"])  # a run, but no adapter run
   assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
+
+
+def test_the_train_state_of_an_adapter_run_trains_adapters_on_a_frozen_base():
+  """Shapes only: params are the adapters, the base is the extra tree, the optimizer
+  state (AdamW, also when optim.name is muon) holds adapter-shaped leaves only."""
+  cfg = load_config(None, TINY + ["lora.enabled=true", "lora.rank=2", "optim.name=muon",
+                                  "mesh.num_devices=1", "mesh.fsdp=1"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  _, _, abstract, shardings = state_lib.abstract_state(cfg, VOCAB, mesh)
+  base = abstract.extras[lora.BASE]
+  targets = lora.find_targets(cfg.lora, base)
+  assert lm.count_params(abstract.params) == lora.trainable_count(targets, 2)
+  assert lm.count_params(base) == lm.count_params(tiny_model("attention")[2])
+  adapter_shapes = {x.shape for x in jax.tree.leaves(abstract.params)}
+  assert {x.shape for x in jax.tree.leaves(abstract.opt_state) if x.shape} == adapter_shapes
+  assert set(shardings.extras) == {lora.BASE}
+
+
+def test_weight_averaging_of_adapters_is_a_config_error():
+  with pytest.raises(ConfigError, match="lora.enabled: weight averaging"):
+    load_config(None, ["lora.enabled=true", "optim.ema_decay=0.99"])
+  with pytest.raises(ConfigError, match="lora.rank: must be > 0"):
+    load_config(None, ["lora.rank=0"])

@@ -193,8 +193,8 @@ def evaluate_run(workdir: Path, overrides: list[str], batches: int,
                  weights: str = tasks.RAW_WEIGHTS, artifact: str = "",
                  adapter: str = "") -> dict[str, Any]:
   """``evaluate`` on ``eval_lm.load_weights``'s weights of ``workdir`` (raw, its EMA / SWA
-  average or a dequantized artifact, with ``adapter`` folded in), over the validation stream of ``batches`` batches
-  (0: ``eval.batches``) or ``ttt_eval.max_tokens`` tokens."""
+  average or a dequantized artifact, with ``adapter`` folded in), over the validation
+  stream of ``batches`` batches (0: ``eval.batches``) or ``ttt_eval.max_tokens`` tokens."""
   loaded = eval_lm.load_weights(workdir, overrides, weights, artifact, adapter)
   cfg, corpus = loaded.cfg, loaded.corpus
   stream = eval_lm.val_stream(cfg, corpus, loaded.mesh, batches, cfg.ttt_eval.max_tokens)
