@@ -302,7 +302,8 @@ def test_a_merged_run_is_an_ordinary_run_with_the_adapter_folded_in(adapter_run,
 
 
 @pytest.mark.slow
-def test_an_adapter_is_refused_by_another_base_in_one_line(adapter_run, capsys):
+def test_an_adapter_is_refused_by_another_base_and_a_run_by_other_adapters(base_run, adapter_run,
+                                                                            capsys):
   root = adapter_run
   cfg, _, params, _, _ = runs.load_trained(root / "base", log=lambda _: None)
   other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=3))
@@ -311,6 +312,11 @@ def test_an_adapter_is_refused_by_another_base_in_one_line(adapter_run, capsys):
   assert "\n" not in str(error.value)
   with pytest.raises(CheckpointError, match="another tokenizer"):
     files.load_adapter(root / "adapter", cfg, params, "0" * 64)
+  with pytest.raises(CheckpointError, match="lora: the checkpoint's adapters differ"):
+    train.train(lora_config(base_run, "lora.rank=8"), root / "adapted")
+  with pytest.raises(CheckpointError, match="lora.enabled: the checkpoint was written with "
+                                            "lora.enabled=true"):
+    train.train(lora_config(base_run, "lora.enabled=false"), root / "adapted")
   with pytest.raises(SystemExit):
     generate.main(["--workdir", str(root / "base"), "--adapter", str(root / "base"),
                    "--prompt", "x"])  # a run, but no adapter run

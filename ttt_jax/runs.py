@@ -284,6 +284,14 @@ def _check_state_signature(meta: dict[str, Any], cfg: Config, state: Any) -> Non
   first = next((k for k in differing if k.startswith(PARAMS_PREFIX)), differing[0])
   detail = (f"{first}: {saved.get(first, 'absent')} in the checkpoint, "
             f"{current.get(first, 'absent')} here")
+  saved_lora = lora.BASE in _extra_names(saved)
+  if saved_lora != (lora.BASE in _extra_names(current)):
+    raise CheckpointError(
+        f"lora.enabled: the checkpoint was written with lora.enabled={str(saved_lora).lower()}"
+        f"; resume with that or use a new --workdir (--init-from to start from its params)")
+  if saved_lora and first.startswith(PARAMS_PREFIX):
+    raise CheckpointError(f"lora: the checkpoint's adapters differ from this run's ({detail}); "
+                          "resume with its lora.rank and lora.targets or use a new --workdir")
   if first.startswith(PARAMS_PREFIX):
     raise CheckpointError(
         f"model: the checkpoint's parameters are laid out differently from this model's "

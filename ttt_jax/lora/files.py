@@ -138,8 +138,9 @@ class _DataPosition:
   def __init__(self):
     self.state = None
 
-  def set_state(self, state: bytes) -> None:
-    self.state = json.loads(state)
+  def set_state(self, state: bytes | dict[str, Any]) -> None:
+    """grain's JSON bytes, or the state rescaled to another process count."""
+    self.state = json.loads(state) if isinstance(state, (bytes, str)) else state
 
   def start_prefetch(self) -> None:
     """Nothing to prefetch: no data is read."""
