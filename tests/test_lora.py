@@ -288,6 +288,10 @@ def test_a_merged_run_is_an_ordinary_run_with_the_adapter_folded_in(adapter_run,
           == (root / "base" / "tokenizer.model").read_bytes())
   np.testing.assert_allclose(run_logits(root / "merged"),
                              run_logits(root / "base", root / "adapter"), rtol=0, atol=1e-6)
+  lora_main.main(["merge", "--workdir", str(root / "base"), "--adapter", str(root / "adapter"),
+                  "--out", str(root / "merged_base")])
+  np.testing.assert_allclose(run_logits(root / "merged_base"), run_logits(root / "merged"),
+                             rtol=0, atol=1e-6)
   with pytest.raises(SystemExit):  # never over an existing run
     lora_main.main(["merge", "--workdir", str(root / "adapted"), "--out", str(root / "merged")])
   assert capsys.readouterr().err.splitlines()[-1].startswith("error: --out ")

@@ -1,5 +1,6 @@
 """``python -m ttt_jax.lora merge --workdir W --out W2``: an ordinary run directory with
-the adapter run W's adapters folded into its base; ``python -m ttt_jax.lora export
+the adapter run W's adapters folded into its base (``--adapter A``: the adapter A folded
+into the run W's params); ``python -m ttt_jax.lora export
 --workdir W --out A``: W's adapter as an adapter directory (``--adapter A`` of
 ``generate`` and ``evaluate``). See ``ttt_jax.lora.files``."""
 
@@ -20,11 +21,15 @@ def main(argv: list[str] | None = None) -> None:
     command = commands.add_parser(name, help=text)
     command.add_argument("--workdir", required=True, help="an adapter run (lora.enabled)")
     command.add_argument("--out", required=True, help="the new directory")
+    if name == "merge":
+      command.add_argument("--adapter", metavar="PATH", default=None,
+                           help="fold this adapter (an adapter directory or an adapter run) "
+                                "into the run --workdir instead")
   args = parser.parse_args(argv)
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   with user_errors():
     if args.command == "merge":
-      files.merge_run(args.workdir, args.out, log=log)
+      files.merge_run(args.workdir, args.out, args.adapter, log=log)
     else:
       log(f"wrote {files.export_adapter(args.workdir, args.out)}")
 

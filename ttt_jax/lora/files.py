@@ -11,7 +11,8 @@ base with another model config or tokenizer (one line naming both hashes).
 and ``evaluate``: the model is merged once and sampled with the same compiled graph).
 ``merge_run`` writes an ordinary run directory (config with ``lora.enabled: false``,
 tokenizer, checkpoint at the adapter run's step with a fresh optimizer state and its
-data position) whose params are an adapter run's adapters folded into its base.
+data position) whose params are an adapter run's adapters folded into its base, or an
+adapter folded into a run's params (``--adapter``).
 """
 
 from __future__ import annotations
@@ -149,16 +150,19 @@ class _DataPosition:
     return self.state
 
 
-def merge_run(workdir: str | Path, out: str | Path, log=print) -> Path:
+def merge_run(workdir: str | Path, out: str | Path, adapter: str | Path | None = None,
+              log=print) -> Path:
   """An ordinary run directory at ``out`` whose params are the adapter run ``workdir``'s
-  adapters folded into its base (module doc)."""
+  adapters folded into its base (module doc), or with ``adapter`` that adapter folded
+  into the run ``workdir``'s params."""
   out = Path(out).absolute()
   if (out / "checkpoints").exists() or (out / "config.yaml").exists():
     raise ConfigError(f"--out {out}: already a run directory; give a new one")
   position = _DataPosition()
   cfg, _, restored, mesh = runs.restore_newest(workdir, log=log, data_iter=position)
-  if not cfg.lora.enabled:
-    raise ConfigError(f"--workdir {workdir}: not an adapter run (its lora.enabled is false)")
+  if not cfg.lora.enabled and adapter is None:
+    raise ConfigError(f"--workdir {workdir}: not an adapter run (its lora.enabled is false); "
+                      "give --adapter to fold an adapter into it")
   merged_cfg = dataclasses.replace(
       cfg, lora=dataclasses.replace(cfg.lora, enabled=False),
       checkpoint=dataclasses.replace(cfg.checkpoint, init_from=""))
@@ -168,6 +172,8 @@ def merge_run(workdir: str | Path, out: str | Path, log=print) -> Path:
       merged_cfg, vocab_size, mesh, jax.eval_shape(lambda: extras),
       jax.tree.map(lambda x: x.sharding, extras))
   params = model_params(cfg, restored.state)
+  if adapter is not None:
+    params = apply_adapter(adapter, cfg, params, restored.meta.get("tokenizer_hash"), log=log)
   state = jax.jit(lambda p: state_lib.TrainState(restored.state.step, p, tx.init(p), extras),
                   out_shardings=shardings)(params)
   runs.prepare_workdir(out)
