@@ -10,7 +10,9 @@ Mechanisms that read per-token side inputs get them from the run's decode inputs
 semantic rule applied token by token on device (needs data.step_len <=
 model.mixer.step_len, the decode step buffer). ``--hash-chain FILE.json`` (CCT) writes
 the commitment hash chain of the generation (``ttt_jax.cct.chain``);
-``python -m ttt_jax.cct_chain --workdir W FILE.json`` verifies it.
+``python -m ttt_jax.cct_chain --workdir W FILE.json`` verifies it. ``--adapter PATH``
+folds a LoRA adapter into the params once, before the model is built
+(``lora.files.apply_adapter``): decoding runs the same compiled graph as without one.
 """
 
 from __future__ import annotations
@@ -32,31 +34,37 @@ from ttt_jax.config import Config
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.inference import sampling
+from ttt_jax.lora import files as lora_files
 from ttt_jax.models.lm import LM
 from ttt_jax.runs import check_workdir, load_trained
 
 
-def load_for_generation(workdir: str | Path, overrides: list[str] = ()
+def load_for_generation(workdir: str | Path, overrides: list[str] = (), adapter: str = ""
                         ) -> tuple[Config, LM, Tokenizer, StepAnnotator | None]:
-  """(config, model, tokenizer, the semantic step annotator of a CCT run or None)."""
+  """(config, model, tokenizer, the semantic step annotator of a CCT run or None);
+  ``adapter``: a LoRA adapter folded into the run's params."""
   workdir = check_workdir(workdir)
   tokenizer_path = workdir / "tokenizer.model"
   if not tokenizer_path.exists():
     raise ConfigError(f"{tokenizer_path}: missing; generation needs the run's tokenizer")
   tokenizer = Tokenizer(tokenizer_path)
-  cfg, graphdef, params, _, _ = load_trained(workdir, overrides,
-                                             log=lambda m: print(m, file=sys.stderr))
+  log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+  cfg, graphdef, params, _, _ = load_trained(workdir, overrides, log=log)
+  if adapter:
+    params = lora_files.apply_adapter(adapter, cfg, params, tokenizer.sha256, log=log)
   return cfg, nnx.merge(graphdef, params), tokenizer, semantic_annotator(cfg, tokenizer)
 
 
 def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
                   temperature: float, top_p: float, seed: int, stop_at_eos: bool = True,
-                  overrides: list[str] = (), hash_chain: str | Path | None = None) -> str:
+                  overrides: list[str] = (), hash_chain: str | Path | None = None,
+                  adapter: str = "") -> str:
   """The generated text (after the prompt). ``hash_chain``: also write the commitment
-  hash chain record (``cct_chain.generation_record``) there (CCT runs)."""
+  hash chain record (``cct_chain.generation_record``) there (CCT runs); ``adapter``: a
+  LoRA adapter folded in (``load_for_generation``)."""
   if hash_chain is not None and not Path(hash_chain).parent.is_dir():
     raise ConfigError(f"--hash-chain: directory {Path(hash_chain).parent} does not exist")
-  cfg, model, tokenizer, annotator = load_for_generation(workdir, overrides)
+  cfg, model, tokenizer, annotator = load_for_generation(workdir, overrides, adapter)
   if hash_chain is not None and cfg.model.mixer.type != "cct":
     raise ConfigError(f"--hash-chain: needs a CCT run (model.mixer.type='cct'), got "
                       f"{cfg.model.mixer.type!r}")
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="override the run's config (e.g. model.dtype=bfloat16)")
   parser.add_argument("--hash-chain", metavar="FILE.json", default=None,
                       help="CCT: write the commitment hash chain of the generation here")
+  parser.add_argument("--adapter", metavar="PATH", default="",
+                      help="fold this LoRA adapter (an adapter directory or an adapter run) "
+                           "into the run's params")
   args = parser.parse_args(argv)
   with user_errors():
     if args.max_new_tokens < 1:
@@ -105,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     diagnostics.library_logs_until_exit(diagnostics.run_log(check_workdir(args.workdir)))
     text = generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         overrides=args.set, hash_chain=args.hash_chain)
+                         overrides=args.set, hash_chain=args.hash_chain,
+                         adapter=args.adapter)
   sys.stdout.write(args.prompt + text + "\n")
 
 

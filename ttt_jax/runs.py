@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import diagnostics, sharding
+from ttt_jax import diagnostics, lora, sharding
 from ttt_jax.config import (Config, flatten, load_config, model_from_dict, save_config,
                             to_dict)
 from ttt_jax.data import corpus as corpus_lib
@@ -51,6 +51,7 @@ from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
 from ttt_jax.training import averaging, optim
 from ttt_jax.training.state import Built, TrainState, abstract_state
+from ttt_jax.training.step import model_params, model_tree
 
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
                  "worker_count": "data.worker_count", "shuffle": "data.shuffle",
@@ -283,6 +284,14 @@ def _check_state_signature(meta: dict[str, Any], cfg: Config, state: Any) -> Non
   first = next((k for k in differing if k.startswith(PARAMS_PREFIX)), differing[0])
   detail = (f"{first}: {saved.get(first, 'absent')} in the checkpoint, "
             f"{current.get(first, 'absent')} here")
+  saved_lora = lora.BASE in _extra_names(saved)
+  if saved_lora != (lora.BASE in _extra_names(current)):
+    raise CheckpointError(
+        f"lora.enabled: the checkpoint was written with lora.enabled={str(saved_lora).lower()}"
+        f"; resume with that or use a new --workdir (--init-from to start from its params)")
+  if saved_lora and first.startswith(PARAMS_PREFIX):
+    raise CheckpointError(f"lora: the checkpoint's adapters differ from this run's ({detail}); "
+                          "resume with its lora.rank and lora.targets or use a new --workdir")
   if first.startswith(PARAMS_PREFIX):
     raise CheckpointError(
         f"model: the checkpoint's parameters are laid out differently from this model's "
@@ -352,11 +361,15 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
       other.close()
     log(f"initialised from {directory}/{step}: params, optimizer state and data position")
     return restored.state, restored.step
+  # with lora.enabled the source's params are the frozen base the adapters train on
   step, params, _ = ckpt_lib.load_params(
-      source, ckpt_lib.with_shardings(state.params, built.state_shardings.params),
+      source, ckpt_lib.with_shardings(model_tree(cfg, state),
+                                      model_tree(cfg, built.state_shardings)),
       check=lambda meta: check_compatible(meta, cfg, vocab_size,
                                           tokenizer_hash=stream["tokenizer_hash"]))
   log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
+  if cfg.lora.enabled:
+    return state._replace(extras={**state.extras, lora.BASE: params}), 0
   return state._replace(params=params), 0
 
 
@@ -458,12 +471,11 @@ def _newest_meta(ckpt: ckpt_lib.Checkpointer, workdir: Path) -> dict[str, Any]:
   raise CheckpointError(f"{workdir}: no checkpoint with readable metadata")
 
 
-def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
-                 weights: str = averaging.RAW):
-  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``;
-  ``weights`` 'ema' / 'swa' gives that average of the params (``averaging.weights``).
-  The config reads text with the run's own ``tokenizer.model`` whatever ``data.corpus``
-  is; an explicit ``data.tokenizer`` override must be the same model."""
+def restore_newest(workdir: str | Path, overrides: list[str] = (), log=print,
+                   data_iter: Any | None = None):
+  """(config, graphdef, restored train state, mesh) of the newest usable checkpoint in
+  ``workdir``, read as ``load_trained`` reads it; ``data_iter`` is moved to its data
+  position when given."""
   workdir = check_workdir(workdir)
   if not (workdir / "config.yaml").exists():
     raise ConfigError(f"{workdir}: no config.yaml here; is this a ttt_jax run directory?")
@@ -481,9 +493,22 @@ def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
     restored = ckpt.restore_latest(
-        ckpt_lib.with_shardings(abstract, shardings), None, log=log,
+        ckpt_lib.with_shardings(abstract, shardings), data_iter, log=log,
         check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))
   if restored is None:
     raise CheckpointError(f"{workdir}: no usable checkpoint")
+  return cfg, graphdef, restored, mesh
+
+
+def load_trained(workdir: str | Path, overrides: list[str] = (), log=print,
+                 weights: str = averaging.RAW):
+  """(config, graphdef, params, step, mesh) of the newest usable checkpoint in ``workdir``;
+  ``weights`` 'ema' / 'swa' gives that average of the params (``averaging.weights``).
+  The config reads text with the run's own ``tokenizer.model`` whatever ``data.corpus``
+  is; an explicit ``data.tokenizer`` override must be the same model. An adapter run's
+  (``lora.enabled``) params are its adapters folded into its base."""
+  cfg, graphdef, restored, mesh = restore_newest(workdir, overrides, log)
   params = averaging.weights(restored.state.params, restored.state.opt_state, weights)
+  if cfg.lora.enabled:
+    params = model_params(cfg, restored.state._replace(params=params))
   return cfg, graphdef, params, restored.step, mesh

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import diagnostics, distributed, host_memory, runs, sharding
+from ttt_jax import diagnostics, distributed, host_memory, lora, runs, sharding
 from ttt_jax import metrics as metrics_lib
 from ttt_jax.config import Config, load_config, to_yaml
 from ttt_jax.data import corpus as corpus_lib
@@ -69,8 +69,11 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       extras_shardings=None if skip_extras is None else {
           name: sharding.replicated(mesh) for name in skip_extras})
   n_params = lm.count_params(built.state.params)
-  log(f"model: {n_params / 1e6:.2f}M params, mixer={cfg.model.mixer.type}, "
-      f"residual={cfg.model.residual.type}, optimizer={cfg.optim.name}")
+  log(f"model: {lm.count_params(step_lib.model_tree(cfg, built.state)) / 1e6:.2f}M params, "
+      f"mixer={cfg.model.mixer.type}, residual={cfg.model.residual.type}, "
+      f"optimizer={'adamw (lora)' if cfg.lora.enabled else cfg.optim.name}")
+  if cfg.lora.enabled:  # n_params counts the adapters: what trains; the base is frozen
+    log(lora.summary_line(cfg.lora, lora.find_targets(cfg.lora, built.state.extras[lora.BASE])))
   train_step, eval_step = step_lib.jit_train_step(built), step_lib.jit_eval_step(built)
   data_iter = iter(dataset)
   eval_batches = [sharding.put_batch(b, mesh) for b in eval_batches]
@@ -128,7 +131,7 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     evaluation = loop.Evaluation(
         lambda s: averaging.evaluate_each(
             lambda params: eval_lm.evaluate(eval_step, params, eval_batches, piece_bytes),
-            s.params, s.opt_state, averaging.eval_weights(cfg)), writer,
+            step_lib.model_params(cfg, s), s.opt_state, averaging.eval_weights(cfg)), writer,
         every=cfg.train.eval_every, final_step=cfg.train.steps, log=log)
     checkpoint = loop.Checkpoint(ckpt, data_iter, run_meta, every=cfg.checkpoint.every,
                                  log=log)

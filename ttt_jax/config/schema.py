@@ -576,6 +576,37 @@ class QuantConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  enabled: bool = False
+  """Train low-rank adapters on a frozen base instead of the params (``ttt_jax.lora``):
+  each targeted weight W becomes W + (alpha / rank) * A @ B. The train state's params
+  are the adapters (AdamW with optim.lr and its schedule, weight decay 0, never Muon),
+  the base lives in its extras; start from a trained run with --init-from BASE."""
+  rank: int = 16
+  """r: the inner dimension of A [batch..., in, r] and B [batch..., r, out]."""
+  alpha: float = 32.0
+  """The adapter's scale is alpha / rank."""
+  targets: tuple[str, ...] = (r"mixer/(wq|wk|wv|wo)$", r"mlp/(w_gate|w_up|w_down)$")
+  """Regular expressions searched in each weight's '/'-joined path (e.g.
+  'blocks/mixer/wq'); every weight matrix a pattern matches gets an adapter. Defaults:
+  the mixer's q/k/v/o projections (attention, TTT-Linear, CCT) and the FFN's three."""
+  init_std: float = 0.02
+  """A ~ N(0, init_std^2); B = 0, so a fresh adapter leaves the model unchanged."""
+
+  def __post_init__(self):
+    check_positive("lora", self, "rank", "alpha")
+    check_non_negative("lora", self, "init_std")
+    if not self.targets:
+      raise ConfigError("lora.targets: must name at least one pattern")
+    for pattern in self.targets:
+      try:
+        re.compile(pattern)
+      except re.error as error:
+        raise ConfigError(f"lora.targets: {pattern!r} is not a regular expression ({error})"
+                          ) from None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   """Model architecture."""
@@ -597,6 +628,8 @@ class Config:
   """Logging and profiling."""
   quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
   """Late quantization-aware training (export: ``python -m ttt_jax.export``)."""
+  lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+  """Low-rank adapters trained on a frozen base (``ttt_jax.lora``)."""
 
   def __post_init__(self):
     if self.train.batch_size % self.optim.grad_accum_steps:
@@ -612,6 +645,9 @@ class Config:
     if wanted and not any(enabling[w][1] for w in wanted):
       raise ConfigError(f"eval.weights: {self.eval.weights!r} needs "
                         f"{' or '.join(enabling[w][0] for w in wanted)} > 0")
+    if self.lora.enabled and (self.optim.ema_decay or self.optim.swa_every):
+      raise ConfigError("lora.enabled: weight averaging (optim.ema_decay, optim.swa_every) "
+                        "of adapters is not supported; set both to 0")
     for key, stride in (("eval.stride", self.eval.stride),
                         ("ttt_eval.stride", self.ttt_eval.stride)):
       if stride > self.data.seq_len:

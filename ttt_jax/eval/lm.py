@@ -31,6 +31,7 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
 from ttt_jax.errors import ConfigError
 from ttt_jax.eval import sliding, tasks
+from ttt_jax.lora import files as lora_files
 from ttt_jax.training.step import make_eval_step
 
 
@@ -113,14 +114,18 @@ class Loaded(NamedTuple):
 
 
 def load_weights(workdir: Path, overrides: list[str], weights: str = tasks.RAW_WEIGHTS,
-                 artifact: str = "") -> Loaded:
+                 artifact: str = "", adapter: str = "") -> Loaded:
   """The newest usable checkpoint of ``workdir`` (``runs.load_trained``: read with the
   run's own tokenizer) and its validation text: its params as trained ('raw'), the run's
   'ema' / 'swa' average, or with ``artifact`` that quantized artifact (``python -m
-  ttt_jax.export``) dequantized."""
+  ttt_jax.export``) dequantized; ``adapter``: an adapter folded into them
+  (``lora.files.apply_adapter``)."""
   if artifact and weights != tasks.RAW_WEIGHTS:
     raise ConfigError(f"--weights {weights}: an --artifact holds its own weights; "
                       "export the average instead")
+  if artifact and adapter:
+    raise ConfigError("--adapter: an --artifact holds its own weights; merge the adapter "
+                      "(python -m ttt_jax.lora merge) and export that run instead")
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   quantized = quant.read_artifact(artifact) if artifact else None  # refused before loading
   cfg, graphdef, params, step, mesh = runs.load_trained(workdir, overrides, log=log,
@@ -129,27 +134,34 @@ def load_weights(workdir: Path, overrides: list[str], weights: str = tasks.RAW_W
   if quantized is not None:
     params, step = quant.artifact_params(quantized, params, corpus.meta.get("tokenizer_hash"))
     weights = f"artifact {artifact}"
+  if adapter:
+    params = lora_files.apply_adapter(adapter, cfg, params, corpus.meta.get("tokenizer_hash"),
+                                      log=log)
+    weights = f"{weights} + adapter {adapter}"
   return Loaded(cfg, graphdef, params, step, mesh, corpus, weights)
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-  """``--batches``, ``--weights`` and ``--artifact`` (``load_weights``)."""
+  """``--batches``, ``--weights``, ``--artifact`` and ``--adapter`` (``load_weights``)."""
   tasks.add_batches_argument(parser)
   parser.add_argument("--weights", choices=("raw", "ema", "swa"), default=tasks.RAW_WEIGHTS,
                       help="the params as trained, or the run's EMA / SWA average")
   parser.add_argument("--artifact", default="", help="score this quantized artifact "
                       "(python -m ttt_jax.export) instead of the newest checkpoint")
+  parser.add_argument("--adapter", default="", metavar="PATH", help="fold this LoRA "
+                      "adapter (an adapter directory or an adapter run) into the weights")
 
 
 def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
-                weights: str = tasks.RAW_WEIGHTS, artifact: str = "") -> dict[str, Any]:
+                weights: str = tasks.RAW_WEIGHTS, artifact: str = "",
+                adapter: str = "") -> dict[str, Any]:
   """``evaluate`` of ``load_weights``'s weights on the validation batches of
   ``data.corpus`` (``batches`` of them; 0: ``eval.batches``), with what was scored
   (``run_record``). With ``eval.stride`` below ``data.seq_len``, by sliding windows over
   the tokens those batches cover (``sliding.evaluate``), also giving the scored
   ``tokens`` and ``bytes``."""
   cfg, graphdef, params, step, mesh, corpus, weights = load_weights(workdir, overrides,
-                                                                    weights, artifact)
+                                                                    weights, artifact, adapter)
   batch_size = cfg.eval.batch_size or cfg.train.batch_size
   stride = cfg.eval.stride or cfg.data.seq_len
   if stride == cfg.data.seq_len:  # the train loop's evaluation, bit for bit
@@ -167,7 +179,7 @@ def evaluate_lm(workdir: Path, overrides: list[str], batches: int,
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
   return evaluate_lm(Path(args.workdir), args.set, tasks.batches(args), args.weights,
-                     args.artifact)
+                     args.artifact, args.adapter)
 
 
 LM = tasks.register(tasks.EvalTask("lm", _run, add_weights_arguments))

@@ -190,11 +190,12 @@ def evaluate(cfg: Config, graphdef: nnx.GraphDef, params: Any, vocab_size: int,
 
 
 def evaluate_run(workdir: Path, overrides: list[str], batches: int,
-                 weights: str = tasks.RAW_WEIGHTS, artifact: str = "") -> dict[str, Any]:
+                 weights: str = tasks.RAW_WEIGHTS, artifact: str = "",
+                 adapter: str = "") -> dict[str, Any]:
   """``evaluate`` on ``eval_lm.load_weights``'s weights of ``workdir`` (raw, its EMA / SWA
-  average or a dequantized artifact), over the validation stream of ``batches`` batches
-  (0: ``eval.batches``) or ``ttt_eval.max_tokens`` tokens."""
-  loaded = eval_lm.load_weights(workdir, overrides, weights, artifact)
+  average or a dequantized artifact, with ``adapter`` folded in), over the validation
+  stream of ``batches`` batches (0: ``eval.batches``) or ``ttt_eval.max_tokens`` tokens."""
+  loaded = eval_lm.load_weights(workdir, overrides, weights, artifact, adapter)
   cfg, corpus = loaded.cfg, loaded.corpus
   stream = eval_lm.val_stream(cfg, corpus, loaded.mesh, batches, cfg.ttt_eval.max_tokens)
   result = evaluate(cfg, loaded.graphdef, loaded.params, corpus.vocab_size, stream)
@@ -204,7 +205,7 @@ def evaluate_run(workdir: Path, overrides: list[str], batches: int,
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
   return evaluate_run(Path(args.workdir), args.set, tasks.batches(args), args.weights,
-                      args.artifact)
+                      args.artifact, args.adapter)
 
 
 TTT = tasks.register(tasks.EvalTask("ttt", _run, eval_lm.add_weights_arguments))

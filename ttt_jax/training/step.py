@@ -21,6 +21,10 @@ and counts itself in the state's extra tree ``skipped_steps``.
 Late QAT (``quant.qat_lr_ratio`` > 0): the model is merged from ``quant.qat_transform``'s
 params, the matrices fake-quantized once the lr falls under the ratio (a traced switch,
 no recompilation), and the step reports it as ``qat_active``.
+
+LoRA (``lora.enabled``): the state's params are the adapters and the model is merged
+from ``lora.merge(extras[lora.BASE], adapters)`` (before QAT's transform), so only the
+adapters get gradients and updates; ``model_params`` gives that merge for evaluation.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ttt_jax import quant, sharding
+from ttt_jax import lora, quant, sharding
 from ttt_jax.config import Config
 from ttt_jax.models import lm
 from ttt_jax.training import objectives
@@ -80,6 +84,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
                       state.extras)
 
     def loss_fn(params):
+      if cfg.lora.enabled:  # the adapters folded into the frozen base
+        params = lora.merge(ctx.extras[lora.BASE], params, cfg.lora)
       qat_metrics = {}
       if qat is not None:  # the matrices fake-quantized once past the switch step
         params, qat_on = qat(params, ctx.step)
@@ -119,6 +125,20 @@ def jit_train_step(built: Built, objective: Objective | None = None):
                  donate_argnums=0)
 
 
+def model_params(cfg: Config, state: TrainState) -> nnx.State:
+  """The params the model is merged from: ``state.params``, or with ``lora.enabled`` the
+  base with the adapters folded in."""
+  if cfg.lora.enabled:
+    return lora.merge(state.extras[lora.BASE], state.params, cfg.lora)
+  return state.params
+
+
+def model_tree(cfg: Config, state: TrainState) -> Any:
+  """The model's own params in a train state (of arrays, shapes or shardings): with
+  ``lora.enabled`` the frozen base, else the params."""
+  return state.extras[lora.BASE] if cfg.lora.enabled else state.params
+
+
 def make_eval_step(graphdef: nnx.GraphDef):
   """``(params, batch, piece_bytes) -> {nll, tokens, bytes}``: sums over the batch."""
   def eval_step(params: nnx.State, batch: dict[str, jax.Array], piece_bytes: jax.Array):
@@ -131,10 +151,10 @@ def make_eval_step(graphdef: nnx.GraphDef):
 
 
 def jit_eval_step(built: Built):
-  """``make_eval_step`` jitted with the params' shardings and the batch's."""
+  """``make_eval_step`` jitted with the model params' shardings and the batch's."""
   replicated = sharding.replicated(built.mesh)
   return jax.jit(make_eval_step(built.graphdef),
-                 in_shardings=(built.state_shardings.params,
+                 in_shardings=(model_tree(built.cfg, built.state_shardings),
                                sharding.batch_sharding(built.mesh), replicated),
                  out_shardings=replicated)
 
