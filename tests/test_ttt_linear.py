@@ -128,6 +128,20 @@ def test_inner_loss_grad_matches_autodiff():
   assert rel_err(closed, auto) < 1e-5
 
 
+@pytest.mark.parametrize("one_pass, offset, atol", [(True, 10.0, 2e-4), (False, 1e3, 3e-4)])
+def test_layer_norm_matches_a_float64_reference(one_pass, offset, atol):
+  # one_pass (σ² = E[x²] - μ², the scan body's inner LayerNorms) is accurate while the mean
+  # is moderate next to the spread; the default (mean, then centred mean square) for any.
+  rng = np.random.default_rng(0)
+  x = offset + rng.normal(size=(64, 256))
+  scale, bias = 1 + 0.3 * rng.normal(size=256), 0.3 * rng.normal(size=256)
+  centered = x - x.mean(-1, keepdims=True)
+  expected = centered / np.sqrt((centered ** 2).mean(-1, keepdims=True) + 1e-6) * scale + bias
+  got = ttt.layer_norm(*(jnp.asarray(a, jnp.float32) for a in (x, scale, bias)), 1e-6,
+                       one_pass=one_pass)
+  np.testing.assert_allclose(np.asarray(got, np.float64), expected, atol=atol)
+
+
 @pytest.mark.parametrize("length", [37, 5])
 def test_dual_matches_anchored_primal_fp32(length):
   """Whole mini-batches plus a remainder mini-batch, and less than one mini-batch."""

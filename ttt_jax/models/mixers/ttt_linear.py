@@ -32,15 +32,20 @@ Per head h (H heads of width K; the head index is dropped below), token x_t in R
   Dual form (appendix A): with g from one LN forward/backward at the anchor,
       Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G,   E_ij = s_i η_j [j ≤ i]
       W' = W - Kᵀ (e ∘ G),  b' = b - eᵀ G,  e_j = E_{m-1, j}
-  only matmuls. Layout of the computation: q, k, v, η are cut into mini-batches once
-  (one transposing copy each); a ``jax.lax.scan`` carries the fp32 state and its body
-  forms everything of one mini-batch (G, E ∘ (Q Kᵀ + 1), Z, out = q + LN(Z) and the
-  update), so no per-mini-batch tensor is materialised for the whole sequence and each
-  one is read back while it is still in cache. The backward recomputes each mini-batch
-  from its anchor and inputs (the scan saves nothing else): on CPU, re-running the small
-  matmuls is cheaper than storing and re-reading their intermediates. Groups of
-  ``remat_group`` mini-batches can in addition be rematerialised from the group's first
-  anchor (less memory, one more forward). A remainder mini-batch (T mod b tokens) is
+  only matmuls. Layout of the computation: q, k, v, η are cut into mini-batches once,
+  token-major ([n, B, b, H, K]: one copy each, which also applies RoPE to q and k and
+  forms v - k); a ``jax.lax.scan`` carries the fp32 state and its body brings one
+  mini-batch to head-major order and forms everything of it (G, E ∘ (Q Kᵀ + 1), Z,
+  out = q + LN(Z) and the update), so no per-mini-batch tensor is materialised for the
+  whole sequence and each one is read back while it is still in cache. At these sizes
+  XLA:CPU's cost is per op, not per FLOP, so the body is written to be few ops in
+  sequence (e.g. the inner LayerNorms' statistics E[x] and E[x²] are two independent
+  reductions, not mean then variance), and LN_post runs on the mini-batch layout, fused
+  into the copy of the outputs back to sequence order. The backward recomputes each
+  mini-batch from its anchor and inputs (the scan saves nothing else): on CPU, re-running
+  the small matmuls is cheaper than storing and re-reading their intermediates. Groups
+  of ``remat_group`` mini-batches can in addition be rematerialised from the group's
+  first anchor (less memory, one more forward). A remainder mini-batch (T mod b tokens) is
   padded with η = 0 tokens and left open (anchor + running sums) at the end.
 
   Output: y = (gelu(x θ_G) ∘) LN_post(concat_h out_h) θ_O  (gate: Mamba backbone only).
@@ -237,12 +242,38 @@ class TTTSpec:
 # ----------------------------------------------------------------------------- inner model
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-  """LayerNorm over the last axis in float32 (scale and bias broadcast against x)."""
+def _means(*xs: jax.Array) -> tuple[jax.Array, ...]:
+  """The means over the last axis (keepdims) of arrays computed from the same inputs, as
+  independent reductions (none waits for another's result; XLA fuses each one's
+  elementwise producer into it). At the sizes of a mini-batch a reduction costs its
+  kernel's fixed cost, so the number of them in sequence is what counts."""
+  return tuple(jnp.mean(x, axis=-1, keepdims=True) for x in xs)
+
+
+def _normalize(x: jax.Array, eps: float, one_pass: bool) -> tuple[jax.Array, jax.Array]:
+  """(x̂ = (x - μ)/σ, 1/σ) over the last axis, float32. ``one_pass``: σ² = E[x²] - μ², the
+  two means independent reductions (fewer ops in sequence, for the scan body; accurate
+  while |μ| is not orders of magnitude above σ, which holds for the inner model's z: the
+  LN gradients that train it have zero mean, so nothing gives z a mean). Otherwise the
+  mean, then the mean square of x - μ."""
   x = x.astype(F32)
-  centered = x - jnp.mean(x, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + eps)
-  return centered * rstd * scale.astype(F32) + bias.astype(F32)
+  if one_pass:
+    mean, mean_square = _means(x, jnp.square(x))
+    variance = jnp.maximum(mean_square - jnp.square(mean), 0.0)
+    centered = x - mean
+  else:
+    centered = x - jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(variance + eps)
+  return centered * rstd, rstd
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, *,
+               one_pass: bool = False) -> jax.Array:
+  """LayerNorm over the last axis in float32 (scale and bias broadcast against x);
+  ``one_pass`` as in ``_normalize``."""
+  x_hat, _ = _normalize(x, eps, one_pass)
+  return x_hat * scale.astype(F32) + bias.astype(F32)
 
 
 def inner_loss(z: jax.Array, target: jax.Array, ln_scale: jax.Array, ln_bias: jax.Array
@@ -258,15 +289,11 @@ def inner_loss_grad(z: jax.Array, target: jax.Array, ln_scale: jax.Array,
       x̂ = (z - μ)/σ,  r = γ x̂ + β - target,  u = γ r
       g = (u - mean(u) - x̂ mean(u x̂)) / σ
   """
-  z = z.astype(F32)
-  centered = z - jnp.mean(z, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centered), axis=-1, keepdims=True) + INNER_LN_EPS)
-  x_hat = centered * rstd
+  x_hat, rstd = _normalize(z, INNER_LN_EPS, one_pass=True)
   scale = ln_scale.astype(F32)
-  residual = scale * x_hat + ln_bias.astype(F32) - target
-  u = scale * residual
-  return rstd * (u - jnp.mean(u, axis=-1, keepdims=True)
-                 - x_hat * jnp.mean(u * x_hat, axis=-1, keepdims=True))
+  u = scale * (scale * x_hat + ln_bias.astype(F32) - target)
+  mean_u, mean_ux = _means(u, u * x_hat)
+  return rstd * (u - mean_u - x_hat * mean_ux)
 
 
 def position_scales(inner: InnerParams) -> jax.Array:
@@ -328,16 +355,21 @@ def minibatch_layout(batch: int, length: int, mini_batch: int,
 
 class MiniBatches(NamedTuple):
   """The inputs of n mini-batches of m tokens in the scan's layout (leading axis n). The
-  scan body sees one mini-batch and forms everything else from it, so nothing of size
-  n x (per-mini-batch work) is materialised outside the scan."""
-  q_NxBxHxMxK: jax.Array
+  per-token arrays keep the token-major order of the sequence ([N, B, M, H, ...]: one
+  copy swaps B and N); the scan body brings each mini-batch to head-major order itself,
+  inside the op that slices it out. RoPE and v - k are applied in those copies; the body
+  forms everything else of one mini-batch, so nothing of size n x (per-mini-batch work)
+  is materialised outside the scan."""
+  q_NxBxMxHxK: jax.Array
   """Queries (compute dtype)."""
-  k_NxBxHxMxK: jax.Array
+  k_NxBxMxHxK: jax.Array
   """Keys (compute dtype)."""
-  v_NxBxHxMxK: jax.Array
-  """Values (compute dtype)."""
-  eta_NxBxHxM: jax.Array
+  target_NxBxMxHxK: jax.Array
+  """v - k, the inner model's regression target, float32."""
+  eta_NxBxMxH: jax.Array
   """Inner learning rates η_j, float32."""
+  eta_last_NxBxMxH: jax.Array
+  """e_j: η_j where token j's update reaches the mini-batch's last token, else 0; float32."""
   scale_NxBxM: jax.Array
   """s at each token's position inside its mini-batch fragment, float32."""
   segment_ids_NxBxM: jax.Array | None
@@ -346,6 +378,27 @@ class MiniBatches(NamedTuple):
   """Token continues the carried state (else its anchor is (W0, b0)); None: all do."""
   commit_N: jax.Array | None
   """Traced: whether the mini-batch closes at its last slot; None: the caller's static choice."""
+
+
+def minibatch_inputs(q_NxBxMxHxK: jax.Array, k_NxBxMxHxK: jax.Array, v_NxBxMxHxK: jax.Array,
+                     eta_NxBxMxH: jax.Array, scale_NxBxM: jax.Array,
+                     rope_theta: float | None = None, rel_NxBxM: jax.Array | None = None,
+                     segment_ids_NxBxM: jax.Array | None = None,
+                     continues_NxBxM: jax.Array | None = None,
+                     commit_N: jax.Array | None = None) -> MiniBatches:
+  """The scan's inputs from the chunked q, k, v, η; with ``rope_theta``, q and k are
+  rotated at ``rel`` (None: slots 0..b-1) here, in the copies that chunk them."""
+  if rope_theta is not None:
+    m = q_NxBxMxHxK.shape[2]
+    q_NxBxMxHxK, k_NxBxMxHxK = (minibatch_rope(x, rel_NxBxM, m, rope_theta)
+                                for x in (q_NxBxMxHxK, k_NxBxMxHxK))
+  last_visible_NxBxMx1 = True
+  if segment_ids_NxBxM is not None:
+    last_visible_NxBxMx1 = (segment_ids_NxBxM == segment_ids_NxBxM[..., -1:])[..., None]
+  return MiniBatches(
+      q_NxBxMxHxK, k_NxBxMxHxK, v_NxBxMxHxK.astype(F32) - k_NxBxMxHxK.astype(F32),
+      eta_NxBxMxH, jnp.where(last_visible_NxBxMx1, eta_NxBxMxH, 0.0), scale_NxBxM,
+      segment_ids_NxBxM, continues_NxBxM, commit_N)
 
 
 def chunked_scales(inner: InnerParams, n: int, batch: int, m: int,
@@ -358,10 +411,8 @@ def chunked_scales(inner: InnerParams, n: int, batch: int, m: int,
 
 
 def mixing_matrix(q_BxHxMxK: jax.Array, k_BxHxMxK: jax.Array, eta_BxHxM: jax.Array,
-                  scale_BxM: jax.Array, segment_ids_BxM: jax.Array | None
-                  ) -> tuple[jax.Array, jax.Array]:
-  """E ∘ (Q Kᵀ + 1) [B, H, M, M] with E_ij = s_i η_j [j ≤ i, same document], float32,
-  and e_j = E_{m-1, j} / s_{m-1}: η_j where token j's update reaches the last token."""
+                  scale_BxM: jax.Array, segment_ids_BxM: jax.Array | None) -> jax.Array:
+  """E ∘ (Q Kᵀ + 1) [B, H, M, M] with E_ij = s_i η_j [j ≤ i, same document], float32."""
   m = q_BxHxMxK.shape[2]
   visible = jnp.tril(jnp.ones((m, m), bool))                                   # [M, M]
   if segment_ids_BxM is not None:
@@ -369,10 +420,8 @@ def mixing_matrix(q_BxHxMxK: jax.Array, k_BxHxMxK: jax.Array, eta_BxHxM: jax.Arr
     visible = (visible & same_BxMxM)[:, None]                                  # [B,1,M,M]
   scores = jnp.einsum("bhik,bhjk->bhij", q_BxHxMxK, k_BxHxMxK,
                       preferred_element_type=F32) + 1.0                        # C2
-  mix = jnp.where(visible, scale_BxM[:, None, :, None] * eta_BxHxM[:, :, None, :] * scores,
-                  0.0)
-  eta_last = jnp.where(visible[..., -1, :], eta_BxHxM, 0.0)
-  return mix, eta_last
+  return jnp.where(visible, scale_BxM[:, None, :, None] * eta_BxHxM[:, :, None, :] * scores,
+                   0.0)
 
 
 def anchor_affine(inner: InnerParams, fast: FastWeights, x_BxHxMxK: jax.Array,
@@ -394,24 +443,24 @@ def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
                    ) -> tuple[FastWeights, jax.Array]:
   """One mini-batch of the dual form (``mb`` without its n axis): the inner gradients G
   at the anchor, the outputs and the state after the mini-batch. Returns (new state,
-  out [B, H, M, K] in the compute dtype).
+  out [B, M, H, K] in the compute dtype).
 
   ``partial``: the incoming running sums may be non-zero (a mini-batch continued from a
   cache). ``commit``: close the mini-batch (W <- W - s_last Σ, sums <- 0) or keep the
   anchor and the sums; ``mb.commit_N``, when given, decides instead (traced).
   """
-  q, k = mb.q_NxBxHxMxK, mb.k_NxBxHxMxK
+  head_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, M, H, ...] -> [B, H, M, ...]
+  q, k = head_major(mb.q_NxBxMxHxK), head_major(mb.k_NxBxMxHxK)
   dtype = q.dtype
   ln_scale, ln_bias = inner.ln_scale_HxK[None, :, None, :], inner.ln_bias_HxK[None, :, None, :]
   continues_BxM = mb.continues_NxBxM
   scale_BxM = mb.scale_NxBxM
   # G: one LN forward/backward at the anchor (C3).
-  target = mb.v_NxBxHxMxK.astype(F32) - k.astype(F32)
-  g_BxHxMxK = inner_loss_grad(anchor_affine(inner, fast, k, continues_BxM), target,
-                              ln_scale, ln_bias)
+  g_BxHxMxK = inner_loss_grad(anchor_affine(inner, fast, k, continues_BxM),
+                              head_major(mb.target_NxBxMxHxK), ln_scale, ln_bias)
   # Z = Q W + b - (E ∘ (Q Kᵀ + 1)) G, out = q + LN(Z) (C3, C4).
-  mix_BxHxMxM, eta_last_BxHxM = mixing_matrix(q, k, mb.eta_NxBxHxM, scale_BxM,
-                                              mb.segment_ids_NxBxM)
+  mix_BxHxMxM = mixing_matrix(q, k, head_major(mb.eta_NxBxMxH), scale_BxM,
+                              mb.segment_ids_NxBxM)
   z = anchor_affine(inner, fast, q, continues_BxM) - jnp.einsum(
       "bhij,bhjl->bhil", mix_BxHxMxM, g_BxHxMxK)
   if partial:  # the open mini-batch's earlier tokens, through the running sums
@@ -420,15 +469,20 @@ def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
     if continues_BxM is not None:
       carried = jnp.where(continues_BxM[:, None, :, None], carried, 0.0)
     z = z - scale_BxM[:, None, :, None] * carried
-  out = (q.astype(F32) + layer_norm(z, ln_scale, ln_bias, INNER_LN_EPS)).astype(dtype)
-  # Running sums of the last token's fragment, on top of its anchor's.
-  # Kᵀ(e ∘ G) with Kᵀ materialised first (the barrier keeps XLA from folding the
-  # transpose back into the matmul): XLA:CPU's fast matmul path wants the contracted axis
-  # last on the left operand.
-  weighted_kt_BxHxKxM = jax.lax.optimization_barrier(
-      jnp.swapaxes(k.astype(F32) * eta_last_BxHxM[..., None], 2, 3))
-  grad_w = jnp.einsum("bhkm,bhml->bhkl", weighted_kt_BxHxKxM, g_BxHxMxK)
-  grad_b = jnp.sum(eta_last_BxHxM[..., None] * g_BxHxMxK, axis=2)
+  out = (q.astype(F32) + layer_norm(z, ln_scale, ln_bias, INNER_LN_EPS, one_pass=True)
+         ).astype(dtype)
+  out_BxMxHxK = head_major(out)
+  # Running sums of the last token's fragment, on top of its anchor's: Kᵀ(e ∘ G) and
+  # eᵀ G, as one matmul [(e ∘ K)ᵀ; eᵀ] G. The left operand [B, H, K+1, M] is materialised
+  # in one pass from the token-major keys (the barrier keeps XLA from folding the
+  # transpose into the matmul): XLA:CPU's fast matmul path wants the contracted axis last
+  # on the left operand.
+  eta_last_BxMxHx1 = mb.eta_last_NxBxMxH[..., None]
+  weighted_kt_BxHxK1xM = jax.lax.optimization_barrier(jnp.transpose(jnp.concatenate(
+      [mb.k_NxBxMxHxK.astype(F32) * eta_last_BxMxHx1, eta_last_BxMxHx1], axis=-1),
+      (0, 2, 3, 1)))
+  grads = jnp.einsum("bhkm,bhml->bhkl", weighted_kt_BxHxK1xM, g_BxHxMxK)
+  grad_w, grad_b = grads[:, :, :-1], grads[:, :, -1]
   anchor = fast
   if continues_BxM is not None:
     anchor = _select_rows(continues_BxM[:, -1], fast,
@@ -438,14 +492,14 @@ def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
     grad_b = grad_b + anchor.grad_b_BxHxK
   pending = FastWeights(anchor.w_BxHxKxK, anchor.b_BxHxK, grad_w, grad_b)
   if mb.commit_N is None and not commit:
-    return pending, out
+    return pending, out_BxMxHxK
   scale_last_B = scale_BxM[:, -1]
   committed = FastWeights(anchor.w_BxHxKxK - scale_last_B[:, None, None, None] * grad_w,
                           anchor.b_BxHxK - scale_last_B[:, None, None] * grad_b,
                           jnp.zeros_like(grad_w), jnp.zeros_like(grad_b))
   if mb.commit_N is not None:
     committed = jax.tree.map(lambda c, p: jnp.where(mb.commit_N, c, p), committed, pending)
-  return committed, out
+  return committed, out_BxMxHxK
 
 
 def scan_minibatches(body: Callable, carry, xs, remat_group: int):
@@ -476,7 +530,7 @@ def run_minibatches(inner: InnerParams, fast: FastWeights, mbs: MiniBatches, *,
                     commit: bool = True, partial: bool = False, remat_group: int = 0
                     ) -> tuple[FastWeights, jax.Array]:
   """Scans ``minibatch_step`` over the n mini-batches: (state after them, out
-  [N, B, H, M, K] compute dtype)."""
+  [N, B, M, H, K] compute dtype)."""
   body = lambda fast, mb: minibatch_step(inner, fast, mb, commit=commit, partial=partial)
   # The backward recomputes each mini-batch from its anchor and inputs (all the scan
   # saves): cheaper than storing and re-reading its intermediates.
@@ -485,26 +539,33 @@ def run_minibatches(inner: InnerParams, fast: FastWeights, mbs: MiniBatches, *,
   return scan_minibatches(body, fast, mbs, remat_group)
 
 
-def _to_chunks(x_BxTx: jax.Array, n: int, size: int, time_axis_to: int) -> jax.Array:
-  """[B, n*size, ...] -> [n, B, ...]: n chunks whose time axis sits at index
-  ``time_axis_to`` of the per-chunk array (2 for [B, H, M, K] and [B, H, M], 1 for [B, M])."""
+def _to_chunks(x_BxTx: jax.Array, n: int, size: int) -> jax.Array:
+  """[B, n*size, ...] -> [n, B, size, ...]."""
   batch = x_BxTx.shape[0]
-  chunks = x_BxTx.reshape((batch, n, size) + x_BxTx.shape[2:])
-  chunks = jnp.moveaxis(chunks, 1, 0)                      # [n, B, size, ...]
-  return jnp.moveaxis(chunks, 2, time_axis_to + 1)
+  return jnp.moveaxis(x_BxTx.reshape((batch, n, size) + x_BxTx.shape[2:]), 1, 0)
 
 
-def _from_chunks(out_NxBxHxMxK: jax.Array) -> jax.Array:
-  """[n, B, H, M, K] -> [B, n*M, H, K]."""
-  n, batch, heads, m, k = out_NxBxHxMxK.shape
-  out_BxHxTxK = jnp.moveaxis(out_NxBxHxMxK, 0, 2).reshape(batch, heads, n * m, k)
-  return jnp.swapaxes(out_BxHxTxK, 1, 2)
+def _from_chunks(x_NxBxMx: jax.Array) -> jax.Array:
+  """[n, B, size, ...] -> [B, n*size, ...]."""
+  n, batch, size = x_NxBxMx.shape[:3]
+  return jnp.moveaxis(x_NxBxMx, 0, 1).reshape((batch, n * size) + x_NxBxMx.shape[3:])
+
+
+def _post_norm(out_NxBxMxHxK: jax.Array, post_norm: tuple[jax.Array, jax.Array] | None
+               ) -> jax.Array:
+  """LN_post over the concatenated heads [n, B, M, N] (None: out unchanged)."""
+  if post_norm is None:
+    return out_NxBxMxHxK
+  x_NxBxMxN = out_NxBxMxHxK.reshape(out_NxBxMxHxK.shape[:3] + (-1,))
+  return layer_norm(x_NxBxMxN, *post_norm, POST_LN_EPS).astype(out_NxBxMxHxK.dtype)
 
 
 def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array,
                     v_BxTxHxK: jax.Array, eta_BxTxH: jax.Array, *, mini_batch: int,
                     remat_group: int = 0, segment_ids_BxT: jax.Array | None = None,
-                    state: TTTState | None = None) -> tuple[jax.Array, TTTState]:
+                    state: TTTState | None = None, rope_theta: float | None = None,
+                    post_norm: tuple[jax.Array, jax.Array] | None = None
+                    ) -> tuple[jax.Array, TTTState]:
   """Anchored mini-batch TTT over a whole sequence in the dual form.
 
   Returns the outputs out_t [B, T, H, K] (compute dtype) and the float32 state after the
@@ -512,7 +573,11 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
   Without ``state`` the rows start at (W0, b0) on the grid's slot 0; a remainder
   mini-batch is padded to b tokens with η = 0 (padding updates nothing; its outputs are
   dropped) and left open. With ``state`` (a cache, no segment ids) the tokens continue
-  its open mini-batch.
+  its open mini-batch. With ``rope_theta``, q and k are first rotated by RoPE at their
+  positions inside their mini-batches (in the same pass that cuts them into mini-batches).
+  With ``post_norm`` = (scale [N], shift [N]) the outputs are LN_post(concat heads out_t)
+  [B, T, N] instead (the layer's post-LayerNorm, applied before the outputs are copied
+  back to sequence order, so the copy and the normalisation are one pass).
   """
   batch, length, _, _ = q_BxTxHxK.shape
   size = mini_batch
@@ -520,55 +585,59 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
     if segment_ids_BxT is not None:
       raise ValueError("ttt_linear_dual: segment_ids cannot be combined with a carried state")
     return _dual_from_state(inner, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_BxTxH, size,
-                            remat_group, state)
+                            remat_group, state, rope_theta, post_norm)
   n_full, remainder = divmod(length, size)
   n_chunks = n_full + (remainder > 0)
   pad = n_chunks * size - length
 
-  def chunks(x, axis):
+  def chunks(x):
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
-    return _to_chunks(x, n_chunks, size, axis)
+    return _to_chunks(x, n_chunks, size)
 
   rel = segments = continues = None
   if segment_ids_BxT is not None:  # padding continues the last document
     segment_ids_BxS = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)), mode="edge")
     rel_BxS, continues_BxS = minibatch_layout(batch, length + pad, size, segment_ids_BxS)
-    rel, continues, segments = (_to_chunks(x, n_chunks, size, 1)
+    rel, continues, segments = (_to_chunks(x, n_chunks, size)
                                 for x in (rel_BxS, continues_BxS, segment_ids_BxS))
-  mbs = MiniBatches(
-      chunks(q_BxTxHxK, 2), chunks(k_BxTxHxK, 2), chunks(v_BxTxHxK, 2),
-      chunks(eta_BxTxH.astype(F32), 2), chunked_scales(inner, n_chunks, batch, size, rel),
-      segments, continues, commit_N=jnp.arange(n_chunks) < n_full if remainder else None)
-  fast, out_NxBxHxMxK = run_minibatches(inner, init_fast_weights(inner, batch), mbs,
+  mbs = minibatch_inputs(
+      chunks(q_BxTxHxK), chunks(k_BxTxHxK), chunks(v_BxTxHxK), chunks(eta_BxTxH.astype(F32)),
+      chunked_scales(inner, n_chunks, batch, size, rel), rope_theta, rel, segments, continues,
+      commit_N=jnp.arange(n_chunks) < n_full if remainder else None)
+  fast, out_NxBxMxHxK = run_minibatches(inner, init_fast_weights(inner, batch), mbs,
                                         remat_group=remat_group)
-  out_BxTxHxK = _from_chunks(out_NxBxHxMxK)[:, :length]
-  return out_BxTxHxK, TTTState(fast, jnp.asarray(remainder, jnp.int32))
+  out_BxTx = _from_chunks(_post_norm(out_NxBxMxHxK, post_norm))[:, :length]
+  return out_BxTx, TTTState(fast, jnp.asarray(remainder, jnp.int32))
 
 
 def _dual_from_state(inner: InnerParams, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_BxTxH,
-                     size: int, remat_group: int, state: TTTState
+                     size: int, remat_group: int, state: TTTState,
+                     rope_theta: float | None,
+                     post_norm: tuple[jax.Array, jax.Array] | None
                      ) -> tuple[jax.Array, TTTState]:
-  """The tokens are placed at slots index.. of a buffer of whole mini-batches; padding
-  slots have η = 0 (no update), and a mini-batch closes only if its last slot is real."""
+  """The tokens are placed at slots index.. of a buffer of whole mini-batches (so a
+  token's slot in its mini-batch is its RoPE position); padding slots have η = 0 (no
+  update), and a mini-batch closes only if its last slot is real."""
   batch, length = q_BxTxHxK.shape[:2]
   offset = state.index
   n_chunks = -(-(length + size - 1) // size)
   span = n_chunks * size
 
-  def place(x, axis):
+  def place(x):
     buffer = jnp.zeros((batch, span) + x.shape[2:], x.dtype)
     buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x, offset, axis=1)
-    return _to_chunks(buffer, n_chunks, size, axis)
+    return _to_chunks(buffer, n_chunks, size)
 
   last_slot_N = jnp.arange(n_chunks, dtype=jnp.int32) * size + size - 1
-  mbs = MiniBatches(place(q_BxTxHxK, 2), place(k_BxTxHxK, 2), place(v_BxTxHxK, 2),
-                    place(eta_BxTxH.astype(F32), 2), chunked_scales(inner, n_chunks, batch, size),
-                    None, None, commit_N=last_slot_N < offset + length)
-  fast, out_NxBxHxMxK = run_minibatches(inner, state.fast, mbs, partial=True,
+  mbs = minibatch_inputs(place(q_BxTxHxK), place(k_BxTxHxK), place(v_BxTxHxK),
+                         place(eta_BxTxH.astype(F32)),
+                         chunked_scales(inner, n_chunks, batch, size), rope_theta,
+                         commit_N=last_slot_N < offset + length)
+  fast, out_NxBxMxHxK = run_minibatches(inner, state.fast, mbs, partial=True,
                                         remat_group=remat_group)
-  out_BxTxHxK = jax.lax.dynamic_slice_in_dim(_from_chunks(out_NxBxHxMxK), offset, length,
-                                             axis=1)
-  return out_BxTxHxK, TTTState(fast, ((offset + length) % size).astype(jnp.int32))
+  out_BxTx = jax.lax.dynamic_slice_in_dim(_from_chunks(_post_norm(out_NxBxMxHxK, post_norm)),
+                                          offset, length, axis=1)
+  return out_BxTx, TTTState(fast, ((offset + length) % size).astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------- primal form
@@ -675,7 +744,7 @@ def inner_learning_rate(lr_logits_BxTxH: jax.Array, bias_H: jax.Array, base_lr: 
 class Projected(NamedTuple):
   """The layer's per-token inputs to the inner model and the output gate."""
   q_BxTxHxK: jax.Array
-  """Queries after the Q conv (mamba) and RoPE, compute dtype."""
+  """Queries after the Q conv (mamba) and RoPE (when asked for), compute dtype."""
   k_BxTxHxK: jax.Array
   v_BxTxHxK: jax.Array
   eta_BxTxH: jax.Array
@@ -686,22 +755,26 @@ class Projected(NamedTuple):
   """The conv input history after these tokens (mamba) or None."""
 
 
-def minibatch_rope(x_BxTxHxK: jax.Array, rel_BxT: jax.Array, spec: TTTSpec) -> jax.Array:
-  """RoPE at the positions inside the mini-batch (``rel``, 0..b-1). The cos and sin of
-  those b positions are a table computed while tracing and gathered at ``rel``, so no
-  cos or sin runs per token (or, once XLA fuses them into their consumers, per element)."""
+def minibatch_rope(x_xMxHxK: jax.Array, rel_xM: jax.Array | None, mini_batch: int,
+                   theta: float) -> jax.Array:
+  """RoPE at the positions inside the mini-batch (``rel``, 0..b-1; None: x's token axis
+  is one whole mini-batch, slots 0..b-1). The cos and sin of those b positions are a
+  table computed while tracing and gathered at ``rel``, so no cos or sin runs per token
+  (or, once XLA fuses them into their consumers, per element)."""
   with jax.ensure_compile_time_eval():
-    angles_MxK2 = rope_angles(jnp.arange(spec.mini_batch)[None], spec.head_dim,
-                              spec.rope_theta)[0]
+    angles_MxK2 = rope_angles(jnp.arange(mini_batch)[None], x_xMxHxK.shape[-1], theta)[0]
     cos_MxK2, sin_MxK2 = jnp.cos(angles_MxK2), jnp.sin(angles_MxK2)
-  return rope_rotate(x_BxTxHxK, cos_MxK2[rel_BxT][:, :, None], sin_MxK2[rel_BxT][:, :, None])
+  if rel_xM is not None:
+    cos_MxK2, sin_MxK2 = cos_MxK2[rel_xM], sin_MxK2[rel_xM]
+  return rope_rotate(x_xMxHxK, cos_MxK2[..., None, :], sin_MxK2[..., None, :])
 
 
 def project_inputs(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
-                   rel_BxT: jax.Array, history_BxPxN: jax.Array | None,
+                   rel_BxT: jax.Array | None, history_BxPxN: jax.Array | None,
                    segment_ids_BxT: jax.Array | None = None) -> Projected:
   """Every input projection (θ_Q, θ_K or θ_QK, θ_V, θ_G, θ_lr; float32 accumulation),
-  then the convs and RoPE at ``rel``."""
+  then the convs and RoPE at ``rel`` (None: no RoPE; the dual form rotates q and k
+  itself, in the copy that cuts them into mini-batches)."""
   batch, length, _ = x_BxTxD.shape
   dtype = x_BxTxD.dtype
   mamba = spec.backbone == "mamba"
@@ -725,21 +798,28 @@ def project_inputs(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
     q_BxTxN, k_BxTxN, v_BxTxN = parts
     history_BxPxN = None
   heads = (batch, length, spec.n_heads, spec.head_dim)
-  q_BxTxHxK = minibatch_rope(q_BxTxN.reshape(heads), rel_BxT, spec)
-  k_BxTxHxK = minibatch_rope(k_BxTxN.reshape(heads), rel_BxT, spec)
+  q_BxTxHxK, k_BxTxHxK = q_BxTxN.reshape(heads), k_BxTxN.reshape(heads)
+  if rel_BxT is not None:
+    q_BxTxHxK = minibatch_rope(q_BxTxHxK, rel_BxT, spec.mini_batch, spec.rope_theta)
+    k_BxTxHxK = minibatch_rope(k_BxTxHxK, rel_BxT, spec.mini_batch, spec.rope_theta)
   eta_BxTxH = inner_learning_rate(lr_logits_BxTxH, params.lr_bias_H, spec.base_lr,
                                   spec.head_dim)
   return Projected(q_BxTxHxK, k_BxTxHxK, v_BxTxN.reshape(heads), eta_BxTxH, gate_BxTxN,
                    history_BxPxN)
 
 
-def output_projection(params: TTTLinearParams, spec: TTTSpec, gate_BxTxN: jax.Array | None,
-                      out_BxTxHxK: jax.Array) -> jax.Array:
-  """(gate ∘) LN_post(concat heads) θ_O, in the outputs' dtype."""
+def post_norm(params: TTTLinearParams, spec: TTTSpec, out_BxTxHxK: jax.Array) -> jax.Array:
+  """LN_post(concat heads) [B, T, N], in the outputs' dtype (the dual form applies it
+  itself, see ``ttt_linear_dual``)."""
   batch, length = out_BxTxHxK.shape[:2]
-  dtype = out_BxTxHxK.dtype
-  z_BxTxN = layer_norm(out_BxTxHxK.reshape(batch, length, spec.width), params.post_scale_N,
-                       params.post_bias_N, POST_LN_EPS).astype(dtype)
+  return layer_norm(out_BxTxHxK.reshape(batch, length, spec.width), params.post_scale_N,
+                    params.post_bias_N, POST_LN_EPS).astype(out_BxTxHxK.dtype)
+
+
+def output_projection(params: TTTLinearParams, gate_BxTxN: jax.Array | None,
+                      z_BxTxN: jax.Array) -> jax.Array:
+  """(gate ∘) z θ_O for z = LN_post(concat heads), in z's dtype."""
+  dtype = z_BxTxN.dtype
   if gate_BxTxN is not None:
     z_BxTxN = gate_BxTxN * z_BxTxN
   return dense(z_BxTxN, params.wo_NxD.astype(dtype))
@@ -754,23 +834,27 @@ def ttt_linear_forward(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Arra
   batch, length, _ = x_BxTxD.shape
   offset = 0 if cache is None else cache.state.index
   history = None if cache is None else cache.qk_history_BxPxN
-  rel_BxT, _ = minibatch_layout(batch, length, spec.mini_batch, segment_ids_BxT, offset)
+  if inner_form not in ("dual", "primal"):
+    raise ValueError(f"inner_form must be 'dual' or 'primal', got {inner_form!r}")
+  rel_BxT = None  # the dual form applies RoPE itself
+  if inner_form == "primal":
+    rel_BxT, _ = minibatch_layout(batch, length, spec.mini_batch, segment_ids_BxT, offset)
   inputs = project_inputs(params, spec, x_BxTxD, rel_BxT, history, segment_ids_BxT)
   q, k, v, eta = inputs.q_BxTxHxK, inputs.k_BxTxHxK, inputs.v_BxTxHxK, inputs.eta_BxTxH
   state = None if cache is None else cache.state
   if inner_form == "dual":
-    out_BxTxHxK, state = ttt_linear_dual(params.inner, q, k, v, eta,
-                                         mini_batch=spec.mini_batch,
-                                         remat_group=spec.remat_group,
-                                         segment_ids_BxT=segment_ids_BxT, state=state)
-  elif inner_form == "primal":
+    z_BxTxN, state = ttt_linear_dual(params.inner, q, k, v, eta, mini_batch=spec.mini_batch,
+                                     remat_group=spec.remat_group,
+                                     segment_ids_BxT=segment_ids_BxT, state=state,
+                                     rope_theta=spec.rope_theta,
+                                     post_norm=(params.post_scale_N, params.post_bias_N))
+  else:
     out_BxTxHxK, state = ttt_linear_primal_anchored(params.inner, q, k, v, eta,
                                                     mini_batch=spec.mini_batch,
                                                     segment_ids_BxT=segment_ids_BxT,
                                                     state=state)
-  else:
-    raise ValueError(f"inner_form must be 'dual' or 'primal', got {inner_form!r}")
-  y_BxTxD = output_projection(params, spec, inputs.gate_BxTxN, out_BxTxHxK)
+    z_BxTxN = post_norm(params, spec, out_BxTxHxK)
+  y_BxTxD = output_projection(params, inputs.gate_BxTxN, z_BxTxN)
   return y_BxTxD, TTTCache(state, inputs.qk_history_BxPxN)
 
 
@@ -795,7 +879,8 @@ def ttt_linear_decode_step(params: TTTLinearParams, spec: TTTSpec, cache: TTTCac
   fast, out_BxHxK = anchored_token_step(
       params.inner, cache.state.fast, inputs.q_BxTxHxK[:, 0], inputs.k_BxTxHxK[:, 0],
       inputs.v_BxTxHxK[:, 0], inputs.eta_BxTxH[:, 0], rel_Bx1[:, 0], commit_B)
-  y_BxD = output_projection(params, spec, inputs.gate_BxTxN, out_BxHxK[:, None])[:, 0]
+  y_BxD = output_projection(params, inputs.gate_BxTxN,
+                            post_norm(params, spec, out_BxHxK[:, None]))[:, 0]
   state = TTTState(fast, ((index + 1) % spec.mini_batch).astype(jnp.int32))
   return TTTCache(state, inputs.qk_history_BxPxN), y_BxD
 
