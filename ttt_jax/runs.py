@@ -246,7 +246,7 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
         "use a new --workdir or the original config")
   for key, current_value in (stream or {}).items():
     if key in meta and meta[key] != current_value:
-      field = STREAM_FIELDS[key]
+      field = STREAM_FIELDS.get(key, key)  # a command's own keys are its fields
       what = {"corpus_hash": "other text", "tokenizer_hash": "another tokenizer"}.get(key)
       detail = (f"was read from {what} (sha256 {str(meta[key])[:12]}..., this run's "
                 f"{str(current_value)[:12]}...)" if what else

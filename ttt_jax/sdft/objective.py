@@ -24,17 +24,33 @@ where M marks the continuation's tokens (up to and including its first EOS) from
 (skip_first + 1)-th on: padding past the end adds nothing and dilutes nothing, and an
 empty continuation contributes nothing (a batch of them gives 0, not NaN).
 
-Alignment: the student reads [prompt left-padded to P | y] and the teacher [template
-left-padded to Q | y]; the logits that predict y_j sit at position P - 1 + j in the one
-and Q - 1 + j in the other (``continuation_logits``). The teacher gain, the mean over
+Alignment: the student reads [prompt x | y] and the teacher [template(x, c) | y], each
+row's real tokens moved to the front of its (left-padded) sequence so the forward is the
+row's unpadded one (``to_front``); the logits that predict y_j sit at position
+n_x - 1 + j in the one and n_xc - 1 + j in the other, n the row's prompt lengths
+(``continuation_logits``). The teacher gain, the mean over
 M of log p_t(y_j) - log p_s(y_j), is how much more likely the teacher finds the
 student's own tokens (it shrinks as the student absorbs the demonstrations).
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax import registry
+from ttt_jax.config import Config
+from ttt_jax.data import corpus as corpus_lib
+from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.errors import ConfigError
+from ttt_jax.inference import rollout
+from ttt_jax.models import lm
+from ttt_jax.registry import ObjectiveEntry
+from ttt_jax.sdft import teacher as teacher_lib
+from ttt_jax.training.objectives import Objective, StepContext
 
 
 def log_probs(logits: jax.Array) -> jax.Array:
@@ -100,12 +116,32 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return total / jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
 
 
-def continuation_logits(logits_BxTxV: jax.Array, prompt_width: int,
+def to_front(tokens_BxT: jax.Array, prompt_lens_B: jax.Array, prompt_width: int) -> jax.Array:
+  """Rows of [prompt left-padded to ``prompt_width`` | continuation] with their real
+  tokens moved to the front (the pads wrap to the end, after everything a causal model
+  reads), so each row's forward is its unpadded one with the default positions."""
+  length = tokens_BxT.shape[1]
+  pads_Bx1 = (prompt_width - prompt_lens_B.astype(jnp.int32))[:, None]
+  return jnp.take_along_axis(tokens_BxT, (jnp.arange(length)[None] + pads_Bx1) % length,
+                             axis=1)
+
+
+def continuation_logits(logits_BxTxV: jax.Array, prompt_lens_B: jax.Array,
                         n_tokens: int) -> jax.Array:
-  """The logits [B, N, V] that predict continuation tokens 0..N-1 of a sequence whose
-  first ``prompt_width`` tokens are the (left-padded) prompt: positions P-1 .. P+N-2."""
-  return jax.lax.slice_in_dim(logits_BxTxV, prompt_width - 1, prompt_width - 1 + n_tokens,
-                              axis=1)
+  """The logits [B, N, V] that predict continuation tokens 0..N-1 in a front-aligned
+  forward (``to_front``): row b's at positions n_b - 1 .. n_b + N - 2, n_b its prompt's
+  length (at least 1)."""
+  index_BxN = prompt_lens_B.astype(jnp.int32)[:, None] - 1 + jnp.arange(n_tokens)[None]
+  return jnp.take_along_axis(logits_BxTxV, index_BxN[..., None], axis=1)
+
+
+def sequence_logits(model: Callable[[jax.Array], jax.Array], prompt_BxP: jax.Array,
+                    prompt_lens_B: jax.Array, continuation_BxN: jax.Array) -> jax.Array:
+  """The logits [B, N, V] a model gives each continuation token after its left-padded
+  prompt, from the row's unpadded forward (``to_front``, ``continuation_logits``)."""
+  tokens_BxT = jnp.concatenate([prompt_BxP, continuation_BxN], axis=1)
+  logits = model(to_front(tokens_BxT, prompt_lens_B, prompt_BxP.shape[1]))
+  return continuation_logits(logits, prompt_lens_B, continuation_BxN.shape[1])
 
 
 def sampled_log_probs(logits_BxNxV: jax.Array, tokens_BxN: jax.Array) -> jax.Array:
@@ -126,3 +162,85 @@ def teacher_gain(student_BxNxV: jax.Array, teacher_BxNxV: jax.Array, tokens_BxN:
   gain = (sampled_log_probs(teacher_BxNxV, tokens_BxN)
           - sampled_log_probs(student_BxNxV, tokens_BxN))
   return masked_mean(jax.lax.stop_gradient(gain), mask_BxN)
+
+
+# ----------------------------------------------------------------------------- the step's
+
+
+class TokenIds(NamedTuple):
+  """The tokenizer's special ids the sampling needs."""
+  pad: int
+  bos: int
+  eos: int
+
+
+def token_ids(tokenizer: Tokenizer) -> TokenIds:
+  return TokenIds(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+
+
+BATCH_FIELDS = ("prompt", "prompt_lens", "teacher_prompt", "teacher_lens", "replay")
+"""The fields of an SDFT batch (``data.Stream``)."""
+
+
+def objective(cfg: Config, ids: TokenIds) -> Objective:
+  """The SDFT objective of the train step (module doc): sample the student's
+  continuation of ``batch['prompt']`` (current params under ``stop_gradient``,
+  ``sdft.temperature`` / ``top_p``, PAD and BOS forbidden, ending at EOS), then the
+  student's forward with gradients and the teacher's (``ctx.extras``) without, and the
+  masked divergence. Metrics: ``kl`` (the divergence), ``teacher_gain``,
+  ``gen_len_mean`` / ``_min`` / ``_max`` (continuation tokens, EOS included) and
+  ``replay_fraction`` (of the batch's slots)."""
+  s = cfg.sdft
+  forbid = tuple(i for i in (ids.pad, ids.bos) if 0 <= i)
+  eos = ids.eos if ids.eos >= 0 else None
+
+  def sdft_objective(model: lm.LM, batch: dict[str, jax.Array], ctx: StepContext
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    missing = [name for name in BATCH_FIELDS if name not in batch]
+    if missing:
+      raise ConfigError(f"train.objective: 'sdft' trains on demonstrations (batch fields "
+                        f"{', '.join(missing)} missing): run python -m ttt_jax.sdft")
+    graphdef, params = nnx.split(model)
+    sampler = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+    sample = rollout.sample_rollout(
+        sampler, batch["prompt"], batch["prompt_lens"], s.max_new_tokens, ctx.rng,
+        temperature=s.temperature, top_p=s.top_p, eos_id=eos, forbid_ids=forbid)
+    continuation = sample.completion_BxN
+    student = sequence_logits(model, batch["prompt"], batch["prompt_lens"], continuation)
+    teacher = jax.lax.stop_gradient(sequence_logits(
+        teacher_lib.model(cfg, model, ctx.extras), batch["teacher_prompt"],
+        batch["teacher_lens"], continuation))
+    mask = loss_mask(sample.completion_mask_BxN, s.skip_first)
+    loss = sdft_loss(student, teacher, mask, divergence=s.divergence, beta=s.jsd_beta)
+    lengths = sample.completion_lens_B.astype(jnp.float32)
+    return loss, {
+        "kl": jax.lax.stop_gradient(loss),
+        "teacher_gain": teacher_gain(student, teacher, continuation, mask),
+        "gen_len_mean": jnp.mean(lengths), "gen_len_min": jnp.min(lengths),
+        "gen_len_max": jnp.max(lengths),
+        "replay_fraction": jnp.mean(batch["replay"].astype(jnp.float32))}
+
+  return sdft_objective
+
+
+def check(cfg: Config) -> None:
+  """What train.objective='sdft' cannot serve: a fake-quantized student (the teacher
+  is not) and models reading per-token batch fields the demonstrations lack."""
+  if cfg.quant.qat_lr_ratio:
+    raise ConfigError("quant.qat_lr_ratio: late QAT is not supported with "
+                      "train.objective='sdft'; set it to 0")
+  if cfg.data.step_boundaries != "none" or cfg.data.document_mask:
+    raise ConfigError("train.objective: 'sdft' batches carry no per-token fields; set "
+                      "data.step_boundaries=none and data.document_mask=false")
+
+
+def _registered(cfg: Config) -> Objective:
+  """The objective from the config alone: the special ids of ``data.tokenizer``."""
+  if not cfg.data.tokenizer:
+    raise ConfigError("data.tokenizer: train.objective='sdft' samples with the run's "
+                      "tokenizer; --init-from a run that has one")
+  return objective(cfg, token_ids(corpus_lib.load_tokenizer(cfg.data.tokenizer)))
+
+
+registry.OBJECTIVES.register("sdft", ObjectiveEntry(
+    _registered, check, after_update=lambda cfg: teacher_lib.follow(cfg.sdft.teacher_decay)))

@@ -52,10 +52,12 @@ def extras_shardings(param_shardings: Any) -> dict[str, Any]:
   return {TEACHER: param_shardings}
 
 
-def restart(state: TrainState) -> TrainState:
+def restart(state: TrainState, shardings: Any) -> TrainState:
   """``state`` with the teacher set to its params: t_0 of a run that starts fresh or from
-  another run's params (``checkpoint.init_from`` replaces them after the init)."""
-  return state._replace(extras={**state.extras, TEACHER: as_float32(state.params)})
+  another run's params (``checkpoint.init_from`` replaces them after the init). The copy
+  is new buffers in the teacher's ``shardings``: the step donates the state."""
+  teacher = jax.jit(as_float32, out_shardings=shardings)(state.params)
+  return state._replace(extras={**state.extras, TEACHER: teacher})
 
 
 def follow(decay: float) -> Callable[[Mapping[str, Any], Any], dict[str, Any]] | None:
