@@ -66,12 +66,6 @@ def flops_per_step(cfg: Config, vocab_size: int) -> float:
           + forward(s.teacher_width + s.max_new_tokens))
 
 
-def _read(path: str, tokenizer, cfg: Config, log) -> data.Encoded:
-  examples = data.read_examples(path)
-  log(f"sdft: {len(examples)} examples from {path}")
-  return data.encode(examples, tokenizer, cfg.sdft, path, log)
-
-
 def _with_init_from(cfg: Config, source: str) -> Config:
   return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
                                                                  init_from=source))
@@ -84,6 +78,8 @@ def sdft(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   if not resuming and not source:
     raise ConfigError(f"--init-from: {workdir} has no checkpoint to resume; SDFT fine-tunes "
                       "a trained run: give --init-from BASE")
+  s = cfg.sdft
+  files = {path: data.read_examples(path) for path in filter(None, (s.data, s.replay_data))}
   if resuming and source:  # rerunning the command that started the run resumes it
     cfg = _with_init_from(cfg, "")
   setup = train_lib.prepare(cfg, workdir)
@@ -93,10 +89,13 @@ def sdft(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   if corpus.tokenizer is None:
     raise ConfigError("data.tokenizer: SDFT reads its demonstrations with the run's "
                       "tokenizer; this corpus has none (give data.tokenizer)")
-  s, accum = cfg.sdft, cfg.optim.grad_accum_steps
+  accum = cfg.optim.grad_accum_steps
+  encoded = {}
+  for path, examples in files.items():
+    log(f"sdft: {len(examples)} examples from {path}")
+    encoded[path] = data.encode(examples, corpus.tokenizer, s, path, log)
   stream = data.Stream(
-      _read(s.data, corpus.tokenizer, cfg, log),
-      _read(s.replay_data, corpus.tokenizer, cfg, log) if s.replay_data else None,
+      encoded[s.data], encoded[s.replay_data] if s.replay_data else None,
       seed=cfg.train.seed, batch_size=cfg.train.batch_size // accum,
       replay_ratio=s.replay_ratio, replay_buffer=s.replay_buffer,
       process_index=jax.process_index(), process_count=jax.process_count())

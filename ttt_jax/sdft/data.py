@@ -44,6 +44,7 @@ import numpy as np
 from ttt_jax.config.schema import SDFTConfig
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import DataError
+from ttt_jax.inference import rollout
 
 TEMPLATE = ("<Question>\n{prompt}\n\nThis is an example for a response to the question:\n"
             "<Demonstration>\n{demonstration}\n\nNow answer with a response of your own, "
@@ -115,16 +116,6 @@ class Encoded(NamedTuple):
   """[N]"""
 
 
-def left_pad(rows: list[list[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """(int32 [len(rows), width] with each row right-aligned after pads, int32 lengths);
-  every row must fit."""
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  for i, row in enumerate(rows):
-    if row:
-      tokens[i, width - len(row):] = row
-  return tokens, np.asarray([len(row) for row in rows], np.int32)
-
-
 def _fit(rows: list[list[int]], lines: list[int], width: int, what: str, path: Path,
          overlong: str) -> tuple[list[list[int]], int]:
   """``rows`` cut to their last ``width`` tokens (``overlong='truncate'``) and the number
@@ -153,8 +144,8 @@ def encode(examples: list[Example], tokenizer: Tokenizer, cfg: SDFTConfig, path:
     log(f"sdft: {path}: kept the last tokens of {cut} of {len(examples)} prompts "
         f"(sdft.prompt_width={cfg.prompt_width}) and of {teacher_cut} teacher prompts "
         f"(sdft.teacher_width={cfg.teacher_width})")
-  prompt, prompt_lens = left_pad(prompts, tokenizer.pad_id, cfg.prompt_width)
-  teacher, teacher_lens = left_pad(teachers, tokenizer.pad_id, cfg.teacher_width)
+  prompt, prompt_lens = rollout.left_pad(prompts, tokenizer.pad_id, cfg.prompt_width)
+  teacher, teacher_lens = rollout.left_pad(teachers, tokenizer.pad_id, cfg.teacher_width)
   return Encoded(prompt, prompt_lens, teacher, teacher_lens)
 
 

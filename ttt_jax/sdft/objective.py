@@ -15,7 +15,7 @@ under ``stop_gradient``), the token divergence D_j is, by ``sdft.divergence``:
 
 computed analytically over V (not estimated from the sampled token). The generalized
 JSD is forward KL at beta = 0 and reverse KL at beta = 1 (m is then p_s, resp. p_t), and
-continuous in beta in between; log m = logaddexp(log beta + l_t, log(1 - beta) + l_s).
+continuous in beta in between (``log_mixture`` computes log m, exact where p_s = p_t).
 The gradient of the reverse KL with respect to the student's logits z is
 dK/dz = p_s * (l_s - l_t - K).
 
@@ -59,8 +59,9 @@ def log_probs(logits: jax.Array) -> jax.Array:
 
 
 def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-  """KL(p || q) over the last axis from log-probabilities; a p(v) = 0 adds 0."""
-  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  """KL(p || q) over the last axis from log-probabilities; a p(v) = 0 adds 0. Clamped
+  at 0, which rounding can undercut for near-equal distributions."""
+  return jnp.maximum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), 0.0)
 
 
 def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
@@ -73,21 +74,28 @@ def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Arra
   return _kl(log_probs(jax.lax.stop_gradient(teacher_logits)), log_probs(student_logits))
 
 
+def log_mixture(l_s: jax.Array, l_t: jax.Array, beta: float) -> jax.Array:
+  """log m, m = beta p_t + (1 - beta) p_s, for 0 < beta < 1, written around the larger
+  side so it is exact where p_s = p_t: with d = l_t - l_s,
+  l_s + log1p(beta expm1(d)) for d <= 0, l_t + log1p((1 - beta) expm1(-d)) otherwise."""
+  d = l_t - l_s
+  below = l_s + jnp.log1p(beta * jnp.expm1(jnp.minimum(d, 0.0)))
+  above = l_t + jnp.log1p((1.0 - beta) * jnp.expm1(jnp.minimum(-d, 0.0)))
+  return jnp.where(d <= 0, below, above)
+
+
 def generalized_jsd(student_logits: jax.Array, teacher_logits: jax.Array,
                     beta: float) -> jax.Array:
   """beta KL(p_s || m) + (1 - beta) KL(p_t || m), m = beta p_t + (1 - beta) p_s, per
-  position: forward KL at beta = 0, reverse KL at beta = 1."""
+  position: forward KL at beta = 0, reverse KL at beta = 1 (computed as those)."""
+  if beta <= 0.0:
+    return forward_kl(student_logits, teacher_logits)
+  if beta >= 1.0:
+    return reverse_kl(student_logits, teacher_logits)
   l_s = log_probs(student_logits)
   l_t = log_probs(jax.lax.stop_gradient(teacher_logits))
-  log_beta, log_rest = jnp.log(jnp.float32(beta)), jnp.log1p(-jnp.float32(beta))
-  l_m = jnp.logaddexp(log_beta + l_t, log_rest + l_s)  # -inf + l where a weight is 0
-  # a zero weight drops its term outright: its KL may be inf where m has no mass
-  terms = []
-  if beta > 0:
-    terms.append(beta * _kl(l_s, l_m))
-  if beta < 1:
-    terms.append((1.0 - beta) * _kl(l_t, l_m))
-  return sum(terms[1:], terms[0])
+  l_m = log_mixture(l_s, l_t, beta)
+  return beta * _kl(l_s, l_m) + (1.0 - beta) * _kl(l_t, l_m)
 
 
 def token_divergence(student_logits: jax.Array, teacher_logits: jax.Array,
@@ -149,18 +157,24 @@ def sampled_log_probs(logits_BxNxV: jax.Array, tokens_BxN: jax.Array) -> jax.Arr
   return jnp.take_along_axis(log_probs(logits_BxNxV), tokens_BxN[..., None], axis=-1)[..., 0]
 
 
+def _masked_logits(logits_BxNxV: jax.Array, mask_BxN: jax.Array) -> jax.Array:
+  """Zeros outside the mask, so nothing there (not even a NaN) reaches a gradient."""
+  return jnp.where(mask_BxN[..., None], logits_BxNxV, jnp.zeros((), logits_BxNxV.dtype))
+
+
 def sdft_loss(student_BxNxV: jax.Array, teacher_BxNxV: jax.Array, mask_BxN: jax.Array,
               *, divergence: str = "reverse", beta: float = 0.5) -> jax.Array:
   """The masked token mean of the divergence (module doc): the SDFT loss."""
-  return masked_mean(token_divergence(student_BxNxV, teacher_BxNxV, divergence, beta),
-                     mask_BxN)
+  return masked_mean(token_divergence(_masked_logits(student_BxNxV, mask_BxN),
+                                      _masked_logits(teacher_BxNxV, mask_BxN),
+                                      divergence, beta), mask_BxN)
 
 
 def teacher_gain(student_BxNxV: jax.Array, teacher_BxNxV: jax.Array, tokens_BxN: jax.Array,
                  mask_BxN: jax.Array) -> jax.Array:
   """Mean over the mask of log p_t(y) - log p_s(y) on the continuation's tokens y."""
-  gain = (sampled_log_probs(teacher_BxNxV, tokens_BxN)
-          - sampled_log_probs(student_BxNxV, tokens_BxN))
+  gain = (sampled_log_probs(_masked_logits(teacher_BxNxV, mask_BxN), tokens_BxN)
+          - sampled_log_probs(_masked_logits(student_BxNxV, mask_BxN), tokens_BxN))
   return masked_mean(jax.lax.stop_gradient(gain), mask_BxN)
 
 
