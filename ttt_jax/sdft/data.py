@@ -189,7 +189,7 @@ class Stream:
   def _rng(self, *words: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, *words])
 
-  def _example(self, positions: np.ndarray) -> np.ndarray:
+  def example_at(self, positions: np.ndarray) -> np.ndarray:
     """The example of the data file at each fresh stream position."""
     n = len(self.fresh.prompt)
     out = np.empty(len(positions), np.int64)
@@ -217,10 +217,10 @@ class Stream:
     replay = (u < self.ratio) & (size > 0)
     picked = start + np.minimum((v * size).astype(np.int64), max(size - 1, 0))
     if self.replay_source is not None:
-      fresh = np.where(replay, -1, self._example(positions))
+      fresh = np.where(replay, -1, self.example_at(positions))
       replayed = np.where(replay, picked, -1)
     else:
-      fresh = self._example(np.where(replay, picked, positions))
+      fresh = self.example_at(np.where(replay, picked, positions))
       replayed = np.full(b, -1)
     return Draws(replay, fresh, replayed)
 
