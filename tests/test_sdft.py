@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from train_util import copy_stdlib_corpus, read_metrics, tiny_overrides, train_losses
-from ttt_jax import sharding, train
+from ttt_jax import runs, sharding, train
 from ttt_jax.config import load_config
 from ttt_jax.config.schema import SDFTConfig
 from ttt_jax.errors import ConfigError, DataError
@@ -329,6 +329,12 @@ def test_lora_trains_the_adapters_and_their_ema_on_the_frozen_base(base, tmp_pat
   assert any(not np.array_equal(np.asarray(a), np.asarray(e))
              for a, e in zip(jax.tree.leaves(adapters), jax.tree.leaves(ema)))
   assert "lora_base" in state.extras  # the frozen base the adapters and the teacher share
+  # generation and evaluation load the run (its train state has the teacher)
+  loaded_cfg, _, params, step, _ = runs.load_trained(tmp_path / "lora", log=lambda _: None)
+  assert step == 3 and loaded_cfg.train.objective == "sdft"
+  for a, b in zip(jax.tree.leaves(params),
+                  jax.tree.leaves(step_lib.model_params(cfg, state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):

@@ -49,8 +49,8 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
-from ttt_jax.training import averaging, optim
-from ttt_jax.training.state import Built, TrainState, abstract_state
+from ttt_jax.training import averaging, objectives, optim
+from ttt_jax.training.state import Built, TrainState, abstract_extras, abstract_state
 from ttt_jax.training.step import model_params, model_tree
 
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
@@ -491,7 +491,9 @@ def restore_newest(workdir: str | Path, overrides: list[str] = (), log=print,
     cfg = _run_tokenizer(cfg, workdir, given, meta.get("tokenizer_hash"))
     vocab_size = int(meta["vocab_size"])
     mesh = sharding.make_mesh(cfg.mesh)
-    graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
+    extras_init, extras_shardings = objectives.build_extras(cfg)  # a teacher, ...
+    graphdef, _, abstract, shardings = abstract_state(
+        cfg, vocab_size, mesh, abstract_extras(cfg, vocab_size, extras_init), extras_shardings)
     restored = ckpt.restore_latest(
         ckpt_lib.with_shardings(abstract, shardings), data_iter, log=log,
         check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))

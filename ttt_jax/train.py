@@ -38,7 +38,7 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import user_errors
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.models import lm
-from ttt_jax.training import averaging, loop, optim
+from ttt_jax.training import averaging, loop, objectives, optim
 from ttt_jax.training import state as state_lib
 from ttt_jax.training import step as step_lib
 
@@ -89,12 +89,12 @@ def validation_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
                           eval_batches=cfg.eval.batches)[1]
 
 
-def build_state(setup: Setup, extras_init: Callable[[Any], dict[str, Any]] | None = None,
-                extras_shardings: state_lib.ExtrasShardings | None = None
-                ) -> state_lib.Built:
-  """The sharded train state (``state.build``) with the given extra trees and those of
-  ``train.nonfinite='skip'``, and the log line naming the model."""
+def build_state(setup: Setup) -> state_lib.Built:
+  """The sharded train state (``state.build``) with the extra trees of
+  ``train.objective`` and of ``train.nonfinite='skip'``, and the log line naming the
+  model."""
   cfg, mesh, log = setup.cfg, setup.mesh, setup.log
+  extras_init, extras_shardings = objectives.build_extras(cfg)  # an EMA teacher, ...
   skip_extras = step_lib.skip_extras(cfg)  # train.nonfinite='skip' keeps a counter
   if skip_extras is not None:
     given_init, given_shardings = extras_init, extras_shardings

@@ -101,7 +101,7 @@ def sdft(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       process_index=jax.process_index(), process_count=jax.process_count())
   log(f"sdft: divergence {s.divergence}, teacher decay {s.teacher_decay}, replay "
       f"{s.replay_ratio:g} from {s.replay_data or 'the examples already trained on'}")
-  built = train_lib.build_state(setup, teacher.extras_init(cfg), teacher.extras_shardings)
+  built = train_lib.build_state(setup)  # with the teacher (the objective's extras)
   batch_shardings = {name: sharding.batch_sharding(setup.mesh, value.ndim)
                      for name, value in stream.batch(0).items()}
   train_step = step_lib.jit_train_step(

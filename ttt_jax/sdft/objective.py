@@ -31,6 +31,13 @@ n_x - 1 + j in the one and n_xc - 1 + j in the other, n the row's prompt lengths
 (``continuation_logits``). The teacher gain, the mean over
 M of log p_t(y_j) - log p_s(y_j), is how much more likely the teacher finds the
 student's own tokens (it shrinks as the student absorbs the demonstrations).
+
+``objective(cfg, ids)`` is the train step's objective (registered as
+``train.objective='sdft'``, whose ``after_update`` is the teacher's EMA): inside the
+jitted step it samples y with ``inference.rollout.sample_rollout`` from the params under
+``stop_gradient`` (``sdft.temperature``, ``top_p``; PAD and BOS forbidden; EOS ends a
+row), runs the student's forward with gradients and the teacher's without, and returns
+the loss with its metrics.
 """
 
 from __future__ import annotations
@@ -257,4 +264,5 @@ def _registered(cfg: Config) -> Objective:
 
 
 registry.OBJECTIVES.register("sdft", ObjectiveEntry(
-    _registered, check, after_update=lambda cfg: teacher_lib.follow(cfg.sdft.teacher_decay)))
+    _registered, check, after_update=lambda cfg: teacher_lib.follow(cfg.sdft.teacher_decay),
+    extras=lambda cfg: (teacher_lib.extras_init(cfg), teacher_lib.extras_shardings)))

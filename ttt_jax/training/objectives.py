@@ -21,7 +21,8 @@ logs it.
 
 A mechanism that trains with its own losses registers an ``ObjectiveEntry`` in
 ``registry.OBJECTIVES``, with a ``check`` of the config it needs, and, when it keeps
-extra trees that follow the params (an EMA teacher), an ``after_update`` the step
+extra trees in the train state (an EMA teacher), their ``extras`` (which every program
+that builds or restores such a run's state adds) and the ``after_update`` the step
 applies after every optimizer update.
 """
 
@@ -97,6 +98,13 @@ after an optimizer update from the params it produced (``ObjectiveEntry.after_up
 
 def build(cfg: Config) -> Objective:
   return registry.OBJECTIVES.get(cfg.train.objective).build(cfg)
+
+
+def build_extras(cfg: Config) -> tuple[Callable[[Any], dict[str, Any]] | None, Any]:
+  """``(extras_init, extras_shardings)`` of the extra trees ``train.objective`` keeps in
+  the train state (``state.build``'s arguments); ``(None, None)`` when it keeps none."""
+  entry = registry.OBJECTIVES.get(cfg.train.objective)
+  return entry.extras(cfg) if entry.extras is not None else (None, None)
 
 
 def build_after_update(cfg: Config) -> ExtrasUpdate | None:
