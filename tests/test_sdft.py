@@ -23,6 +23,7 @@ from ttt_jax.config.schema import SDFTConfig
 from ttt_jax.errors import ConfigError, DataError
 from ttt_jax.sdft import __main__ as sdft_cli
 from ttt_jax.sdft import data, objective, teacher
+from ttt_jax.training import loop
 from ttt_jax.training import state as state_lib
 from ttt_jax.training import step as step_lib
 
@@ -316,7 +317,21 @@ def test_lora_trains_the_adapters_and_their_ema_on_the_frozen_base(base, tmp_pat
                              "lora.rank=4", "train.steps=3", "train.eval_every=0",
                              "sdft.max_new_tokens=6", "sdft.prompt_width=12",
                              "sdft.teacher_width=80", "sdft.teacher_decay=0.5"])
-  summary = sdft_cli.sdft(cfg, tmp_path / "lora")
+
+
+  class Gate(loop.Hook):  # the place a gate hook plugs in and logs its decisions
+    def __init__(self, writer):
+      self.writer = writer
+
+    def due(self, info):
+      return True
+
+    def after_step(self, info):
+      self.writer.write(info.step, {"gate_accepted": 1.0})
+
+  summary = sdft_cli.sdft(cfg, tmp_path / "lora", extra_hooks=lambda writer, log: [Gate(writer)])
+  assert [row["step"] for row in read_metrics(tmp_path / "lora") if "gate_accepted" in row] == [
+      1, 2, 3]
   state = summary["state"]
   assert all(np.isfinite(loss) for loss in summary["losses"].values())
   adapters, ema = state.params, state.extras[teacher.TEACHER]

@@ -15,9 +15,10 @@ fine-tuning forgets). Full fine-tuning, or with ``lora.enabled`` adapters only (
 teacher is then the EMA of the adapters on the same frozen base).
 
 A workdir without checkpoints needs --init-from (or ``checkpoint.init_from``); rerunning
-the same command on a workdir with checkpoints resumes it (--init-from is then unused). Hooks that accept or reject blocks
-of updates (gates) join the loop through ``train.run``'s ``extra_hooks`` and log their
-decisions as rows of metrics.jsonl through the writer they are given.
+the same command on a workdir with checkpoints resumes it (--init-from is then unused).
+Gates (hooks accepting or rejecting blocks of updates) join the loop through ``sdft``'s
+``extra_hooks`` (``train.run``'s), and log each decision as a row of metrics.jsonl
+through the writer they are given.
 """
 
 from __future__ import annotations
@@ -71,10 +72,16 @@ def _with_init_from(cfg: Config, source: str) -> Config:
                                                                  init_from=source))
 
 
-def sdft(cfg: Config, workdir: str | Path) -> dict[str, Any]:
-  """Runs SDFT (module doc); returns ``train.run``'s summary."""
-  resuming, source = bool(runs.checkpoint_steps(runs.check_workdir(workdir))), \
-      cfg.checkpoint.init_from
+def sdft(cfg: Config, workdir: str | Path,
+         extra_hooks: train_lib.HookFactory | None = None) -> dict[str, Any]:
+  """Runs SDFT (module doc); returns ``train.run``'s summary. ``extra_hooks``: loop
+  hooks of the caller's, e.g. gates accepting or rejecting blocks of updates, which log
+  each decision as a metrics row (``writer.write(step, {...})``) beside the SDFT
+  metrics."""
+  if not cfg.sdft.data:
+    raise ConfigError("--data: give the demonstrations file (sdft.data)")
+  source = cfg.checkpoint.init_from
+  resuming = bool(runs.checkpoint_steps(runs.check_workdir(workdir)))
   if not resuming and not source:
     raise ConfigError(f"--init-from: {workdir} has no checkpoint to resume; SDFT fine-tunes "
                       "a trained run: give --init-from BASE")
@@ -118,7 +125,7 @@ def sdft(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                        stream_identity(cfg, corpus.meta),
                        flops_per_step=flops_per_step(cfg, corpus.vocab_size),
                        tokens_per_step=cfg.train.batch_size * s.max_new_tokens,
-                       started=started)
+                       started=started, extra_hooks=extra_hooks)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,8 +144,6 @@ def check(cfg: Config) -> None:
   if cfg.train.objective != "sdft":
     raise ConfigError(f"train.objective: python -m ttt_jax.sdft trains 'sdft', got "
                       f"{cfg.train.objective!r}")
-  if not cfg.sdft.data:
-    raise ConfigError("--data: give the demonstrations file (sdft.data)")
 
 
 def main(argv: list[str] | None = None, reexec: bool = False) -> None:
