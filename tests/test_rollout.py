@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ttt_jax.cct.mixer import CCTConfig
 from ttt_jax.config import ModelConfig
 from ttt_jax.errors import DataError
 from ttt_jax.inference import rollout as ro
@@ -194,4 +195,34 @@ def test_sampled_rollout_forbids_ids_stops_at_eos_and_runs_inside_another_jit():
 def test_rollout_rejects_no_new_tokens():
   with pytest.raises(ValueError, match="max_new_tokens"):
     ro.sample_rollout(None, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 0,
+                      jax.random.key(0), temperature=0.0, eos_id=None)
+
+
+@pytest.mark.slow
+def test_ragged_context_keeps_pads_away_from_real_tokens(model):
+  """A full forward with the ragged context: the pads' ids change no real token's logits
+  (an all-pad row stays finite); attention gives each prompt's unpadded logits."""
+  prompts = PROMPTS + ([],)
+  tokens, lengths = padded_prompts(prompts)
+  width = tokens.shape[1]
+  forward = jax.jit(lambda t: model(t, ro.ragged_context(t, lengths, width)))
+  logits = forward(tokens)
+  real = np.asarray(ro.ragged_context(tokens, lengths, width).segment_ids_BxT, bool)
+  other_pads = jnp.where(real, tokens, 1 + jnp.arange(width)[None] % (VOCAB - 1))
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  np.testing.assert_allclose(np.asarray(forward(other_pads))[real], np.asarray(logits)[real],
+                             rtol=1e-5, atol=1e-5)
+  if model.cfg.mixer.type == "attention":
+    for row, prompt in enumerate(prompts[:-1]):
+      alone = model(jnp.asarray([prompt], jnp.int32))
+      np.testing.assert_allclose(np.asarray(logits[row, width - len(prompt):]),
+                                 np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_mixers_that_cannot_decode_ragged_prompts_are_refused():
+  cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=64),
+                    mixer=CCTConfig(step_len=4))
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'cct' mixer cannot decode ragged"):
+    ro.sample_rollout(model, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 3,
                       jax.random.key(0), temperature=0.0, eos_id=None)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ttt_jax import registry
 from ttt_jax.errors import DataError
 from ttt_jax.inference import sampling
 from ttt_jax.models.context import SequenceContext
@@ -93,6 +94,15 @@ def completion_mask(completion_BxN: jax.Array, eos_id: int | None) -> jax.Array:
   return (jnp.cumsum(is_eos_BxN, axis=1) - is_eos_BxN) == 0
 
 
+def check_ragged_decode(model: LM) -> None:
+  """Raises ValueError unless the model's mixer decodes left-padded prompts (its class
+  sets ``RAGGED_DECODE``; ``LM.decode``)."""
+  mixer = registry.MIXERS.get(model.cfg.mixer.type)
+  if not getattr(mixer, "RAGGED_DECODE", False):
+    raise ValueError(f"the {model.cfg.mixer.type!r} mixer cannot decode ragged (left-padded) "
+                     f"prompts; generate each prompt unpadded with sampling.generate")
+
+
 def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.Array,
                    max_new_tokens: int, rng: jax.Array, *, temperature: float | jax.Array,
                    top_p: float | jax.Array = 1.0, eos_id: int | None,
@@ -101,6 +111,7 @@ def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.A
   greedy), pure: traceable inside another jit. Each row generates what its prompt
   generates alone (the module doc)."""
   sampling.check_max_new_tokens(max_new_tokens)
+  check_ragged_decode(model)
   prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
   width = prompt_tokens_BxP.shape[1]
   ctx = ragged_context(prompt_tokens_BxP, prompt_lens_B, width)

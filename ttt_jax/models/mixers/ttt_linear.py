@@ -971,6 +971,8 @@ class TTTLinear(nnx.Module):
   """
 
   Config = TTTLinearConfig
+  RAGGED_DECODE = True
+  """Decodes left-padded prompts (pads at negative positions update nothing)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     spec = TTTSpec.from_config(cfg)
