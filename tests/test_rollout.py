@@ -176,6 +176,9 @@ def test_sampled_rollout_forbids_ids_stops_at_eos_and_runs_inside_another_jit():
                        eos_id=eos_id, forbid_ids=forbidden)
     for a, b in zip(out, again):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scored = ro.score(model, out.tokens_BxT, lengths, tokens.shape[1], out.completion_mask_BxN)
+    np.testing.assert_allclose(np.asarray(scored[0]), np.asarray(per_token), rtol=1e-6,
+                               atol=1e-6)
     completion = np.asarray(out.completion_BxN)
     assert not np.isin(completion, forbidden).any()
     assert completion.min() >= 0 and completion.max() < VOCAB

@@ -24,7 +24,11 @@ Token ids stay as sampled (never decoded and re-encoded).
 ``sequence_logprobs`` scores completions teacher-forced: log p(c_j | prompt, c_<j), float32
 log-softmax. It moves every row's real tokens to the front (right padding), where a causal
 model reads nothing after them, so each row gets exactly its unpadded forward on every
-model (TTT-Linear's grid included), with the default positions and side inputs.
+model (TTT-Linear's grid included), with the default positions and side inputs;
+``score`` is its jitted convenience.
+
+Mixers opt in to ragged decoding with a class attribute ``RAGGED_DECODE`` (attention,
+TTT-Linear); ``sample_rollout`` refuses the others (CCT cuts its steps by position).
 """
 
 from __future__ import annotations
@@ -171,3 +175,20 @@ def sequence_logprobs(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array
   keep_BxN = jnp.asarray(completion_mask_BxN, bool) & (source_BxN >= 0)
   per_token_BxN = jnp.where(keep_BxN, per_token_BxN, 0.0)
   return per_token_BxN, jnp.sum(per_token_BxN, axis=1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "prompt_width"))
+def _sequence_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxT: jax.Array,
+                       prompt_lens_B: jax.Array, completion_mask_BxN: jax.Array, *,
+                       prompt_width: int) -> tuple[jax.Array, jax.Array]:
+  return sequence_logprobs(nnx.merge(graphdef, state), tokens_BxT, prompt_lens_B,
+                           prompt_width, completion_mask_BxN)
+
+
+def score(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array, prompt_width: int,
+          completion_mask_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``sequence_logprobs`` compiled once per (model structure, shapes, prompt_width)."""
+  graphdef, state = nnx.split(model)
+  return _sequence_logprobs(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32),
+                            jnp.asarray(prompt_lens_B, jnp.int32),
+                            jnp.asarray(completion_mask_BxN, bool), prompt_width=prompt_width)
