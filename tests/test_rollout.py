@@ -106,6 +106,24 @@ def test_greedy_rollout_of_a_padded_batch_equals_each_prompt_alone(model):
 
 
 @pytest.mark.slow
+def test_width_one_prompts_with_an_empty_row_decode_token_by_token(model):
+  """Width 1: the prompt goes through a one-token decode step, the empty row's pad
+  included; each row generates what it generates alone."""
+  tokens, lengths = padded_prompts(([], [5]))
+  out = ro.rollout(model, tokens, lengths, 5, jax.random.key(0), temperature=0.0,
+                   eos_id=None)
+  alone = sampling.generate(model, jnp.asarray([[5]], jnp.int32), 5, jax.random.key(0),
+                            temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.tokens_BxT[1]), np.asarray(alone[0]))
+  # The empty row's pad is seen by nothing: after its first token it continues exactly
+  # as that token alone would.
+  first = out.completion_BxN[:1, :1]
+  assert 0 <= int(first[0, 0]) < VOCAB
+  from_first = sampling.generate(model, first, 4, jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.completion_BxN[0]), np.asarray(from_first[0]))
+
+
+@pytest.mark.slow
 def test_padded_prefill_logits_equal_each_prompt_alone_and_pads_stay_finite(model):
   """The decode prefill of a padded batch (an all-pad row included) and its first
   decode step give each prompt's unpadded logits; nothing is NaN."""
