@@ -112,10 +112,13 @@ def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.A
                    top_p: float | jax.Array = 1.0, eos_id: int | None,
                    forbid_ids: Sequence[int] = ()) -> Rollout:
   """``max_new_tokens`` tokens sampled after each left-padded prompt (temperature 0:
-  greedy), pure: traceable inside another jit. Each row generates what its prompt
-  generates alone (the module doc)."""
+  greedy), pure: traceable inside another jit (and inside a differentiated function:
+  no gradient flows into the sampling). Each row generates what its prompt generates
+  alone (the module doc)."""
   sampling.check_max_new_tokens(max_new_tokens)
   check_ragged_decode(model)
+  graphdef, state = nnx.split(model)  # sampling is not differentiated
+  model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
   width = prompt_tokens_BxP.shape[1]
   ctx = ragged_context(prompt_tokens_BxP, prompt_lens_B, width)
