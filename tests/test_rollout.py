@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ttt_jax.cct.mixer import CCTConfig
 from ttt_jax.config import ModelConfig
 from ttt_jax.errors import DataError
 from ttt_jax.inference import rollout as ro
@@ -105,6 +106,24 @@ def test_greedy_rollout_of_a_padded_batch_equals_each_prompt_alone(model):
 
 
 @pytest.mark.slow
+def test_width_one_prompts_with_an_empty_row_decode_token_by_token(model):
+  """Width 1: the prompt goes through a one-token decode step, the empty row's pad
+  included; each row generates what it generates alone."""
+  tokens, lengths = padded_prompts(([], [5]))
+  out = ro.rollout(model, tokens, lengths, 5, jax.random.key(0), temperature=0.0,
+                   eos_id=None)
+  alone = sampling.generate(model, jnp.asarray([[5]], jnp.int32), 5, jax.random.key(0),
+                            temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.tokens_BxT[1]), np.asarray(alone[0]))
+  # The empty row's pad is seen by nothing: after its first token it continues exactly
+  # as that token alone would.
+  first = out.completion_BxN[:1, :1]
+  assert 0 <= int(first[0, 0]) < VOCAB
+  from_first = sampling.generate(model, first, 4, jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.completion_BxN[0]), np.asarray(from_first[0]))
+
+
+@pytest.mark.slow
 def test_padded_prefill_logits_equal_each_prompt_alone_and_pads_stay_finite(model):
   """The decode prefill of a padded batch (an all-pad row included) and its first
   decode step give each prompt's unpadded logits; nothing is NaN."""
@@ -175,6 +194,9 @@ def test_sampled_rollout_forbids_ids_stops_at_eos_and_runs_inside_another_jit():
                        eos_id=eos_id, forbid_ids=forbidden)
     for a, b in zip(out, again):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scored = ro.score(model, out.tokens_BxT, lengths, tokens.shape[1], out.completion_mask_BxN)
+    np.testing.assert_allclose(np.asarray(scored[0]), np.asarray(per_token), rtol=1e-6,
+                               atol=1e-6)
     completion = np.asarray(out.completion_BxN)
     assert not np.isin(completion, forbidden).any()
     assert completion.min() >= 0 and completion.max() < VOCAB
@@ -195,3 +217,62 @@ def test_rollout_rejects_no_new_tokens():
   with pytest.raises(ValueError, match="max_new_tokens"):
     ro.sample_rollout(None, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 0,
                       jax.random.key(0), temperature=0.0, eos_id=None)
+
+
+@pytest.mark.slow
+def test_ragged_context_keeps_pads_away_from_real_tokens(model):
+  """A full forward with the ragged context: the pads' ids change no real token's logits
+  (an all-pad row stays finite); attention gives each prompt's unpadded logits."""
+  prompts = PROMPTS + ([],)
+  tokens, lengths = padded_prompts(prompts)
+  width = tokens.shape[1]
+  forward = jax.jit(lambda t: model(t, ro.ragged_context(t, lengths, width)))
+  logits = forward(tokens)
+  real = np.asarray(ro.ragged_context(tokens, lengths, width).segment_ids_BxT, bool)
+  other_pads = jnp.where(real, tokens, 1 + jnp.arange(width)[None] % (VOCAB - 1))
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  np.testing.assert_allclose(np.asarray(forward(other_pads))[real], np.asarray(logits)[real],
+                             rtol=1e-5, atol=1e-5)
+  if model.cfg.mixer.type == "attention":
+    for row, prompt in enumerate(prompts[:-1]):
+      alone = model(jnp.asarray([prompt], jnp.int32))
+      np.testing.assert_allclose(np.asarray(logits[row, width - len(prompt):]),
+                                 np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_mixers_that_cannot_decode_ragged_prompts_are_refused():
+  cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=64),
+                    mixer=CCTConfig(step_len=4))
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'cct' mixer cannot decode ragged"):
+    ro.sample_rollout(model, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 3,
+                      jax.random.key(0), temperature=0.0, eos_id=None)
+
+
+@pytest.mark.slow
+def test_a_train_step_differentiates_only_the_scored_log_probs():
+  """Sampling inside a differentiated step: the gradient is that of the log-probs of
+  the sampled tokens held fixed (none flows through the sampling), finite everywhere."""
+  model = make_model("ttt_mamba")
+  tokens, lengths = padded_prompts(PROMPTS + ([],))
+  width = tokens.shape[1]
+  graphdef, state = nnx.split(model)
+
+  def scored(state, out):
+    _, summed = ro.sequence_logprobs(nnx.merge(graphdef, state), out.tokens_BxT, lengths,
+                                     width, out.completion_mask_BxN)
+    return -jnp.mean(summed)
+
+  def step_loss(state, rng):
+    out = ro.sample_rollout(nnx.merge(graphdef, state), tokens, lengths, 6, rng,
+                            temperature=1.0, eos_id=3, forbid_ids=(PAD,))
+    return scored(state, out), out
+
+  (loss, out), grads = jax.jit(jax.value_and_grad(step_loss, has_aux=True))(
+      state, jax.random.key(0))
+  fixed_loss, fixed_grads = jax.jit(jax.value_and_grad(scored))(state, out)
+  np.testing.assert_allclose(float(loss), float(fixed_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fixed_grads)):
+    assert bool(jnp.all(jnp.isfinite(a)))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))

@@ -24,7 +24,11 @@ Token ids stay as sampled (never decoded and re-encoded).
 ``sequence_logprobs`` scores completions teacher-forced: log p(c_j | prompt, c_<j), float32
 log-softmax. It moves every row's real tokens to the front (right padding), where a causal
 model reads nothing after them, so each row gets exactly its unpadded forward on every
-model (TTT-Linear's grid included), with the default positions and side inputs.
+model (TTT-Linear's grid included), with the default positions and side inputs;
+``score`` is its jitted convenience.
+
+Mixers opt in to ragged decoding with a class attribute ``RAGGED_DECODE`` (attention,
+TTT-Linear); ``sample_rollout`` refuses the others (CCT cuts its steps by position).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ttt_jax import registry
 from ttt_jax.errors import DataError
 from ttt_jax.inference import sampling
 from ttt_jax.models.context import SequenceContext
@@ -93,14 +98,27 @@ def completion_mask(completion_BxN: jax.Array, eos_id: int | None) -> jax.Array:
   return (jnp.cumsum(is_eos_BxN, axis=1) - is_eos_BxN) == 0
 
 
+def check_ragged_decode(model: LM) -> None:
+  """Raises ValueError unless the model's mixer decodes left-padded prompts (its class
+  sets ``RAGGED_DECODE``; ``LM.decode``)."""
+  mixer = registry.MIXERS.get(model.cfg.mixer.type)
+  if not getattr(mixer, "RAGGED_DECODE", False):
+    raise ValueError(f"the {model.cfg.mixer.type!r} mixer cannot decode ragged (left-padded) "
+                     f"prompts; generate each prompt unpadded with sampling.generate")
+
+
 def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.Array,
                    max_new_tokens: int, rng: jax.Array, *, temperature: float | jax.Array,
                    top_p: float | jax.Array = 1.0, eos_id: int | None,
                    forbid_ids: Sequence[int] = ()) -> Rollout:
   """``max_new_tokens`` tokens sampled after each left-padded prompt (temperature 0:
-  greedy), pure: traceable inside another jit. Each row generates what its prompt
-  generates alone (the module doc)."""
+  greedy), pure: traceable inside another jit (and inside a differentiated function:
+  no gradient flows into the sampling). Each row generates what its prompt generates
+  alone (the module doc)."""
   sampling.check_max_new_tokens(max_new_tokens)
+  check_ragged_decode(model)
+  graphdef, state = nnx.split(model)  # sampling is not differentiated
+  model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
   width = prompt_tokens_BxP.shape[1]
   ctx = ragged_context(prompt_tokens_BxP, prompt_lens_B, width)
@@ -160,3 +178,20 @@ def sequence_logprobs(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array
   keep_BxN = jnp.asarray(completion_mask_BxN, bool) & (source_BxN >= 0)
   per_token_BxN = jnp.where(keep_BxN, per_token_BxN, 0.0)
   return per_token_BxN, jnp.sum(per_token_BxN, axis=1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "prompt_width"))
+def _sequence_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxT: jax.Array,
+                       prompt_lens_B: jax.Array, completion_mask_BxN: jax.Array, *,
+                       prompt_width: int) -> tuple[jax.Array, jax.Array]:
+  return sequence_logprobs(nnx.merge(graphdef, state), tokens_BxT, prompt_lens_B,
+                           prompt_width, completion_mask_BxN)
+
+
+def score(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array, prompt_width: int,
+          completion_mask_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``sequence_logprobs`` compiled once per (model structure, shapes, prompt_width)."""
+  graphdef, state = nnx.split(model)
+  return _sequence_logprobs(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32),
+                            jnp.asarray(prompt_lens_B, jnp.int32),
+                            jnp.asarray(completion_mask_BxN, bool), prompt_width=prompt_width)

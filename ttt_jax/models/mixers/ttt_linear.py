@@ -77,9 +77,10 @@ mini-batch and each row's position in it, and commits at the end of each mini-ba
 Memory per token is O(1) (no KV cache). Ragged prompts (left padded, pads at negative
 positions, ``inference/rollout.py``): each row's grid starts at its first real token, so
 a prefill leaves every row at its own slot; pads update nothing and the convs see zeros
-in their place, so each row decodes exactly as it would alone. With ``mini_batch = 1`` this is plain online GD,
-u_t computed at the current W_t (the seed's decode invariant); for b > 1 decoding by
-online GD would not reproduce the model that was trained, so it is not used.
+in their place, so each row decodes exactly as it would alone. With ``mini_batch = 1``
+this is plain online GD, u_t computed at the current W_t (the seed's decode invariant);
+for b > 1 decoding by online GD would not reproduce the model that was trained, so it is
+not used.
 
 Precision (cast points, C1-C4):
   C1  The state (W, b, running sums) is float32 always; it is cast to the compute
@@ -580,8 +581,9 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
   mini-batch is padded to b tokens with η = 0 (padding updates nothing; its outputs are
   dropped) and left open. With ``state`` (a cache, no segment ids) the tokens continue
   each row's open mini-batch; ``valid_BxT`` (with a state only) leaves out the tokens
-  where it is False (pads: no update, zero outputs). With ``rope_theta``, q and k are first rotated by RoPE at their
-  positions inside their mini-batches (in the same pass that cuts them into mini-batches).
+  where it is False (pads: no update, zero outputs). With ``rope_theta``, q and k are
+  first rotated by RoPE at their positions inside their mini-batches (in the same pass
+  that cuts them into mini-batches).
   With ``post_norm`` = (scale [N], shift [N]) the outputs are LN_post(concat heads out_t)
   [B, T, N] instead (the layer's post-LayerNorm, applied before the outputs are copied
   back to sequence order, so the copy and the normalisation are one pass).
@@ -971,6 +973,8 @@ class TTTLinear(nnx.Module):
   """
 
   Config = TTTLinearConfig
+  RAGGED_DECODE = True
+  """Decodes left-padded prompts (pads at negative positions update nothing)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     spec = TTTSpec.from_config(cfg)
