@@ -46,7 +46,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from ttt_jax import registry
 from ttt_jax.config import Config
@@ -221,10 +220,8 @@ def objective(cfg: Config, ids: TokenIds) -> Objective:
     if missing:
       raise ConfigError(f"train.objective: 'sdft' trains on demonstrations (batch fields "
                         f"{', '.join(missing)} missing): run python -m ttt_jax.sdft")
-    graphdef, params = nnx.split(model)
-    sampler = nnx.merge(graphdef, jax.lax.stop_gradient(params))
-    sample = rollout.sample_rollout(
-        sampler, batch["prompt"], batch["prompt_lens"], s.max_new_tokens, ctx.rng,
+    sample = rollout.sample_rollout(  # its params under stop_gradient
+        model, batch["prompt"], batch["prompt_lens"], s.max_new_tokens, ctx.rng,
         temperature=s.temperature, top_p=s.top_p, eos_id=eos, forbid_ids=forbid)
     continuation = sample.completion_BxN
     student = sequence_logits(model, batch["prompt"], batch["prompt_lens"], continuation)
