@@ -256,8 +256,10 @@ def base(tmp_path_factory):
   return root, sets, _demos(root / "demos.jsonl")
 
 
-def _args(base, workdir: Path, *overrides: str, init_from: bool = True) -> list[str]:
-  root, sets, demos = base
+def _args(base, workdir: Path, *overrides: str, init_from: bool = True,
+          demos: Path | None = None) -> list[str]:
+  root, sets, base_demos = base
+  demos = demos or base_demos
   settings = [*sets, "sdft.max_new_tokens=6", "sdft.prompt_width=12", "sdft.teacher_width=80",
               "train.eval_every=0", "checkpoint.every=2", "checkpoint.keep=2", *overrides]
   return ["--config", CONFIG, "--workdir", str(workdir), "--data", str(demos),
@@ -307,6 +309,20 @@ def test_sigterm_and_rerun_resume_bit_exactly(base, tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resumed from checkpoint at step" in rerun.stderr
   assert train_losses(workdir) == train_losses(reference)
+
+
+@pytest.mark.slow
+def test_resuming_on_other_demonstrations_is_refused_in_one_line(base, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  sdft_cli.main(_args(base, workdir, "train.steps=2"))
+  capsys.readouterr()
+  other = _demos(tmp_path / "other.jsonl", count=5)
+  with pytest.raises(SystemExit) as exit_info:
+    sdft_cli.main(_args(base, workdir, "train.steps=3", demos=other))
+  assert exit_info.value.code != 0
+  err = capsys.readouterr().err.splitlines()[-1]
+  assert err.startswith("error: sdft.data: the checkpoint's sample stream was made with "
+                        "sdft.data=sha256:"), err
 
 
 @pytest.mark.slow
