@@ -33,8 +33,9 @@ from ttt_jax.config import Config, load_config, to_yaml
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import user_errors
 from ttt_jax.eval import lm as eval_lm
+from ttt_jax.eval import probes
 from ttt_jax.models import lm
-from ttt_jax.training import averaging, loop, optim
+from ttt_jax.training import averaging, gates, loop, optim
 from ttt_jax.training import state as state_lib
 from ttt_jax.training import step as step_lib
 
@@ -68,6 +69,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
       extras_init=None if skip_extras is None else lambda params: skip_extras,
       extras_shardings=None if skip_extras is None else {
           name: sharding.replicated(mesh) for name in skip_extras})
+  if cfg.gate.every:  # the state carries the gate's anchor (training.gates)
+    built = gates.add_gate(built)
   n_params = lm.count_params(built.state.params)
   log(f"model: {lm.count_params(step_lib.model_tree(cfg, built.state)) / 1e6:.2f}M params, "
       f"mixer={cfg.model.mixer.type}, residual={cfg.model.residual.type}, "
@@ -78,6 +81,8 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
   data_iter = iter(dataset)
   eval_batches = [sharding.put_batch(b, mesh) for b in eval_batches]
   piece_bytes = eval_lm.piece_bytes(corpus, mesh)
+  gate_scores = (probes.gate_scorer(cfg, built.graphdef, eval_step, eval_batches, piece_bytes,
+                                    corpus.tokenizer) if cfg.gate.every else None)
 
   # the whole schedule once, on the host: reading it per step would sync with the device
   schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
@@ -137,7 +142,11 @@ def train(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                                  log=log)
     nan_guard = loop.NanGuard(skip=cfg.train.nonfinite == "skip",
                               newest_checkpoint=checkpoint.newest)
-    for hook in (nan_guard, progress, metrics_log, evaluation, checkpoint,
+    gate = [gates.Gate(cfg.gate, gate_scores, final_step=cfg.train.steps,
+                       state_shardings=built.state_shardings,
+                       workdir=workdir if is_main else None, writer=writer, log=log)
+            ] if cfg.gate.every else []  # before eval and checkpoint: they see its decision
+    for hook in (nan_guard, progress, metrics_log, *gate, evaluation, checkpoint,
                  loop.Profile(workdir / "profile", cfg.logging.profile_start,
                               cfg.logging.profile_steps, trainer.clock, log),
                  loop.StopOnSignal(trainer.request_stop)):
