@@ -86,7 +86,8 @@ def _field(record: dict[str, Any], name: str, kind: type, where: str, default: A
   if value is None:
     raise DataError(f"{where}: missing field '{name}'")
   if not isinstance(value, kind) or isinstance(value, bool):
-    raise DataError(f"{where}: field '{name}' must be a {kind.__name__}, got {value!r}")
+    what = {str: "a string", int: "an integer"}[kind]
+    raise DataError(f"{where}: field '{name}' must be {what}, got {value!r}")
   return value
 
 
