@@ -24,7 +24,7 @@ in, so a resumed run compares exactly what an uninterrupted one did.
 Accepted: the state goes on and a copy of it, with its scores, becomes the next anchor.
 Rejected: params, optimizer state and every anchored extra tree go back to the anchor's,
 bit for bit; the step counter and the data stream go on (the block's batches are
-consumed) and the anchor stays. The optimizer state holds the optimizer's own update
+consumed) and the anchor stays (its ``step`` becomes the next block's start). The optimizer state holds the optimizer's own update
 count, so its schedule position and bias corrections go back too: to the optimizer a
 rejected block never happened (the ``lr`` column of metrics.jsonl follows the step
 counter, not it).
@@ -104,11 +104,14 @@ def _with_anchor(state: TrainState, scores: Mapping[str, jax.Array], step: jax.A
   return state._replace(extras={**state.extras, GATE: anchor})
 
 
-def _reverted(state: TrainState) -> TrainState:
-  """``state`` with params, optimizer state and anchored extras copied from its anchor."""
-  anchor = _copy({k: state.extras[GATE][k] for k in ("params", "opt_state", "extras")})
+def _reverted(state: TrainState, step: jax.Array) -> TrainState:
+  """``state`` with params, optimizer state and anchored extras copied from its anchor,
+  which then stands for ``step`` (where the next block starts)."""
+  gate = state.extras[GATE]
+  anchor = _copy({k: gate[k] for k in ("params", "opt_state", "extras")})
+  gate = {**gate, "step": jnp.asarray(step, jnp.int32)}
   return state._replace(params=anchor["params"], opt_state=anchor["opt_state"],
-                        extras={**state.extras, **anchor["extras"]})
+                        extras={**state.extras, **anchor["extras"], GATE: gate})
 
 
 def add_shardings(shardings: TrainState, replicated: jax.sharding.Sharding) -> TrainState:
@@ -210,7 +213,7 @@ class Gate(loop.Hook):
     self._record(decision)
     if accepted:
       return self._anchor(info.state, after, info.step)
-    return self._revert(info.state)
+    return self._revert(info.state, info.step)
 
   def _record(self, decision: dict[str, Any]) -> None:
     self.decisions.append(decision)
