@@ -188,7 +188,7 @@ def test_a_ruined_block_is_undone_bit_for_bit_and_a_good_one_is_kept(tmp_path):
   assert not np.array_equal(jax.tree.leaves(_trained(before_gate.states[4]))[0],
                             jax.tree.leaves(states[2])[0])
   assert int(after_gate.states[4].step) == 4 and int(finished.state.step) == 5
-  assert int(_host(after_gate.states[4].extras[gates.GATE]["step"])) == 4  # the next block's
+  assert int(_host(after_gate.states[4].extras[gates.GATE]["step"])) == 2
   # the decisions on disk, in metrics and on the console
   written = [json.loads(line) for line in (tmp_path / gates.LOG_FILE).read_text().splitlines()]
   assert written == gate.decisions

@@ -24,7 +24,7 @@ in, so a resumed run compares exactly what an uninterrupted one did.
 Accepted: the state goes on and a copy of it, with its scores, becomes the next anchor.
 Rejected: params, optimizer state and every anchored extra tree go back to the anchor's,
 bit for bit; the step counter and the data stream go on (the block's batches are
-consumed) and the anchor stays (its ``step`` becomes the next block's start). The optimizer state holds the optimizer's own update
+consumed) and the anchor stays. The optimizer state holds the optimizer's own update
 count, so its schedule position and bias corrections go back too: to the optimizer a
 rejected block never happened (the ``lr`` column of metrics.jsonl follows the step
 counter, not it).
@@ -104,14 +104,11 @@ def _with_anchor(state: TrainState, scores: Mapping[str, jax.Array], step: jax.A
   return state._replace(extras={**state.extras, GATE: anchor})
 
 
-def _reverted(state: TrainState, step: jax.Array) -> TrainState:
-  """``state`` with params, optimizer state and anchored extras copied from its anchor,
-  which then stands for ``step`` (where the next block starts)."""
-  gate = state.extras[GATE]
-  anchor = _copy({k: gate[k] for k in ("params", "opt_state", "extras")})
-  gate = {**gate, "step": jnp.asarray(step, jnp.int32)}
+def _reverted(state: TrainState) -> TrainState:
+  """``state`` with params, optimizer state and anchored extras copied from its anchor."""
+  anchor = _copy({k: state.extras[GATE][k] for k in ("params", "opt_state", "extras")})
   return state._replace(params=anchor["params"], opt_state=anchor["opt_state"],
-                        extras={**state.extras, **anchor["extras"], GATE: gate})
+                        extras={**state.extras, **anchor["extras"]})
 
 
 def add_shardings(shardings: TrainState, replicated: jax.sharding.Sharding) -> TrainState:
@@ -201,19 +198,20 @@ class Gate(loop.Hook):
 
   def after_step(self, info: loop.StepInfo) -> TrainState:
     gate = jax.device_get({k: info.state.extras[GATE][k] for k in ("scores", "step")})
-    before = {name: float(value) for name, value in gate["scores"].items()}
+    before = {name: float(gate["scores"][name]) for name in SCORES}
     after = as_stored(self.score(info.state))
     accepted, reasons = decide(before, after, self.cfg)
-    start = int(gate["step"])
-    decision = {"step": info.step, "block": [start, info.step], "accepted": accepted,
-                "action": "kept" if accepted else f"reverted to the state of step {start}",
+    anchor_step = int(gate["step"])
+    block_start = max((info.step - 1) // self.cfg.every * self.cfg.every, anchor_step)
+    decision = {"step": info.step, "block": [block_start, info.step], "accepted": accepted,
+                "action": "kept" if accepted else f"reverted to the state of step {anchor_step}",
                 "before": _json_scores(before), "after": _json_scores(after),
                 "thresholds": {limit: getattr(self.cfg, limit) for _, _, limit in CHECKS},
                 "reasons": reasons}
     self._record(decision)
     if accepted:
       return self._anchor(info.state, after, info.step)
-    return self._revert(info.state, info.step)
+    return self._revert(info.state)
 
   def _record(self, decision: dict[str, Any]) -> None:
     self.decisions.append(decision)
@@ -232,9 +230,13 @@ class Gate(loop.Hook):
           row[f"gate_{name}_before"] = decision["before"][name]
           row[f"gate_{name}_after"] = decision["after"][name]
       self.writer.write(step, row)
-    verdict = "kept" if accepted else f"rejected, {decision['action']}"
-    self.log(f"gate step {step} (block {decision['block'][0]}..{step}): {verdict}; "
-             + "; ".join(decision["reasons"]))
+    if accepted:
+      verdict = "kept (" + ", ".join(
+          f"{name} {old:.4f} -> {decision['after'][name]:.4f}"
+          for name, old in decision["before"].items() if old is not None) + ")"
+    else:
+      verdict = f"rejected, {decision['action']}; " + "; ".join(decision["reasons"])
+    self.log(f"gate step {step} (block {decision['block'][0]}..{step}): {verdict}")
 
   def _drop_rows_after(self, step: int) -> None:
     """Drops the decisions an interrupted attempt logged past ``step``."""
