@@ -1,8 +1,8 @@
 """Training entry point: ``python -m ttt_jax.train --config C --workdir W [--set k=v]``.
 
 parse -> build (data, mesh, sharded state, jitted steps, resume from the workdir) ->
-run (``training.loop.Trainer`` with the NaN guard, progress, metrics, eval, checkpoint,
-profile and stop-on-signal hooks) -> summary. The loop dispatches step t+1 before it
+run (``training.loop.Trainer`` with the NaN guard, progress, metrics, the gate of
+``gate.every`` (``training.gates``), eval, checkpoint, profile and stop-on-signal hooks) -> summary. The loop dispatches step t+1 before it
 reads step t's metrics, so the host never waits on the device except when it has to
 (eval rows, checkpoints, the end).
 

@@ -614,7 +614,8 @@ class GateConfig:
   (params, optimizer state and every extra tree back to the block's start, bit for bit)
   while the step counter and the data stream go on. The thresholds' defaults are our
   choice (no source gives any). The state then carries the block's start as an extra
-  tree: one more params + optimizer state in memory and in every checkpoint."""
+  tree: one more params + optimizer state in memory and in every checkpoint, so a run
+  resumes with gating on or off as it started (--init-from takes the params across)."""
 
   every: int = 0
   """Optimizer steps per block; 0 = off. The run's last step ends a block too."""

@@ -36,6 +36,12 @@ and resumed ends the block against the same anchor, makes the same decisions and
 reaches the bitwise-same state. The price is one more params + optimizer state (and
 extras) in device memory and in every checkpoint: little for adapters.
 
+Another loop on the ``Trainer`` (a fine-tuning recipe) gates its blocks the same way:
+``built = add_gate(built)`` before it compiles its step, and
+``trainer.add(Gate(cfg.gate, scorer, ...))`` before its eval and checkpoint hooks, so
+they see the decided state; ``runs.restore_newest`` reads the anchor of any run whose
+``gate.every`` is set.
+
 Each decision goes to ``gate_decision.json`` (the latest) and ``gates.jsonl`` (every
 one; rows past a resumed run's start are dropped, as metrics.jsonl's) in the workdir,
 with the scores before and after, the thresholds and the reasons; to a metrics row
