@@ -2,9 +2,10 @@
 
 parse -> build (data, mesh, sharded state, jitted steps, resume from the workdir) ->
 run (``training.loop.Trainer`` with the NaN guard, progress, metrics, the gate of
-``gate.every`` (``training.gates``), eval, checkpoint, profile and stop-on-signal hooks) -> summary. The loop dispatches step t+1 before it
-reads step t's metrics, so the host never waits on the device except when it has to
-(eval rows, checkpoints, the end).
+``gate.every`` (``training.gates``), eval, checkpoint, profile and stop-on-signal
+hooks) -> summary. The loop dispatches step t+1 before it reads step t's metrics, so
+the host never waits on the device except when it has to (eval rows, checkpoints, the
+end).
 
 Messages go to stderr, one a line: set-up's first (so a set-up error prints on a clean
 line), then the progress bar on a terminal and plain ``step ...`` lines in a log file

@@ -177,7 +177,8 @@ class Gate(loop.Hook):
   """Scores, keeps or undoes each block of ``cfg.every`` steps (module doc); the run's
   ``final_step`` ends a block too. ``state_shardings``: the state's, gate's tree
   included (``add_gate``); ``workdir`` None writes no files (other processes);
-  ``writer`` (None: none) gets the metrics row, ``log`` the console line."""
+  ``writer`` (None: none) gets the metrics row, ``log`` the console line. The state a
+  decision replaces is donated (hooks before it at that step must not keep it)."""
 
   def __init__(self, cfg: GateConfig, score: Scorer, *, final_step: int,
                state_shardings: TrainState, workdir: Path | None,
@@ -186,8 +187,9 @@ class Gate(loop.Hook):
       raise ValueError(f"gate.every: must be >= 1 for a Gate, got {cfg.every}")
     self.cfg, self.score, self.final_step = cfg, score, final_step
     self.workdir, self.writer, self.log = workdir, writer, log
-    self._anchor = jax.jit(_with_anchor, out_shardings=state_shardings)
-    self._revert = jax.jit(_reverted, out_shardings=state_shardings)
+    # the state they replace is donated, as to the train step: ~2x params + optimizer state
+    self._anchor = jax.jit(_with_anchor, out_shardings=state_shardings, donate_argnums=0)
+    self._revert = jax.jit(_reverted, out_shardings=state_shardings, donate_argnums=0)
     self.decisions: list[dict[str, Any]] = []
     """This run's decisions, in order."""
 
