@@ -332,10 +332,11 @@ def test_lora_trains_the_adapters_and_their_ema_on_the_frozen_base(base, tmp_pat
                              f"checkpoint.init_from={root / 'base'}", "lora.enabled=true",
                              "lora.rank=4", "train.steps=3", "train.eval_every=0",
                              "sdft.max_new_tokens=6", "sdft.prompt_width=12",
-                             "sdft.teacher_width=80", "sdft.teacher_decay=0.5"])
+                             "sdft.teacher_width=80", "sdft.teacher_decay=0.5",
+                             "gate.every=2", "gate.max_eval_loss_increase=100"])
 
 
-  class Gate(loop.Hook):  # the place a gate hook plugs in and logs its decisions
+  class Own(loop.Hook):  # a caller's hook, logging its rows beside the SDFT metrics
     def __init__(self, writer):
       self.writer = writer
 
@@ -343,11 +344,14 @@ def test_lora_trains_the_adapters_and_their_ema_on_the_frozen_base(base, tmp_pat
       return True
 
     def after_step(self, info):
-      self.writer.write(info.step, {"gate_accepted": 1.0})
+      self.writer.write(info.step, {"own_hook": 1.0})
 
-  summary = sdft_cli.sdft(cfg, tmp_path / "lora", extra_hooks=lambda writer, log: [Gate(writer)])
-  assert [row["step"] for row in read_metrics(tmp_path / "lora") if "gate_accepted" in row] == [
-      1, 2, 3]
+  summary = sdft_cli.sdft(cfg, tmp_path / "lora", extra_hooks=lambda writer, log: [Own(writer)])
+  rows = read_metrics(tmp_path / "lora")
+  assert [row["step"] for row in rows if "own_hook" in row] == [1, 2, 3]
+  # gate.every gates SDFT blocks as it does a train run's (the last step ends one)
+  assert [(row["step"], row["gate_accepted"]) for row in rows if "gate_accepted" in row] == [
+      (2, 1.0), (3, 1.0)]
   state = summary["state"]
   assert all(np.isfinite(loss) for loss in summary["losses"].values())
   adapters, ema = state.params, state.extras[teacher.TEACHER]

@@ -49,7 +49,7 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
-from ttt_jax.training import averaging, objectives, optim
+from ttt_jax.training import averaging, gates, objectives, optim
 from ttt_jax.training.state import Built, TrainState, abstract_extras, abstract_state
 from ttt_jax.training.step import model_params, model_tree
 
@@ -494,6 +494,8 @@ def restore_newest(workdir: str | Path, overrides: list[str] = (), log=print,
     extras_init, extras_shardings = objectives.build_extras(cfg)  # a teacher, ...
     graphdef, _, abstract, shardings = abstract_state(
         cfg, vocab_size, mesh, abstract_extras(cfg, vocab_size, extras_init), extras_shardings)
+    if cfg.gate.every:  # a gated run's state carries its anchor
+      abstract, shardings = gates.add_abstract(abstract, shardings, sharding.replicated(mesh))
     restored = ckpt.restore_latest(
         ckpt_lib.with_shardings(abstract, shardings), data_iter, log=log,
         check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))

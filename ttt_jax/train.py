@@ -1,8 +1,9 @@
 """Training entry point: ``python -m ttt_jax.train --config C --workdir W [--set k=v]``.
 
 parse -> build (data, mesh, sharded state, jitted steps, resume from the workdir) ->
-run (``training.loop.Trainer`` with the NaN guard, progress, metrics, eval, checkpoint,
-profile and stop-on-signal hooks) -> summary. Other training commands (``python -m
+run (``training.loop.Trainer`` with the NaN guard, progress, metrics, the gate of
+``gate.every`` (``training.gates``), eval, checkpoint, profile and stop-on-signal
+hooks) -> summary. Other training commands (``python -m
 ttt_jax.sdft``) reuse these pieces: ``prepare`` (workdir, corpus, mesh),
 ``build_state`` (the sharded state with their extra trees) and ``run`` (resume, hooks,
 loop, summary) with their own data stream and step. The loop dispatches step t+1 before it
@@ -37,8 +38,9 @@ from ttt_jax.config import Config, load_config, to_yaml
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import user_errors
 from ttt_jax.eval import lm as eval_lm
+from ttt_jax.eval import probes
 from ttt_jax.models import lm
-from ttt_jax.training import averaging, loop, objectives, optim
+from ttt_jax.training import averaging, gates, loop, objectives, optim
 from ttt_jax.training import state as state_lib
 from ttt_jax.training import step as step_lib
 
@@ -109,6 +111,8 @@ def build_state(setup: Setup) -> state_lib.Built:
 
   built = state_lib.build(cfg, setup.corpus.vocab_size, mesh, extras_init=extras_init,
                           extras_shardings=extras_shardings)
+  if cfg.gate.every:  # the state carries the gate's anchor (training.gates)
+    built = gates.add_gate(built)
   log(f"model: {lm.count_params(step_lib.model_tree(cfg, built.state)) / 1e6:.2f}M params, "
       f"mixer={cfg.model.mixer.type}, residual={cfg.model.residual.type}, "
       f"optimizer={'adamw (lora)' if cfg.lora.enabled else cfg.optim.name}")
@@ -121,8 +125,8 @@ Started = Callable[[state_lib.TrainState, int, bool], state_lib.TrainState]
 """``(state, start step, resumed) -> state``: a command's own adjustment of the state a
 run starts from (after the resume or ``checkpoint.init_from``)."""
 HookFactory = Callable[[metrics_lib.MetricsWriter, Callable[[str], None]], list[loop.Hook]]
-"""``(writer, log) -> hooks``: a command's own loop hooks (e.g. gates that accept or
-reject blocks of updates, writing their decisions as metrics rows through ``writer``)."""
+"""``(writer, log) -> hooks``: a command's own loop hooks, run after the gate and before
+eval and checkpoint (which see a state they replace); they log rows through ``writer``."""
 
 
 def run(setup: Setup, built: state_lib.Built, train_step: Callable, data_iter: Any,
@@ -132,8 +136,8 @@ def run(setup: Setup, built: state_lib.Built, train_step: Callable, data_iter: A
   """Trains ``built.state`` with the jitted ``train_step`` over ``data_iter`` (host
   batches, one per micro-step, whose position the checkpoints save), resuming the
   workdir's newest checkpoint of the sample stream ``stream``, through ``loop.Trainer``
-  with the NaN guard, progress, metrics, eval, ``extra_hooks``, checkpoint, profile and
-  stop-on-signal hooks; returns the summary (final losses, timings) for callers and
+  with the NaN guard, progress, metrics, gate (``gate.every``), ``extra_hooks``, eval,
+  checkpoint, profile and stop-on-signal hooks; returns the summary (final losses, timings) for callers and
   tests."""
   cfg, workdir, corpus, mesh = setup.cfg, setup.workdir, setup.corpus, setup.mesh
   is_main, log = jax.process_index() == 0, setup.log
@@ -142,6 +146,8 @@ def run(setup: Setup, built: state_lib.Built, train_step: Callable, data_iter: A
   eval_step = step_lib.jit_eval_step(built)
   eval_batches = [sharding.put_batch(b, mesh) for b in eval_host_batches]
   piece_bytes = eval_lm.piece_bytes(corpus, mesh)
+  gate_scores = (probes.gate_scorer(cfg, built.graphdef, eval_step, eval_batches, piece_bytes,
+                                    corpus.tokenizer) if cfg.gate.every else None)
 
   # the whole schedule once, on the host: reading it per step would sync with the device
   schedule = optim.lr_schedule(cfg.optim, cfg.train.steps)
@@ -201,8 +207,12 @@ def run(setup: Setup, built: state_lib.Built, train_step: Callable, data_iter: A
                                  log=log)
     nan_guard = loop.NanGuard(skip=cfg.train.nonfinite == "skip",
                               newest_checkpoint=checkpoint.newest)
+    gate = [gates.Gate(cfg.gate, gate_scores, final_step=cfg.train.steps,
+                       state_shardings=built.state_shardings,
+                       workdir=workdir if is_main else None, writer=writer, log=log)
+            ] if cfg.gate.every else []  # before eval and checkpoint: they see its decision
     own_hooks = extra_hooks(writer, log) if extra_hooks is not None else []
-    for hook in (nan_guard, progress, metrics_log, evaluation, *own_hooks, checkpoint,
+    for hook in (nan_guard, progress, metrics_log, *gate, *own_hooks, evaluation, checkpoint,
                  loop.Profile(workdir / "profile", cfg.logging.profile_start,
                               cfg.logging.profile_steps, trainer.clock, log),
                  loop.StopOnSignal(trainer.request_stop)):

@@ -678,6 +678,40 @@ class SDFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """Gated update blocks (``ttt_jax.training.gates``): every ``every`` optimizer steps
+  form a block, scored before and after on the run's fixed validation batches (eval
+  loss) and the probes of ``probes``; a block that regresses past a threshold is undone
+  (params, optimizer state and every extra tree back to the block's start, bit for bit)
+  while the step counter and the data stream go on. The thresholds' defaults are our
+  choice (no source gives any). The state then carries the block's start as an extra
+  tree: one more params + optimizer state in memory and in every checkpoint, so a run
+  resumes with gating on or off as it started (--init-from takes the params across)."""
+
+  every: int = 0
+  """Optimizer steps per block; 0 = off. The run's last step ends a block too."""
+  probes: str = ""
+  """A probes file (jsonl, ``ttt_jax.eval.probes``) scored with the eval loss; empty:
+  the eval loss alone."""
+  max_eval_loss_increase: float = 0.02
+  """A block whose validation loss rises by more than this (nats per token) is undone."""
+  max_probe_pass_drop: float = 0.0
+  """... whose pass rate over the regex and substring probes falls by more than this
+  (a fraction, 0..1; 0: no block may lose a passing probe on balance)."""
+  max_logprob_drop: float = 0.05
+  """... whose mean per-token log-probability over the logprob probes falls by more
+  than this (nats)."""
+
+  def __post_init__(self):
+    check_non_negative("gate", self, "every", "max_eval_loss_increase", "max_logprob_drop")
+    if not 0.0 <= self.max_probe_pass_drop <= 1.0:
+      raise ConfigError(f"gate.max_probe_pass_drop: must be in [0, 1], got "
+                        f"{self.max_probe_pass_drop!r}")
+    if self.probes and not self.every:
+      raise ConfigError("gate.probes: scored only by gated blocks; set gate.every > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   """Model architecture."""
@@ -703,6 +737,8 @@ class Config:
   """Low-rank adapters trained on a frozen base (``ttt_jax.lora``)."""
   sdft: SDFTConfig = dataclasses.field(default_factory=SDFTConfig)
   """Self-distillation fine-tuning (``python -m ttt_jax.sdft``, train.objective='sdft')."""
+  gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+  """Gated update blocks: undo a block of updates that regresses (off by default)."""
 
   def __post_init__(self):
     if self.train.batch_size % self.optim.grad_accum_steps:

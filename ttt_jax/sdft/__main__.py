@@ -16,9 +16,10 @@ teacher is then the EMA of the adapters on the same frozen base).
 
 A workdir without checkpoints needs --init-from (or ``checkpoint.init_from``); rerunning
 the same command on a workdir with checkpoints resumes it (--init-from is then unused).
-Gates (hooks accepting or rejecting blocks of updates) join the loop through ``sdft``'s
-``extra_hooks`` (``train.run``'s), and log each decision as a row of metrics.jsonl
-through the writer they are given.
+``gate.every`` gates blocks of SDFT updates as it does a train run's
+(``training.gates``: the anchor holds the teacher too, so a rejected block undoes its
+EMA steps as well), each decision a row of metrics.jsonl (``gate_accepted``, ...);
+other hooks join the loop through ``sdft``'s ``extra_hooks``.
 """
 
 from __future__ import annotations
@@ -74,10 +75,9 @@ def _with_init_from(cfg: Config, source: str) -> Config:
 
 def sdft(cfg: Config, workdir: str | Path,
          extra_hooks: train_lib.HookFactory | None = None) -> dict[str, Any]:
-  """Runs SDFT (module doc); returns ``train.run``'s summary. ``extra_hooks``: loop
-  hooks of the caller's, e.g. gates accepting or rejecting blocks of updates, which log
-  each decision as a metrics row (``writer.write(step, {...})``) beside the SDFT
-  metrics."""
+  """Runs SDFT (module doc); returns ``train.run``'s summary. ``extra_hooks``: the
+  caller's own loop hooks (``train.HookFactory``), whose rows (``writer.write(step,
+  {...})``) join the SDFT metrics in metrics.jsonl."""
   if not cfg.sdft.data:
     raise ConfigError("--data: give the demonstrations file (sdft.data)")
   source = cfg.checkpoint.init_from
