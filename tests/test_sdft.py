@@ -89,11 +89,11 @@ def test_prompts_are_left_padded_and_overlong_ones_cut_from_the_left_or_refused(
   assert encoded.teacher_lens[0] == len(teacher_ids) and not encoded.teacher[0, 0]
   assert logged == ["sdft: d.jsonl: kept the last tokens of 1 of 2 prompts "
                     "(sdft.prompt_width=5) and of 0 teacher prompts (sdft.teacher_width=400)"]
-  with pytest.raises(DataError, match=r"^d.jsonl:2: the prompt prompt has 8 tokens, more "
+  with pytest.raises(DataError, match=r"^d.jsonl:2: the prompt has 8 tokens, more "
                                       r"than sdft.prompt_width=5"):
     data.encode(examples, CharTokenizer(), SDFTConfig(prompt_width=5, overlong="error"),
                 "d.jsonl", logged.append)
-  with pytest.raises(DataError, match=r"^d.jsonl:1: the prompt prompt encodes to no tokens"):
+  with pytest.raises(DataError, match=r"^d.jsonl:1: the prompt encodes to no tokens"):
     data.encode([data.Example("", "x", 1)], CharTokenizer(), cfg, "d.jsonl", logged.append)
 
 

@@ -120,11 +120,12 @@ def _fit(rows: list[list[int]], lines: list[int], width: int, what: str, path: P
          overlong: str) -> tuple[list[list[int]], int]:
   """``rows`` cut to their last ``width`` tokens (``overlong='truncate'``) and the number
   cut; ``DataError`` naming the first line whose row is empty, or too long with 'error'."""
+  label = {"prompt": "prompt", "teacher": "teacher prompt"}[what]
   for line, row in zip(lines, rows):
     if not row:
-      raise DataError(f"{path}:{line}: the {what} prompt encodes to no tokens")
+      raise DataError(f"{path}:{line}: the {label} encodes to no tokens")
     if len(row) > width and overlong == "error":
-      raise DataError(f"{path}:{line}: the {what} prompt has {len(row)} tokens, more than "
+      raise DataError(f"{path}:{line}: the {label} has {len(row)} tokens, more than "
                       f"sdft.{what}_width={width} (or set sdft.overlong=truncate)")
   return [row[-width:] for row in rows], sum(len(row) > width for row in rows)
 
