@@ -13,6 +13,9 @@ TTT-Linear resets its state and its convs at the first real token), and in a dec
 (``LM.decode``) a negative position marks a pad: attention's cache treats its slot as
 empty, TTT-Linear and its convs leave it out, so each row's mini-batch grid starts at its
 first real token. A padded batch therefore generates what each prompt generates alone.
+(In a full forward TTT-Linear's grid stays the token order, so there a row gives its
+unpadded outputs exactly only when p_b is a multiple of the mini-batch; attention always
+does. ``sequence_logprobs`` does not use this context.)
 
 ``sample_rollout`` samples ``max_new_tokens`` tokens after each prompt through the
 generate loop (``sampling.decode_loop``); it is pure and traceable inside another jit
