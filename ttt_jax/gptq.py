@@ -432,6 +432,24 @@ def _reshaped_axes(axes: tuple[tuple[int, ...], ...], in_shape: tuple[int, ...],
   return tuple(new)
 
 
+def traced_sums(fn: Any, leaves: Sequence[jax.Array], layouts: Sequence[Layout | None],
+                *args: Any) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+  """({i: sum of X^T X [*batch, I, I]}, {i: why not}) of the leaves ``leaves[i]`` of
+  ``fn(leaves, *args)`` whose layout is given: the interpreter's run (module doc)."""
+  closed = jax.make_jaxpr(fn)(list(leaves), *args)
+  flat_args = jax.tree.leaves((list(leaves), *args))
+  shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+  sources = [Source(i, tuple((a,) for a in range(len(shapes[i]))))
+             if i < len(leaves) and layouts[i] is not None else None
+             for i in range(len(flat_args))]
+  interpreter = _Interpreter(list(layouts), shapes)
+  interpreter.run(closed, (), flat_args, sources)
+  skipped = {i: interpreter.skipped.get(i, "not read by a matrix product")
+             for i, lay in enumerate(layouts)
+             if lay is not None and (i in interpreter.skipped or i not in interpreter.sums)}
+  return {i: s for i, s in interpreter.sums.items() if i not in skipped}, skipped
+
+
 def input_hessians(model: LM, tokens_BxT: jax.Array, ctx: SequenceContext
                    ) -> tuple[dict[tuple, np.ndarray], dict[tuple, str]]:
   """({path: H [*batch, I, I] = 2 X^T X / n} of every 'matrix' parameter whose inputs
@@ -441,8 +459,7 @@ def input_hessians(model: LM, tokens_BxT: jax.Array, ctx: SequenceContext
   flat = list(nnx.to_flat_state(params))
   specs = quant.param_specs(params)
   leaves = [var.get_value() for _, var in flat]
-  shapes = [tuple(leaf.shape) for leaf in leaves]
-  layouts = [layout(specs[path], shape) for (path, _), shape in zip(flat, shapes)]
+  layouts = [layout(specs[path], tuple(leaf.shape)) for (path, _), leaf in zip(flat, leaves)]
 
   def forward(leaves: list[jax.Array], tokens_BxT: jax.Array, ctx: SequenceContext
               ) -> jax.Array:
@@ -450,20 +467,7 @@ def input_hessians(model: LM, tokens_BxT: jax.Array, ctx: SequenceContext
                                   for (path, var), leaf in zip(flat, leaves)])
     return nnx.merge(graphdef, merged, rest)(tokens_BxT, ctx)
 
-  closed = jax.make_jaxpr(forward)(leaves, tokens_BxT, ctx)
-  args = jax.tree.leaves((leaves, tokens_BxT, ctx))
-  sources = [Source(i, tuple((a,) for a in range(len(shapes[i]))))
-             if i < len(leaves) and layouts[i] is not None else None
-             for i in range(len(args))]
-  interpreter = _Interpreter(layouts, shapes)
-  interpreter.run(closed, (), args, sources)
+  sums, skipped = traced_sums(forward, leaves, layouts, tokens_BxT, ctx)
   n_tokens = math.prod(np.shape(tokens_BxT))
-  hessians, skipped = {}, {}
-  for i, (path, _) in enumerate(flat):
-    if layouts[i] is None:
-      continue
-    if i in interpreter.skipped or i not in interpreter.sums:
-      skipped[path] = interpreter.skipped.get(i, "not read by a matrix product")
-    else:
-      hessians[path] = 2 * interpreter.sums[i] / n_tokens
-  return hessians, skipped
+  return ({flat[i][0]: 2 * total / n_tokens for i, total in sorted(sums.items())},
+          {flat[i][0]: why for i, why in sorted(skipped.items())})
