@@ -112,7 +112,7 @@ def gptq_codes(w_BxIxO: Any, hessian_BxIxI: Any, scale_BxO: Any, bits: int,
                  / u_BxKxK[:, i, i, None])
       w_BxKxO[:, i + 1:] -= u_BxKxK[:, i, i + 1:, None] * err_BxO[:, None, :]
       err_BxKxO[:, i] = err_BxO
-    w_BxIxO[:, stop:] -= np.einsum("bkj,bko->bjo", u_BxIxI[:, start:stop, stop:], err_BxKxO)
+    w_BxIxO[:, stop:] -= np.swapaxes(u_BxIxI[:, start:stop, stop:], 1, 2) @ err_BxKxO
   restored_BxIxO = np.empty_like(q_BxIxO)
   np.put_along_axis(restored_BxIxO, order_BxI[:, :, None], q_BxIxO, axis=1)
   return restored_BxIxO
@@ -338,11 +338,11 @@ class _Interpreter:
     if not set(batch_axes) | set(fixed) <= set(lay.batch):
       raise Skipped("a dot batch axis that is not a batch axis of the parameter")
     x_rows = [d for d in range(np.ndim(x)) if d not in tuple(x_c) + tuple(x_b)]
-    x = np.asarray(jax.device_get(x), np.float64).transpose(tuple(x_b) + tuple(x_rows)
-                                                              + tuple(x_c))
+    x = jnp.transpose(jnp.asarray(x, jnp.float32), tuple(x_b) + tuple(x_rows) + tuple(x_c))
     n_b = math.prod(x.shape[:len(x_b)])
     x_BxNxC = x.reshape(n_b, -1, math.prod(x.shape[len(x_b) + len(x_rows):]))
-    sums_BxCxC = np.einsum("bnc,bnd->bcd", x_BxNxC, x_BxNxC)
+    sums_BxCxC = np.asarray(jnp.einsum("bnc,bnd->bcd", x_BxNxC, x_BxNxC,
+                                       precision=jax.lax.Precision.HIGHEST), np.float64)
     sizes = [shape[a] for a in contracted]
     to_sorted = np.argsort(contracted)
     sums = sums_BxCxC.reshape([shape[a] for a in batch_axes] + sizes + sizes)
