@@ -116,6 +116,18 @@ def test_parameter_codes_keep_the_parameter_layout():
     np.testing.assert_array_equal(gptq.parameter_codes(w, scale, identity, lay, 6), q)
 
 
+def test_parameter_codes_in_chunks_of_matrices_are_the_same(monkeypatch):
+  x, w = correlated_layer(9, inputs=32, outputs=16)
+  w = np.stack([w, 2 * w, -w])
+  spec = jax.sharding.PartitionSpec("layers", "embed", "mlp")
+  lay = gptq.layout(spec, w.shape)
+  hessian = np.stack([x.T @ x, np.eye(32), x.T @ x + np.eye(32)])
+  _, scale = quant.quantize(w, quant.reduction_axes(spec, quant.MATRIX), 6)
+  whole = gptq.parameter_codes(w, scale, hessian, lay, 6)
+  monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 32 * 32)
+  np.testing.assert_array_equal(gptq.parameter_codes(w, scale, hessian, lay, 6), whole)
+
+
 # ----------------------------------------------------------------------------- interpreter
 
 
@@ -159,6 +171,28 @@ def test_interpreter_skips_weights_it_cannot_follow():
                      3: "contracted over other axes than its inputs"}
   x64 = np.asarray(x, np.float64)
   np.testing.assert_allclose(sums[1], x64.T @ x64, rtol=1e-5, atol=1e-5)
+
+
+def test_interpreter_follows_indexing_and_merging_reshapes_but_not_splits():
+  """w [layers, heads, K, D] indexed per layer in a Python loop and merged to [H*K, D]
+  (reduction axes 'heads' and K) is followed; a reshape that splits an axis is not."""
+  rng = np.random.default_rng(8)
+  merged_w = jnp.asarray(rng.normal(size=(2, 4, 8, 6)), jnp.float32)
+  split_w = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  xs = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+  layouts = [gptq.Layout(batch=(0,), reduction=(1, 2), output=(3,)),
+             gptq.Layout(batch=(), reduction=(0,), output=(1,))]
+
+  def fn(leaves, xs):
+    merged, split = leaves
+    total = sum((xs[layer] @ merged[layer].reshape(32, 6)).sum() for layer in range(2))
+    return total + jnp.einsum("bhk,hkd->", xs[0].reshape(5, 4, 8), split.reshape(4, 8, 6))
+
+  sums, skipped = gptq.traced_sums(fn, [merged_w, split_w], layouts, xs)
+  assert skipped == {1: "read by a reshape that splits an axis"}
+  for layer in range(2):
+    x = np.asarray(xs[layer], np.float64)
+    np.testing.assert_allclose(sums[0][layer], x.T @ x, rtol=1e-5, atol=1e-5)
 
 
 def tiny_model(config: str, *overrides: str) -> lm.LM:

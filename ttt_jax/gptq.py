@@ -74,6 +74,8 @@ DAMP = 0.01
 """lambda: the damping added to diag(H), as a fraction of its mean."""
 BLOCK = 128
 """Inputs whose updates are applied together (lazy batch updates)."""
+CHUNK_ELEMENTS = 2 ** 25
+"""``parameter_codes`` holds about this many H entries (float64) at once."""
 
 
 # ----------------------------------------------------------------------------- the core
@@ -156,8 +158,11 @@ def parameter_codes(w: Any, scale: np.ndarray, hessian: np.ndarray, lay: Layout,
   matrices = moved.reshape(n_batch, math.prod(w.shape[a] for a in lay.reduction), -1)
   scale_BxO = np.transpose(np.broadcast_to(scale, w.shape), order).reshape(
       matrices.shape)[:, 0]
-  q = gptq_codes(matrices, hessian.reshape(n_batch, *hessian.shape[-2:]), scale_BxO, bits,
-                 damp, act_order)
+  hessians = hessian.reshape(n_batch, *hessian.shape[-2:])
+  step = max(1, CHUNK_ELEMENTS // hessians[0].size)  # float64 H^-1 of this many at once
+  q = np.concatenate([gptq_codes(matrices[i:i + step], hessians[i:i + step],
+                                 scale_BxO[i:i + step], bits, damp, act_order)
+                      for i in range(0, n_batch, step)])
   return np.transpose(q.reshape(moved.shape), np.argsort(order))
 
 
@@ -215,10 +220,8 @@ class Skipped(Exception):
 
 
 PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "name",
-                          "reduce_precision", "sharding_constraint", "pvary",
-                          "optimization_barrier"})
-"""Primitives that give a tagged operand's values unchanged (one operand, one result,
-or elementwise for each)."""
+                          "reduce_precision", "sharding_constraint", "pvary"})
+"""Primitives whose one result is their one operand's values, unchanged or cast."""
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
          "core_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr",
          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
@@ -305,7 +308,7 @@ class _Interpreter:
     if name == "squeeze":
       return _drop_unit_axes(source, eqn.params["dimensions"])
     if name == "reshape":
-      return source._replace(axes=_reshaped_axes(source.axes, in_shape, out_shape, name))
+      return _reshaped(source, in_shape, out_shape)
     if name == "broadcast_in_dim" and math.prod(out_shape) == math.prod(in_shape):
       kept = eqn.params["broadcast_dimensions"]
       axes = [()] * len(out_shape)
@@ -410,26 +413,24 @@ def _sliced(source: Source, starts: Sequence[int], in_shape: tuple[int, ...],
   return Source(source.leaf, tuple(axes), tuple(fixed))
 
 
-def _reshaped_axes(axes: tuple[tuple[int, ...], ...], in_shape: tuple[int, ...],
-                   out_shape: tuple[int, ...], name: str) -> tuple[tuple[int, ...], ...]:
-  """The axes of a reshape that merges whole axes and adds or drops unit axes."""
-  in_dims = [(size, ax) for size, ax in zip(in_shape, axes) if size != 1 or ax]
-  new, i = [], 0
+def _reshaped(source: Source, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+              ) -> Source:
+  """The tag of a reshape that merges whole axes and adds or drops unit axes (a unit
+  parameter axis dropped is fixed at 0)."""
+  unit = [d for d, size in enumerate(in_shape) if size == 1]
+  source = _drop_unit_axes(source, unit)
+  in_sizes = [size for size in in_shape if size != 1]
+  axes, i = [], 0
   for size in out_shape:
-    if size == 1:
-      new.append(())
-      continue
     merged, product = [], 1
-    while product < size and i < len(in_dims):
-      product *= in_dims[i][0]
-      merged.extend(in_dims[i][1])
+    while product < size and i < len(in_sizes):
+      product *= in_sizes[i]
+      merged.extend(source.axes[i])
       i += 1
     if product != size:
-      raise Skipped(f"read by a {name} that splits an axis")
-    new.append(tuple(merged))
-  if i != len(in_dims):
-    raise Skipped(f"read by a {name} that splits an axis")
-  return tuple(new)
+      raise Skipped("read by a reshape that splits an axis")
+    axes.append(tuple(merged))
+  return source._replace(axes=tuple(axes))
 
 
 def traced_sums(fn: Any, leaves: Sequence[jax.Array], layouts: Sequence[Layout | None],
