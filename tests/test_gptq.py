@@ -117,7 +117,7 @@ def test_parameter_codes_keep_the_parameter_layout():
 
 
 def test_parameter_codes_in_chunks_of_matrices_are_the_same(monkeypatch):
-  x, w = correlated_layer(9, inputs=32, outputs=16)
+  x, w = correlated_layer(9, inputs=32, outputs=64)
   w = np.stack([w, 2 * w, -w])
   spec = jax.sharding.PartitionSpec("layers", "embed", "mlp")
   lay = gptq.layout(spec, w.shape)

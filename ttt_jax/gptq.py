@@ -39,7 +39,7 @@ jaxpr with the parameters as inputs and run by a small interpreter that tags eve
 value derived from a 'matrix' parameter (a ``Source``: which parameter, which of its
 axes each value axis is, which batch axes were sliced to one index). Tags follow
 dtype casts, transposes, reshapes that merge axes or add/remove unit axes, unit
-slices, and calls (``jit``, ``checkpoint``/remat, ``custom_jvp``/``custom_vjp`` calls,
+slices, optimization barriers, and calls (``jit``, ``checkpoint``/remat, ``custom_jvp``/``custom_vjp`` calls,
 ``cond`` on its taken branch, ``scan``, whose iterations run one by one with a sliced
 operand's index fixed). At a ``dot_general`` of a tagged weight whose contracting axes
 are exactly the parameter's reduction axes, the other operand's X^T X is added to the
@@ -288,6 +288,8 @@ class _Interpreter:
         return self.run(branch, (), values[1:], sources[1:])
       if name == "scan":
         return self.scan(eqn, values, sources)
+      if name == "optimization_barrier":  # its operands, unchanged
+        return self.bind(eqn, values), list(sources)
       outs = self.bind(eqn, values)
       return outs, [self.follow(eqn, values, sources, outs)]
     except Skipped as reason:
