@@ -214,7 +214,8 @@ def first_block_input(model: lm.LM, tokens_BxT: jax.Array, ctx: SequenceContext
 @pytest.mark.slow
 @pytest.mark.parametrize("config,overrides", [("quickstart.yaml", ()),
                                               ("mhc_tiny.yaml", ()),
-                                              ("quickstart.yaml", ("model.trunk.type=unrolled",))])
+                                              ("quickstart.yaml", ("model.trunk.type=unrolled",)),
+                                              ("quickstart.yaml", ("model.n_layers=1",))])
 def test_first_layer_wq_hessian_is_its_normed_input(config, overrides):
   model = tiny_model(config, *overrides)
   tokens_BxT = jax.random.randint(jax.random.key(1), (3, 16), 0, 128)

@@ -65,6 +65,7 @@ from jax.sharding import PartitionSpec as P
 
 from ttt_jax import quant
 from ttt_jax.config import Config
+from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.inference import sampling
 from ttt_jax.models.context import SequenceContext
 from ttt_jax.models.lm import LM
@@ -189,7 +190,8 @@ def requantize(encoded: dict[tuple, quant.Encoded], params: nnx.State,
 
 
 def calibration_batch(model: LM, cfg: Config, start_token: int, n_seqs: int, length: int,
-                      seed: int, tokenizer: Any = None) -> tuple[jax.Array, SequenceContext]:
+                      seed: int, tokenizer: Tokenizer | None = None
+                      ) -> tuple[jax.Array, SequenceContext]:
   """(tokens [N, T], their context): N sequences the model samples at temperature 1
   after ``start_token``, with the run's decode inputs (``tokenizer``: the one they read)."""
   prompt_Nx1 = np.full((n_seqs, 1), start_token, np.int32)
@@ -370,7 +372,7 @@ class _Interpreter:
     n_consts, n_carry, length = params["num_consts"], params["num_carry"], params["length"]
     self.skip(sources[n_consts:n_consts + n_carry], "a scan carry")
     sources = [None if n_consts <= i < n_consts + n_carry else s for i, s in enumerate(sources)]
-    if all(s is None for s in sources):
+    if all(s is None for s in sources) or length == 0:
       return self.bind(eqn, values), [None] * len(eqn.outvars)
     consts, carry = values[:n_consts], values[n_consts:n_consts + n_carry]
     xs, xs_sources = values[n_consts + n_carry:], sources[n_consts + n_carry:]
@@ -404,11 +406,11 @@ def _sliced(source: Source, starts: Sequence[int], in_shape: tuple[int, ...],
   parameter axis (fixed); ``drop_first``: the first axis then removed (a scan's slice)."""
   axes, fixed = list(source.axes), list(source.fixed)
   for d, (start, size_in, size_out) in enumerate(zip(starts, in_shape, out_shape)):
-    if size_out == size_in:
+    if size_out == size_in != 1:
       continue
-    if size_out != 1 or len(source.axes[d]) != 1:
+    if size_out != 1 or (size_in != 1 and len(source.axes[d]) > 1):
       raise Skipped("sliced by more than one index")
-    fixed.append((source.axes[d][0], int(start)))
+    fixed.extend((axis, int(start)) for axis in source.axes[d])
     axes[d] = ()
   if drop_first:
     axes = axes[1:]
