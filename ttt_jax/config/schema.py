@@ -568,8 +568,25 @@ class QuantConfig:
   qat_bits: int = 6
   """Bits of the fake-quantized matrices (2..8): values in [-(2^(bits-1) - 1),
   2^(bits-1) - 1], as ``python -m ttt_jax.export --bits-matrix`` stores them."""
+  gptq: bool = False
+  """Export (``python -m ttt_jax.export``, ``--gptq``) with GPTQ codes (``ttt_jax.gptq``):
+  each matrix's int codes chosen on calibration inputs, same scales and format."""
+  calib_seqs: int = 64
+  """GPTQ's calibration: sequences sampled from the model itself (``--calib-seqs``)."""
+  calib_len: int = 0
+  """Their length in tokens (``--calib-len``); 0 = data.seq_len."""
+  calib_seed: int = 0
+  """The seed of their sampling (``--calib-seed``)."""
+  gptq_damp: float = 0.01
+  """GPTQ's damping: this fraction of mean(diag(H)) added to diag(H)."""
+  gptq_act_order: bool = True
+  """GPTQ quantizes the inputs by descending diag(H) (else in index order)."""
 
   def __post_init__(self):
+    check_positive("quant", self, "calib_seqs")
+    check_non_negative("quant", self, "calib_len", "gptq_damp")
+    if self.calib_len == 1:
+      raise ConfigError("quant.calib_len: must be 0 (data.seq_len) or >= 2, got 1")
     if not 0.0 <= self.qat_lr_ratio <= 1.0:
       raise ConfigError(f"quant.qat_lr_ratio: must be in [0, 1], got {self.qat_lr_ratio}")
     if not 2 <= self.qat_bits <= 8:
