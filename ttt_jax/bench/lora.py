@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import math
 import statistics
-import time
 from typing import Any
 
 import jax
@@ -91,13 +90,7 @@ def bench_lora(cfg: Config, steps: int, warmup: int, rounds: int, replicas: int 
                              mesh)
   runs = {(name, k): _instance(variant_config(cfg, name), mesh, batch, warmup)
           for name in VARIANTS for k in range(replicas)}
-  for _ in range(rounds):
-    for run in runs.values():
-      for step in range(steps + 1):
-        start = time.perf_counter()
-        run["state"], metrics = run["compiled"](run["state"], batch)
-        jax.block_until_ready(metrics)
-        (run["times"] if step else run["switch_times"]).append(time.perf_counter() - start)
+  common.time_rounds(runs.values(), batch, steps, rounds)
   return {
       "benchmark": "lora",
       **lora_summary(runs, steps=steps, sizes=sizes(cfg, mesh)),
@@ -129,11 +122,9 @@ def lora_summary(runs: dict[tuple[str, int], dict], *, steps: int,
         "compile_s": statistics.fmean(run["compile_s"] for run in replica_runs),
     }
 
-  def round_means(run: dict) -> list[float]:
-    return [statistics.fmean(run["times"][i:i + steps]) for i in range(0, len(run["times"]), steps)]
-
   ratios = [a / b for k in range(replicas)
-            for a, b in zip(round_means(runs["lora", k]), round_means(runs["full", k]))]
+            for a, b in zip(common.round_means(runs["lora", k]["times"], steps),
+                            common.round_means(runs["full", k]["times"], steps))]
   full, adapted = variants["full"], variants["lora"]
   step_ratio = adapted["step_time_median_s"] / full["step_time_median_s"]
   bytes_ratio = adapted["opt_state_bytes"] / full["opt_state_bytes"]
@@ -152,29 +143,24 @@ def lora_summary(runs: dict[tuple[str, int], dict], *, steps: int,
 
 def summary(result: dict) -> list[str]:
   """A table of the two variants, then LoRA's ratios against their targets."""
+  columns = ["variant", "median s/step", "best s/step", "trainable", "optimizer state",
+             "peak memory"]
   rows = [[name, f"{v['step_time_median_s']:.4g}", f"{v['step_time_min_s']:.4g}",
            f"{v['trainable']:,}", common.human_bytes(v["opt_state_bytes"]),
            common.human_bytes(v["peak_bytes"])] for name, v in result["variants"].items()]
   paired = result["step_time_ratio_paired"]
-  return [
-      f"lora: rank {result['lora']['rank']}, {result['rounds']} rounds x "
-      f"{result['steps_per_round']} steps, {result['replicas']} replicas",
-      table(["variant", "median s/step", "best s/step", "trainable", "optimizer state",
-             "peak memory"], rows),
+  ratios = (
       f"LoRA / full: step time {result['step_time_ratio']:.3f}x (paired "
       f"{paired['mean']:.3f}x +- {paired['stderr']:.3f}; target <= {TARGET_STEP_TIME_RATIO}x), "
       f"optimizer state {100 * result['opt_state_bytes_ratio']:.1f}% (target <= "
-      f"{100 * TARGET_OPT_BYTES_RATIO:.0f}%), trainable {100 * result['trainable_ratio']:.1f}%"]
+      f"{100 * TARGET_OPT_BYTES_RATIO:.0f}%), trainable {100 * result['trainable_ratio']:.1f}%")
+  return [f"lora: rank {result['lora']['rank']}, {common.rounds_text(result)}",
+          table(columns, rows), ratios]
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
   common.add_config_arguments(parser, None)
-  parser.add_argument("--steps", type=int, default=3,
-                      help="timed steps per round, after one untimed step")
-  parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
-  parser.add_argument("--replicas", type=int, default=2,
-                      help="separately compiled instances of each variant")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+  common.add_rounds_arguments(parser)
 
 
 def _run(cfg: Config, args: argparse.Namespace) -> dict:
@@ -184,4 +170,4 @@ def _run(cfg: Config, args: argparse.Namespace) -> dict:
 BENCH = common.register(common.Bench(
     "lora", "LoRA vs full fine-tuning: step time and optimizer state", __doc__,
     _add_arguments, _run, summary,
-    counts=(("steps", 1), ("rounds", 1), ("replicas", 1), ("warmup", 0))))
+    counts=common.ROUNDS_COUNTS))
