@@ -254,7 +254,8 @@ def test_lora_summary_pairs_rounds_and_reports_both_targets():
   result = bench_lora.lora_summary(runs, steps=2, sizes=sizes)
   assert result["variants"]["lora"] == {
       "step_time_median_s": 1.0, "step_time_min_s": 1.0, "switch_step_time_median_s": 5.0,
-      "trainable": 100, "opt_state_bytes": 808, "peak_bytes": 10, "compile_s": 1.0}
+      "trainable": 100, "opt_state_bytes": 808, "peak_bytes": 10, "xla_flops": None,
+      "compile_s": 1.0}
   assert result["variants"]["full"]["step_time_median_s"] == 1.5
   assert result["step_time_ratio"] == pytest.approx(1 / 1.5)
   paired = result["step_time_ratio_paired"]
@@ -277,7 +278,7 @@ def test_bench_lora_times_both_variants_of_a_tiny_model(capsys):
   assert set(result["variants"]) == {"full", "lora"}
   for variant in result["variants"].values():
     assert 0 < variant["step_time_min_s"] <= variant["step_time_median_s"]
-    assert variant["compile_s"] > 0 and variant["peak_bytes"] > 0
+    assert variant["compile_s"] > 0 and variant["peak_bytes"] > 0 and variant["xla_flops"] > 0
   assert result["step_time_ratio_paired"]["pairs"] == 2
   assert result["trainable_ratio"] < 1 and result["opt_state_bytes_ratio"] < 1
   lines = err.splitlines()

@@ -6,10 +6,16 @@ against full fine-tuning of the same model on the same synthetic batch. Each var
 compiled ``--replicas`` times (default 2, own executable and state), then every
 instance is timed in R interleaved rounds, each one untimed step after the switch of
 program and then ``--steps`` timed ones. It reports per variant the median and best
-step time, the trainable count and the optimizer state's bytes, and for LoRA against
-full: the step time ratio (of medians, and paired: the per-round ratios of replica k of
-LoRA over replica k of full) and the optimizer-state bytes ratio. Targets: LoRA's step
-at most 1.1x full's, its optimizer state at most 12% of full's.
+step time, the trainable count, the optimizer state's bytes and XLA's count of the
+compiled step's FLOPs, and for LoRA against full: the step time ratio (of medians, and
+paired: the per-round ratios of replica k of LoRA over replica k of full) and the
+optimizer-state bytes ratio. Targets: LoRA's step at most 1.1x full's, its optimizer
+state at most 12% of full's.
+
+Where the time goes: LoRA adds the merge W + s * A @ B of every adapted weight and the
+factors' gradients (from the merged weight's gradient, which full fine-tuning forms
+too), and skips the gradients of every weight it does not adapt (the tied embedding and
+head, the norms) and the optimizer's update of the whole model.
 
 Both variants use the config's optimizer settings; LoRA's optimizer is
 ``lora.optimizer_config`` of them (AdamW, never Muon), so with AdamW in both the bytes
@@ -30,6 +36,7 @@ import numpy as np
 
 from ttt_jax import sharding
 from ttt_jax.bench import common
+from ttt_jax.bench.ttt import compiled_costs
 from ttt_jax.compare import table
 from ttt_jax.config import Config, to_dict
 from ttt_jax.training.state import abstract_state, build
@@ -80,7 +87,8 @@ def _instance(cfg: Config, mesh: jax.sharding.Mesh, batch: dict, warmup: int) ->
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
   return {"compiled": compiled, "state": state, "times": [], "switch_times": [],
-          "compile_s": compile_s, "peak_bytes": memory.get("peak_bytes")}
+          "compile_s": compile_s, "peak_bytes": memory.get("peak_bytes"),
+          **compiled_costs(compiled)}
 
 
 def bench_lora(cfg: Config, steps: int, warmup: int, rounds: int, replicas: int = 2) -> dict:
@@ -106,8 +114,8 @@ def bench_lora(cfg: Config, steps: int, warmup: int, rounds: int, replicas: int 
 def lora_summary(runs: dict[tuple[str, int], dict], *, steps: int,
                  sizes: dict[str, dict[str, int]]) -> dict:
   """``bench lora``'s statistics from its timed runs, keyed (variant, replica), each with
-  ``times`` (``steps`` per round, in round order), ``switch_times``, ``compile_s`` and
-  ``peak_bytes``; ``sizes``: each variant's trainable count and optimizer bytes."""
+  ``times`` (``steps`` per round, in round order), ``switch_times``, ``compile_s``,
+  ``peak_bytes`` and (optionally) ``xla_flops``; ``sizes``: each variant's trainable count and optimizer bytes."""
   replicas = 1 + max(replica for _, replica in runs)
   variants = {}
   for name in VARIANTS:
@@ -119,6 +127,7 @@ def lora_summary(runs: dict[tuple[str, int], dict], *, steps: int,
             t for run in replica_runs for t in run["switch_times"]),
         **sizes[name],
         "peak_bytes": replica_runs[0]["peak_bytes"],
+        "xla_flops": replica_runs[0].get("xla_flops"),
         "compile_s": statistics.fmean(run["compile_s"] for run in replica_runs),
     }
 
@@ -144,10 +153,12 @@ def lora_summary(runs: dict[tuple[str, int], dict], *, steps: int,
 def summary(result: dict) -> list[str]:
   """A table of the two variants, then LoRA's ratios against their targets."""
   columns = ["variant", "median s/step", "best s/step", "trainable", "optimizer state",
-             "peak memory"]
+             "peak memory", "XLA flops"]
   rows = [[name, f"{v['step_time_median_s']:.4g}", f"{v['step_time_min_s']:.4g}",
            f"{v['trainable']:,}", common.human_bytes(v["opt_state_bytes"]),
-           common.human_bytes(v["peak_bytes"])] for name, v in result["variants"].items()]
+           common.human_bytes(v["peak_bytes"]),
+           "-" if v["xla_flops"] is None else common.human_count(v["xla_flops"])]
+          for name, v in result["variants"].items()]
   paired = result["step_time_ratio_paired"]
   ratios = (
       f"LoRA / full: step time {result['step_time_ratio']:.3f}x (paired "
