@@ -99,11 +99,17 @@ class Task:
 class Sizes:
   """How many items of each kind ``write_kit`` writes."""
   copy_docs: int = 1600
+  """Pretraining: teacher-template documents whose response copies the demonstration."""
   student_docs: int = 400
+  """Pretraining: student-format documents with random values."""
   general_docs: int = 500
+  """Pretraining: general text."""
   general_test_docs: int = 64
+  """Held-out general text (``general_test.jsonl``)."""
   demos: int = 256
+  """Prompts with secret answers for SDFT (``demos.jsonl``) and SFT (``sft.jsonl``)."""
   test: int = 64
+  """New key combinations (``test.jsonl``)."""
 
 
 def words(count: int, rng: np.random.Generator) -> list[str]:
