@@ -161,8 +161,9 @@ def summary(result: dict) -> list[str]:
           for name, v in result["variants"].items()]
   paired = result["step_time_ratio_paired"]
   ratios = (
-      f"LoRA / full: step time {result['step_time_ratio']:.3f}x (paired "
-      f"{paired['mean']:.3f}x +- {paired['stderr']:.3f}; target <= {TARGET_STEP_TIME_RATIO}x), "
+      f"LoRA / full: step time {result['step_time_ratio']:.3f}x (paired: median "
+      f"{paired['median']:.3f}x, mean {paired['mean']:.3f}x +- {paired['stderr']:.3f}; "
+      f"target <= {TARGET_STEP_TIME_RATIO}x), "
       f"optimizer state {100 * result['opt_state_bytes_ratio']:.1f}% (target <= "
       f"{100 * TARGET_OPT_BYTES_RATIO:.0f}%), trainable {100 * result['trainable_ratio']:.1f}%")
   return [f"lora: rank {result['lora']['rank']}, {common.rounds_text(result)}",
