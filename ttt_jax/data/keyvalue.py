@@ -87,6 +87,7 @@ FILES = ("pretrain.jsonl", "general_test.jsonl", "demos.jsonl", "test.jsonl", "s
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+  """The key words, the value words (disjoint) and the secret mapping between them."""
   keys: tuple[str, ...]
   values: tuple[str, ...]
   secret: dict[str, str]
