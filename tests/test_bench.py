@@ -1,4 +1,4 @@
-"""ttt_jax.bench (mhc, io, train, lora): the mHC comparison's statistics on a tiny model, the
+"""ttt_jax.bench (mhc, io, train, lora, sdft): the mHC comparison's statistics on a tiny model, the
 checkpoint-stall benchmark, argument errors, the help of every flag, the summaries on
 stderr and the pinned MFU peak."""
 
@@ -17,6 +17,7 @@ import pytest
 from ttt_jax.bench import io as bench_io
 from ttt_jax.bench import lora as bench_lora
 from ttt_jax.bench import mhc as bench_mhc
+from ttt_jax.bench import sdft as bench_sdft
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import lora, registry, sharding
 from ttt_jax.bench import __main__ as bench_main
@@ -149,7 +150,7 @@ def test_bench_mhc_rejects_a_bad_count_in_one_line():
 
 
 def test_subjects_are_dispatched_from_the_bench_table(capsys):
-  assert registry.BENCHES.names() == ["cct", "io", "lora", "mhc", "train", "ttt"]
+  assert registry.BENCHES.names() == ["cct", "io", "lora", "mhc", "sdft", "train", "ttt"]
   with pytest.raises(SystemExit) as exit_info:
     bench_main.main(["cct", "--config", str(REPO / "configs" / "quickstart.yaml"),
                      "--hash-chain"])
@@ -284,3 +285,38 @@ def test_bench_lora_times_both_variants_of_a_tiny_model(capsys):
   lines = err.splitlines()
   assert lines[-1].startswith(f"LoRA / full: step time {result['step_time_ratio']:.3f}x")
   assert [line.split()[0] for line in lines[-3:-1]] == ["full", "lora"]
+
+
+def test_sdft_summary_splits_the_step_into_its_parts():
+  times = {"generate": [0.5, 0.4, 0.6], "student": [0.3, 0.2, 0.3], "teacher": [0.1] * 3,
+           "step": [1.0, 1.2, 1.1]}
+  result = bench_sdft.sdft_summary(times, {name: 2.0 for name in times}, batch=4,
+                                   max_new_tokens=8)
+  assert list(result["parts"]) == list(bench_sdft.PARTS)
+  assert result["parts"]["generate"] == {"time_median_s": 0.5, "time_min_s": 0.4,
+                                         "fraction_of_step": 0.5 / 1.1, "samples": 3,
+                                         "first_call_s": 2.0}
+  assert result["step_time_median_s"] == 1.1
+  assert result["other_time_s"] == pytest.approx(1.1 - 0.5 - 0.3 - 0.1)
+  assert result["generated_tokens_per_s"] == pytest.approx(4 * 8 / 0.5)
+
+
+@pytest.mark.slow
+def test_bench_sdft_times_each_part_of_a_tiny_sdft_step(capsys):
+  bench_main.main(["sdft", "--config", str(REPO / "configs" / "sdft_tiny.yaml"),
+                   *(arg for o in TINY[:-1] + ["train.batch_size=2", "sdft.max_new_tokens=4",
+                                               "sdft.prompt_width=8", "sdft.teacher_width=16",
+                                               "mesh.num_devices=1", "mesh.fsdp=1"]
+                     for arg in ("--set", o)), "--steps", "2", "--rounds", "2", "--warmup", "0"])
+  out, err = capsys.readouterr()
+  result = json.loads(out)
+  assert result["benchmark"] == "sdft" and list(result["parts"]) == list(bench_sdft.PARTS)
+  for part in result["parts"].values():
+    assert 0 < part["time_min_s"] <= part["time_median_s"] and part["samples"] == 4
+    assert part["first_call_s"] > 0
+  assert result["batch"] == 2 and result["max_new_tokens"] == 4
+  assert result["generated_tokens_per_s"] == pytest.approx(
+      8 / result["parts"]["generate"]["time_median_s"])
+  lines = err.splitlines()
+  assert lines[-1].startswith("step - (generate + student + teacher) = ")
+  assert [line.split()[0] for line in lines[-5:-1]] == list(bench_sdft.PARTS)
