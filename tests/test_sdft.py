@@ -372,6 +372,70 @@ def test_lora_trains_the_adapters_and_their_ema_on_the_frozen_base(base, tmp_pat
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+class _Snapshots(loop.Hook):
+  """Host copies of the params, optimizer state and teacher at the start and after
+  every step (after the gate's decision: extra hooks run after it)."""
+
+  def __init__(self):
+    self.states = {}
+
+  def _take(self, info):
+    self.states[info.step] = jax.device_get(
+        (info.state.params, info.state.opt_state, info.state.extras[teacher.TEACHER]))
+
+  def start(self, info):
+    self._take(info)
+
+  def due(self, info):
+    return True
+
+  def after_step(self, info):
+    self._take(info)
+
+
+class _Noise(loop.Hook):
+  """Adds 0.5 to every param after each block's first step (a damaging update)."""
+
+  def due(self, info):
+    return info.step % 2 == 1
+
+  def after_step(self, info):
+    return info.state._replace(params=jax.tree.map(lambda p: p + 0.5, info.state.params))
+
+
+@pytest.mark.slow
+def test_a_rejected_sdft_block_restores_params_optimizer_and_teacher_bit_for_bit(
+    base, tmp_path):
+  """A hook that adds 0.5 to every param at each block's first step makes the block's
+  eval loss rise, so the gate rejects it: each block's end is the run's start again,
+  teacher included."""
+  root, sets, demos = base
+  cfg = load_config(CONFIG, [*sets, "train.objective=sdft", f"sdft.data={demos}",
+                             f"checkpoint.init_from={root / 'base'}", "train.steps=4",
+                             "train.eval_every=0", "sdft.max_new_tokens=6",
+                             "sdft.prompt_width=12", "sdft.teacher_width=80",
+                             "sdft.teacher_decay=0.5", "gate.every=2",
+                             "optim.warmup_steps=0"])
+  snapshots = _Snapshots()
+  sdft_cli.sdft(cfg, tmp_path / "gated",
+                extra_hooks=lambda writer, log: [_Noise(), snapshots])
+  decisions = [json.loads(line) for line in (tmp_path / "gated" / "gates.jsonl").read_text()
+               .splitlines()]
+  assert [(d["step"], d["accepted"]) for d in decisions] == [(2, False), (4, False)]
+  start = jax.tree.leaves(snapshots.states[0])
+  for step in (1, 3):  # inside a block the params, optimizer state and teacher moved
+    moved = jax.tree.leaves(snapshots.states[step])
+    for part in range(3):
+      assert any(not np.array_equal(a, b) for a, b in zip(
+          jax.tree.leaves(snapshots.states[0][part]),
+          jax.tree.leaves(snapshots.states[step][part]))), (step, part)
+    assert len(moved) == len(start)
+  for step in (2, 4):  # a rejected block's end is the start, bit for bit
+    for a, b in zip(start, jax.tree.leaves(snapshots.states[step])):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(a, b)
+
+
 def test_command_line_errors_are_one_line(tmp_path, capsys):
   bad = _write_lines(tmp_path / "bad.jsonl", [
       json.dumps({"prompt": "p", "demonstration": "d"}), '{"prompt": "q", "demonstration": 5}'])

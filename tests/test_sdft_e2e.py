@@ -23,7 +23,7 @@ from ttt_jax.sdft import __main__ as sdft_cli
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = str(REPO / "configs" / "keyvalue_tiny.yaml")
 SDFT = str(REPO / "configs" / "sdft_keyvalue.yaml")
-LORA = ["lora.enabled=true", "optim.lr=1.5e-3", "optim.schedule=cosine"]
+LORA = ["lora.enabled=true", "optim.lr=1.5e-3"]
 """The LoRA run's settings on top of the config (its full fine-tuning's)."""
 MIN_GAIN, MAX_MATCH_BEFORE = 1.0, 0.1
 MIN_MATCH, MIN_CLOSED, MAX_FORGETTING = 0.8, 0.5, 0.05
