@@ -150,6 +150,20 @@ class _DataPosition:
     return self.state
 
 
+def _folded_extras(cfg: Config, state: state_lib.TrainState) -> dict[str, Any]:
+  """The extra trees of an adapter run's merged state: the frozen base dropped, and a
+  tree shaped like the adapters (the SDFT teacher, their EMA) folded into the base like
+  them, in its own dtype, so it is the params-shaped tree a run without adapters has."""
+  base, adapters = state.extras.get(lora.BASE), jax.tree.structure(state.params)
+
+  def fold(tree: Any) -> Any:
+    dtype = jax.tree.leaves(tree)[0].dtype
+    return jax.tree.map(lambda x: x.astype(dtype), lora.merge(base, tree, cfg.lora))
+
+  return {k: fold(v) if base is not None and jax.tree.structure(v) == adapters else v
+          for k, v in state.extras.items() if k != lora.BASE}
+
+
 def merge_run(workdir: str | Path, out: str | Path, adapter: str | Path | None = None,
               log=print) -> Path:
   """An ordinary run directory at ``out`` whose params are the adapter run ``workdir``'s
@@ -167,7 +181,7 @@ def merge_run(workdir: str | Path, out: str | Path, adapter: str | Path | None =
       cfg, lora=dataclasses.replace(cfg.lora, enabled=False),
       checkpoint=dataclasses.replace(cfg.checkpoint, init_from=""))
   vocab_size = int(restored.meta["vocab_size"])
-  extras = {k: v for k, v in restored.state.extras.items() if k != lora.BASE}
+  extras = _folded_extras(cfg, restored.state)
   _, tx, _, shardings = state_lib.abstract_state(
       merged_cfg, vocab_size, mesh, jax.eval_shape(lambda: extras),
       jax.tree.map(lambda x: x.sharding, extras))
