@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from train_util import copy_stdlib_corpus, read_metrics, tiny_overrides, train_losses
-from ttt_jax import runs, sharding, train
+from ttt_jax import lora, runs, sharding, train
+from ttt_jax.lora import files as lora_files
 from ttt_jax.config import load_config
 from ttt_jax.config.schema import SDFTConfig
 from ttt_jax.errors import ConfigError, DataError
@@ -434,6 +435,34 @@ def test_a_rejected_sdft_block_restores_params_optimizer_and_teacher_bit_for_bit
     for a, b in zip(start, jax.tree.leaves(snapshots.states[step])):
       assert a.dtype == b.dtype
       np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_merging_an_sdft_lora_run_folds_its_teacher_into_the_base(base, tmp_path):
+  """``lora merge`` of an SDFT adapter run: an ordinary run whose params are the merged
+  student and whose teacher is the EMA adapters folded into the base, as full
+  fine-tuning keeps it; it loads like any run."""
+  root, sets, demos = base
+  cfg = load_config(CONFIG, [*sets, "train.objective=sdft", f"sdft.data={demos}",
+                             f"checkpoint.init_from={root / 'base'}", "lora.enabled=true",
+                             "lora.rank=4", "train.steps=2", "train.eval_every=0",
+                             "sdft.max_new_tokens=6", "sdft.prompt_width=12",
+                             "sdft.teacher_width=80", "sdft.teacher_decay=0.5",
+                             "optim.warmup_steps=0"])
+  state = sdft_cli.sdft(cfg, tmp_path / "lora")["state"]
+  lora_files.merge_run(tmp_path / "lora", tmp_path / "merged", log=lambda _: None)
+  merged_cfg, _, restored, _ = runs.restore_newest(tmp_path / "merged", log=lambda _: None)
+  assert not merged_cfg.lora.enabled and lora.BASE not in restored.state.extras
+  want_teacher = lora.merge(state.extras[lora.BASE], state.extras[teacher.TEACHER], cfg.lora)
+  got_teacher = restored.state.extras[teacher.TEACHER]
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got_teacher))
+  for a, b in zip(jax.tree.leaves(got_teacher), jax.tree.leaves(want_teacher)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
+  for a, b in zip(jax.tree.leaves(restored.state.params),
+                  jax.tree.leaves(step_lib.model_params(cfg, state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree.leaves(got_teacher), jax.tree.leaves(restored.state.params)))
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
