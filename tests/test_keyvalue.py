@@ -45,7 +45,7 @@ def test_documents_follow_the_teacher_and_student_templates():
   assert len(copies) == SMALL.copy_docs and len(students) == SMALL.student_docs
   for document in copies:  # the response is the demonstration copied
     context, response = document.rsplit("\n", 1)
-    prompt = context.split("\n")[1]
+    prompt = context.split("\n")[1] + "\n"
     demonstration = context.split("<Demonstration>\n")[1].split("\n")[0]
     assert document == kv.teacher_context(prompt, demonstration) + response
     assert response == demonstration and response.startswith("A ")
@@ -53,6 +53,7 @@ def test_documents_follow_the_teacher_and_student_templates():
     assert all(word in task.keys for word in prompt.split()[1:])
   for document in students:
     prompt, answer = document.split("\n")
+    assert document == kv.student_context(prompt + "\n") + answer
     assert len(prompt.split()) == len(answer.split()) == 1 + task.slots
   assert kv.TEACHER_TEMPLATE.format(prompt="P", demonstration="D") + "R" == (
       "<Question>\nP\n\nThis is an example for a response to the question:\n"
@@ -84,7 +85,8 @@ def test_kit_files_are_identical_for_a_seed(tmp_path):
   demos = kv.read_jsonl(first["demos.jsonl"])
   assert len(demos) == SMALL.demos and set(demos[0]) == {"prompt", "demonstration"}
   assert [r["text"] for r in kv.read_jsonl(first["sft.jsonl"])] == [
-      f"{r['prompt']}\n{r['demonstration']}" for r in demos]
+      r["prompt"] + r["demonstration"] for r in demos]
+  assert demos[0]["prompt"].startswith("Q ") and demos[0]["prompt"].endswith("\n")
   assert len(kv.read_jsonl(first["test.jsonl"])) == SMALL.test
   assert all(set(json.loads(line)) == {"text"}
              for line in first["pretrain.jsonl"].read_text().splitlines())
