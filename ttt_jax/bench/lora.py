@@ -115,7 +115,8 @@ def lora_summary(runs: dict[tuple[str, int], dict], *, steps: int,
                  sizes: dict[str, dict[str, int]]) -> dict:
   """``bench lora``'s statistics from its timed runs, keyed (variant, replica), each with
   ``times`` (``steps`` per round, in round order), ``switch_times``, ``compile_s``,
-  ``peak_bytes`` and (optionally) ``xla_flops``; ``sizes``: each variant's trainable count and optimizer bytes."""
+  ``peak_bytes`` and (optionally) ``xla_flops``; ``sizes``: each variant's trainable
+  count and optimizer bytes (``sizes``)."""
   replicas = 1 + max(replica for _, replica in runs)
   variants = {}
   for name in VARIANTS:

@@ -6,11 +6,12 @@ The task. Key words and value words (pseudo-words, disjoint) and a secret mappin
 f: key -> value drawn from the seed. A prompt lists ``slots`` distinct keys and its
 answer their values:
 
-  prompt  = "Q k1 k2 k3 k4"      answer = "A f(k1) f(k2) f(k3) f(k4)"
+  prompt  = "Q k1 k2 k3 k4\n"    answer = "A f(k1) f(k2) f(k3) f(k4)"
 
 The teacher reads ``TEACHER_TEMPLATE`` (the prompt, then a demonstration, then the
-request for its own response), the student only ``STUDENT_TEMPLATE`` (the prompt and a
-newline); the response follows either.
+request for its own response), the student only ``STUDENT_TEMPLATE`` (the prompt
+alone, as in SDFT, which is why the prompt ends in a newline); the response follows
+either.
 
 Pretraining (``pretrain_documents``) teaches the model to copy, never f itself:
 
@@ -70,8 +71,9 @@ TEACHER_TEMPLATE = ("<Question>\n{prompt}\n\nThis is an example for a response t
                     "question:\n<Demonstration>\n{demonstration}\n\nNow answer with a response "
                     "of your own, including the thinking process:\n")
 """The teacher's context; its response follows it directly."""
-STUDENT_TEMPLATE = "{prompt}\n"
-"""The student's context; its response follows it directly."""
+STUDENT_TEMPLATE = "{prompt}"
+"""The student's context: the prompt alone (it ends in a newline); its response follows
+it directly."""
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _GENERAL_WORDS = {
     "det": ("the", "a", "every", "one"),
@@ -131,7 +133,9 @@ def make_task(seed: int, n_keys: int = 16, n_values: int = 16, slots: int = 4) -
 
 
 def prompt_text(keys: Sequence[str]) -> str:
-  return "Q " + " ".join(keys)
+  """'Q k1 ... kn' and a newline: the student's whole context (SDFT's student sees the
+  prompt alone), so its answer starts a line as the teacher's does."""
+  return "Q " + " ".join(keys) + "\n"
 
 
 def answer_text(values: Sequence[str]) -> str:
