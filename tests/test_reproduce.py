@@ -94,6 +94,23 @@ def test_unknown_study_is_one_line(capsys):
   assert exit_info.value.code != 0
   assert capsys.readouterr().err.strip().startswith("error: unknown study 'nope'")
 
+def test_a_run_stopped_by_a_signal_stops_the_study(tmp_path, monkeypatch, capsys):
+  plan = runner.budget(mhc.STUDY, 0.05)
+  monkeypatch.setattr(runner, "train", lambda cfg, workdir: {"final_step": 3})
+  with pytest.raises(runner.Stopped, match="plain/seed0 stopped at step 3 of 15; rerun"):
+    runner.run_one(mhc.STUDY, mhc.PLAIN, 0, plan, tmp_path)
+  assert not (runner.run_dir(tmp_path, mhc.PLAIN, 0) / runner.RESULT_FILE).exists()
+
+  def stopped(*args, **kwargs):
+    raise runner.Stopped("study mhc: run plain/seed0 stopped at step 3 of 15")
+
+  monkeypatch.setattr(runner, "run_study", stopped)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["mhc", "--out", str(tmp_path / "out")])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == "study mhc: run plain/seed0 stopped at step 3 of 15\n"
+
+
 # ----------------------------------------------------------------------------- loss by position
 
 
