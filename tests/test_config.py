@@ -215,8 +215,8 @@ def test_config_command_section_is_one_section_or_model_slot(capsys):
   err = capsys.readouterr().err
   assert err.startswith(
       "error: --section 'modle.mixer': no such config section or field (sections: model, "
-      "data, optim, train, eval, ttt_eval, checkpoint, mesh, logging, quant, lora); did you mean "
-      "model.mixer")
+      "data, optim, train, eval, ttt_eval, checkpoint, mesh, logging, quant, lora, sdft, gate); "
+      "did you mean model.mixer")
   assert err.count("\n") == 1
 
 

@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ from train_util import copy_stdlib_corpus, tiny_config
 TASK_FLAGS = {
     "lm": ["--batches", "2"],
     "ttt": ["--batches", "2"],
+    "probes": ["--probes", str(Path(__file__).resolve().parents[1] / "configs" /
+                               "probes_python.jsonl")],
     "sufficiency": ["--batches", "2"],
     "compression": ["--contexts", "64,128"],
     "passkey": ["--passkey-lengths", "64", "--passkey-depths", "0,1", "--passkey-trials", "1"],

@@ -106,3 +106,37 @@ def test_a_bad_artifact_is_refused_in_one_line_naming_it(run, capsys, tmp_path):
 def test_export_of_a_directory_without_a_run_is_one_line(capsys, tmp_path):
   line = _one_error_line(capsys, export.main, ["--workdir", str(tmp_path)])
   assert str(tmp_path) in line
+
+
+@pytest.mark.slow
+def test_gptq_export_changes_only_matrix_codes_is_reproducible_and_scores_close(
+    run, capsys, tmp_path):
+  calibration = ["--gptq", "--calib-seqs", "8", "--calib-len", "32", "--calib-seed", "3"]
+  first = _export(capsys, "--workdir", str(run), "--out", str(tmp_path / "g1.ttq"),
+                  *calibration)
+  _export(capsys, "--workdir", str(run), "--out", str(tmp_path / "g2.ttq"), *calibration)
+  _export(capsys, "--workdir", str(run), "--out", str(tmp_path / "rtn.ttq"))
+  assert (tmp_path / "g1.ttq").read_bytes() == (tmp_path / "g2.ttq").read_bytes()
+  summary = first["gptq"]
+  assert summary["round_to_nearest"] == {}
+  assert set(summary["weights"]) == {f"blocks/{name}" for name in (
+      "mixer/wq", "mixer/wk", "mixer/wv", "mixer/wo", "mlp/w_gate", "mlp/w_up", "mlp/w_down")}
+  assert (summary["calib_seqs"], summary["calib_len"], summary["calib_seed"]) == (8, 32, 3)
+  gptq_tensors = quant.read_artifact(tmp_path / "g1.ttq").tensors
+  rtn_tensors = quant.read_artifact(tmp_path / "rtn.ttq").tensors
+  assert gptq_tensors.keys() == rtn_tensors.keys()
+  for path, enc in gptq_tensors.items():
+    rtn = rtn_tensors[path]
+    assert (enc.kind, enc.bits) == (rtn.kind, rtn.bits)
+    if enc.scale is not None:
+      np.testing.assert_array_equal(enc.scale, rtn.scale)
+    if "/".join(map(str, path)) in summary["weights"]:
+      assert np.mean(enc.values != rtn.values) > 0.01, path
+    else:
+      np.testing.assert_array_equal(enc.values, rtn.values)
+  raw = _eval_loss(capsys, run)
+  loss = _eval_loss(capsys, run, "--artifact", str(tmp_path / "g1.ttq"))
+  assert abs(loss - raw) <= 0.02 and loss != raw, (raw, loss)
+  line = _one_error_line(capsys, export.main, ["--workdir", str(run), "--gptq",
+                                               "--calib-seqs", "0"])
+  assert "quant.calib_seqs" in line, line

@@ -112,6 +112,30 @@ def test_hooks_hear_of_a_stop_requested_while_the_step_s_hooks_ran():
   assert recorder.stops == [(2, "SIGTERM")]
 
 
+def test_a_hook_may_replace_the_state_and_the_loop_goes_on_from_it():
+  """``start`` and ``after_step`` return a replacement (None: keep); later hooks see it
+  and the next step is dispatched from it; a function of ``add_hook`` replaces nothing."""
+
+  class Replace(loop.Hook):
+    def start(self, info):
+      return info.state + 100
+
+    def due(self, info):
+      return info.step in (2, 3)
+
+    def after_step(self, info):
+      return jnp.int32(0) if info.step == 2 else None
+
+  trainer = loop.Trainer(lambda s, b: (s + 1, {"loss": jnp.float32(b)}), iter(range(100)))
+  seen = []
+  trainer.add(Replace())
+  trainer.add_hook(lambda info: info.state + 1000, every=1)  # its value is not a state
+  trainer.add_hook(lambda info: seen.append((info.step, int(info.state))), every=1)
+  finished = trainer.run(jnp.int32(0), 0, 4)
+  assert seen == [(1, 101), (2, 0), (3, 1), (4, 2)]
+  assert (finished.step, int(finished.state)) == (4, 2)
+
+
 class Batches:
   """Endless random token batches on the mesh, with a checkpointable position."""
 

@@ -61,7 +61,7 @@ def test_builtin_registries_name_their_config_keys():
                                         r"\[.*'ttt_linear'.*\]; did you mean 'ttt_linear'\?$"):
     registry.MIXERS.get("tt_linear")
   with pytest.raises(ConfigError, match=r"^train\.objective: 'lml' is not one of \['cct', "
-                                        r"'lm'\]; did you mean 'lm'\?$"):
+                                        r"'lm', 'sdft'\]; did you mean 'lm'\?$"):
     registry.OBJECTIVES.get("lml")
   assert registry.SLOTS["residual"] is registry.RESIDUALS
   for slot, reg in registry.SLOTS.items():
@@ -94,6 +94,6 @@ def test_builtins_load_lazily_on_the_first_lookup():
   assert lines[0] == "['attention', 'cct', 'ttt_linear']"
   assert lines[1] == ("['mhc', 'plain'] ['swiglu'] ['scan', 'unrolled'] ['token'] "
                       "['linear']")
-  assert lines[2] == ("['cct', 'lm'] ['dots', 'dots_no_batch', 'full', 'mhc_streams', "
+  assert lines[2] == ("['cct', 'lm', 'sdft'] ['dots', 'dots_no_batch', 'full', 'mhc_streams', "
                       "'none', 'save_qkv_proj']")
   assert lines[3] == "True False"

@@ -113,6 +113,18 @@ def test_sampled_generate_is_reproducible_and_in_vocab(model):
   assert a.shape == (2, 7) and int(a.min()) >= 0 and int(a.max()) < VOCAB
 
 
+@pytest.mark.slow
+def test_forbidden_ids_are_never_generated(model):
+  prompt = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, size=(8, 3)), jnp.int32)
+  greedy = np.asarray(sampling.generate(model, prompt, 6, jax.random.key(0), temperature=0.0))
+  forbidden = tuple(int(t) for t in np.unique(greedy[:, 3]))  # the greedy first tokens
+  for temperature in (0.0, 20.0):
+    out = np.asarray(sampling.generate(model, prompt, 6, jax.random.key(2),
+                                       temperature=temperature, forbid_ids=forbidden))
+    assert not np.isin(out[:, 3:], forbidden).any(), temperature
+    assert (out[:, 3:] != greedy[:, 3:]).any()
+
+
 class RunningSum(NamedTuple):
   """A test decode input: each token's side input is offset + the sum of every token so
   far, itself included (state: the sum before the new tokens)."""

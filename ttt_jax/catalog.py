@@ -20,4 +20,5 @@ import ttt_jax.models.remat  # noqa: F401
 import ttt_jax.models.residuals.mhc  # noqa: F401
 import ttt_jax.models.residuals.plain  # noqa: F401
 import ttt_jax.models.trunks.stacked  # noqa: F401
+import ttt_jax.sdft.objective  # noqa: F401
 import ttt_jax.training.objectives  # noqa: F401

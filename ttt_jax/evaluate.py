@@ -16,6 +16,9 @@ Tasks (``registry.EVAL_TASKS``; ``--help`` with ``--task T`` lists T's own flags
   nothing is trained on before it is scored or re-scored after. Reports ``sliding``
   (no TTT) and ``ttt`` bits per byte side by side, ``delta_bpb``, per-chunk NLL, SGD
   steps and the wall time of each pass; the checkpoint is only read.
+- ``probes``: the capability probes of ``--probes F.jsonl`` (``eval.probes``: regex and
+  substring checks of greedy completions, teacher-forced log p(expected | prompt)), each
+  probe's result and the pass rate per kind and mean log-probability.
 - CCT runs (``ttt_jax.cct.evals``): ``sufficiency``, ``compression`` (``--contexts``),
   ``passkey`` (``--passkey-lengths/-depths/-trials``), ``perplexity`` (against
   ``--baseline W2``, a run of the same config without CCT), ``governance`` (the
@@ -46,6 +49,7 @@ import sys
 from ttt_jax import diagnostics, registry
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm  # noqa: F401  (registers the 'lm' task)
+from ttt_jax.eval import probes  # noqa: F401  (registers the 'probes' task)
 from ttt_jax.eval import score_first  # noqa: F401  (registers the 'ttt' task)
 from ttt_jax.eval import tasks
 from ttt_jax.runs import check_workdir

@@ -225,14 +225,15 @@ def _flat(tree: nnx.State) -> list[tuple[tuple, Any]]:
   return [(tuple(path), var) for path, var in nnx.to_flat_state(tree)]
 
 
-def _specs(params: nnx.State) -> dict[tuple, P]:
+def param_specs(params: nnx.State) -> dict[tuple, P]:
+  """The logical axes of every parameter of ``params``, by path."""
   return {path: var.get_value() for path, var in _flat(nnx.get_partition_spec(params))}
 
 
 def encode_params(params: nnx.State, bits_matrix: int = 6,
                   bits_embed: int = 8) -> dict[tuple, Encoded]:
   """Every parameter of ``params`` encoded, by path (in the params' order)."""
-  specs = _specs(params)
+  specs = param_specs(params)
   return {path: encode(jax.device_get(var.get_value()), specs[path], bits_matrix, bits_embed)
           for path, var in _flat(params)}
 
@@ -401,7 +402,7 @@ def qat_start_step(cfg: Config) -> int | None:
 def fake_quant_params(params: nnx.State, on: jax.Array, bits: int) -> nnx.State:
   """``params`` with each 'matrix' tensor the export quantizes replaced by its
   ``fake_quant`` where ``on`` (a traced bool), the rest as they are."""
-  specs = _specs(params)
+  specs = param_specs(params)
 
   def one(key: tuple, var: Any) -> Any:
     w = var.get_value()

@@ -107,9 +107,16 @@ class AxisInfo:
 class ObjectiveEntry:
   """A training objective: ``build(cfg)`` gives the step's loss function
   (``ttt_jax.training.objectives.Objective``); ``check(cfg)`` raises ``ConfigError``
-  where the rest of the config cannot serve it."""
+  where the rest of the config cannot serve it; ``extras(cfg)`` gives ``(extras_init,
+  extras_shardings)`` (``training.state.build``'s) of the extra trees it keeps in the
+  train state, which every program building or restoring such a run's state adds;
+  ``after_update(cfg)`` gives None or ``(extras, params) -> {name: tree}``, the extra
+  trees the step replaces after each optimizer update from the new params (a teacher's
+  EMA)."""
   build: Callable[[Any], Callable]
   check: Callable[[Any], None] | None = None
+  after_update: Callable[[Any], Callable | None] | None = None
+  extras: Callable[[Any], tuple[Callable, Any]] | None = None
 
 
 SLOTS: dict[str, Registry[type]] = {

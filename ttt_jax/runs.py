@@ -49,8 +49,8 @@ from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError, TrainingError
-from ttt_jax.training import averaging, optim
-from ttt_jax.training.state import Built, TrainState, abstract_state
+from ttt_jax.training import averaging, gates, objectives, optim
+from ttt_jax.training.state import Built, TrainState, abstract_extras, abstract_state
 from ttt_jax.training.step import model_params, model_tree
 
 STREAM_FIELDS = {"seq_len": "data.seq_len", "seed": "train.seed",
@@ -246,7 +246,7 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
         "use a new --workdir or the original config")
   for key, current_value in (stream or {}).items():
     if key in meta and meta[key] != current_value:
-      field = STREAM_FIELDS[key]
+      field = STREAM_FIELDS.get(key, key)  # a command's own keys are its fields
       what = {"corpus_hash": "other text", "tokenizer_hash": "another tokenizer"}.get(key)
       detail = (f"was read from {what} (sha256 {str(meta[key])[:12]}..., this run's "
                 f"{str(current_value)[:12]}...)" if what else
@@ -491,7 +491,11 @@ def restore_newest(workdir: str | Path, overrides: list[str] = (), log=print,
     cfg = _run_tokenizer(cfg, workdir, given, meta.get("tokenizer_hash"))
     vocab_size = int(meta["vocab_size"])
     mesh = sharding.make_mesh(cfg.mesh)
-    graphdef, _, abstract, shardings = abstract_state(cfg, vocab_size, mesh)
+    extras_init, extras_shardings = objectives.build_extras(cfg)  # a teacher, ...
+    graphdef, _, abstract, shardings = abstract_state(
+        cfg, vocab_size, mesh, abstract_extras(cfg, vocab_size, extras_init), extras_shardings)
+    if cfg.gate.every:  # a gated run's state carries its anchor
+      abstract, shardings = gates.add_abstract(abstract, shardings, sharding.replicated(mesh))
     restored = ckpt.restore_latest(
         ckpt_lib.with_shardings(abstract, shardings), data_iter, log=log,
         check=lambda meta: check_compatible(meta, cfg, vocab_size, state=abstract))

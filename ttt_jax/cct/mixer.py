@@ -409,6 +409,7 @@ class CCTAttention(Attention):
   each layer's ``SummaryAux`` in the aux channel (``SUMMARIES``)."""
 
   Config = CCTConfig
+  RAGGED_DECODE = False  # steps are cut by position: pads would open a step of their own
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs, implementation="xla")

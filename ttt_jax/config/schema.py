@@ -353,8 +353,9 @@ class TrainConfig:
   """Peak FLOP/s per device for MFU; 0 measures a large f32 matmul once at startup."""
   objective: str = "lm"
   """What the step minimises, a name in ``registry.OBJECTIVES``: 'lm' (next-token
-  cross-entropy) or 'cct' (commitment-constrained training: curriculum p_commit and the
-  standard/validity/conclusion/sufficiency losses; needs model.mixer.type='cct')."""
+  cross-entropy), 'cct' (commitment-constrained training: curriculum p_commit and the
+  standard/validity/conclusion/sufficiency losses; needs model.mixer.type='cct') or
+  'sdft' (self-distillation on demonstrations: ``python -m ttt_jax.sdft``)."""
   stop_after: int = 0
   """Stop (saving a checkpoint) after this many steps in this invocation; 0 runs to
   train.steps. The schedule still spans train.steps, so a run of time-limited jobs
@@ -567,8 +568,25 @@ class QuantConfig:
   qat_bits: int = 6
   """Bits of the fake-quantized matrices (2..8): values in [-(2^(bits-1) - 1),
   2^(bits-1) - 1], as ``python -m ttt_jax.export --bits-matrix`` stores them."""
+  gptq: bool = False
+  """Export (``python -m ttt_jax.export``, ``--gptq``) with GPTQ codes (``ttt_jax.gptq``):
+  each matrix's int codes chosen on calibration inputs, same scales and format."""
+  calib_seqs: int = 64
+  """GPTQ's calibration: sequences sampled from the model itself (``--calib-seqs``)."""
+  calib_len: int = 0
+  """Their length in tokens (``--calib-len``); 0 = data.seq_len."""
+  calib_seed: int = 0
+  """The seed of their sampling (``--calib-seed``)."""
+  gptq_damp: float = 0.01
+  """GPTQ's damping: this fraction of mean(diag(H)) added to diag(H)."""
+  gptq_act_order: bool = True
+  """GPTQ quantizes the inputs by descending diag(H) (else in index order)."""
 
   def __post_init__(self):
+    check_positive("quant", self, "calib_seqs")
+    check_non_negative("quant", self, "calib_len", "gptq_damp")
+    if self.calib_len == 1:
+      raise ConfigError("quant.calib_len: must be 0 (data.seq_len) or >= 2, got 1")
     if not 0.0 <= self.qat_lr_ratio <= 1.0:
       raise ConfigError(f"quant.qat_lr_ratio: must be in [0, 1], got {self.qat_lr_ratio}")
     if not 2 <= self.qat_bits <= 8:
@@ -606,6 +624,110 @@ class LoRAConfig:
                           ) from None
 
 
+SDFT_DIVERGENCES = ("reverse", "forward", "jsd")
+"""``sdft.divergence``: KL(student || teacher), KL(teacher || student), or the
+generalized JSD between them (``ttt_jax.sdft.objective``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SDFTConfig:
+  data: str = ""
+  """Demonstrations to learn from (``python -m ttt_jax.sdft --data``): a .jsonl file, one
+  object a line with string fields 'prompt' and 'demonstration' (other fields are
+  ignored)."""
+  replay_data: str = ""
+  """Replay buffer source: an earlier demonstrations file (same format; its last
+  replay_buffer examples). Empty: the examples of this run's own stream already trained
+  on (the last replay_buffer of them before the step)."""
+  replay_ratio: float = 0.2
+  """Probability that a batch slot holds a replayed example instead of the stream's next
+  one, in [0, 1); drawn per (train.seed, micro-step, slot), so a resumed run draws the
+  same examples."""
+  replay_buffer: int = 50000
+  """Cap of the replay buffer in examples (> 0)."""
+  divergence: str = "reverse"
+  """Per-token divergence along the student's continuation, over the full vocabulary:
+  'reverse' KL(p_student || p_teacher) (the SDFT objective), 'forward' KL(p_teacher ||
+  p_student), or 'jsd' (the generalized JSD with jsd_beta)."""
+  jsd_beta: float = 0.5
+  """jsd: beta in [0, 1]; 0 is forward KL, 1 reverse KL, 0.5 the symmetric JSD."""
+  teacher_decay: float = 0.99
+  """EMA decay of the teacher, t_k = d t_{k-1} + (1 - d) theta_k after every optimizer
+  step, in [0, 1]. The official SDFT code uses 0.99 (the default); the design notes
+  suggest 0.999 (slower teacher). 1 keeps the teacher frozen at the initial model."""
+  temperature: float = 1.0
+  """Sampling temperature of the student's continuation (> 0: on-policy samples)."""
+  top_p: float = 1.0
+  """Nucleus sampling threshold of the continuation, in (0, 1]; 1 samples the full
+  distribution."""
+  max_new_tokens: int = 64
+  """Tokens sampled per continuation (it ends early at EOS, which it includes)."""
+  prompt_width: int = 128
+  """Student prompt tokens (left-padded to this width)."""
+  teacher_width: int = 256
+  """Teacher prompt tokens (the template with the prompt and the demonstration,
+  left-padded to this width)."""
+  overlong: str = "truncate"
+  """A prompt longer than its width: 'truncate' keeps its last tokens (the ones next to
+  the continuation; the count is logged) or 'error' refuses the file naming the line."""
+  skip_first: int = 0
+  """Leave the first k continuation tokens out of the loss (they still condition the
+  rest)."""
+
+  def __post_init__(self):
+    check_choice("sdft", "divergence", self.divergence, SDFT_DIVERGENCES)
+    check_choice("sdft", "overlong", self.overlong, ("truncate", "error"))
+    check_positive("sdft", self, "replay_buffer", "temperature", "max_new_tokens",
+                   "prompt_width", "teacher_width")
+    check_non_negative("sdft", self, "skip_first")
+    for name, low, high, closed in (("replay_ratio", 0.0, 1.0, False),
+                                    ("jsd_beta", 0.0, 1.0, True),
+                                    ("teacher_decay", 0.0, 1.0, True)):
+      value = getattr(self, name)
+      if not (low <= value <= high if closed else low <= value < high):
+        raise ConfigError(f"sdft.{name}: must be in [{low:g}, {high:g}{']' if closed else ')'}"
+                          f", got {value!r}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ConfigError(f"sdft.top_p: must be in (0, 1], got {self.top_p!r}")
+    if self.skip_first >= self.max_new_tokens:
+      raise ConfigError(f"sdft.skip_first: {self.skip_first} leaves none of "
+                        f"sdft.max_new_tokens={self.max_new_tokens} tokens in the loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """Gated update blocks (``ttt_jax.training.gates``): every ``every`` optimizer steps
+  form a block, scored before and after on the run's fixed validation batches (eval
+  loss) and the probes of ``probes``; a block that regresses past a threshold is undone
+  (params, optimizer state and every extra tree back to the block's start, bit for bit)
+  while the step counter and the data stream go on. The thresholds' defaults are our
+  choice (no source gives any). The state then carries the block's start as an extra
+  tree: one more params + optimizer state in memory and in every checkpoint, so a run
+  resumes with gating on or off as it started (--init-from takes the params across)."""
+
+  every: int = 0
+  """Optimizer steps per block; 0 = off. The run's last step ends a block too."""
+  probes: str = ""
+  """A probes file (jsonl, ``ttt_jax.eval.probes``) scored with the eval loss; empty:
+  the eval loss alone."""
+  max_eval_loss_increase: float = 0.02
+  """A block whose validation loss rises by more than this (nats per token) is undone."""
+  max_probe_pass_drop: float = 0.0
+  """... whose pass rate over the regex and substring probes falls by more than this
+  (a fraction, 0..1; 0: no block may lose a passing probe on balance)."""
+  max_logprob_drop: float = 0.05
+  """... whose mean per-token log-probability over the logprob probes falls by more
+  than this (nats)."""
+
+  def __post_init__(self):
+    check_non_negative("gate", self, "every", "max_eval_loss_increase", "max_logprob_drop")
+    if not 0.0 <= self.max_probe_pass_drop <= 1.0:
+      raise ConfigError(f"gate.max_probe_pass_drop: must be in [0, 1], got "
+                        f"{self.max_probe_pass_drop!r}")
+    if self.probes and not self.every:
+      raise ConfigError("gate.probes: scored only by gated blocks; set gate.every > 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -630,6 +752,10 @@ class Config:
   """Late quantization-aware training (export: ``python -m ttt_jax.export``)."""
   lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
   """Low-rank adapters trained on a frozen base (``ttt_jax.lora``)."""
+  sdft: SDFTConfig = dataclasses.field(default_factory=SDFTConfig)
+  """Self-distillation fine-tuning (``python -m ttt_jax.sdft``, train.objective='sdft')."""
+  gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+  """Gated update blocks: undo a block of updates that regresses (off by default)."""
 
   def __post_init__(self):
     if self.train.batch_size % self.optim.grad_accum_steps:

@@ -141,9 +141,11 @@ def load_weights(workdir: Path, overrides: list[str], weights: str = tasks.RAW_W
   return Loaded(cfg, graphdef, params, step, mesh, corpus, weights)
 
 
-def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-  """``--batches``, ``--weights``, ``--artifact`` and ``--adapter`` (``load_weights``)."""
-  tasks.add_batches_argument(parser)
+def add_weights_arguments(parser: argparse.ArgumentParser, batches: bool = True) -> None:
+  """``--batches`` (unless not ``batches``), ``--weights``, ``--artifact`` and
+  ``--adapter`` (``load_weights``)."""
+  if batches:
+    tasks.add_batches_argument(parser)
   parser.add_argument("--weights", choices=("raw", "ema", "swa"), default=tasks.RAW_WEIGHTS,
                       help="the params as trained, or the run's EMA / SWA average")
   parser.add_argument("--artifact", default="", help="score this quantized artifact "

@@ -12,10 +12,13 @@ kept as well.
 
 ``generate`` prefills the cache with the prompt in one ``LM.decode`` call, samples the
 first new token from the last prompt position, then runs ``jax.lax.scan`` over single-
-token decode steps. It is pure with respect to the model: the model is split into
+token decode steps (``decode_loop``, pure and traceable inside another jit; each row
+keeps its own position, so ragged left-padded prompts, ``inference/rollout.py``, share
+the loop). ``generate`` is pure with respect to the model: the model is split into
 (graphdef, state) and merged again inside a jitted function, so it compiles once per
-(graphdef, shapes, max_new_tokens, eos_id, cache options, with_state) and temperature/top_p
-(and the decode inputs' arrays) are traced values.
+(graphdef, shapes, max_new_tokens, eos_id, cache options, with_state, forbid_ids) and
+temperature/top_p (and the decode inputs' arrays) are traced values. Forbidden ids
+(PAD, BOS) get logit -inf before temperature, top-p and argmax.
 End of sequence: once a row has produced ``eos_id``, every later token of that row is
 ``eos_id`` (the loop still runs its fixed number of steps).
 
@@ -29,7 +32,7 @@ commitment hash chain).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,16 +104,33 @@ class Generation(NamedTuple):
   back into the model)."""
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "cache_options",
-                                   "with_state"))
-def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.Array,
-              rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
-              inputs: tuple[DecodeInputs, ...], *, max_new_tokens: int, eos_id: int | None,
-              cache_options: tuple[tuple[str, Any], ...], with_state: bool
-              ) -> jax.Array | Generation:
-  model = nnx.merge(graphdef, state)
+def forbid(logits_BxV: jax.Array, forbid_ids: tuple[int, ...]) -> jax.Array:
+  """``logits`` with the ids in ``forbid_ids`` set to -inf (never sampled, never argmax)."""
+  if not forbid_ids:
+    return logits_BxV
+  return logits_BxV.at[:, jnp.asarray(forbid_ids, jnp.int32)].set(-jnp.inf)
+
+
+def decode_loop(model: LM, prompt_tokens_BxP: jax.Array, rng: jax.Array,
+                temperature: float | jax.Array, top_p: float | jax.Array,
+                inputs: tuple[DecodeInputs, ...] = (), *, max_new_tokens: int,
+                eos_id: int | None, cache_options: tuple[tuple[str, Any], ...] = (),
+                with_state: bool = False, prompt_ctx: SequenceContext | None = None,
+                forbid_ids: tuple[int, ...] = ()) -> jax.Array | Generation:
+  """The generate loop on a model (pure, traceable inside another jit): prefill, then a
+  scan of one-token decode steps; returns what ``generate`` (or, ``with_state``,
+  ``generate_with_state``) does.
+
+  ``prompt_ctx``: the prompt's context when it is not positions 0..P-1 of every row
+  (ragged prompts: pads at negative positions); each row continues from its last
+  prompt position. Decode inputs need the default positions. ``forbid_ids`` are never
+  sampled (their logits are -inf before temperature, top-p and argmax).
+  """
   batch, prompt_len = prompt_tokens_BxP.shape
   total_len = prompt_len + max_new_tokens
+  if inputs and prompt_ctx is not None:
+    raise ValueError("decode inputs (" + ", ".join(item.name for item in inputs) + ") need "
+                     "unpadded prompts at positions 0..P-1, not a prompt context")
   cache = model.init_cache(batch, total_len, dict(cache_options))
 
   def side_inputs(states: tuple, tokens_BxS: jax.Array, positions_BxS: jax.Array
@@ -121,48 +141,70 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.A
     return ({item.name: values for item, (values, _) in zip(inputs, stepped)},
             tuple(item_state for _, item_state in stepped))
 
+  def sample(logits_BxV: jax.Array, step_rng: jax.Array) -> jax.Array:
+    return sample_token(forbid(logits_BxV, forbid_ids), step_rng, temperature, top_p)
+
   input_states = tuple(item.start(batch) for item in inputs)
-  prompt_positions_BxP = default_positions(prompt_tokens_BxP)
+  if prompt_ctx is None:
+    prompt_ctx = SequenceContext(default_positions(prompt_tokens_BxP))
   prompt_side, input_states = side_inputs(input_states, prompt_tokens_BxP,
-                                          prompt_positions_BxP)
-  logits_BxPxV, cache = model.decode(
-      prompt_tokens_BxP, SequenceContext(prompt_positions_BxP, side=prompt_side), cache)
+                                          prompt_ctx.positions_BxT)
+  logits_BxPxV, cache = model.decode(prompt_tokens_BxP, prompt_ctx.replace_side(**prompt_side),
+                                     cache)
   first_rng, loop_rng = jax.random.split(rng)
-  token_B = sample_token(logits_BxPxV[:, -1], first_rng, temperature, top_p)
+  token_B = sample(logits_BxPxV[:, -1], first_rng)
   done_B = jnp.zeros((batch,), bool) if eos_id is None else token_B == eos_id
 
   def step(carry, step_rng):
-    token_B, done_B, cache, position, input_states = carry
-    positions_Bx1 = jnp.full((batch, 1), position, jnp.int32)
+    token_B, done_B, cache, position_B, input_states = carry
+    positions_Bx1 = position_B[:, None]
     side, input_states = side_inputs(input_states, token_B[:, None], positions_Bx1)
     logits_Bx1xV, cache = model.decode(token_B[:, None],
                                        SequenceContext(positions_Bx1, side=side), cache)
-    next_B = sample_token(logits_Bx1xV[:, 0], step_rng, temperature, top_p)
+    next_B = sample(logits_Bx1xV[:, 0], step_rng)
     if eos_id is not None:
       next_B = jnp.where(done_B, eos_id, next_B)
       done_B = done_B | (next_B == eos_id)
-    return (next_B, done_B, cache, position + 1, input_states), (next_B, side)
+    return (next_B, done_B, cache, position_B + 1, input_states), (next_B, side)
 
   step_rngs = jax.random.split(loop_rng, max_new_tokens - 1)
-  carry = (token_B, done_B, cache, jnp.int32(prompt_len), input_states)
-  (last_B, _, cache, last_position, input_states), (later_tokens_NxB, later_side) = (
+  first_position_B = prompt_ctx.positions_BxT[:, -1].astype(jnp.int32) + 1
+  carry = (token_B, done_B, cache, first_position_B, input_states)
+  (last_B, _, cache, last_position_B, input_states), (later_tokens_NxB, later_side) = (
       jax.lax.scan(step, carry, step_rngs))
   new_tokens_BxN = jnp.concatenate([token_B[:, None], later_tokens_NxB.T], axis=1)
   tokens_BxT = jnp.concatenate([prompt_tokens_BxP.astype(jnp.int32), new_tokens_BxN], axis=1)
   if not with_state:
     return tokens_BxT
-  last_side, _ = side_inputs(input_states, last_B[:, None],
-                             jnp.full((batch, 1), last_position, jnp.int32))
+  last_side, _ = side_inputs(input_states, last_B[:, None], last_position_B[:, None])
   side_BxT = {name: jnp.concatenate([prompt_side[name], later_side[name][:, :, 0].T,
                                      last_side[name]], axis=1) for name in prompt_side}
   return Generation(tokens_BxT, side_BxT, cache)
 
 
-def _run(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int, rng: jax.Array,
-         temperature: float, top_p: float, eos_id: int | None,
-         inputs: tuple[DecodeInputs, ...], with_state: bool) -> jax.Array | Generation:
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "cache_options",
+                                   "with_state", "forbid_ids"))
+def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.Array,
+              rng: jax.Array, temperature: jax.Array, top_p: jax.Array,
+              inputs: tuple[DecodeInputs, ...], *, max_new_tokens: int, eos_id: int | None,
+              cache_options: tuple[tuple[str, Any], ...], with_state: bool,
+              forbid_ids: tuple[int, ...]) -> jax.Array | Generation:
+  return decode_loop(nnx.merge(graphdef, state), prompt_tokens_BxP, rng, temperature, top_p,
+                     inputs, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                     cache_options=cache_options, with_state=with_state,
+                     forbid_ids=forbid_ids)
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _run(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int, rng: jax.Array,
+         temperature: float, top_p: float, eos_id: int | None,
+         inputs: tuple[DecodeInputs, ...], with_state: bool, forbid_ids: Sequence[int]
+         ) -> jax.Array | Generation:
+  check_max_new_tokens(max_new_tokens)
   total_len = prompt_tokens_BxP.shape[1] + max_new_tokens
   cache_options = {}
   for item in inputs:
@@ -172,29 +214,31 @@ def _run(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int, rng: jax.
   return _generate(graphdef, state, jnp.asarray(prompt_tokens_BxP), rng,
                    jnp.float32(temperature), jnp.float32(top_p), tuple(inputs),
                    max_new_tokens=max_new_tokens, eos_id=eos_id,
-                   cache_options=tuple(sorted(cache_options.items())), with_state=with_state)
+                   cache_options=tuple(sorted(cache_options.items())), with_state=with_state,
+                   forbid_ids=tuple(int(i) for i in forbid_ids))
 
 
 def generate(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
-             inputs: tuple[DecodeInputs, ...] = ()) -> jax.Array:
+             inputs: tuple[DecodeInputs, ...] = (), forbid_ids: Sequence[int] = ()
+             ) -> jax.Array:
   """Prompt followed by ``max_new_tokens`` sampled tokens: int32 [B, P + N].
 
   All prompts share one length P (positions 0..P-1). Rows that emitted ``eos_id`` are
   padded with ``eos_id``. The model is not mutated. ``inputs``: the decode inputs of
   the run (``decode_inputs``; CCT with semantic steps: the step of every token, prompt
   included, decided by its rule on device); without them a mixer uses its defaults
-  (CCT: fixed steps, position // step_len).
+  (CCT: fixed steps, position // step_len). ``forbid_ids`` (PAD, BOS) are never sampled.
   """
   return _run(model, prompt_tokens_BxP, max_new_tokens, rng, temperature, top_p, eos_id,
-              inputs, with_state=False)
+              inputs, with_state=False, forbid_ids=forbid_ids)
 
 
 def generate_with_state(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int,
                         rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0,
-                        eos_id: int | None = None, inputs: tuple[DecodeInputs, ...] = ()
-                        ) -> Generation:
+                        eos_id: int | None = None, inputs: tuple[DecodeInputs, ...] = (),
+                        forbid_ids: Sequence[int] = ()) -> Generation:
   """``generate`` that also returns the decode inputs' side inputs and the final decode
   cache (a separate compilation: ``generate`` itself returns only the tokens)."""
   return _run(model, prompt_tokens_BxP, max_new_tokens, rng, temperature, top_p, eos_id,
-              inputs, with_state=True)
+              inputs, with_state=True, forbid_ids=forbid_ids)

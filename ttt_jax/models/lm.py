@@ -358,7 +358,9 @@ class LM(nnx.Module):
   def decode(self, tokens_BxS: jax.Array, ctx: SequenceContext, cache: Cache
              ) -> tuple[jax.Array, Cache]:
     """Float32 logits [B, S, V] of S new tokens (a prompt at prefill, 1 per step) at
-    ``ctx.positions_BxT``, and the updated cache."""
+    ``ctx.positions_BxT``, and the updated cache. A mixer whose class sets
+    ``RAGGED_DECODE`` treats tokens at negative positions as pads (left-padded prompts,
+    ``inference/rollout.py``): no later token sees them."""
     stream = self.streams.expand(self.embed(tokens_BxS, ctx, self.dtype))
     stream, cache = self.trunk.decode(self.blocks, stream, ctx, cache)
     return self.logits(self.final_norm(self.streams.reduce(stream))), cache

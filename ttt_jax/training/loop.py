@@ -18,6 +18,12 @@ result. Per step t, in this order:
      checkpoint);
   6. the loop ends after t if a stop was requested, after ``stopped(info)`` of every hook.
 
+A hook may replace the train state: ``start`` and ``after_step`` return None to keep
+``info.state``, or a state to go on with instead (same structure and shardings; a gate
+undoing a block of updates, ``training.gates``). Hooks after it at that step see the
+replacement, and the next step is dispatched from it. The step's metrics stay those of
+the state the step returned.
+
 ``StepInfo`` is what a hook sees: the step, the run's last step, the state after the
 step (not in ``on_metrics``: the next step has consumed it by then), the step's metrics
 as floats (not in ``after_dispatch``) and the stop request. ``Trainer.clock`` keeps
@@ -73,8 +79,9 @@ class Hook:
   timed = False
   """Whether ``after_step``'s time counts as step time."""
 
-  def start(self, info: StepInfo) -> None:
-    """Before the first step, with the start step and state."""
+  def start(self, info: StepInfo) -> Any:
+    """Before the first step, with the start step and state; may return a state that
+    replaces it (None: keep it)."""
 
   def before_step(self, step: int) -> None:
     """Before step ``step`` is dispatched."""
@@ -90,8 +97,9 @@ class Hook:
     del info
     return False
 
-  def after_step(self, info: StepInfo) -> None:
-    """Step ``info.step`` is done and its metrics read (when ``due``)."""
+  def after_step(self, info: StepInfo) -> Any:
+    """Step ``info.step`` is done and its metrics read (when ``due``); may return a
+    state that replaces ``info.state`` (None: keep it)."""
 
   def stopped(self, info: StepInfo) -> None:
     """The loop ends after ``info.step`` because a stop was requested
@@ -137,7 +145,7 @@ class _Every(Hook):
     return info.step % self.every == 0
 
   def after_step(self, info: StepInfo) -> None:
-    self.fn(info)
+    self.fn(info)  # a function added by add_hook never replaces the state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +209,10 @@ class Trainer:
       hook.on_metrics(info)
     return host
 
-  def _after_step(self, step: int, last_step: int, state: Any) -> str | None:
+  def _after_step(self, step: int, last_step: int, state: Any) -> tuple[Any, str | None]:
     """Runs the hooks due at ``step``, after reading its metrics, and then those that a
-    stop requested meanwhile made due; returns the stop request they saw."""
+    stop requested meanwhile made due; returns the state (a hook may replace it) and the
+    stop request they saw."""
     host, done = None, set()
     while True:
       stop_reason = self.stop_reason
@@ -213,10 +222,11 @@ class Trainer:
         if host is None:  # a hook never sees a step whose metrics were not checked
           host = self._read_pending(last_step)
         with contextlib.nullcontext() if hook.timed else self.clock.excluded():
-          hook.after_step(self._info(step, last_step, state, host))
+          replaced = hook.after_step(self._info(step, last_step, state, host))
+        state = state if replaced is None else replaced
         done.add(index)
       if self.stop_reason == stop_reason:
-        return stop_reason
+        return state, stop_reason
 
   def run(self, state: Any, start_step: int, last_step: int) -> Finished:
     """Trains from ``start_step`` (the state's step) to ``last_step``, or to the step
@@ -224,7 +234,8 @@ class Trainer:
     step, self._pending = start_step, None
     try:
       for hook in self.hooks:
-        hook.start(self._info(start_step, last_step, state))
+        replaced = hook.start(self._info(start_step, last_step, state))
+        state = state if replaced is None else replaced
       self.clock.reset(start_step)
       for step in range(start_step + 1, last_step + 1):
         for hook in self.hooks:
@@ -235,7 +246,8 @@ class Trainer:
           hook.after_dispatch(self._info(step, last_step, state))
         self._read_pending(last_step)
         self._pending = (step, metrics)
-        if self._after_step(step, last_step, state) is not None:
+        state, stop_reason = self._after_step(step, last_step, state)
+        if stop_reason is not None:
           for hook in self.hooks:
             hook.stopped(self._info(step, last_step, state))
           break

@@ -20,7 +20,10 @@ objective adds every recorded ``AUX_LOSS`` entry (mean over layers) to the loss 
 logs it.
 
 A mechanism that trains with its own losses registers an ``ObjectiveEntry`` in
-``registry.OBJECTIVES``, with a ``check`` of the config it needs.
+``registry.OBJECTIVES``, with a ``check`` of the config it needs, and, when it keeps
+extra trees in the train state (an EMA teacher), their ``extras`` (which every program
+that builds or restores such a run's state adds) and the ``after_update`` the step
+applies after every optimizer update.
 """
 
 from __future__ import annotations
@@ -88,5 +91,24 @@ def language_modeling(cfg: Config) -> Objective:
 registry.OBJECTIVES.register("lm", ObjectiveEntry(language_modeling))
 
 
+ExtrasUpdate = Callable[[Mapping[str, Any], Any], dict[str, Any]]
+"""``(extras, params) -> {name: tree}``: extra trees that follow the params, computed
+after an optimizer update from the params it produced (``ObjectiveEntry.after_update``)."""
+
+
 def build(cfg: Config) -> Objective:
   return registry.OBJECTIVES.get(cfg.train.objective).build(cfg)
+
+
+def build_extras(cfg: Config) -> tuple[Callable[[Any], dict[str, Any]] | None, Any]:
+  """``(extras_init, extras_shardings)`` of the extra trees ``train.objective`` keeps in
+  the train state (``state.build``'s arguments); ``(None, None)`` when it keeps none."""
+  entry = registry.OBJECTIVES.get(cfg.train.objective)
+  return entry.extras(cfg) if entry.extras is not None else (None, None)
+
+
+def build_after_update(cfg: Config) -> ExtrasUpdate | None:
+  """``train.objective``'s update of the extra trees after each optimizer update (None:
+  it has none)."""
+  entry = registry.OBJECTIVES.get(cfg.train.objective)
+  return entry.after_update(cfg) if entry.after_update is not None else None

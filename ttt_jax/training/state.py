@@ -112,6 +112,16 @@ def abstract_state(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh,
   return graphdef, tx, abstract, shardings
 
 
+def abstract_extras(cfg: Config, vocab_size: int,
+                    extras_init: Callable[[nnx.State], dict[str, Any]] | None
+                    ) -> dict[str, Any] | None:
+  """The shapes of ``extras_init``'s extra trees (None without one), for
+  ``abstract_state``."""
+  if extras_init is None:
+    return None
+  return jax.eval_shape(lambda: extras_init(nnx.state(model_fn(cfg, vocab_size)())))
+
+
 def build(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh,
           extras_init: Callable[[nnx.State], dict[str, Any]] | None = None,
           extras_shardings: ExtrasShardings | None = None) -> Built:
@@ -120,8 +130,7 @@ def build(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh,
   ``extras_init(params)`` gives the extra trees from the freshly initialised params,
   inside the same jitted init; ``extras_shardings`` as for ``abstract_state``."""
   make = model_fn(cfg, vocab_size)
-  extras = (jax.eval_shape(lambda: extras_init(nnx.state(make())))
-            if extras_init is not None else None)
+  extras = abstract_extras(cfg, vocab_size, extras_init)
   graphdef, tx, _, shardings = abstract_state(cfg, vocab_size, mesh, extras, extras_shardings)
 
   def init() -> TrainState:

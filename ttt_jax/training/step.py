@@ -18,6 +18,11 @@ loop's NaN guard and checkpoint hook read before anything saves that state. With
 non-finite returns the old params and optimizer state (``jnp.where`` over the tree),
 and counts itself in the state's extra tree ``skipped_steps``.
 
+An objective's ``after_update`` (``ObjectiveEntry``) replaces extra trees that follow
+the params, ``extras[k] = after_update(extras, params)[k]`` from the params the update
+produced, once per applied optimizer update (the last micro-step of an accumulation,
+and not on a step ``train.nonfinite='skip'`` dropped): an EMA teacher.
+
 Late QAT (``quant.qat_lr_ratio`` > 0): the model is merged from ``quant.qat_transform``'s
 params, the matrices fake-quantized once the lr falls under the ratio (a traced switch,
 no recompilation), and the step reports it as ``qat_active``.
@@ -70,10 +75,15 @@ def skip_extras(cfg: Config) -> dict[str, jax.Array] | None:
 
 
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    objective: Objective | None = None):
+                    objective: Objective | None = None,
+                    after_update: objectives.ExtrasUpdate | None = None):
   """The pure step on one micro-batch: ``(state, batch) -> (state, metrics)``.
-  ``objective``: the loss to differentiate (default: ``train.objective``'s)."""
+  ``objective``: the loss to differentiate (default: ``train.objective``'s);
+  ``after_update``: the extra trees that follow the params (default:
+  ``train.objective``'s ``after_update``, if any)."""
   objective = objective if objective is not None else objectives.build(cfg)
+  if after_update is None:
+    after_update = objectives.build_after_update(cfg)
   accum = cfg.optim.grad_accum_steps
   skip_nonfinite = cfg.train.nonfinite == "skip"
   base_key = jax.random.key(cfg.train.seed)
@@ -106,6 +116,13 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
                                        (params, opt_state), (state.params, state.opt_state))
       extras = {**extras, SKIPPED: extras[SKIPPED] + (~ok).astype(jnp.int32)}
+    if after_update is not None:  # once per applied update: the last micro-step, kept
+      applied = (state.step + 1) % accum == 0
+      if skip_nonfinite:
+        applied = applied & ok
+      followed = after_update(extras, params)
+      extras = {**extras, **jax.tree.map(lambda new, old: jnp.where(applied, new, old),
+                                         followed, {k: extras[k] for k in followed})}
     metrics = {"loss": loss, "grad_norm": grad_norm,
                FINITE_STATE: all_finite((params, opt_state)).astype(jnp.float32), **aux}
     if skip_nonfinite:
@@ -116,11 +133,17 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
   return train_step
 
 
-def jit_train_step(built: Built, objective: Objective | None = None):
+def jit_train_step(built: Built, objective: Objective | None = None,
+                   after_update: objectives.ExtrasUpdate | None = None,
+                   batch_sharding: Any = None):
   """``make_train_step`` jitted with the state's shardings, the batch sharded over
-  (data, fsdp), and the state donated."""
-  return jax.jit(make_train_step(built.cfg, built.graphdef, built.tx, objective),
-                 in_shardings=(built.state_shardings, sharding.batch_sharding(built.mesh)),
+  (data, fsdp) (``batch_sharding``: another one, e.g. a dict by field), and the state
+  donated."""
+  if batch_sharding is None:
+    batch_sharding = sharding.batch_sharding(built.mesh)
+  return jax.jit(make_train_step(built.cfg, built.graphdef, built.tx, objective,
+                                 after_update),
+                 in_shardings=(built.state_shardings, batch_sharding),
                  out_shardings=(built.state_shardings, sharding.replicated(built.mesh)),
                  donate_argnums=0)
 

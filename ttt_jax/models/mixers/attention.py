@@ -25,6 +25,10 @@ is written at slots end..end+S-1 and attends to every filled slot whose position
 
     mask[b, s, l] = (cache_pos[b, l] >= 0) and (cache_pos[b, l] <= query_pos[b, s])
 
+A token decoded at a negative position (a pad of a left-padded prompt) is therefore
+never attended to; its own query attends to nothing, and a fully masked row stays
+finite (the mask is a large negative logit, not -inf: uniform weights over the slots).
+
 ``attention_reference`` is the float64 numpy oracle the tests compare against.
 
 Config: ``model.mixer: {type: attention, impl: xla | cudnn}``; the heads, head width
@@ -183,6 +187,8 @@ class Attention(nnx.Module):
   """
 
   Config = AttentionConfig
+  RAGGED_DECODE = True
+  """Decodes left-padded prompts: a key at a negative position (a pad) is an empty slot."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, implementation: str | None = None):
     d_model, n_heads, n_kv_heads, head_dim = (cfg.d_model, cfg.n_heads, cfg.kv_heads,

@@ -73,10 +73,14 @@ when it ends by then), and outputs that never depend on earlier documents after 
 Decode. ``ttt_linear_decode_step`` takes one token at a time with the same anchored
 semantics, so prefill + decode reproduces the full-sequence forward: the state keeps
 the anchor (W, b), the running sums Σ η_j k_jᵀ g_j and Σ η_j g_j of the unfinished
-mini-batch and the position in it, and commits at the end of each mini-batch. Memory
-per token is O(1) (no KV cache). With ``mini_batch = 1`` this is plain online GD,
-u_t computed at the current W_t (the seed's decode invariant); for b > 1 decoding by
-online GD would not reproduce the model that was trained, so it is not used.
+mini-batch and each row's position in it, and commits at the end of each mini-batch.
+Memory per token is O(1) (no KV cache). Ragged prompts (left padded, pads at negative
+positions, ``inference/rollout.py``): each row's grid starts at its first real token, so
+a prefill leaves every row at its own slot; pads update nothing and the convs see zeros
+in their place, so each row decodes exactly as it would alone. With ``mini_batch = 1``
+this is plain online GD, u_t computed at the current W_t (the seed's decode invariant);
+for b > 1 decoding by online GD would not reproduce the model that was trained, so it is
+not used.
 
 Precision (cast points, C1-C4):
   C1  The state (W, b, running sums) is float32 always; it is cast to the compute
@@ -185,7 +189,8 @@ class FastWeights(NamedTuple):
 class TTTState(NamedTuple):
   fast: FastWeights
   index: jax.Array
-  """int32 scalar: tokens of the current mini-batch seen so far (0..b-1), shared by rows."""
+  """int32: tokens of the current mini-batch seen so far (0..b-1); a scalar shared by the
+  rows after a forward, one per row [B] in a decode cache (ragged prompts)."""
 
 
 class TTTCache(NamedTuple):
@@ -377,7 +382,8 @@ class MiniBatches(NamedTuple):
   continues_NxBxM: jax.Array | None
   """Token continues the carried state (else its anchor is (W0, b0)); None: all do."""
   commit_N: jax.Array | None
-  """Traced: whether the mini-batch closes at its last slot; None: the caller's static choice."""
+  """Traced: whether the mini-batch closes at its last slot ([N], or [N, B] per row); None:
+  the caller's static choice."""
 
 
 def minibatch_inputs(q_NxBxMxHxK: jax.Array, k_NxBxMxHxK: jax.Array, v_NxBxMxHxK: jax.Array,
@@ -498,7 +504,8 @@ def minibatch_step(inner: InnerParams, fast: FastWeights, mb: MiniBatches, *,
                           anchor.b_BxHxK - scale_last_B[:, None, None] * grad_b,
                           jnp.zeros_like(grad_w), jnp.zeros_like(grad_b))
   if mb.commit_N is not None:
-    committed = jax.tree.map(lambda c, p: jnp.where(mb.commit_N, c, p), committed, pending)
+    commit_B = jnp.broadcast_to(mb.commit_N, scale_last_B.shape)
+    committed = _select_rows(commit_B, committed, pending)
   return committed, out_BxMxHxK
 
 
@@ -564,8 +571,8 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
                     v_BxTxHxK: jax.Array, eta_BxTxH: jax.Array, *, mini_batch: int,
                     remat_group: int = 0, segment_ids_BxT: jax.Array | None = None,
                     state: TTTState | None = None, rope_theta: float | None = None,
-                    post_norm: tuple[jax.Array, jax.Array] | None = None
-                    ) -> tuple[jax.Array, TTTState]:
+                    post_norm: tuple[jax.Array, jax.Array] | None = None,
+                    valid_BxT: jax.Array | None = None) -> tuple[jax.Array, TTTState]:
   """Anchored mini-batch TTT over a whole sequence in the dual form.
 
   Returns the outputs out_t [B, T, H, K] (compute dtype) and the float32 state after the
@@ -573,8 +580,10 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
   Without ``state`` the rows start at (W0, b0) on the grid's slot 0; a remainder
   mini-batch is padded to b tokens with η = 0 (padding updates nothing; its outputs are
   dropped) and left open. With ``state`` (a cache, no segment ids) the tokens continue
-  its open mini-batch. With ``rope_theta``, q and k are first rotated by RoPE at their
-  positions inside their mini-batches (in the same pass that cuts them into mini-batches).
+  each row's open mini-batch; ``valid_BxT`` (with a state only) leaves out the tokens
+  where it is False (pads: no update, zero outputs). With ``rope_theta``, q and k are
+  first rotated by RoPE at their positions inside their mini-batches (in the same pass
+  that cuts them into mini-batches).
   With ``post_norm`` = (scale [N], shift [N]) the outputs are LN_post(concat heads out_t)
   [B, T, N] instead (the layer's post-LayerNorm, applied before the outputs are copied
   back to sequence order, so the copy and the normalisation are one pass).
@@ -585,7 +594,9 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
     if segment_ids_BxT is not None:
       raise ValueError("ttt_linear_dual: segment_ids cannot be combined with a carried state")
     return _dual_from_state(inner, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_BxTxH, size,
-                            remat_group, state, rope_theta, post_norm)
+                            remat_group, state, rope_theta, post_norm, valid_BxT)
+  if valid_BxT is not None:
+    raise ValueError("ttt_linear_dual: valid_BxT needs a carried state (decode)")
   n_full, remainder = divmod(length, size)
   n_chunks = n_full + (remainder > 0)
   pad = n_chunks * size - length
@@ -613,31 +624,42 @@ def ttt_linear_dual(inner: InnerParams, q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Arr
 def _dual_from_state(inner: InnerParams, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, eta_BxTxH,
                      size: int, remat_group: int, state: TTTState,
                      rope_theta: float | None,
-                     post_norm: tuple[jax.Array, jax.Array] | None
-                     ) -> tuple[jax.Array, TTTState]:
-  """The tokens are placed at slots index.. of a buffer of whole mini-batches (so a
-  token's slot in its mini-batch is its RoPE position); padding slots have η = 0 (no
-  update), and a mini-batch closes only if its last slot is real."""
+                     post_norm: tuple[jax.Array, jax.Array] | None,
+                     valid_BxT: jax.Array | None = None) -> tuple[jax.Array, TTTState]:
+  """Each row's tokens are placed at slots index_b.. of a buffer of whole mini-batches (so
+  a token's slot in its mini-batch is its RoPE position), the invalid ones (pads) left
+  out; empty slots have η = 0 (no update), and a row's mini-batch closes only if its
+  last slot is filled."""
   batch, length = q_BxTxHxK.shape[:2]
-  offset = state.index
+  offset_B = jnp.broadcast_to(state.index, (batch,))
   n_chunks = -(-(length + size - 1) // size)
   span = n_chunks * size
+  if valid_BxT is None:
+    count = length
+    slot_BxT = offset_B[:, None] + jnp.arange(length, dtype=jnp.int32)[None]
+  else:
+    rank_BxT = jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1
+    count = rank_BxT[:, -1] + 1
+    slot_BxT = jnp.where(valid_BxT, offset_B[:, None] + rank_BxT, span)  # span: dropped
+  rows_Bx1 = jnp.arange(batch)[:, None]
 
   def place(x):
     buffer = jnp.zeros((batch, span) + x.shape[2:], x.dtype)
-    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x, offset, axis=1)
-    return _to_chunks(buffer, n_chunks, size)
+    return _to_chunks(buffer.at[rows_Bx1, slot_BxT].set(x, mode="drop"), n_chunks, size)
 
   last_slot_N = jnp.arange(n_chunks, dtype=jnp.int32) * size + size - 1
   mbs = minibatch_inputs(place(q_BxTxHxK), place(k_BxTxHxK), place(v_BxTxHxK),
                          place(eta_BxTxH.astype(F32)),
                          chunked_scales(inner, n_chunks, batch, size), rope_theta,
-                         commit_N=last_slot_N < offset + length)
+                         commit_N=last_slot_N[:, None] < (offset_B + count)[None])
   fast, out_NxBxMxHxK = run_minibatches(inner, state.fast, mbs, partial=True,
                                         remat_group=remat_group)
-  out_BxTx = jax.lax.dynamic_slice_in_dim(_from_chunks(_post_norm(out_NxBxMxHxK, post_norm)),
-                                          offset, length, axis=1)
-  return out_BxTx, TTTState(fast, ((offset + length) % size).astype(jnp.int32))
+  out_BxSx = _from_chunks(_post_norm(out_NxBxMxHxK, post_norm))
+  out_BxTx = out_BxSx[rows_Bx1, jnp.minimum(slot_BxT, span - 1)]
+  if valid_BxT is not None:
+    out_BxTx = jnp.where(valid_BxT.reshape(valid_BxT.shape + (1,) * (out_BxTx.ndim - 2)),
+                         out_BxTx, 0)
+  return out_BxTx, TTTState(fast, ((state.index + count) % size).astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------- primal form
@@ -735,6 +757,20 @@ def causal_depthwise_conv(x_BxTxN: jax.Array, filter_WxN: jax.Array, bias_N: jax
   return y_BxTxN.astype(x_BxTxN.dtype), x_ext[:, x_ext.shape[1] - (width - 1):]
 
 
+def history_without_pads(history_BxPxN: jax.Array, valid_BxS: jax.Array) -> jax.Array:
+  """A conv history after a decode chunk with the pads' inputs zeroed. Pads lead the
+  first chunk of a fresh cache, so this is the history of the real tokens alone (zeros
+  before a sequence's first token)."""
+  batch, width = history_BxPxN.shape[:2]
+  valid_BxP = jnp.concatenate([jnp.ones((batch, width), bool), valid_BxS], axis=1)[:, -width:]
+  return jnp.where(valid_BxP[..., None], history_BxPxN, jnp.zeros((), history_BxPxN.dtype))
+
+
+def pad_segments(valid_BxS: jax.Array | None) -> jax.Array | None:
+  """Segment ids that keep a conv's taps of real tokens off the pads (None: no pads)."""
+  return None if valid_BxS is None else valid_BxS.astype(jnp.int32)
+
+
 def inner_learning_rate(lr_logits_BxTxH: jax.Array, bias_H: jax.Array, base_lr: float,
                         head_dim: int) -> jax.Array:
   """η = η_base σ(x θ_lr + β) / K from the logits x θ_lr, float32 [B, T, H]."""
@@ -827,10 +863,12 @@ def output_projection(params: TTTLinearParams, gate_BxTxN: jax.Array | None,
 
 def ttt_linear_forward(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Array,
                        segment_ids_BxT: jax.Array | None = None,
-                       cache: TTTCache | None = None, inner_form: str = "dual"
-                       ) -> tuple[jax.Array, TTTCache]:
+                       cache: TTTCache | None = None, inner_form: str = "dual",
+                       valid_BxT: jax.Array | None = None) -> tuple[jax.Array, TTTCache]:
   """The layer over a sequence: (y [B, T, D], cache after it). ``cache`` continues a
-  decode (prefill); ``inner_form`` 'dual' (default) or 'primal' (the reference)."""
+  decode (prefill); ``inner_form`` 'dual' (default) or 'primal' (the reference).
+  ``valid_BxT`` (dual form with a cache): False marks pads, leading a fresh cache's first
+  chunk (ragged prompts), which neither update the state nor reach the convs."""
   batch, length, _ = x_BxTxD.shape
   offset = 0 if cache is None else cache.state.index
   history = None if cache is None else cache.qk_history_BxPxN
@@ -839,15 +877,21 @@ def ttt_linear_forward(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Arra
   rel_BxT = None  # the dual form applies RoPE itself
   if inner_form == "primal":
     rel_BxT, _ = minibatch_layout(batch, length, spec.mini_batch, segment_ids_BxT, offset)
+  if valid_BxT is not None and segment_ids_BxT is not None:
+    raise ValueError("ttt_linear_forward: segment_ids cannot be combined with valid_BxT")
+  if valid_BxT is not None:
+    segment_ids_BxT = pad_segments(valid_BxT)  # for the convs only
   inputs = project_inputs(params, spec, x_BxTxD, rel_BxT, history, segment_ids_BxT)
   q, k, v, eta = inputs.q_BxTxHxK, inputs.k_BxTxHxK, inputs.v_BxTxHxK, inputs.eta_BxTxH
   state = None if cache is None else cache.state
   if inner_form == "dual":
     z_BxTxN, state = ttt_linear_dual(params.inner, q, k, v, eta, mini_batch=spec.mini_batch,
                                      remat_group=spec.remat_group,
-                                     segment_ids_BxT=segment_ids_BxT, state=state,
-                                     rope_theta=spec.rope_theta,
-                                     post_norm=(params.post_scale_N, params.post_bias_N))
+                                     segment_ids_BxT=(None if valid_BxT is not None
+                                                      else segment_ids_BxT),
+                                     state=state, rope_theta=spec.rope_theta,
+                                     post_norm=(params.post_scale_N, params.post_bias_N),
+                                     valid_BxT=valid_BxT)
   else:
     out_BxTxHxK, state = ttt_linear_primal_anchored(params.inner, q, k, v, eta,
                                                     mini_batch=spec.mini_batch,
@@ -855,34 +899,50 @@ def ttt_linear_forward(params: TTTLinearParams, spec: TTTSpec, x_BxTxD: jax.Arra
                                                     state=state)
     z_BxTxN = post_norm(params, spec, out_BxTxHxK)
   y_BxTxD = output_projection(params, inputs.gate_BxTxN, z_BxTxN)
-  return y_BxTxD, TTTCache(state, inputs.qk_history_BxPxN)
+  history = inputs.qk_history_BxPxN
+  if valid_BxT is not None and history is not None:
+    history = history_without_pads(history, valid_BxT)
+  return y_BxTxD, TTTCache(state, history)
 
 
 def init_cache(params: TTTLinearParams, spec: TTTSpec, batch_size: int,
                dtype: jnp.dtype) -> TTTCache:
-  """Empty decode state: every row at (W0, b0), slot 0, zero conv history."""
+  """Empty decode state: every row at (W0, b0), slot 0 (a slot per row), zero conv
+  history."""
   history = None
   if spec.backbone == "mamba":
     history = jnp.zeros((batch_size, spec.conv_width - 1, spec.width), dtype)
-  return TTTCache(init_state(params.inner, batch_size), history)
+  state = TTTState(init_fast_weights(params.inner, batch_size),
+                   jnp.zeros((batch_size,), jnp.int32))
+  return TTTCache(state, history)
 
 
 def ttt_linear_decode_step(params: TTTLinearParams, spec: TTTSpec, cache: TTTCache,
-                           x_BxD: jax.Array) -> tuple[TTTCache, jax.Array]:
-  """One token through the layer, O(1) memory: (new cache, y [B, D])."""
+                           x_BxD: jax.Array, valid_B: jax.Array | None = None
+                           ) -> tuple[TTTCache, jax.Array]:
+  """One token through the layer, O(1) memory: (new cache, y [B, D]). Each row is at its
+  own slot of its mini-batch (the cache's index, scalar or [B]); where ``valid_B`` is
+  False (a pad) the row's state is left as it was."""
   batch = x_BxD.shape[0]
-  index = cache.state.index
+  index_B = jnp.broadcast_to(cache.state.index, (batch,)).astype(jnp.int32)
   x_Bx1xD = x_BxD[:, None, :]
-  rel_Bx1 = jnp.full((batch, 1), index, jnp.int32)
-  inputs = project_inputs(params, spec, x_Bx1xD, rel_Bx1, cache.qk_history_BxPxN)
-  commit_B = jnp.broadcast_to(index == spec.mini_batch - 1, (batch,))
+  valid_Bx1 = None if valid_B is None else valid_B[:, None]
+  inputs = project_inputs(params, spec, x_Bx1xD, index_B[:, None], cache.qk_history_BxPxN,
+                          pad_segments(valid_Bx1))
+  commit_B = index_B == spec.mini_batch - 1
   fast, out_BxHxK = anchored_token_step(
       params.inner, cache.state.fast, inputs.q_BxTxHxK[:, 0], inputs.k_BxTxHxK[:, 0],
-      inputs.v_BxTxHxK[:, 0], inputs.eta_BxTxH[:, 0], rel_Bx1[:, 0], commit_B)
+      inputs.v_BxTxHxK[:, 0], inputs.eta_BxTxH[:, 0], index_B, commit_B)
   y_BxD = output_projection(params, inputs.gate_BxTxN,
                             post_norm(params, spec, out_BxHxK[:, None]))[:, 0]
-  state = TTTState(fast, ((index + 1) % spec.mini_batch).astype(jnp.int32))
-  return TTTCache(state, inputs.qk_history_BxPxN), y_BxD
+  index = ((cache.state.index + 1) % spec.mini_batch).astype(jnp.int32)
+  history = inputs.qk_history_BxPxN
+  if valid_B is not None:
+    fast = _select_rows(valid_B, fast, cache.state.fast)
+    index = jnp.where(valid_B, index, cache.state.index)
+    if history is not None:
+      history = history_without_pads(history, valid_Bx1)
+  return TTTCache(TTTState(fast, index), history), y_BxD
 
 
 def flops_per_token(spec: TTTSpec, d_model: int) -> float:
@@ -913,6 +973,8 @@ class TTTLinear(nnx.Module):
   """
 
   Config = TTTLinearConfig
+  RAGGED_DECODE = True
+  """Decodes left-padded prompts (pads at negative positions update nothing)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     spec = TTTSpec.from_config(cfg)
@@ -979,12 +1041,16 @@ class TTTLinear(nnx.Module):
 
   def decode(self, x_BxSxD: jax.Array, ctx: SequenceContext, cache: TTTCache
              ) -> tuple[jax.Array, TTTCache]:
-    """S = 1: one primal anchored step; S > 1 (prefill): the dual form continuing the
-    cache's open mini-batch."""
+    """S = 1: one primal anchored step; S > 1 (prefill): the dual form continuing each
+    row's open mini-batch. Tokens at negative positions are pads (ragged prompts, left
+    padded): they leave the state and the conv history untouched."""
+    valid_BxS = ctx.positions_BxT >= 0
     if x_BxSxD.shape[1] == 1:
-      cache, y_BxD = ttt_linear_decode_step(self.params(), self.spec, cache, x_BxSxD[:, 0])
+      cache, y_BxD = ttt_linear_decode_step(self.params(), self.spec, cache, x_BxSxD[:, 0],
+                                            valid_BxS[:, 0])
       return y_BxD[:, None], cache
-    y_BxSxD, cache = ttt_linear_forward(self.params(), self.spec, x_BxSxD, cache=cache)
+    y_BxSxD, cache = ttt_linear_forward(self.params(), self.spec, x_BxSxD, cache=cache,
+                                        valid_BxT=valid_BxS)
     return y_BxSxD, cache
 
   @staticmethod
@@ -1020,8 +1086,11 @@ class PreConv(nnx.Module):
 
   def decode(self, x_BxSxD: jax.Array, ctx: SequenceContext, history_BxPxD: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
-    del ctx  # the history is the causal context
-    return causal_depthwise_conv(x_BxSxD, self.filter[...], self.bias[...], history_BxPxD)
+    """The history is the causal context; pads (negative positions) are left out of it."""
+    valid_BxS = ctx.positions_BxT >= 0
+    y_BxSxD, history_BxPxD = causal_depthwise_conv(x_BxSxD, self.filter[...], self.bias[...],
+                                                   history_BxPxD, pad_segments(valid_BxS))
+    return y_BxSxD, history_without_pads(history_BxPxD, valid_BxS)
 
   @staticmethod
   def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

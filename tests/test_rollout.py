@@ -1,0 +1,278 @@
+"""Rollouts of ragged prompts: left padding, the ragged context, forbidden ids, completion
+masks and sequence log-probabilities, on attention and TTT-Linear (both backbones)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.cct.mixer import CCTConfig
+from ttt_jax.config import ModelConfig
+from ttt_jax.errors import DataError
+from ttt_jax.inference import rollout as ro
+from ttt_jax.inference import sampling
+from ttt_jax.models import lm
+from ttt_jax.models.context import SequenceContext, default_positions
+from ttt_jax.models.ffn.swiglu import SwiGLUConfig
+from ttt_jax.models.mixers.ttt_linear import TTTLinearConfig
+
+VOCAB = 64
+PAD = 0
+PROMPTS = ([5, 9, 3, 17, 33, 2, 8], [7], [11, 4, 20, 6, 1], [30, 12, 3, 9, 9, 41, 2, 13, 50])
+"""Ragged prompts: pad counts 2, 8, 4, 0 at width 9 (mini-batch 4: the rows start at
+every slot of a TTT mini-batch grid, and span several mini-batches)."""
+
+MODELS = {
+    "attention": dict(n_kv_heads=2, init_std=0.3),
+    "ttt_mamba": dict(init_std=0.1, mixer=TTTLinearConfig(backbone="mamba", mini_batch=4)),
+    "ttt_transformer": dict(init_std=0.1,
+                            mixer=TTTLinearConfig(backbone="transformer", mini_batch=4)),
+}
+
+
+def make_model(name: str, seed: int = 0) -> lm.LM:
+  cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=64),
+                    **MODELS[name])
+  return lm.LM(cfg, VOCAB, rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request) -> lm.LM:
+  return make_model(request.param)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def test_left_pad_right_aligns_rows_and_rejects_long_ones():
+  tokens, lengths = ro.left_pad([[1, 2, 3], [4], []], pad_id=9)
+  np.testing.assert_array_equal(tokens, [[1, 2, 3], [9, 9, 4], [9, 9, 9]])
+  np.testing.assert_array_equal(lengths, [3, 1, 0])
+  assert tokens.dtype == np.int32 and lengths.dtype == np.int32
+  tokens, _ = ro.left_pad([[1, 2]], pad_id=0, length=4)
+  np.testing.assert_array_equal(tokens, [[0, 0, 1, 2]])
+  with pytest.raises(DataError, match="prompt 1 has 3 tokens"):
+    ro.left_pad([[1], [1, 2, 3]], pad_id=0, length=2)
+
+
+def test_ragged_context_positions_and_segments():
+  tokens = jnp.zeros((3, 6), jnp.int32)  # width 4, then 2 completion tokens
+  ctx = ro.ragged_context(tokens, jnp.asarray([4, 1, 0]), 4)
+  np.testing.assert_array_equal(ctx.positions_BxT, [[0, 1, 2, 3, 4, 5], [-3, -2, -1, 0, 1, 2],
+                                                    [-4, -3, -2, -1, 0, 1]])
+  np.testing.assert_array_equal(ctx.segment_ids_BxT, [[1] * 6, [0, 0, 0, 1, 1, 1],
+                                                      [0, 0, 0, 0, 1, 1]])
+
+
+def test_completion_mask_keeps_the_first_eos_and_nothing_after():
+  completion = jnp.asarray([[4, 2, 7, 2], [2, 2, 2, 2], [5, 6, 7, 8]])
+  np.testing.assert_array_equal(ro.completion_mask(completion, 2),
+                                [[True, True, False, False], [True, False, False, False],
+                                 [True] * 4])
+  assert bool(jnp.all(ro.completion_mask(completion, None)))
+
+
+def test_forbidden_ids_are_never_sampled_even_when_most_likely():
+  logits = jnp.zeros((4096, 8)).at[:, 3].set(5.0).at[:, 0].set(4.0)
+  allowed = sampling.forbid(logits, (0, 3))
+  for temperature, top_p in ((0.0, 1.0), (10.0, 1.0), (10.0, 0.5), (1.0, 1e-6)):
+    tokens = np.asarray(sampling.sample_token(allowed, jax.random.key(1), temperature, top_p))
+    assert not np.isin(tokens, (0, 3)).any(), (temperature, top_p)
+  high = np.asarray(sampling.sample_token(allowed, jax.random.key(2), 10.0, 1.0))
+  assert set(np.unique(high)) == {1, 2, 4, 5, 6, 7}  # everything else is still sampled
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def padded_prompts(prompts=PROMPTS, width: int | None = None):
+  tokens, lengths = ro.left_pad(prompts, PAD, width)
+  return jnp.asarray(tokens), jnp.asarray(lengths)
+
+
+@pytest.mark.slow
+def test_greedy_rollout_of_a_padded_batch_equals_each_prompt_alone(model):
+  tokens, lengths = padded_prompts()
+  out = ro.rollout(model, tokens, lengths, 7, jax.random.key(0), temperature=0.0,
+                   eos_id=None)
+  width = tokens.shape[1]
+  np.testing.assert_array_equal(np.asarray(out.tokens_BxT[:, :width]), np.asarray(tokens))
+  for row, prompt in enumerate(PROMPTS):
+    alone = sampling.generate(model, jnp.asarray([prompt], jnp.int32), 7, jax.random.key(0),
+                              temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out.completion_BxN[row]),
+                                  np.asarray(alone[0, len(prompt):]), err_msg=f"row {row}")
+
+
+@pytest.mark.slow
+def test_width_one_prompts_with_an_empty_row_decode_token_by_token(model):
+  """Width 1: the prompt goes through a one-token decode step, the empty row's pad
+  included; each row generates what it generates alone."""
+  tokens, lengths = padded_prompts(([], [5]))
+  out = ro.rollout(model, tokens, lengths, 5, jax.random.key(0), temperature=0.0,
+                   eos_id=None)
+  alone = sampling.generate(model, jnp.asarray([[5]], jnp.int32), 5, jax.random.key(0),
+                            temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.tokens_BxT[1]), np.asarray(alone[0]))
+  # The empty row's pad is seen by nothing: after its first token it continues exactly
+  # as that token alone would.
+  first = out.completion_BxN[:1, :1]
+  assert 0 <= int(first[0, 0]) < VOCAB
+  from_first = sampling.generate(model, first, 4, jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out.completion_BxN[0]), np.asarray(from_first[0]))
+
+
+@pytest.mark.slow
+def test_padded_prefill_logits_equal_each_prompt_alone_and_pads_stay_finite(model):
+  """The decode prefill of a padded batch (an all-pad row included) and its first
+  decode step give each prompt's unpadded logits; nothing is NaN."""
+  prompts = PROMPTS + ([],)
+  tokens, lengths = padded_prompts(prompts)
+  batch, width = tokens.shape
+  decode = jax.jit(lambda c, t, ctx: model.decode(t, ctx, c))
+  ctx = ro.ragged_context(tokens, lengths, width)
+  logits, cache = decode(model.init_cache(batch, width + 1), tokens, ctx)
+  step = jnp.arange(batch, dtype=jnp.int32)[:, None] + 1
+  step_logits, _ = decode(cache, step, SequenceContext(lengths[:, None]))
+  assert bool(jnp.all(jnp.isfinite(logits))) and bool(jnp.all(jnp.isfinite(step_logits)))
+  for row, prompt in enumerate(prompts[:-1]):
+    alone = jnp.asarray([prompt + [row + 1]], jnp.int32)
+    alone_logits, _ = decode(model.init_cache(1, len(prompt) + 1), alone,
+                             SequenceContext(default_positions(alone)))
+    np.testing.assert_allclose(np.asarray(logits[row, width - len(prompt):]),
+                               np.asarray(alone_logits[0, :-1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step_logits[row, 0]), np.asarray(alone_logits[0, -1]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sequence_logprobs_equal_a_loop_of_unpadded_prefix_forwards(model):
+  prompts = PROMPTS + ([],)
+  tokens, lengths = padded_prompts(prompts)
+  width = tokens.shape[1]
+  completion = jnp.asarray(np.random.default_rng(0).integers(1, VOCAB, (len(prompts), 5)),
+                           jnp.int32)
+  mask = jnp.asarray([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0], [1, 1, 0, 0, 0],
+                      [1, 1, 1, 1, 0]], bool)
+  per_token, summed = jax.jit(ro.sequence_logprobs, static_argnums=3)(
+      model, jnp.concatenate([tokens, completion], axis=1), lengths, width, mask)
+  assert per_token.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(per_token)))
+  forward = jax.jit(lambda t: jax.nn.log_softmax(model(t)[0, -1]))
+  expected = np.zeros(per_token.shape, np.float32)
+  for row, prompt in enumerate(prompts):
+    for j in range(completion.shape[1]):
+      prefix = prompt + np.asarray(completion[row, :j]).tolist()
+      if mask[row, j] and prefix:
+        expected[row, j] = forward(jnp.asarray([prefix], jnp.int32))[completion[row, j]]
+  np.testing.assert_allclose(np.asarray(per_token), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(summed), expected.sum(axis=1), rtol=1e-5, atol=1e-5)
+  assert per_token[4, 0] == 0.0  # the empty prompt's first token has nothing before it
+
+
+@pytest.mark.slow
+def test_sampled_rollout_forbids_ids_stops_at_eos_and_runs_inside_another_jit():
+  model = make_model("attention")
+  tokens, lengths = padded_prompts(PROMPTS + ([],) * 4)
+  forbidden = (PAD, 1, 2)
+  greedy = ro.rollout(model, tokens, lengths, 12, jax.random.key(0), temperature=0.0,
+                      eos_id=None, forbid_ids=forbidden)
+  eos_id = int(greedy.completion_BxN[0, 3])  # row 0 meets it by its 4th token
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def train_step(state, rng, temperature):  # as a trainer calls it: inside its own jit
+    out = ro.sample_rollout(nnx.merge(graphdef, state), tokens, lengths, 12, rng,
+                            temperature=temperature, top_p=0.95, eos_id=eos_id,
+                            forbid_ids=forbidden)
+    return out, ro.sequence_logprobs(nnx.merge(graphdef, state), out.tokens_BxT, lengths,
+                                     tokens.shape[1], out.completion_mask_BxN)
+
+  for rng, temperature in ((jax.random.key(3), 8.0), (jax.random.key(0), 0.0)):
+    out, (per_token, summed) = train_step(state, rng, jnp.float32(temperature))
+    again = ro.rollout(model, tokens, lengths, 12, rng, temperature=temperature, top_p=0.95,
+                       eos_id=eos_id, forbid_ids=forbidden)
+    for a, b in zip(out, again):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scored = ro.score(model, out.tokens_BxT, lengths, tokens.shape[1], out.completion_mask_BxN)
+    np.testing.assert_allclose(np.asarray(scored[0]), np.asarray(per_token), rtol=1e-6,
+                               atol=1e-6)
+    completion = np.asarray(out.completion_BxN)
+    assert not np.isin(completion, forbidden).any()
+    assert completion.min() >= 0 and completion.max() < VOCAB
+    mask = np.asarray(out.completion_mask_BxN)
+    for row in completion:  # after the first EOS: EOS only
+      hits = np.flatnonzero(row == eos_id)
+      if hits.size:
+        assert (row[hits[0]:] == eos_id).all()
+    np.testing.assert_array_equal(mask, np.asarray(ro.completion_mask(out.completion_BxN,
+                                                                      eos_id)))
+    np.testing.assert_array_equal(np.asarray(out.completion_lens_B), mask.sum(axis=1))
+    assert bool(jnp.all(jnp.isfinite(per_token))) and bool(jnp.all(jnp.isfinite(summed)))
+    assert not np.asarray(per_token)[~mask].any()
+  assert mask[0].sum() <= 4 and (completion[0, mask[0].sum():] == eos_id).all()  # greedy
+
+
+def test_rollout_rejects_no_new_tokens():
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    ro.sample_rollout(None, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 0,
+                      jax.random.key(0), temperature=0.0, eos_id=None)
+
+
+@pytest.mark.slow
+def test_ragged_context_keeps_pads_away_from_real_tokens(model):
+  """A full forward with the ragged context: the pads' ids change no real token's logits
+  (an all-pad row stays finite); attention gives each prompt's unpadded logits."""
+  prompts = PROMPTS + ([],)
+  tokens, lengths = padded_prompts(prompts)
+  width = tokens.shape[1]
+  forward = jax.jit(lambda t: model(t, ro.ragged_context(t, lengths, width)))
+  logits = forward(tokens)
+  real = np.asarray(ro.ragged_context(tokens, lengths, width).segment_ids_BxT, bool)
+  other_pads = jnp.where(real, tokens, 1 + jnp.arange(width)[None] % (VOCAB - 1))
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  np.testing.assert_allclose(np.asarray(forward(other_pads))[real], np.asarray(logits)[real],
+                             rtol=1e-5, atol=1e-5)
+  if model.cfg.mixer.type == "attention":
+    for row, prompt in enumerate(prompts[:-1]):
+      alone = model(jnp.asarray([prompt], jnp.int32))
+      np.testing.assert_allclose(np.asarray(logits[row, width - len(prompt):]),
+                                 np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_mixers_that_cannot_decode_ragged_prompts_are_refused():
+  cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=64),
+                    mixer=CCTConfig(step_len=4))
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'cct' mixer cannot decode ragged"):
+    ro.sample_rollout(model, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 3,
+                      jax.random.key(0), temperature=0.0, eos_id=None)
+
+
+@pytest.mark.slow
+def test_a_train_step_differentiates_only_the_scored_log_probs():
+  """Sampling inside a differentiated step: the gradient is that of the log-probs of
+  the sampled tokens held fixed (none flows through the sampling), finite everywhere."""
+  model = make_model("ttt_mamba")
+  tokens, lengths = padded_prompts(PROMPTS + ([],))
+  width = tokens.shape[1]
+  graphdef, state = nnx.split(model)
+
+  def scored(state, out):
+    _, summed = ro.sequence_logprobs(nnx.merge(graphdef, state), out.tokens_BxT, lengths,
+                                     width, out.completion_mask_BxN)
+    return -jnp.mean(summed)
+
+  def step_loss(state, rng):
+    out = ro.sample_rollout(nnx.merge(graphdef, state), tokens, lengths, 6, rng,
+                            temperature=1.0, eos_id=3, forbid_ids=(PAD,))
+    return scored(state, out), out
+
+  (loss, out), grads = jax.jit(jax.value_and_grad(step_loss, has_aux=True))(
+      state, jax.random.key(0))
+  fixed_loss, fixed_grads = jax.jit(jax.value_and_grad(scored))(state, out)
+  np.testing.assert_allclose(float(loss), float(fixed_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(fixed_grads)):
+    assert bool(jnp.all(jnp.isfinite(a)))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
