@@ -1,4 +1,4 @@
-"""ttt_jax.bench (mhc, io, train): the mHC comparison's statistics on a tiny model, the
+"""ttt_jax.bench (mhc, io, train, lora): the mHC comparison's statistics on a tiny model, the
 checkpoint-stall benchmark, argument errors, the help of every flag, the summaries on
 stderr and the pinned MFU peak."""
 
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from ttt_jax.bench import io as bench_io
+from ttt_jax.bench import lora as bench_lora
 from ttt_jax.bench import mhc as bench_mhc
 from ttt_jax import checkpoint as ckpt_lib
-from ttt_jax import registry
+from ttt_jax import lora, registry, sharding
 from ttt_jax.bench import __main__ as bench_main
 from ttt_jax.bench import common as bench_common
 from ttt_jax.config import ConfigError, load_config
@@ -148,7 +149,7 @@ def test_bench_mhc_rejects_a_bad_count_in_one_line():
 
 
 def test_subjects_are_dispatched_from_the_bench_table(capsys):
-  assert registry.BENCHES.names() == ["cct", "io", "mhc", "train", "ttt"]
+  assert registry.BENCHES.names() == ["cct", "io", "lora", "mhc", "train", "ttt"]
   with pytest.raises(SystemExit) as exit_info:
     bench_main.main(["cct", "--config", str(REPO / "configs" / "quickstart.yaml"),
                      "--hash-chain"])
@@ -225,3 +226,61 @@ def test_bench_ttt_prints_a_table_of_its_variants_on_stderr(capsys):
   assert lines[2].endswith(bench_common.human_bytes(dual["temp_bytes"]))
   assert dual["xla_flops"] > result["results"]["dual_fwd"]["xla_flops"]  # + the backward
   assert lines[7].startswith(f"dual form vs primal: {result['dual_speedup_fwd_bwd']:.2f}x")
+
+
+def test_lora_sizes_follow_the_trainable_count_arithmetic():
+  cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), TINY + ["lora.rank=2"])
+  sizes = bench_lora.sizes(cfg, sharding.make_mesh(cfg.mesh))
+  # Full: every parameter of the 1-layer d32 model (tied embeddings, SwiGLU d_ff 64).
+  d, ff, vocab = 32, 64, 64
+  assert sizes["full"]["trainable"] == vocab * d + 4 * d * d + 3 * d * ff + 3 * d
+  # LoRA: r * (in + out) per adapted matrix (wq wk wv wo: 32 -> 32; FFN: 32 <-> 64).
+  assert sizes["lora"]["trainable"] == 2 * (4 * (d + d) + 3 * (d + ff))
+  for name in bench_lora.VARIANTS:  # AdamW: two float32 moments per trainable parameter
+    counters = sizes[name]["opt_state_bytes"] - 2 * 4 * sizes[name]["trainable"]
+    assert 0 <= counters <= 16, name  # the optimizer's int32 step counters
+  ratio = sizes["lora"]["opt_state_bytes"] / sizes["full"]["opt_state_bytes"]
+  assert ratio == pytest.approx(sizes["lora"]["trainable"] / sizes["full"]["trainable"], rel=1e-3)
+
+
+def test_lora_summary_pairs_rounds_and_reports_both_targets():
+  def run(times):
+    return {"times": times, "switch_times": [5.0], "compile_s": 1.0, "peak_bytes": 10}
+  # 2 replicas x 2 rounds x 2 steps; per-round LoRA / full: 1.0, 1.2 (replica 0), 0.5, 0.5.
+  runs = {("full", 0): run([1.0, 1.0, 1.0, 1.0]), ("lora", 0): run([1.0, 1.0, 1.2, 1.2]),
+          ("full", 1): run([2.0] * 4), ("lora", 1): run([1.0] * 4)}
+  sizes = {"full": {"trainable": 1000, "opt_state_bytes": 8008},
+           "lora": {"trainable": 100, "opt_state_bytes": 808}}
+  result = bench_lora.lora_summary(runs, steps=2, sizes=sizes)
+  assert result["variants"]["lora"] == {
+      "step_time_median_s": 1.0, "step_time_min_s": 1.0, "switch_step_time_median_s": 5.0,
+      "trainable": 100, "opt_state_bytes": 808, "peak_bytes": 10, "xla_flops": None,
+      "compile_s": 1.0}
+  assert result["variants"]["full"]["step_time_median_s"] == 1.5
+  assert result["step_time_ratio"] == pytest.approx(1 / 1.5)
+  paired = result["step_time_ratio_paired"]
+  assert paired["pairs"] == 4 and paired["mean"] == pytest.approx(0.8)
+  assert paired["median"] == pytest.approx(0.75)
+  assert result["opt_state_bytes_ratio"] == pytest.approx(808 / 8008)
+  assert result["trainable_ratio"] == pytest.approx(0.1)
+  assert result["meets_step_time_target"] and result["meets_opt_bytes_target"]
+  slow = bench_lora.lora_summary({**runs, ("lora", 1): run([2.4] * 4)}, steps=2, sizes=sizes)
+  assert not slow["meets_step_time_target"]
+
+
+@pytest.mark.slow
+def test_bench_lora_times_both_variants_of_a_tiny_model(capsys):
+  bench_main.main(["lora", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                   *(arg for o in TINY for arg in ("--set", o)), "--steps", "1", "--rounds",
+                   "2", "--replicas", "1", "--warmup", "0"])
+  out, err = capsys.readouterr()
+  result = json.loads(out)
+  assert set(result["variants"]) == {"full", "lora"}
+  for variant in result["variants"].values():
+    assert 0 < variant["step_time_min_s"] <= variant["step_time_median_s"]
+    assert variant["compile_s"] > 0 and variant["peak_bytes"] > 0 and variant["xla_flops"] > 0
+  assert result["step_time_ratio_paired"]["pairs"] == 2
+  assert result["trainable_ratio"] < 1 and result["opt_state_bytes_ratio"] < 1
+  lines = err.splitlines()
+  assert lines[-1].startswith(f"LoRA / full: step time {result['step_time_ratio']:.3f}x")
+  assert [line.split()[0] for line in lines[-3:-1]] == ["full", "lora"]

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m ttt_jax.bench {train,io,ttt,mhc,cct} ...``: one JSON object on
+"""Benchmarks: ``python -m ttt_jax.bench {train,io,ttt,mhc,lora,cct} ...``: one JSON object on
 stdout, and a summary for people (a line per variant, or a small table) on stderr.
 
 - ``train --config C [--set k=v] [--steps N]``: step time, tokens/s, MFU, compile time
@@ -8,6 +8,8 @@ stdout, and a summary for people (a line per variant, or a small table) on stder
 - ``ttt``: one TTT-Linear layer, dual vs primal form vs decode;
 - ``mhc``: mHC vs the plain residual (interleaved, replicated, paired), and against the
   PyTorch reference;
+- ``lora``: LoRA vs full fine-tuning of one model (interleaved, paired): step time ratio,
+  optimizer-state bytes ratio, trainable counts;
 - ``cct``: CCT working memory vs KV cache bytes (``--hash-chain``: the commitment hash
   chain's overhead per generated token).
 
@@ -21,7 +23,7 @@ import json
 import sys
 
 from ttt_jax import host_memory, registry
-from ttt_jax.bench import io, mhc, train, ttt  # noqa: F401  (register their subjects)
+from ttt_jax.bench import io, lora, mhc, train, ttt  # noqa: F401  (register their subjects)
 from ttt_jax.bench import common
 from ttt_jax.bench.common import Bench
 from ttt_jax.config import TrainConfig, load_config

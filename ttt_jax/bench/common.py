@@ -10,7 +10,8 @@ import math
 import os
 import platform
 import statistics
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -109,6 +110,48 @@ def human_count(x: float) -> str:
 def standard_error(values: list[float]) -> float:
   """Standard error of the mean of ``values`` (nan for fewer than two)."""
   return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+ROUNDS_COUNTS = (("steps", 1), ("rounds", 1), ("replicas", 1), ("warmup", 0))
+"""``Bench.counts`` of ``add_rounds_arguments``' flags."""
+
+
+def add_rounds_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of an interleaved comparison (``time_rounds``): ``--steps``, ``--rounds``,
+  ``--replicas``, ``--warmup``."""
+  parser.add_argument("--steps", type=int, default=3,
+                      help="timed steps per round, after one untimed step")
+  parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
+  parser.add_argument("--replicas", type=int, default=2,
+                      help="separately compiled instances of each variant")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+
+
+def time_rounds(runs: Iterable[dict[str, Any]], batch: Any, steps: int, rounds: int) -> None:
+  """Times compiled train steps in ``rounds`` interleaved rounds, so a busy shared CPU
+  slows every instance alike. Each run is a dict with ``compiled`` (the step), ``state``
+  (advanced in place), ``times`` and ``switch_times``: every round, each run takes one
+  untimed step after the switch of program (its time goes to ``switch_times``: the first
+  step after another program ran is slower), then ``steps`` timed ones (``times``)."""
+  runs = list(runs)
+  for _ in range(rounds):
+    for run in runs:
+      for step in range(steps + 1):
+        start = time.perf_counter()
+        run["state"], metrics = run["compiled"](run["state"], batch)
+        jax.block_until_ready(metrics)
+        (run["times"] if step else run["switch_times"]).append(time.perf_counter() - start)
+
+
+def rounds_text(result: dict[str, Any]) -> str:
+  """'R rounds x S steps, K replicas' of an interleaved bench's result."""
+  return (f"{result['rounds']} rounds x {result['steps_per_round']} steps, "
+          f"{result['replicas']} replicas")
+
+
+def round_means(times: list[float], steps: int) -> list[float]:
+  """The mean of each round's ``steps`` consecutive step times."""
+  return [statistics.fmean(times[i:i + steps]) for i in range(0, len(times), steps)]
 
 
 def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:

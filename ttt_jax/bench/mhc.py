@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import jax
 import numpy as np
@@ -87,13 +86,7 @@ def bench_mhc(cfg: Config, steps: int, warmup: int, rounds: int,
       jax.block_until_ready(state)
       runs[name, replica] = {"compiled": compiled, "state": state, "times": [],
                              "switch_times": [], "compile_s": compile_s, "memory": memory}
-  for _ in range(rounds):
-    for run in runs.values():
-      for step in range(steps + 1):
-        start = time.perf_counter()
-        run["state"], metrics = run["compiled"](run["state"], batch)
-        jax.block_until_ready(metrics)
-        (run["times"] if step else run["switch_times"]).append(time.perf_counter() - start)
+  common.time_rounds(runs.values(), batch, steps, rounds)
   return {
       "benchmark": "mhc",
       **mhc_summary(runs, steps=steps, tokens=cfg.train.batch_size * cfg.data.seq_len,
@@ -140,11 +133,8 @@ def mhc_summary(runs: dict[tuple[str, int], dict], *, steps: int, tokens: int,
     """Per-round ratios of mean step times, replica k of ``a`` over replica k of ``b``
     (rounds are adjacent in time, so a slow stretch of a shared machine slows both
     variants of a pair); ``per_replica``: the mean ratio of each replica pair."""
-    def round_means(run: dict) -> list[float]:
-      return [statistics.fmean(run["times"][i:i + steps])
-              for i in range(0, len(run["times"]), steps)]
-
-    pairs = [[ta / tb - 1.0 for ta, tb in zip(round_means(runs[a, k]), round_means(runs[b, k]))]
+    pairs = [[ta / tb - 1.0 for ta, tb in zip(common.round_means(runs[a, k]["times"], steps),
+                                               common.round_means(runs[b, k]["times"], steps))]
              for k in range(replicas)]
     ratios = [r for pair in pairs for r in pair]
     return {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
@@ -177,8 +167,7 @@ def summary(result: dict) -> list[str]:
            common.human_bytes(v["peak_bytes"])] for name, v in result["variants"].items()]
   paired, remat = result["overhead_paired"], result["overhead_remat_paired"]
   return [
-      f"mhc: {result['mhc_streams']} streams, {result['rounds']} rounds x "
-      f"{result['steps_per_round']} steps, {result['replicas']} replicas",
+      f"mhc: {result['mhc_streams']} streams, {common.rounds_text(result)}",
       table(["variant", "median s/step", "best s/step", "tokens/s", "replica spread",
              "peak memory"], rows),
       f"mHC overhead: {100 * result['overhead_median']:+.1f}% (paired "
@@ -190,12 +179,7 @@ def summary(result: dict) -> list[str]:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
   common.add_config_arguments(parser, "configs/bench_dense.yaml")
-  parser.add_argument("--steps", type=int, default=3,
-                      help="timed steps per round, after one untimed step")
-  parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
-  parser.add_argument("--replicas", type=int, default=2,
-                      help="separately compiled instances of each variant")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+  common.add_rounds_arguments(parser)
   parser.add_argument("--reference-tokens-per-sec", type=float,
                       default=PYTORCH_REFERENCE_TOKENS_PER_SEC,
                       help="the PyTorch reference's tokens/s on this machine "
@@ -213,4 +197,4 @@ def _run(cfg: Config, args: argparse.Namespace) -> dict:
 BENCH = common.register(common.Bench(
     "mhc", "mHC vs plain residual: step time and peak memory", __doc__, _add_arguments, _run,
     summary,
-    counts=(("steps", 1), ("rounds", 1), ("replicas", 1), ("warmup", 0))))
+    counts=common.ROUNDS_COUNTS))
