@@ -20,6 +20,7 @@ extra to install. Nothing here imports JAX: the command reads files only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -227,26 +228,55 @@ def report(runs: list[Run]) -> str:
   return text
 
 
-def plot(runs: list[Run], path: Path) -> None:
-  """Every run's eval curves (``PLOTTED``) into one PNG at ``path``."""
+def have_matplotlib() -> bool:
+  """Whether matplotlib (the ``plots`` extra) is installed."""
+  return importlib.util.find_spec("matplotlib") is not None
+
+
+def new_figure(panels: int, what: str = "--plot") -> Any:
+  """A headless matplotlib Figure (Agg canvas) of ``panels`` side by side; a UserError
+  naming ``what`` and the extra to install without matplotlib."""
   try:
     from matplotlib.figure import Figure
   except ImportError:
-    raise UserError("--plot needs matplotlib: pip install -e '.[plots]'") from None
-  figure = Figure(figsize=(6 * len(PLOTTED), 4.5), layout="constrained")
-  for axes, (key, label) in zip(figure.subplots(1, len(PLOTTED), squeeze=False)[0], PLOTTED):
-    for run in runs:
-      points = [(row["step"], row[key]) for row in run.rows if row.get(key) is not None]
-      if points:
-        axes.plot(*zip(*points), marker="o", markersize=3, label=run.name)
-    axes.set_xlabel("step")
-    axes.set_ylabel(label)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    raise UserError(f"{what} needs matplotlib: pip install -e '.[plots]'") from None
+  return Figure(figsize=(6 * panels, 4.5), layout="constrained")
+
+
+def save_figure(figure: Any, path: Path, what: str = "--plot") -> None:
+  """Writes ``figure`` as a PNG at ``path`` (a UserError naming ``what`` if it cannot)."""
   try:
     figure.savefig(path, format="png", dpi=120)
   except OSError as e:
-    raise UserError(f"--plot {path}: cannot write ({e.strerror})") from None
+    raise UserError(f"{what} {path}: cannot write ({e.strerror})") from None
+
+
+def draw_curves(axes: Any, runs: list[Run], key: str, label: str,
+                colors: dict[str, str] | None = None) -> None:
+  """Each run's ``key`` against the step on ``axes``; with ``colors`` (run name ->
+  color) runs of one name share a color and one legend entry."""
+  labelled = set()
+  for run in runs:
+    points = [(row["step"], row[key]) for row in run.rows if row.get(key) is not None]
+    if not points:
+      continue
+    style = {"label": run.name} if run.name not in labelled else {}
+    if colors is not None:
+      style.update(color=colors[run.name], alpha=0.75, linewidth=1.2)
+    axes.plot(*zip(*points), marker="o", markersize=3, **style)
+    labelled.add(run.name)
+  axes.set_xlabel("step")
+  axes.set_ylabel(label)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize="small")
+
+
+def plot(runs: list[Run], path: Path) -> None:
+  """Every run's eval curves (``PLOTTED``) into one PNG at ``path``."""
+  figure = new_figure(len(PLOTTED))
+  for axes, (key, label) in zip(figure.subplots(1, len(PLOTTED), squeeze=False)[0], PLOTTED):
+    draw_curves(axes, runs, key, label)
+  save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -369,6 +369,14 @@ class LM(nnx.Module):
 # ----------------------------------------------------------------------------- loss, counts
 
 
+def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+  """float32 [B, T] next-token NLL of each target, via logsumexp."""
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  log_normalizer_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+  target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  return log_normalizer_BxT - target_logit_BxT
+
+
 def cross_entropy_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
                        mask_BxT: jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -376,10 +384,7 @@ def cross_entropy_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
 
   ``mask`` (1 = count) defaults to all tokens; the mean of an all-masked batch is 0.
   """
-  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-  log_normalizer_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-  target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  nll_BxT = log_normalizer_BxT - target_logit_BxT
+  nll_BxT = token_nll(logits_BxTxV, targets_BxT)
   weights_BxT = (jnp.ones_like(nll_BxT) if mask_BxT is None
                  else mask_BxT.astype(jnp.float32))
   sum_nll = jnp.sum(nll_BxT * weights_BxT)
