@@ -19,9 +19,9 @@ switch of program, then ``--steps`` timed ones), so a busy shared CPU slows ever
 alike. It reports per part the median and best time, its share of the step, the
 remainder of the step the parts do not cover (the optimizer update, the EMA; below
 zero where the parts' own noise exceeds it), and generation tokens/s (batch x
-max_new_tokens over the generate time). Prompts are uniform random tokens at full width (``sdft.prompt_width``,
-``sdft.teacher_width``) and no token ends a continuation early, so every row samples
-exactly ``max_new_tokens``. ``--init-from W``: the params (with ``lora.enabled``, the
+max_new_tokens over the generate time). Prompts are uniform random tokens at full
+width (``sdft.prompt_width``, ``sdft.teacher_width``) and no token ends a continuation
+early, so every row samples exactly ``max_new_tokens``. ``--init-from W``: the params (with ``lora.enabled``, the
 frozen base) of the run W, and its tokenizer's vocabulary and special ids; otherwise a
 freshly initialised model of ``data.vocab_size``.
 """
