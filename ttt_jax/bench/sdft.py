@@ -21,9 +21,9 @@ remainder of the step the parts do not cover (the optimizer update, the EMA; bel
 zero where the parts' own noise exceeds it), and generation tokens/s (batch x
 max_new_tokens over the generate time). Prompts are uniform random tokens at full
 width (``sdft.prompt_width``, ``sdft.teacher_width``) and no token ends a continuation
-early, so every row samples exactly ``max_new_tokens``. ``--init-from W``: the params (with ``lora.enabled``, the
-frozen base) of the run W, and its tokenizer's vocabulary and special ids; otherwise a
-freshly initialised model of ``data.vocab_size``.
+early, so every row samples exactly ``max_new_tokens``. ``--init-from W``: the params
+(with ``lora.enabled``, the frozen base) of the run W, and its tokenizer's vocabulary
+and special ids; otherwise a freshly initialised model of ``data.vocab_size``.
 """
 
 from __future__ import annotations
