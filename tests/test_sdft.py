@@ -24,7 +24,7 @@ from ttt_jax.config.schema import SDFTConfig
 from ttt_jax.errors import ConfigError, DataError
 from ttt_jax.sdft import __main__ as sdft_cli
 from ttt_jax.sdft import data, objective, teacher
-from ttt_jax.training import loop
+from ttt_jax.training import gates, loop
 from ttt_jax.training import state as state_lib
 from ttt_jax.training import step as step_lib
 
@@ -439,20 +439,23 @@ def test_a_rejected_sdft_block_restores_params_optimizer_and_teacher_bit_for_bit
 
 @pytest.mark.slow
 def test_merging_an_sdft_lora_run_folds_its_teacher_into_the_base(base, tmp_path):
-  """``lora merge`` of an SDFT adapter run: an ordinary run whose params are the merged
-  student and whose teacher is the EMA adapters folded into the base, as full
-  fine-tuning keeps it; it loads like any run."""
+  """``lora merge`` of a gated SDFT adapter run: an ordinary run whose params are the
+  merged student and whose teacher is the EMA adapters folded into the base, as full
+  fine-tuning keeps it, with gating off and no gated block's start; it loads like any
+  run."""
   root, sets, demos = base
   cfg = load_config(CONFIG, [*sets, "train.objective=sdft", f"sdft.data={demos}",
                              f"checkpoint.init_from={root / 'base'}", "lora.enabled=true",
                              "lora.rank=4", "train.steps=2", "train.eval_every=0",
                              "sdft.max_new_tokens=6", "sdft.prompt_width=12",
                              "sdft.teacher_width=80", "sdft.teacher_decay=0.5",
-                             "optim.warmup_steps=0"])
+                             "optim.warmup_steps=0", "gate.every=1"])
   state = sdft_cli.sdft(cfg, tmp_path / "lora")["state"]
+  assert gates.GATE in state.extras
   lora_files.merge_run(tmp_path / "lora", tmp_path / "merged", log=lambda _: None)
   merged_cfg, _, restored, _ = runs.restore_newest(tmp_path / "merged", log=lambda _: None)
   assert not merged_cfg.lora.enabled and lora.BASE not in restored.state.extras
+  assert not merged_cfg.gate.every and gates.GATE not in restored.state.extras
   want_teacher = lora.merge(state.extras[lora.BASE], state.extras[teacher.TEACHER], cfg.lora)
   got_teacher = restored.state.extras[teacher.TEACHER]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(got_teacher))

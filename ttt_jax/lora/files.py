@@ -32,6 +32,7 @@ from ttt_jax.config import Config, LoRAConfig, config_hash
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError
 from ttt_jax.lora import adapters as lora
+from ttt_jax.training import gates
 from ttt_jax.training import state as state_lib
 from ttt_jax.training.step import model_params
 
@@ -151,9 +152,11 @@ class _DataPosition:
 
 
 def _folded_extras(cfg: Config, state: state_lib.TrainState) -> dict[str, Any]:
-  """The extra trees of an adapter run's merged state: the frozen base dropped, and a
-  tree shaped like the adapters (the SDFT teacher, their EMA) folded into the base like
-  them, in its own dtype, so it is the params-shaped tree a run without adapters has."""
+  """The extra trees of an adapter run's merged state: the frozen base and a gated
+  block's start (the merged run starts with a fresh optimizer and gating off) dropped,
+  and a tree shaped like the adapters (the SDFT teacher, their EMA) folded into the base
+  like them, in its own dtype, so it is the params-shaped tree a run without adapters
+  has."""
   base, adapters = state.extras.get(lora.BASE), jax.tree.structure(state.params)
 
   def fold(tree: Any) -> Any:
@@ -161,7 +164,7 @@ def _folded_extras(cfg: Config, state: state_lib.TrainState) -> dict[str, Any]:
     return jax.tree.map(lambda x: x.astype(dtype), lora.merge(base, tree, cfg.lora))
 
   return {k: fold(v) if base is not None and jax.tree.structure(v) == adapters else v
-          for k, v in state.extras.items() if k != lora.BASE}
+          for k, v in state.extras.items() if k not in (lora.BASE, gates.GATE)}
 
 
 def merge_run(workdir: str | Path, out: str | Path, adapter: str | Path | None = None,
@@ -179,6 +182,7 @@ def merge_run(workdir: str | Path, out: str | Path, adapter: str | Path | None =
                       "give --adapter to fold an adapter into it")
   merged_cfg = dataclasses.replace(
       cfg, lora=dataclasses.replace(cfg.lora, enabled=False),
+      gate=dataclasses.replace(cfg.gate, every=0, probes=""),
       checkpoint=dataclasses.replace(cfg.checkpoint, init_from=""))
   vocab_size = int(restored.meta["vocab_size"])
   extras = _folded_extras(cfg, restored.state)
