@@ -27,8 +27,9 @@ MECHANISMS = ("ttt_jax.models.mixers", "ttt_jax.models.residuals", "ttt_jax.mode
               "ttt_jax.models.trunks", "ttt_jax.models.embeddings", "ttt_jax.models.heads",
               "ttt_jax.cct")
 NOT_CORE = ("ttt_jax.catalog", "ttt_jax.train", "ttt_jax.generate", "ttt_jax.evaluate",
-            "ttt_jax.cct_chain", "ttt_jax.bench") + MECHANISMS
-"""Modules (and packages, with everything under them) that may import a mechanism."""
+            "ttt_jax.cct_chain", "ttt_jax.bench", "ttt_jax.reproduce.cct") + MECHANISMS
+"""Modules (and packages, with everything under them) that may import a mechanism (the
+``cct`` reproduction study runs CCT's own evaluations, like ``bench``)."""
 
 
 class Import(NamedTuple):

@@ -14,9 +14,11 @@ import pytest
 
 from tests.train_util import copy_stdlib_corpus
 from ttt_jax import compare
+from ttt_jax.cct import evals as cct_evals
 from ttt_jax.eval import positions
 from ttt_jax.models import lm
 from ttt_jax.reproduce import __main__ as cli
+from ttt_jax.reproduce import cct as reproduce_cct
 from ttt_jax.reproduce import mhc, runner, stats, ttt_context
 from ttt_jax.train import train
 
@@ -85,7 +87,7 @@ def test_every_arm_config_loads():
 def test_list_names_every_study(capsys):
   cli.main(["--list"])
   lines = capsys.readouterr().out.splitlines()
-  assert [line.split()[0] for line in lines] == ["mhc", "ttt_context"]
+  assert [line.split()[0] for line in lines] == ["mhc", "ttt_context", "cct"]
 
 
 def test_unknown_study_is_one_line(capsys):
@@ -239,4 +241,82 @@ def test_ttt_context_study_reports_loss_by_position(tmp_path, quick):
   table = (tmp_path / "table.md").read_text()
   assert "late-context gain" in table and "pos 256-511" in table
   assert png_shape(tmp_path / "positions.png")[:2] == (540, 720)
+  assert png_shape(tmp_path / "curves.png")[:2] == (540, 1440)
+
+
+# ----------------------------------------------------------------------------- cct
+
+
+def test_cct_step_len_is_the_arms_step():
+  for arm in reproduce_cct.STUDY.arms:
+    cfg = runner.run_config(arm, 0, runner.budget(reproduce_cct.STUDY, 1.0))
+    assert cfg.data.step_boundaries == "fixed"
+    assert cfg.data.step_len == reproduce_cct.STEP_LEN
+  assert runner.run_config(reproduce_cct.CCT, 0, runner.budget(
+      reproduce_cct.STUDY, 1.0)).model.mixer.step_len == reproduce_cct.STEP_LEN
+
+
+def test_passkey_documents_are_deterministic_and_of_the_eval_form():
+  first = reproduce_cct.passkey_documents(seed=3, count=200)
+  assert first == reproduce_cct.passkey_documents(seed=3, count=200)
+  assert first != reproduce_cct.passkey_documents(seed=4, count=200)
+  keys = [key for key, _ in first]
+  assert len(set(keys)) == len(keys)
+  for key, text in first:
+    key_sentence = cct_evals.PASSKEY_KEY.format(key=key)
+    assert text.count(key_sentence) == 1
+    assert text.endswith(f"{cct_evals.PASSKEY_QUESTION} {key}.")
+    start = text.index(key_sentence)
+    assert set(text[:start].replace(". ", ".|").split("|")) <= set(
+        s.strip() for s in reproduce_cct.FILLER) | {""}
+
+
+def test_passkey_key_lies_at_least_two_steps_before_the_question():
+  gaps = []
+  for key, text in reproduce_cct.passkey_documents(seed=0, count=300):
+    key_end = text.index(cct_evals.PASSKEY_KEY.format(key=key)) + len(
+        cct_evals.PASSKEY_KEY.format(key=key))
+    gap = text[key_end:text.index(cct_evals.PASSKEY_QUESTION)]
+    gaps.append(len(gap.split()))  # each word is at least one sentencepiece token
+  assert min(gaps) >= 2 * reproduce_cct.STEP_LEN
+  assert max(gaps) > min(gaps)  # the gap varies
+
+
+def test_heldout_passkey_keys_differ_from_every_training_key():
+  training = set(reproduce_cct.passkey_keys().tolist())
+  assert len(training) == reproduce_cct.PASSKEY_DOCS
+  for seed in range(3):
+    held = reproduce_cct.heldout_keys(seed, 50)
+    assert held == reproduce_cct.heldout_keys(seed, 50) and len(set(held)) == 50
+    assert not training & set(held)
+    assert all(reproduce_cct.KEY_RANGE[0] <= k < reproduce_cct.KEY_RANGE[1] for k in held)
+  assert reproduce_cct.heldout_keys(0, 50) != reproduce_cct.heldout_keys(1, 50)
+
+
+@pytest.mark.slow
+def test_cct_study_trains_in_the_passkey_corpus_and_reports(tmp_path, quick):
+  results = runner.run_study(reproduce_cct.STUDY, tmp_path, [0, 1], 0.05, quick,
+                             log=lambda m: None)
+  assert json.loads((tmp_path / "results.json").read_text()) == results
+  corpus = tmp_path / reproduce_cct.PASSKEY_FILE
+  assert corpus.is_file()
+  cfg = json.loads((runner.run_dir(tmp_path, reproduce_cct.CCT, 0) / "result.json")
+                   .read_text())["overrides"]
+  assert any(o.startswith("data.corpus=") and str(corpus.resolve()) in o for o in cfg)
+  for arm in ("baseline", "cct"):
+    for seed in ("0", "1"):
+      run = results["runs"][arm][seed]
+      assert math.isfinite(run["eval_loss"]) and 0.0 <= run["passkey_accuracy"] <= 1.0
+      assert set(run["passkey_by_depth"]) == {str(d) for d in reproduce_cct.PASSKEY_DEPTHS}
+  cct_run = results["runs"]["cct"]["0"]
+  assert cct_run["compression_ratio"] > 1.0
+  assert all(math.isfinite(cct_run[k]) for k in
+             ("sufficiency_r2", "random_projection_r2", "shuffled_summary_r2"))
+  assert "sufficiency_r2" not in results["runs"]["baseline"]["0"]
+  table = (tmp_path / "table.md").read_text()
+  diff = stats.paired_difference(runner.values(results, "baseline", "eval_loss"),
+                                 runner.values(results, "cct", "eval_loss"))
+  assert f"| eval loss | {stats.format_mean_se(diff, signed=True)} |" in table
+  delta = stats.mean_se(reproduce_cct.perplexity_delta(results))
+  assert stats.format_mean_se(delta, 2, signed=True) in table
   assert png_shape(tmp_path / "curves.png")[:2] == (540, 1440)

@@ -56,6 +56,8 @@ from ttt_jax.runs import load_trained
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again. ")
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_KEY = "The pass key is {key}. Remember it. {key} is the pass key. "
+"""The key sentence (``str.format(key=...)``)."""
 
 TIER1_CRITERIA = {"sufficiency_probe_r2": (">", 0.85), "perplexity_delta_pct": ("<", 10.0),
                   "compression_ratio_4k": (">", 50.0), "passkey_accuracy_1k": (">", 0.90),
@@ -289,7 +291,7 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int
   nearest to fraction ``depth`` of them; the prompt ends with ``PASSKEY_QUESTION``.
   """
   sentences = [s + ". " for s in PASSKEY_FILLER.strip().rstrip(".").split(". ")]
-  key_ids = tokenizer.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+  key_ids = tokenizer.encode(PASSKEY_KEY.format(key=key))
   question_ids = tokenizer.encode(PASSKEY_QUESTION)
   sentence_ids = [tokenizer.encode(s) for s in sentences]
   budget = length - len(key_ids) - len(question_ids)
@@ -308,17 +310,20 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, depth: float, key: int
 
 def passkey_report(model: lm.LM, tokenizer: Tokenizer, lengths: list[int],
                    depths: list[float], trials: int, seed: int = 0,
-                   inputs: tuple[DecodeInputs, ...] = ()) -> dict[str, Any]:
+                   inputs: tuple[DecodeInputs, ...] = (), keys: tuple[int, ...] = ()
+                   ) -> dict[str, Any]:
   """Greedy accuracy: the first generated digits equal the key. ``inputs``: the run's
-  decode inputs (CCT with semantic steps; none: fixed steps)."""
+  decode inputs (CCT with semantic steps; none: fixed steps). ``keys``: the key of every
+  trial, length by length and depth by depth (default: drawn from ``seed``)."""
   rng = np.random.default_rng(seed)
+  given = iter(keys)
   by_length: dict[str, Any] = {}
   for length in lengths:
     row = {}
     for depth in depths:
       correct = 0
       for _ in range(trials):
-        key = int(rng.integers(10000, 100000))
+        key = next(given) if keys else int(rng.integers(10000, 100000))
         prompt, _ = passkey_prompt(tokenizer, length, depth, key)
         out = generate(model, np.asarray([prompt], np.int32), 8, jax.random.key(0),
                        temperature=0.0, inputs=inputs)
@@ -406,13 +411,13 @@ def run_compression(workdir, overrides: list[str], contexts: list[int]) -> dict[
 
 
 def run_passkey(workdir, overrides: list[str], lengths: list[int], depths: list[float],
-                trials: int) -> dict[str, Any]:
+                trials: int, keys: tuple[int, ...] = ()) -> dict[str, Any]:
   cfg, model, step, corpus = _load_model(workdir, overrides)
   if corpus.tokenizer is None:
     raise ValueError(f"{workdir}: passkey needs the run's sentencepiece tokenizer")
   steps = semantic_steps(cfg, corpus.tokenizer)
   report = passkey_report(model, corpus.tokenizer, lengths, depths, trials, cfg.train.seed,
-                          () if steps is None else (steps,))
+                          () if steps is None else (steps,), keys)
   return {"task": "passkey", "workdir": str(workdir), "step": step,
           "mixer": cfg.model.mixer.type, "train_seq_len": cfg.data.seq_len, **report}
 

@@ -72,6 +72,9 @@ class Study:
   """A finished run directory -> extra values (e.g. measured on its checkpoint)."""
   figures: Callable[[dict[str, Any], Path], list[Path]] | None = None
   """(results, OUT) -> the study's own PNGs written into OUT (needs matplotlib)."""
+  prepare: Callable[[Path, Config], tuple[str, ...]] | None = None
+  """(OUT, the first run's config) -> overrides added to every run, after writing what
+  they need into OUT (e.g. a generated corpus to add to ``data.corpus``)."""
 
 
 class Budget(NamedTuple):
@@ -180,6 +183,8 @@ def run_study(study: Study, out: Path, seeds: list[int], scale: float = 1.0,
   out = Path(out)
   check_out(out, study, scale, extra)
   plan = budget(study, scale)
+  if study.prepare is not None:
+    extra = (*extra, *study.prepare(out, run_config(study.arms[0], seeds[0], plan, extra)))
   runs: dict[str, dict[str, Any]] = {arm.name: {} for arm in study.arms}
   for seed in seeds:
     for arm in study.arms:
