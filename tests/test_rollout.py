@@ -1,5 +1,6 @@
 """Rollouts of ragged prompts: left padding, the ragged context, forbidden ids, completion
-masks and sequence log-probabilities, on attention and TTT-Linear (both backbones)."""
+masks and sequence log-probabilities, on attention, TTT-Linear (both backbones) and CCT
+(fixed steps; mean pooling and semantic steps in their own tests)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.cct.mixer import CCTConfig
+from ttt_jax.cct.mixer import CCTAttention, CCTConfig
 from ttt_jax.config import ModelConfig
 from ttt_jax.errors import DataError
 from ttt_jax.inference import rollout as ro
@@ -28,6 +29,7 @@ MODELS = {
     "ttt_mamba": dict(init_std=0.1, mixer=TTTLinearConfig(backbone="mamba", mini_batch=4)),
     "ttt_transformer": dict(init_std=0.1,
                             mixer=TTTLinearConfig(backbone="transformer", mini_batch=4)),
+    "cct": dict(n_kv_heads=2, init_std=0.3, mixer=CCTConfig(d_summary=8, step_len=3)),
 }
 
 
@@ -240,10 +242,11 @@ def test_ragged_context_keeps_pads_away_from_real_tokens(model):
                                  np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_mixers_that_cannot_decode_ragged_prompts_are_refused():
+def test_mixers_that_cannot_decode_ragged_prompts_are_refused(monkeypatch):
   cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=64),
                     mixer=CCTConfig(step_len=4))
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))
+  monkeypatch.setattr(CCTAttention, "RAGGED_DECODE", False)  # every registered mixer has it
   with pytest.raises(ValueError, match="'cct' mixer cannot decode ragged"):
     ro.sample_rollout(model, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 3,
                       jax.random.key(0), temperature=0.0, eos_id=None)

@@ -31,7 +31,9 @@ model (TTT-Linear's grid included), with the default positions and side inputs;
 ``score`` is its jitted convenience.
 
 Mixers opt in to ragged decoding with a class attribute ``RAGGED_DECODE`` (attention,
-TTT-Linear); ``sample_rollout`` refuses the others (CCT cuts its steps by position).
+TTT-Linear, CCT: its pads enter neither the working memory nor the steps, which count
+from each row's first real token); ``sample_rollout`` refuses the others. Decode inputs
+(``sampling.DecodeInputs``: CCT's semantic step ids) skip the pads as well.
 """
 
 from __future__ import annotations
@@ -113,11 +115,12 @@ def check_ragged_decode(model: LM) -> None:
 def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.Array,
                    max_new_tokens: int, rng: jax.Array, *, temperature: float | jax.Array,
                    top_p: float | jax.Array = 1.0, eos_id: int | None,
-                   forbid_ids: Sequence[int] = ()) -> Rollout:
+                   forbid_ids: Sequence[int] = (),
+                   inputs: tuple[sampling.DecodeInputs, ...] = ()) -> Rollout:
   """``max_new_tokens`` tokens sampled after each left-padded prompt (temperature 0:
   greedy), pure: traceable inside another jit (and inside a differentiated function:
   no gradient flows into the sampling). Each row generates what its prompt generates
-  alone (the module doc)."""
+  alone (the module doc). ``inputs``: the run's decode inputs (``sampling.decode_inputs``)."""
   sampling.check_max_new_tokens(max_new_tokens)
   check_ragged_decode(model)
   graphdef, state = nnx.split(model)  # sampling is not differentiated
@@ -125,9 +128,11 @@ def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.A
   prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
   width = prompt_tokens_BxP.shape[1]
   ctx = ragged_context(prompt_tokens_BxP, prompt_lens_B, width)
+  cache_options = sampling.checked_cache_options(model, tuple(inputs), width + max_new_tokens)
   tokens_BxT = sampling.decode_loop(
-      model, prompt_tokens_BxP, rng, temperature, top_p, max_new_tokens=max_new_tokens,
-      eos_id=eos_id, prompt_ctx=ctx, forbid_ids=tuple(int(i) for i in forbid_ids))
+      model, prompt_tokens_BxP, rng, temperature, top_p, tuple(inputs),
+      max_new_tokens=max_new_tokens, eos_id=eos_id, cache_options=cache_options,
+      prompt_ctx=ctx, forbid_ids=tuple(int(i) for i in forbid_ids))
   completion_BxN = tokens_BxT[:, width:]
   mask_BxN = completion_mask(completion_BxN, eos_id)
   return Rollout(tokens_BxT, completion_BxN, mask_BxN,
