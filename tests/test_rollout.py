@@ -1,6 +1,7 @@
 """Rollouts of ragged prompts: left padding, the ragged context, forbidden ids, completion
 masks and sequence log-probabilities, on attention, TTT-Linear (both backbones) and CCT
-(fixed steps; mean pooling and semantic steps in their own tests)."""
+(fixed steps, plain and mHC residuals; mean pooling and semantic steps in their own
+test)."""
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
 from ttt_jax.models.mixers.ttt_linear import TTTLinearConfig
+from ttt_jax.models.residuals.mhc import MHCConfig
 
 VOCAB = 64
 PAD = 0
@@ -31,6 +33,8 @@ MODELS = {
     "ttt_transformer": dict(init_std=0.1,
                             mixer=TTTLinearConfig(backbone="transformer", mini_batch=4)),
     "cct": dict(n_kv_heads=2, init_std=0.3, mixer=CCTConfig(d_summary=8, step_len=3)),
+    "cct_mhc": dict(n_kv_heads=2, init_std=0.3, mixer=CCTConfig(d_summary=8, step_len=3),
+                    residual=MHCConfig(streams=2)),
 }
 
 
