@@ -1,5 +1,7 @@
 """Rollouts of ragged prompts: left padding, the ragged context, forbidden ids, completion
-masks and sequence log-probabilities, on attention and TTT-Linear (both backbones)."""
+masks and sequence log-probabilities, on attention, TTT-Linear (both backbones) and CCT
+(fixed steps, plain and mHC residuals; mean pooling and semantic steps in their own
+test)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.cct.mixer import CCTConfig
+from ttt_jax.cct.decode import SemanticSteps
+from ttt_jax.cct.mixer import STEP_IDS, CCTAttention, CCTConfig, StepRule
 from ttt_jax.config import ModelConfig
 from ttt_jax.errors import DataError
 from ttt_jax.inference import rollout as ro
@@ -16,6 +19,7 @@ from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext, default_positions
 from ttt_jax.models.ffn.swiglu import SwiGLUConfig
 from ttt_jax.models.mixers.ttt_linear import TTTLinearConfig
+from ttt_jax.models.residuals.mhc import MHCConfig
 
 VOCAB = 64
 PAD = 0
@@ -28,6 +32,9 @@ MODELS = {
     "ttt_mamba": dict(init_std=0.1, mixer=TTTLinearConfig(backbone="mamba", mini_batch=4)),
     "ttt_transformer": dict(init_std=0.1,
                             mixer=TTTLinearConfig(backbone="transformer", mini_batch=4)),
+    "cct": dict(n_kv_heads=2, init_std=0.3, mixer=CCTConfig(d_summary=8, step_len=3)),
+    "cct_mhc": dict(n_kv_heads=2, init_std=0.3, mixer=CCTConfig(d_summary=8, step_len=3),
+                    residual=MHCConfig(streams=2)),
 }
 
 
@@ -103,6 +110,41 @@ def test_greedy_rollout_of_a_padded_batch_equals_each_prompt_alone(model):
                               temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out.completion_BxN[row]),
                                   np.asarray(alone[0, len(prompt):]), err_msg=f"row {row}")
+
+
+def semantic_steps(step_len: int) -> SemanticSteps:
+  """A synthetic semantic rule: a step may start at a multiple of 5 (in text state 0; a
+  multiple of 3 moves to state 1, where none may) or after the piece 7, at most
+  ``step_len`` tokens per step, at least 2."""
+  ids = np.arange(VOCAB)
+  candidate = np.stack([ids % 5 == 0, np.zeros(VOCAB, bool)])
+  next_state = np.stack([(ids % 3 == 0).astype(np.int32), np.zeros(VOCAB, np.int32)])
+  return SemanticSteps(StepRule(jnp.asarray(candidate), jnp.asarray(next_state),
+                                jnp.asarray(ids == 7), jnp.int32(step_len), jnp.int32(2)))
+
+
+@pytest.mark.slow
+def test_cct_semantic_steps_and_mean_pool_rollout_equals_each_prompt_alone():
+  """CCT with semantic step ids (a decode input) and mean pooling: the rule and the
+  working memory skip each row's pads, so a greedy padded rollout gives every prompt's
+  unpadded generation, with the same steps."""
+  cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, init_std=0.3,
+                    ffn=SwiGLUConfig(d_ff=64), mixer=CCTConfig(d_summary=8, step_len=4,
+                                                               pool="mean"))
+  model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(1))
+  inputs = (semantic_steps(4),)
+  prompts = PROMPTS + ([],)
+  tokens, lengths = padded_prompts(prompts)
+  out = ro.rollout(model, tokens, lengths, 8, jax.random.key(0), temperature=0.0, eos_id=None,
+                   inputs=inputs)
+  for row, prompt in enumerate(prompts[:-1]):
+    alone = sampling.generate_with_state(model, jnp.asarray([prompt], jnp.int32), 8,
+                                         jax.random.key(0), temperature=0.0, inputs=inputs)
+    np.testing.assert_array_equal(np.asarray(out.completion_BxN[row]),
+                                  np.asarray(alone.tokens_BxT[0, len(prompt):]),
+                                  err_msg=f"row {row}")
+    assert int(alone.side[STEP_IDS].max()) >= 2  # several steps, boundaries in the prompt
+  assert 0 <= int(out.completion_BxN[-1].min()) and int(out.completion_BxN[-1].max()) < VOCAB
 
 
 @pytest.mark.slow
@@ -240,10 +282,11 @@ def test_ragged_context_keeps_pads_away_from_real_tokens(model):
                                  np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_mixers_that_cannot_decode_ragged_prompts_are_refused():
+def test_mixers_that_cannot_decode_ragged_prompts_are_refused(monkeypatch):
   cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, ffn=SwiGLUConfig(d_ff=64),
                     mixer=CCTConfig(step_len=4))
   model = lm.LM(cfg, VOCAB, rngs=nnx.Rngs(0))
+  monkeypatch.setattr(CCTAttention, "RAGGED_DECODE", False)  # every registered mixer has it
   with pytest.raises(ValueError, match="'cct' mixer cannot decode ragged"):
     ro.sample_rollout(model, jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), 3,
                       jax.random.key(0), temperature=0.0, eos_id=None)

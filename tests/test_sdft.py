@@ -239,6 +239,17 @@ def test_decay_one_keeps_the_teacher_bitwise_the_initial_model(tmp_path):
              zip(_leaves(history[-1][0]), _leaves(history[0][0])))  # the student trained
 
 
+@pytest.mark.slow
+def test_sdft_steps_train_a_cct_model_on_its_left_padded_rollouts(tmp_path):
+  """CCT decodes left-padded prompts, so the SDFT step samples and trains on a CCT
+  student (fixed steps) and stays finite."""
+  history = _run_steps(_step_config(tmp_path, "model.mixer={type: cct, d_summary: 8, "
+                                    "step_len: 3}"), micro_steps=2)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(_leaves(history[-1][0]), _leaves(history[0][0])))
+  assert all(np.isfinite(leaf).all() for leaf in _leaves(history[-1][0]))
+
+
 # ----------------------------------------------------------------------------- command line
 
 

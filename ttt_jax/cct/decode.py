@@ -5,7 +5,8 @@ model.mixer.step_len). A run trained with ``data.step_boundaries: semantic`` dec
 with the semantic rule applied token by token on device (``mixer.StepRule``, the exact
 online form of the training annotator), so that generation sees the steps training
 saw; every step but the last has >= step_min_len tokens, so T tokens need at most
-(T - 1) // step_min_len + 1 summary slots.
+(T - 1) // step_min_len + 1 summary slots. The rule skips pads (tokens at negative
+positions of left-padded prompts), so each row's steps start at its first real token.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ class SemanticSteps(NamedTuple):
 
   def next(self, state: cct.StepRuleState, tokens_BxS: jax.Array, positions_BxS: jax.Array
            ) -> tuple[jax.Array, cct.StepRuleState]:
-    del positions_BxS  # the rule reads the tokens
-    return cct.step_rule_ids(self.rule, state, tokens_BxS)
+    return cct.step_rule_ids(self.rule, state, tokens_BxS, positions_BxS >= 0)  # pads skipped
 
 
 def semantic_annotator(cfg: Config, tokenizer: Any) -> StepAnnotator | None:

@@ -52,7 +52,11 @@ latest token; 'mean': the running sum of x), its step id and its first position.
 whose step id differs from the cached one closes that step: its summary (from the pool
 state) is written to that step's slot before the token attends, and the local K/V restart.
 So step k's summary is written when step k+1's first token arrives, and nothing grows
-with context except the summary buffer, by d_summary values per layer per step. In
+with context except the summary buffer, by d_summary values per layer per step. A token
+at a negative position is a pad (left-padded prompts, ``inference/rollout.py``): it
+keeps the cached step id, adds nothing to the pool state or the local K/V and no token
+attends to it, so each row's steps count from its first real token (position 0) and
+the row decodes what its prompt decodes alone; ``StepRule`` skips pads the same way. In
 generation (``sampling.generate``) fixed steps need nothing more; semantic steps come
 from ``StepRule``, the online, exact form of ``cct.steps.StepAnnotator``'s semantic rule (per
 vocabulary tables of a 5-state sentence-end automaton, plus EOS/<STEP> pieces and the
@@ -215,14 +219,21 @@ def step_rule_next(rule: StepRule, state: StepRuleState, token_B: jax.Array
       rule.next_state_QxV[state.text_state_B, token_B], token_B)
 
 
-def step_rule_ids(rule: StepRule, state: StepRuleState, tokens_BxT: jax.Array
-                  ) -> tuple[jax.Array, StepRuleState]:
-  """``step_rule_next`` over T tokens: (step ids [B, T], the state after them)."""
-  def next_token(state, token_B):
-    step_B, state = step_rule_next(rule, state, token_B)
-    return state, step_B
+def step_rule_ids(rule: StepRule, state: StepRuleState, tokens_BxT: jax.Array,
+                  real_BxT: jax.Array | None = None) -> tuple[jax.Array, StepRuleState]:
+  """``step_rule_next`` over T tokens: (step ids [B, T], the state after them). A token
+  where ``real`` is False (a pad of a left-padded prompt) is skipped: it leaves the state
+  as it is and gets the current step id."""
+  if real_BxT is None:
+    real_BxT = jnp.ones(tokens_BxT.shape, bool)
 
-  state, steps_TxB = jax.lax.scan(next_token, state, tokens_BxT.T)
+  def next_token(state, token_and_real):
+    token_B, real_B = token_and_real
+    step_B, after = step_rule_next(rule, state, token_B)
+    after = jax.tree.map(lambda new, old: jnp.where(real_B, new, old), after, state)
+    return after, jnp.where(real_B, step_B, state.step_B)
+
+  state, steps_TxB = jax.lax.scan(next_token, state, (tokens_BxT.T, real_BxT.T))
   return steps_TxB.T, state
 
 
@@ -409,7 +420,9 @@ class CCTAttention(Attention):
   each layer's ``SummaryAux`` in the aux channel (``SUMMARIES``)."""
 
   Config = CCTConfig
-  RAGGED_DECODE = False  # steps are cut by position: pads would open a step of their own
+  RAGGED_DECODE = True
+  """Decodes left-padded prompts: a token at a negative position (a pad) enters neither
+  the working memory nor the steps, which count from each row's first real token."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs, implementation="xla")
@@ -538,8 +551,10 @@ class CCTAttention(Attention):
     batch, chunk, _ = x_BxCxD.shape
     positions_BxC = ctx.positions_BxT.astype(jnp.int32)
     step_ids_BxC = ctx.side_input(STEP_IDS)
+    real_BxC = positions_BxC >= 0  # a negative position is a pad: it changes nothing
     steps_BxC = (fixed_step_ids(positions_BxC, self.step_len) if step_ids_BxC is None
                  else step_ids_BxC.astype(jnp.int32))
+    steps_BxC = jax.lax.cummax(jnp.where(real_BxC, steps_BxC, cache.step_B[:, None]), axis=1)
     n_steps = cache.summaries_BxNxS.shape[1]
     rows_Bx1 = jnp.arange(batch)[:, None]
     index_C = jnp.arange(chunk, dtype=jnp.int32)
@@ -552,13 +567,13 @@ class CCTAttention(Attention):
                                jnp.take_along_axis(positions_BxC, first_BxC, axis=1))
     # 1. pool state after each token, and the summaries of the steps closed in this chunk
     #    (closed at token t, which starts a step: from the pool state after token t-1)
-    x_f32 = x_BxCxD.astype(jnp.float32)
+    x_f32 = jnp.where(real_BxC[..., None], x_BxCxD.astype(jnp.float32), 0.0)
     if self.pool == "mean":
       cumsum_BxCxD = jnp.cumsum(x_f32, axis=1)
       before_BxCxD = jnp.take_along_axis(cumsum_BxCxD - x_f32, first_BxC[..., None], axis=1)
       pool_BxCxD = (cumsum_BxCxD - before_BxCxD
                     + jnp.where(began_before_BxC[..., None], cache.step_pool_BxD[:, None], 0.0))
-      u_BxCxD = pool_BxCxD / (positions_BxC - step_start_BxC + 1)[..., None]
+      u_BxCxD = pool_BxCxD / jnp.maximum(positions_BxC - step_start_BxC + 1, 1)[..., None]
       carried_count_B = jnp.maximum(positions_BxC[:, 0] - cache.step_start_B, 1)
       carried_u_BxD = cache.step_pool_BxD / carried_count_B[:, None]
     else:
@@ -577,7 +592,8 @@ class CCTAttention(Attention):
     cached_mask_BxCxS = ((cache.local_positions_BxS[:, None, :] >= 0)
                          & (steps_BxC == cache.step_B[:, None])[:, :, None])
     chunk_mask_BxCxC = ((index_C[:, None] >= index_C[None, :])[None]
-                        & (steps_BxC[:, :, None] == steps_BxC[:, None, :]))
+                        & (steps_BxC[:, :, None] == steps_BxC[:, None, :])
+                        & real_BxC[:, None, :])
     local_mask = jnp.concatenate([cached_mask_BxCxS, chunk_mask_BxCxC], axis=2)
     summary_mask = jnp.arange(n_steps)[None, None, :] < steps_BxC[:, :, None]
     summary_k, summary_v = self.summary_kv(jax.lax.stop_gradient(summaries_BxNxS), dtype)
@@ -587,7 +603,7 @@ class CCTAttention(Attention):
     last_step_B = steps_BxC[:, -1]
     kept_positions_BxS = jnp.where((last_step_B == cache.step_B)[:, None],
                                    cache.local_positions_BxS, -1)
-    local_slot_BxC = jnp.where(steps_BxC == last_step_B[:, None],
+    local_slot_BxC = jnp.where((steps_BxC == last_step_B[:, None]) & real_BxC,
                                positions_BxC - step_start_BxC, self.step_len)  # S: dropped
     new_cache = CCTCache(
         summaries_BxNxS=summaries_BxNxS,

@@ -31,13 +31,15 @@ model (TTT-Linear's grid included), with the default positions and side inputs;
 ``score`` is its jitted convenience.
 
 Mixers opt in to ragged decoding with a class attribute ``RAGGED_DECODE`` (attention,
-TTT-Linear); ``sample_rollout`` refuses the others (CCT cuts its steps by position).
+TTT-Linear, CCT: its pads enter neither the working memory nor the steps, which count
+from each row's first real token); ``sample_rollout`` refuses the others. Decode inputs
+(``sampling.DecodeInputs``: CCT's semantic step ids) skip the pads as well.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,11 +115,15 @@ def check_ragged_decode(model: LM) -> None:
 def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.Array,
                    max_new_tokens: int, rng: jax.Array, *, temperature: float | jax.Array,
                    top_p: float | jax.Array = 1.0, eos_id: int | None,
-                   forbid_ids: Sequence[int] = ()) -> Rollout:
+                   forbid_ids: Sequence[int] = (),
+                   inputs: tuple[sampling.DecodeInputs, ...] = (),
+                   cache_options: tuple[tuple[str, Any], ...] | None = None) -> Rollout:
   """``max_new_tokens`` tokens sampled after each left-padded prompt (temperature 0:
   greedy), pure: traceable inside another jit (and inside a differentiated function:
   no gradient flows into the sampling). Each row generates what its prompt generates
-  alone (the module doc)."""
+  alone (the module doc). ``inputs``: the run's decode inputs (``sampling.decode_inputs``);
+  ``cache_options``: ``sampling.checked_cache_options`` of them, computed here when
+  None (the inputs' arrays must then be concrete, not traced)."""
   sampling.check_max_new_tokens(max_new_tokens)
   check_ragged_decode(model)
   graphdef, state = nnx.split(model)  # sampling is not differentiated
@@ -125,37 +131,49 @@ def sample_rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.A
   prompt_tokens_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
   width = prompt_tokens_BxP.shape[1]
   ctx = ragged_context(prompt_tokens_BxP, prompt_lens_B, width)
+  if cache_options is None:
+    cache_options = sampling.checked_cache_options(model, tuple(inputs),
+                                                   width + max_new_tokens)
   tokens_BxT = sampling.decode_loop(
-      model, prompt_tokens_BxP, rng, temperature, top_p, max_new_tokens=max_new_tokens,
-      eos_id=eos_id, prompt_ctx=ctx, forbid_ids=tuple(int(i) for i in forbid_ids))
+      model, prompt_tokens_BxP, rng, temperature, top_p, tuple(inputs),
+      max_new_tokens=max_new_tokens, eos_id=eos_id, cache_options=cache_options,
+      prompt_ctx=ctx, forbid_ids=tuple(int(i) for i in forbid_ids))
   completion_BxN = tokens_BxT[:, width:]
   mask_BxN = completion_mask(completion_BxN, eos_id)
   return Rollout(tokens_BxT, completion_BxN, mask_BxN,
                  jnp.sum(mask_BxN, axis=1, dtype=jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "forbid_ids"))
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "forbid_ids",
+                                   "cache_options"))
 def _rollout(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens_BxP: jax.Array,
              prompt_lens_B: jax.Array, rng: jax.Array, temperature: jax.Array,
-             top_p: jax.Array, *, max_new_tokens: int, eos_id: int | None,
-             forbid_ids: tuple[int, ...]) -> Rollout:
+             top_p: jax.Array, inputs: tuple[sampling.DecodeInputs, ...], *,
+             max_new_tokens: int, eos_id: int | None, forbid_ids: tuple[int, ...],
+             cache_options: tuple[tuple[str, Any], ...]) -> Rollout:
   return sample_rollout(nnx.merge(graphdef, state), prompt_tokens_BxP, prompt_lens_B,
                         max_new_tokens, rng, temperature=temperature, top_p=top_p,
-                        eos_id=eos_id, forbid_ids=forbid_ids)
+                        eos_id=eos_id, forbid_ids=forbid_ids, inputs=inputs,
+                        cache_options=cache_options)
 
 
 def rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.Array,
             max_new_tokens: int, rng: jax.Array, *, temperature: float = 1.0,
-            top_p: float = 1.0, eos_id: int | None, forbid_ids: Sequence[int] = ()
-            ) -> Rollout:
+            top_p: float = 1.0, eos_id: int | None, forbid_ids: Sequence[int] = (),
+            inputs: tuple[sampling.DecodeInputs, ...] = ()) -> Rollout:
   """``sample_rollout`` compiled once per (model structure, shapes, max_new_tokens,
-  eos_id, forbid_ids); temperature and top_p are traced. The model is not mutated."""
+  eos_id, forbid_ids, decode inputs' structure); temperature, top_p and the decode
+  inputs' arrays are traced. The model is not mutated."""
   sampling.check_max_new_tokens(max_new_tokens)
+  check_ragged_decode(model)
+  cache_options = sampling.checked_cache_options(
+      model, tuple(inputs), jnp.shape(prompt_tokens_BxP)[1] + max_new_tokens)
   graphdef, state = nnx.split(model)
   return _rollout(graphdef, state, jnp.asarray(prompt_tokens_BxP, jnp.int32),
                   jnp.asarray(prompt_lens_B, jnp.int32), rng, jnp.float32(temperature),
-                  jnp.float32(top_p), max_new_tokens=max_new_tokens, eos_id=eos_id,
-                  forbid_ids=tuple(int(i) for i in forbid_ids))
+                  jnp.float32(top_p), tuple(inputs), max_new_tokens=max_new_tokens,
+                  eos_id=eos_id, forbid_ids=tuple(int(i) for i in forbid_ids),
+                  cache_options=cache_options)
 
 
 def sequence_logprobs(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array,

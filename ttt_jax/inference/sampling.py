@@ -122,15 +122,12 @@ def decode_loop(model: LM, prompt_tokens_BxP: jax.Array, rng: jax.Array,
   ``generate_with_state``) does.
 
   ``prompt_ctx``: the prompt's context when it is not positions 0..P-1 of every row
-  (ragged prompts: pads at negative positions); each row continues from its last
-  prompt position. Decode inputs need the default positions. ``forbid_ids`` are never
-  sampled (their logits are -inf before temperature, top-p and argmax).
+  (ragged prompts: pads at negative positions, which decode inputs skip); each row
+  continues from its last prompt position. ``forbid_ids`` are never sampled (their
+  logits are -inf before temperature, top-p and argmax).
   """
   batch, prompt_len = prompt_tokens_BxP.shape
   total_len = prompt_len + max_new_tokens
-  if inputs and prompt_ctx is not None:
-    raise ValueError("decode inputs (" + ", ".join(item.name for item in inputs) + ") need "
-                     "unpadded prompts at positions 0..P-1, not a prompt context")
   cache = model.init_cache(batch, total_len, dict(cache_options))
 
   def side_inputs(states: tuple, tokens_BxS: jax.Array, positions_BxS: jax.Array
@@ -200,21 +197,29 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def checked_cache_options(model: LM, inputs: tuple[DecodeInputs, ...], total_len: int
+                          ) -> tuple[tuple[str, Any], ...]:
+  """The decode cache options ``inputs`` need for ``total_len`` tokens (sorted), after
+  checking that ``model`` decodes with each of them."""
+  cache_options = {}
+  for item in inputs:
+    item.check(model)
+    cache_options.update(item.cache_options(total_len))
+  return tuple(sorted(cache_options.items()))
+
+
 def _run(model: LM, prompt_tokens_BxP: jax.Array, max_new_tokens: int, rng: jax.Array,
          temperature: float, top_p: float, eos_id: int | None,
          inputs: tuple[DecodeInputs, ...], with_state: bool, forbid_ids: Sequence[int]
          ) -> jax.Array | Generation:
   check_max_new_tokens(max_new_tokens)
   total_len = prompt_tokens_BxP.shape[1] + max_new_tokens
-  cache_options = {}
-  for item in inputs:
-    item.check(model)
-    cache_options.update(item.cache_options(total_len))
+  cache_options = checked_cache_options(model, inputs, total_len)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, jnp.asarray(prompt_tokens_BxP), rng,
                    jnp.float32(temperature), jnp.float32(top_p), tuple(inputs),
                    max_new_tokens=max_new_tokens, eos_id=eos_id,
-                   cache_options=tuple(sorted(cache_options.items())), with_state=with_state,
+                   cache_options=cache_options, with_state=with_state,
                    forbid_ids=tuple(int(i) for i in forbid_ids))
 
 
