@@ -19,7 +19,7 @@ import pytest
 from train_util import copy_stdlib_corpus, read_metrics, tiny_overrides, train_losses
 from ttt_jax import lora, runs, sharding, train
 from ttt_jax.lora import files as lora_files
-from ttt_jax.config import load_config
+from ttt_jax.config import load_config, save_config
 from ttt_jax.config.schema import SDFTConfig
 from ttt_jax.errors import ConfigError, DataError
 from ttt_jax.sdft import __main__ as sdft_cli
@@ -511,3 +511,21 @@ def test_config_checks_of_the_sdft_section():
       load_config(CONFIG, overrides)
     assert str(error.value).startswith(message)
   assert load_config(CONFIG, ["sdft.teacher_decay=1"]).sdft.teacher_decay == 1.0
+
+
+def test_a_base_trained_with_semantic_steps_is_refused_in_one_line(tmp_path):
+  """SDFT reads no per-token step ids: a base whose steps were cut by meaning would be
+  read with fixed steps, so it is refused before anything is prepared."""
+  base = tmp_path / "base"
+  (base / "checkpoints").mkdir(parents=True)
+  save_config(load_config(None, ["data.step_boundaries=semantic"]), base / "config.yaml")
+  demos = _write_lines(tmp_path / "demos.jsonl",
+                       [json.dumps({"prompt": "p", "demonstration": "d"})])
+  cfg = load_config(CONFIG, ["train.objective=sdft", f"sdft.data={demos}",
+                             f"checkpoint.init_from={base}"])
+  with pytest.raises(ConfigError, match="data.step_boundaries=semantic"):
+    sdft_cli.sdft(cfg, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+  save_config(load_config(None, []), base / "config.yaml")  # fixed steps: not refused here
+  sdft_cli.check_base_steps(base)
+

@@ -31,9 +31,10 @@ from typing import Any
 
 import jax
 
+from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import runs, sharding
 from ttt_jax import train as train_lib
-from ttt_jax.config import Config
+from ttt_jax.config import Config, load_config
 from ttt_jax.errors import ConfigError
 from ttt_jax.models import lm
 from ttt_jax.sdft import data, objective, teacher
@@ -73,6 +74,21 @@ def _with_init_from(cfg: Config, source: str) -> Config:
                                                                  init_from=source))
 
 
+def check_base_steps(source: str | Path) -> None:
+  """Refuses a base whose CCT steps were cut by meaning (``data.step_boundaries:
+  semantic``): SDFT samples and scores without per-token step ids, so such a model would
+  be read with fixed steps it was not trained with."""
+  run = ckpt_lib.resolve_source(source)[0].parent
+  try:
+    base = load_config(run / "config.yaml", legacy=True)
+  except ConfigError:  # no readable config: nothing recorded to check
+    return
+  if base.data.step_boundaries == "semantic":
+    raise ConfigError(f"--init-from: {run} was trained with data.step_boundaries=semantic; "
+                      "SDFT samples and scores with fixed steps only, which this model "
+                      "was not trained with")
+
+
 def sdft(cfg: Config, workdir: str | Path,
          extra_hooks: train_lib.HookFactory | None = None) -> dict[str, Any]:
   """Runs SDFT (module doc); returns ``train.run``'s summary. ``extra_hooks``: the
@@ -87,6 +103,8 @@ def sdft(cfg: Config, workdir: str | Path,
                       "a trained run: give --init-from BASE")
   s = cfg.sdft
   files = {path: data.read_examples(path) for path in filter(None, (s.data, s.replay_data))}
+  if source and not resuming:
+    check_base_steps(source)
   if resuming and source:  # rerunning the command that started the run resumes it
     cfg = _with_init_from(cfg, "")
   setup = train_lib.prepare(cfg, workdir)
