@@ -337,15 +337,20 @@ def test_resuming_on_other_demonstrations_is_refused_in_one_line(base, tmp_path,
                         "sdft.data=sha256:"), err
 
 
+def _lora_sdft_config(base, *overrides: str):
+  """A tiny LoRA (rank 4) SDFT run's config from the ``base`` fixture's run."""
+  root, sets, demos = base
+  return load_config(CONFIG, [*sets, "train.objective=sdft", f"sdft.data={demos}",
+                              f"checkpoint.init_from={root / 'base'}", "lora.enabled=true",
+                              "lora.rank=4", "train.eval_every=0", "sdft.max_new_tokens=6",
+                              "sdft.prompt_width=12", "sdft.teacher_width=80",
+                              "sdft.teacher_decay=0.5", *overrides])
+
+
 @pytest.mark.slow
 def test_lora_trains_the_adapters_and_their_ema_on_the_frozen_base(base, tmp_path):
-  root, sets, demos = base
-  cfg = load_config(CONFIG, [*sets, "train.objective=sdft", f"sdft.data={demos}",
-                             f"checkpoint.init_from={root / 'base'}", "lora.enabled=true",
-                             "lora.rank=4", "train.steps=3", "train.eval_every=0",
-                             "sdft.max_new_tokens=6", "sdft.prompt_width=12",
-                             "sdft.teacher_width=80", "sdft.teacher_decay=0.5",
-                             "gate.every=2", "gate.max_eval_loss_increase=100"])
+  cfg = _lora_sdft_config(base, "train.steps=3", "gate.every=2",
+                          "gate.max_eval_loss_increase=100")
 
 
   class Own(loop.Hook):  # a caller's hook, logging its rows beside the SDFT metrics
@@ -454,13 +459,7 @@ def test_merging_an_sdft_lora_run_folds_its_teacher_into_the_base(base, tmp_path
   merged student and whose teacher is the EMA adapters folded into the base, as full
   fine-tuning keeps it, with gating off and no gated block's start; it loads like any
   run."""
-  root, sets, demos = base
-  cfg = load_config(CONFIG, [*sets, "train.objective=sdft", f"sdft.data={demos}",
-                             f"checkpoint.init_from={root / 'base'}", "lora.enabled=true",
-                             "lora.rank=4", "train.steps=2", "train.eval_every=0",
-                             "sdft.max_new_tokens=6", "sdft.prompt_width=12",
-                             "sdft.teacher_width=80", "sdft.teacher_decay=0.5",
-                             "optim.warmup_steps=0", "gate.every=1"])
+  cfg = _lora_sdft_config(base, "train.steps=2", "optim.warmup_steps=0", "gate.every=1")
   state = sdft_cli.sdft(cfg, tmp_path / "lora")["state"]
   assert gates.GATE in state.extras
   lora_files.merge_run(tmp_path / "lora", tmp_path / "merged", log=lambda _: None)

@@ -66,11 +66,10 @@ from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.inference import sampling
 from ttt_jax.models import lm
+from ttt_jax.sdft import data as sdft_data
 
-TEACHER_TEMPLATE = ("<Question>\n{prompt}\n\nThis is an example for a response to the "
-                    "question:\n<Demonstration>\n{demonstration}\n\nNow answer with a response "
-                    "of your own, including the thinking process:\n")
-"""The teacher's context; its response follows it directly."""
+TEACHER_TEMPLATE = sdft_data.TEMPLATE
+"""The teacher's context, SDFT's own template; its response follows it directly."""
 STUDENT_TEMPLATE = "{prompt}"
 """The student's context: the prompt alone (it ends in a newline); its response follows
 it directly."""
@@ -147,7 +146,7 @@ def secret_answer(task: Task, keys: Sequence[str]) -> str:
 
 
 def teacher_context(prompt: str, demonstration: str) -> str:
-  return TEACHER_TEMPLATE.format(prompt=prompt, demonstration=demonstration)
+  return sdft_data.teacher_text(sdft_data.Example(prompt, demonstration))
 
 
 def student_context(prompt: str) -> str:
