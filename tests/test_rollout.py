@@ -147,6 +147,54 @@ def test_cct_semantic_steps_and_mean_pool_rollout_equals_each_prompt_alone():
   assert 0 <= int(out.completion_BxN[-1].min()) and int(out.completion_BxN[-1].max()) < VOCAB
 
 
+def semantic_cct(seed: int = 1) -> lm.LM:
+  cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, init_std=0.3,
+                    ffn=SwiGLUConfig(d_ff=64), mixer=CCTConfig(d_summary=8, step_len=4))
+  return lm.LM(cfg, VOCAB, rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.slow
+def test_sequence_side_gives_the_steps_decoding_decides():
+  """The decode inputs over whole rows (a teacher-forced forward) decide the same side
+  inputs as decoding the rows token by token."""
+  model, inputs = semantic_cct(), (semantic_steps(4),)
+  for prompt in PROMPTS:
+    out = sampling.generate_with_state(model, jnp.asarray([prompt], jnp.int32), 9,
+                                       jax.random.key(3), temperature=1.0, inputs=inputs)
+    side = sampling.sequence_side(inputs, out.tokens_BxT)
+    np.testing.assert_array_equal(np.asarray(side[STEP_IDS]), np.asarray(out.side[STEP_IDS]))
+  assert sampling.sequence_side((), out.tokens_BxT) == {}
+
+
+@pytest.mark.slow
+def test_sequence_logprobs_read_the_steps_the_rollout_decoded_with():
+  """On CCT with semantic steps, teacher-forced scoring with the run's decode inputs
+  equals a loop of unpadded forwards reading each row's decoded step ids; without them
+  (fixed steps) it does not, and the greedy tokens are its argmax."""
+  model, inputs = semantic_cct(), (semantic_steps(4),)
+  tokens, lengths = padded_prompts()
+  width = tokens.shape[1]
+  out = ro.rollout(model, tokens, lengths, 8, jax.random.key(0), temperature=0.0,
+                   eos_id=None, inputs=inputs)
+  mask = jnp.ones(out.completion_BxN.shape, bool)
+  per_token, _ = ro.score(model, out.tokens_BxT, lengths, width, mask, inputs)
+  fixed, _ = ro.score(model, out.tokens_BxT, lengths, width, mask)
+  forward = jax.jit(lambda t, steps: jax.nn.log_softmax(
+      model(t, SequenceContext.for_tokens(t, side={STEP_IDS: steps}))[0]))
+  expected = np.zeros(per_token.shape, np.float32)
+  for row, prompt in enumerate(PROMPTS):
+    alone = sampling.generate_with_state(model, jnp.asarray([prompt], jnp.int32), 8,
+                                         jax.random.key(0), temperature=0.0, inputs=inputs)
+    log_probs = np.asarray(forward(alone.tokens_BxT, alone.side[STEP_IDS]))
+    for j in range(8):
+      position = len(prompt) - 1 + j
+      expected[row, j] = log_probs[position, alone.tokens_BxT[0, position + 1]]
+      assert log_probs[position].argmax() == int(alone.tokens_BxT[0, position + 1])
+    assert int(alone.side[STEP_IDS].max()) >= 2
+  np.testing.assert_allclose(np.asarray(per_token), expected, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(fixed - per_token))) > 1e-3  # the steps matter
+
+
 @pytest.mark.slow
 def test_width_one_prompts_with_an_empty_row_decode_token_by_token(model):
   """Width 1: the prompt goes through a one-token decode step, the empty row's pad

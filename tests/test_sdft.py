@@ -512,19 +512,59 @@ def test_config_checks_of_the_sdft_section():
   assert load_config(CONFIG, ["sdft.teacher_decay=1"]).sdft.teacher_decay == 1.0
 
 
-def test_a_base_trained_with_semantic_steps_is_refused_in_one_line(tmp_path):
-  """SDFT reads no per-token step ids: a base whose steps were cut by meaning would be
-  read with fixed steps, so it is refused before anything is prepared."""
+CCT = "model.mixer={type: cct, d_summary: 8, step_len: 16}"
+SEMANTIC = ("data.step_boundaries=semantic", "data.step_len=16", "data.step_min_len=4")
+
+
+def test_a_base_whose_cct_steps_the_run_would_not_read_is_refused_in_one_line(tmp_path):
+  """SDFT reads a CCT base's steps as its config says (semantic: the rule, on device;
+  else fixed): a base trained otherwise is refused before anything is prepared, naming
+  the settings to give."""
   base = tmp_path / "base"
   (base / "checkpoints").mkdir(parents=True)
-  save_config(load_config(None, ["data.step_boundaries=semantic"]), base / "config.yaml")
   demos = _write_lines(tmp_path / "demos.jsonl",
                        [json.dumps({"prompt": "p", "demonstration": "d"})])
-  cfg = load_config(CONFIG, ["train.objective=sdft", f"sdft.data={demos}",
-                             f"checkpoint.init_from={base}"])
-  with pytest.raises(ConfigError, match="data.step_boundaries=semantic"):
-    sdft_cli.sdft(cfg, tmp_path / "w")
-  assert not (tmp_path / "w").exists()
-  save_config(load_config(None, []), base / "config.yaml")  # fixed steps: not refused here
-  sdft_cli.check_base_steps(base)
 
+  def run_config(*overrides: str):
+    return load_config(CONFIG, [CCT, "train.objective=sdft", f"sdft.data={demos}",
+                                f"checkpoint.init_from={base}", *overrides])
+
+  save_config(load_config(None, [CCT, *SEMANTIC]), base / "config.yaml")
+  with pytest.raises(ConfigError) as error:
+    sdft_cli.sdft(run_config(), tmp_path / "w")
+  assert str(error.value).startswith(f"--init-from: {base} was trained with CCT steps")
+  assert str(error.value).endswith("give --set data.step_boundaries=semantic "
+                                   "--set data.step_len=16 --set data.step_min_len=4")
+  assert not (tmp_path / "w").exists()
+  with pytest.raises(ConfigError, match="data.step_min_len=4"):
+    sdft_cli.check_base_steps(base, run_config(*SEMANTIC[:2], "data.step_min_len=5"))
+  sdft_cli.check_base_steps(base, run_config(*SEMANTIC))
+  save_config(load_config(None, [CCT, "data.step_boundaries=fixed", "data.step_len=16"]),
+              base / "config.yaml")
+  sdft_cli.check_base_steps(base, run_config())  # fixed steps are read without settings
+  with pytest.raises(ConfigError, match="give --set data.step_boundaries=none$"):
+    sdft_cli.check_base_steps(base, run_config(*SEMANTIC))
+  save_config(load_config(None, [*SEMANTIC]), base / "config.yaml")  # no CCT: no steps
+  sdft_cli.check_base_steps(base, load_config(CONFIG, []))
+
+
+@pytest.mark.slow
+def test_sdft_fine_tunes_a_cct_run_trained_with_semantic_steps(base, tmp_path):
+  """A CCT run trained with semantic steps: SDFT samples and scores it with its step
+  rule, trains, and a rerun of the same command resumes with the same losses."""
+  root, sets, _ = base
+  cct_sets = [*sets, CCT, *SEMANTIC, "train.objective=cct"]
+  train.train(load_config(None, [*cct_sets, "train.steps=4", "train.eval_every=0"]),
+              root / "cct_base")
+  settings = [CCT, *SEMANTIC, "sdft.max_new_tokens=12", "train.steps=4"]
+  args = [*_args(base, tmp_path / "run", *settings)]
+  args[args.index(str(root / "base"))] = str(root / "cct_base")
+  sdft_cli.main(args)
+  rows = [row for row in read_metrics(tmp_path / "run") if "loss" in row]
+  assert len(rows) == 4 and all(np.isfinite(row["kl"]) and row["kl"] > 0 for row in rows)
+  reference = train_losses(tmp_path / "run")
+  for steps in ("train.stop_after=2", "train.stop_after=0"):  # stopped at 2, then resumed
+    args = [*_args(base, tmp_path / "resumed", *settings, steps)]
+    args[args.index(str(root / "base"))] = str(root / "cct_base")
+    sdft_cli.main(args)
+  assert train_losses(tmp_path / "resumed") == reference

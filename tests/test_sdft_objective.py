@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ttt_jax.cct.mixer import StepRule
 from ttt_jax.sdft import objective
 
 V = 37
@@ -162,6 +163,103 @@ def test_student_and_teacher_logits_align_on_the_same_continuation_tokens():
     previous = np.argmax(np.asarray(logits), axis=-1)
     want = [[row[-1], *np.asarray(continuation)[b, :-1]] for b, row in enumerate(rows)]
     np.testing.assert_array_equal(previous, want)
+
+
+def _semantic_rule() -> StepRule:
+  """A synthetic semantic step rule over ids < 64: a step may start at a multiple of 5
+  read in text state 0 (a multiple of 3 moves to state 1, where none may) or after the
+  piece 7; steps of 2 to 4 tokens."""
+  ids = np.arange(64)
+  candidate = np.stack([ids % 5 == 0, np.zeros(64, bool)])
+  next_state = np.stack([(ids % 3 == 0).astype(np.int32), np.zeros(64, np.int32)])
+  return StepRule(jnp.asarray(candidate), jnp.asarray(next_state), jnp.asarray(ids == 7),
+                  jnp.int32(4), jnp.int32(2))
+
+
+def _reference_steps(rule: StepRule, row: list[int]) -> np.ndarray:
+  """The rule's step ids of one unpadded row, read token by token on the host."""
+  candidate, next_state = np.asarray(rule.candidate_QxV), np.asarray(rule.next_state_QxV)
+  after = np.asarray(rule.boundary_after_V)
+  steps, step, length, state, previous = [], 0, 0, 0, 0
+  for token in row:
+    starts = length >= int(rule.step_len) or (
+        (candidate[state, token] or after[previous]) and length >= int(rule.step_min_len))
+    step, length = step + int(starts), 1 if starts else length + 1
+    state, previous = next_state[state, token], token
+    steps.append(step)
+  return np.asarray(steps, np.int32)
+
+
+@pytest.mark.slow
+def test_a_semantic_cct_student_and_teacher_read_the_steps_of_their_own_rows(monkeypatch):
+  """The SDFT objective on CCT with semantic steps (a decode input): its divergence
+  equals a float64 one over each row's unpadded forwards, student [prompt | y] and teacher
+  [template | y], each with the step ids the rule gives that row on the host; read with
+  fixed steps, the same continuations give another."""
+  from flax import nnx
+
+  from ttt_jax.cct.decode import SemanticSteps
+  from ttt_jax.config import load_config
+  from ttt_jax.inference import rollout
+  from ttt_jax.models import lm
+  from ttt_jax.models.context import SequenceContext
+  from ttt_jax.sdft import teacher as teacher_lib
+  from ttt_jax.training.objectives import StepContext
+
+  cfg = load_config(None, [
+      "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+      "model.ffn.d_ff=64", "model.init_std=0.3",
+      "model.mixer={type: cct, d_summary: 8, step_len: 4}", "sdft.max_new_tokens=7"])
+  rule = _semantic_rule()
+  inputs = (SemanticSteps(rule),)
+  student = lm.LM(cfg.model, 64, rngs=nnx.Rngs(1))
+  extras = {teacher_lib.TEACHER: nnx.split(lm.LM(cfg.model, 64, rngs=nnx.Rngs(2)))[1]}
+  prompts = ([5, 9, 3, 17, 33, 12, 8], [10], [11, 4, 20, 6, 15], [30, 12, 3, 9, 9, 41, 25, 13, 50])
+  templates = [[40, 7, 20, 45, 3, 60, *p, 7, 35] for p in prompts]
+  batch = {}
+  for name, rows in (("prompt", prompts), ("teacher_prompt", templates)):
+    tokens, lens = rollout.left_pad(rows, 0)
+    batch[name], batch[name.replace("prompt", "lens")] = jnp.asarray(tokens), jnp.asarray(lens)
+  batch["prompt_lens"] = batch.pop("lens")
+  batch["replay"] = jnp.zeros(len(prompts), jnp.float32)
+  samples = []
+
+  def recorded(*args, **kwargs):
+    assert kwargs["inputs"] is inputs
+    samples.append(sampled(*args, **kwargs))
+    return samples[-1]
+
+  sampled = rollout.sample_rollout
+  monkeypatch.setattr(rollout, "sample_rollout", recorded)
+  ctx = StepContext(jnp.int32(0), jax.random.key(4), extras)
+  ids = objective.TokenIds(0, 1, -1)
+  _, metrics = objective.objective(cfg, ids, inputs)(student, batch, ctx)
+  continuation = np.asarray(samples[-1].completion_BxN)
+  teacher_model = teacher_lib.model(cfg, student, extras)
+
+  def row_log_probs(model, row: list[int]) -> np.ndarray:
+    tokens = jnp.asarray([row], jnp.int32)
+    steps = jnp.asarray(_reference_steps(rule, row))[None]
+    logits = model(tokens, SequenceContext.for_tokens(tokens, side={"step_ids": steps}))
+    return _log_softmax64(np.asarray(logits[0]))
+
+  divergences, differ = [], 0
+  for b, (prompt, template) in enumerate(zip(prompts, templates)):
+    y = continuation[b].tolist()
+    l_s = row_log_probs(student, prompt + y)[len(prompt) - 1:-1]
+    l_t = row_log_probs(teacher_model, template + y)[len(template) - 1:-1]
+    divergences.append(_kl64(l_s, l_t))
+    for row in (prompt + y, template + y):  # rows whose steps are not fixed ones
+      steps = _reference_steps(rule, row)
+      differ += not np.array_equal(steps, np.arange(len(steps)) // 4)
+  assert differ >= 4
+  want = np.mean(divergences)
+  np.testing.assert_allclose(float(metrics["kl"]), want, rtol=1e-5)
+  fixed = np.mean([_kl64(  # the same continuations read with fixed steps
+      _log_softmax64(np.asarray(student(jnp.asarray([p + y])))[0])[len(p) - 1:-1],
+      _log_softmax64(np.asarray(teacher_model(jnp.asarray([t + y])))[0])[len(t) - 1:-1])
+      for p, t, y in zip(prompts, templates, continuation.tolist())])
+  assert abs(fixed - want) > 1e-3 * want  # the steps matter
 
 
 def test_teacher_gain_is_the_mean_log_probability_difference_of_the_sampled_tokens():

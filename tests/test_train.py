@@ -18,8 +18,9 @@ from flax import nnx
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import evaluate as evaluate_cli
 from ttt_jax import generate, sharding, train
-from ttt_jax.errors import TrainingError
+from ttt_jax.errors import ConfigError, TrainingError
 from ttt_jax.eval import lm as eval_lm
+from ttt_jax.inference import sampling
 from ttt_jax.training import objectives
 from ttt_jax.training import state as state_lib
 from ttt_jax.training import step as step_lib
@@ -121,6 +122,23 @@ def test_generation_samples_from_the_trained_run(trained, capsys):
                  "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"])
   out = capsys.readouterr().out
   assert out.startswith("import ") and len(out) > len("import ")
+  _, model, tokenizer, _ = generate.load_for_generation(workdir)
+  prompt = tokenizer.encode("def ")
+  tokens = sampling.generate(model, np.asarray([prompt], np.int32), 12, jax.random.key(0),
+                             temperature=0.0, eos_id=tokenizer.eos_id)
+  new_ids = np.asarray(tokens)[0, len(prompt):].tolist()
+  new_ids = new_ids[:new_ids.index(tokenizer.eos_id)] if tokenizer.eos_id in new_ids else new_ids
+  assert tokenizer.decode(new_ids) == greedy[0]
+  first = int(tokens[0, len(prompt)])  # the greedy first token, forbidden: another text
+  forbidden = generate.generate_text(workdir, "def ", max_new_tokens=12, temperature=0.0,
+                                     top_p=1.0, seed=0, forbid=[f"#{first}", "<s>"])
+  assert forbidden != greedy[0]
+  assert generate.forbidden_ids(tokenizer, ["<pad>", "#5", "<pad>"]) == tuple(
+      sorted({tokenizer.pad_id, 5}))
+  for pieces, message in ((["#99999"], "--forbid: #99999 is past the vocabulary"),
+                          (["zzqqzz"], "--forbid: 'zzqqzz' is not a piece")):
+    with pytest.raises(ConfigError, match=message):
+      generate.forbidden_ids(tokenizer, pieces)
 
 
 @pytest.mark.slow

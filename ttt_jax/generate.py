@@ -13,6 +13,8 @@ the commitment hash chain of the generation (``ttt_jax.cct.chain``);
 ``python -m ttt_jax.cct_chain --workdir W FILE.json`` verifies it. ``--adapter PATH``
 folds a LoRA adapter into the params once, before the model is built
 (``lora.files.apply_adapter``): decoding runs the same compiled graph as without one.
+``--forbid PIECE`` (repeatable; a piece such as ``<pad>`` or ``<s>``, or ``#ID``) is never
+sampled: its logit is -inf before temperature, top-p and argmax.
 """
 
 from __future__ import annotations
@@ -55,19 +57,40 @@ def load_for_generation(workdir: str | Path, overrides: list[str] = (), adapter:
   return cfg, nnx.merge(graphdef, params), tokenizer, semantic_annotator(cfg, tokenizer)
 
 
+def forbidden_ids(tokenizer: Tokenizer, pieces: list[str]) -> tuple[int, ...]:
+  """The ids of ``--forbid``'s pieces: a piece of the vocabulary, or ``#ID``; anything
+  else is a one-line error."""
+  ids = []
+  for piece in pieces:
+    if piece.startswith("#") and piece[1:].isdigit():
+      piece_id = int(piece[1:])
+      if piece_id >= tokenizer.vocab_size:
+        raise ConfigError(f"--forbid: {piece} is past the vocabulary of "
+                          f"{tokenizer.vocab_size} pieces")
+    else:
+      piece_id = tokenizer.processor.piece_to_id(piece)
+      if piece_id == tokenizer.unk_id and piece != tokenizer.processor.id_to_piece(piece_id):
+        raise ConfigError(f"--forbid: {piece!r} is not a piece of the run's tokenizer "
+                          f"(give a piece such as <pad>, or #ID)")
+    ids.append(piece_id)
+  return tuple(sorted(set(ids)))
+
+
 def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
                   temperature: float, top_p: float, seed: int, stop_at_eos: bool = True,
                   overrides: list[str] = (), hash_chain: str | Path | None = None,
-                  adapter: str = "") -> str:
+                  adapter: str = "", forbid: list[str] = ()) -> str:
   """The generated text (after the prompt). ``hash_chain``: also write the commitment
   hash chain record (``cct_chain.generation_record``) there (CCT runs); ``adapter``: a
-  LoRA adapter folded in (``load_for_generation``)."""
+  LoRA adapter folded in (``load_for_generation``); ``forbid``: pieces never sampled
+  (``forbidden_ids``)."""
   if hash_chain is not None and not Path(hash_chain).parent.is_dir():
     raise ConfigError(f"--hash-chain: directory {Path(hash_chain).parent} does not exist")
   cfg, model, tokenizer, annotator = load_for_generation(workdir, overrides, adapter)
   if hash_chain is not None and cfg.model.mixer.type != "cct":
     raise ConfigError(f"--hash-chain: needs a CCT run (model.mixer.type='cct'), got "
                       f"{cfg.model.mixer.type!r}")
+  forbid_ids = forbidden_ids(tokenizer, list(forbid))
   prompt_ids = tokenizer.encode(prompt)
   if not prompt_ids:
     raise ConfigError("--prompt: encodes to no tokens; give a non-empty prompt")
@@ -77,10 +100,10 @@ def generate_text(workdir: str | Path, prompt: str, *, max_new_tokens: int,
   inputs = sampling.decode_inputs(cfg, tokenizer)
   if hash_chain is None:
     tokens = sampling.generate(model, prompt_BxP, max_new_tokens, rng, temperature, top_p,
-                               eos_id, inputs)
+                               eos_id, inputs, forbid_ids)
   else:
     generation = sampling.generate_with_state(model, prompt_BxP, max_new_tokens, rng,
-                                              temperature, top_p, eos_id, inputs)
+                                              temperature, top_p, eos_id, inputs, forbid_ids)
     tokens = generation.tokens_BxT
     record = cct_chain.generation_record(model, generation, annotator)
     Path(hash_chain).write_text(json.dumps(record, indent=1) + "\n")
@@ -105,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--adapter", metavar="PATH", default="",
                       help="fold this LoRA adapter (an adapter directory or an adapter run) "
                            "into the run's params")
+  parser.add_argument("--forbid", action="append", default=[], metavar="PIECE",
+                      help="never sample this piece (e.g. <pad>, <s>) or #ID; repeatable")
   args = parser.parse_args(argv)
   with user_errors():
     if args.max_new_tokens < 1:
@@ -117,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     text = generate_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          overrides=args.set, hash_chain=args.hash_chain,
-                         adapter=args.adapter)
+                         adapter=args.adapter, forbid=args.forbid)
   sys.stdout.write(args.prompt + text + "\n")
 
 

@@ -47,7 +47,7 @@ from ttt_jax.compare import table
 from ttt_jax.config import Config, to_dict
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import ConfigError
-from ttt_jax.inference import rollout
+from ttt_jax.inference import rollout, sampling
 from ttt_jax.sdft import objective, teacher
 from ttt_jax.training import step as step_lib
 from ttt_jax.training.state import Built, TrainState, build
@@ -74,17 +74,21 @@ def synthetic_batch(cfg: Config, vocab_size: int, rng: np.random.Generator
           "replay": np.zeros(batch, np.float32)}
 
 
-def _source(init_from: str | None, cfg: Config) -> tuple[int, objective.TokenIds]:
-  """(vocab size, special ids): the run ``init_from``'s tokenizer's, else the config's
-  vocabulary with no special id (nothing forbidden, no EOS)."""
+def _source(init_from: str | None, cfg: Config
+            ) -> tuple[int, objective.TokenIds, tuple[sampling.DecodeInputs, ...]]:
+  """(vocab size, special ids, decode inputs): the run ``init_from``'s tokenizer's,
+  else the config's vocabulary with no special id (nothing forbidden, no EOS) and no
+  tokenizer."""
   if not init_from:
-    return cfg.data.vocab_size, objective.TokenIds(-1, -1, -1)
+    return (cfg.data.vocab_size, objective.TokenIds(-1, -1, -1),
+            sampling.decode_inputs(cfg, None))
   path = Path(init_from)
   run = path if (path / runs.RUN_TOKENIZER).is_file() else ckpt_lib.resolve_source(path)[0].parent
   if not (run / runs.RUN_TOKENIZER).is_file():
     raise ConfigError(f"--init-from: {init_from} is not a run with a {runs.RUN_TOKENIZER}")
   tokenizer = Tokenizer(run / runs.RUN_TOKENIZER)
-  return tokenizer.vocab_size, objective.token_ids(tokenizer)
+  return (tokenizer.vocab_size, objective.token_ids(tokenizer),
+          sampling.decode_inputs(cfg, tokenizer))
 
 
 def _built(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh, init_from: str | None
@@ -104,10 +108,11 @@ def _built(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh, init_from: str
   return built
 
 
-def parts(built: Built, ids: objective.TokenIds) -> dict[str, Callable[..., Any]]:
+def parts(built: Built, ids: objective.TokenIds,
+          inputs: tuple[sampling.DecodeInputs, ...] = ()) -> dict[str, Callable[..., Any]]:
   """The jitted parts of the SDFT step (module doc): ``generate(state, batch, rng)``,
   ``student(state, batch, continuation, mask, teacher_logits)`` and
-  ``teacher(state, batch, continuation)``."""
+  ``teacher(state, batch, continuation)``; ``inputs``: the run's decode inputs."""
   cfg, graphdef, s = built.cfg, built.graphdef, built.cfg.sdft
   forbid = tuple(i for i in (ids.pad, ids.bos) if 0 <= i)
   eos = ids.eos if ids.eos >= 0 else None
@@ -121,13 +126,13 @@ def parts(built: Built, ids: objective.TokenIds) -> dict[str, Callable[..., Any]
     return rollout.sample_rollout(
         student_model(state.params, state), batch["prompt"], batch["prompt_lens"],
         s.max_new_tokens, rng, temperature=s.temperature, top_p=s.top_p, eos_id=eos,
-        forbid_ids=forbid)
+        forbid_ids=forbid, inputs=inputs)
 
   def student(state: TrainState, batch: dict[str, jax.Array], continuation: jax.Array,
               mask: jax.Array, teacher_logits: jax.Array) -> Any:
     def loss(params: Any) -> jax.Array:
       logits = objective.sequence_logits(student_model(params, state), batch["prompt"],
-                                         batch["prompt_lens"], continuation)
+                                         batch["prompt_lens"], continuation, inputs)
       return objective.sdft_loss(logits, teacher_logits, mask, divergence=s.divergence,
                                  beta=s.jsd_beta)
 
@@ -137,7 +142,7 @@ def parts(built: Built, ids: objective.TokenIds) -> dict[str, Callable[..., Any]
                       continuation: jax.Array) -> jax.Array:
     model = teacher.model(cfg, student_model(state.params, state), state.extras)
     return objective.sequence_logits(model, batch["teacher_prompt"], batch["teacher_lens"],
-                                     continuation)
+                                     continuation, inputs)
 
   return {"generate": jax.jit(generate), "student": jax.jit(student),
           "teacher": jax.jit(teacher_forward)}
@@ -162,19 +167,19 @@ def bench_sdft(cfg: Config, init_from: str | None, steps: int, warmup: int, roun
                ) -> dict:
   """See the module doc."""
   cfg = sdft_config(cfg)
-  vocab_size, ids = _source(init_from, cfg)
+  vocab_size, ids, inputs = _source(init_from, cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   built = _built(cfg, vocab_size, mesh, init_from)
   host = synthetic_batch(cfg, vocab_size, np.random.default_rng(cfg.train.seed))
   batch = sharding.put_batch(host, mesh)
-  jitted = parts(built, ids)
+  jitted = parts(built, ids, inputs)
   rng = jax.random.key(cfg.train.seed)
   sample = jitted["generate"](built.state, batch, rng)
   continuation = sample.completion_BxN
   mask = objective.loss_mask(sample.completion_mask_BxN, cfg.sdft.skip_first)
   teacher_logits = jitted["teacher"](built.state, batch, continuation)
   train_step = step_lib.jit_train_step(
-      built, objective.objective(cfg, ids),
+      built, objective.objective(cfg, ids, inputs),
       batch_sharding={k: sharding.batch_sharding(mesh, v.ndim) for k, v in host.items()})
   stepped = {"state": jax.tree.map(jnp.copy, built.state)}  # the step donates its own
 

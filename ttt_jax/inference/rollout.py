@@ -25,10 +25,11 @@ ids (PAD, BOS) get logit -inf before temperature, top-p and argmax. After a row'
 Token ids stay as sampled (never decoded and re-encoded).
 
 ``sequence_logprobs`` scores completions teacher-forced: log p(c_j | prompt, c_<j), float32
-log-softmax. It moves every row's real tokens to the front (right padding), where a causal
-model reads nothing after them, so each row gets exactly its unpadded forward on every
-model (TTT-Linear's grid included), with the default positions and side inputs;
-``score`` is its jitted convenience.
+log-softmax. It moves every row's real tokens to the front (right padding, ``to_front``),
+where a causal model reads nothing after them, so each row gets exactly its unpadded
+forward on every model (TTT-Linear's grid included), with the default positions and the
+side inputs the decode inputs decide for its tokens (``front_logits``); ``score`` is its
+jitted convenience.
 
 Mixers opt in to ragged decoding with a class attribute ``RAGGED_DECODE`` (attention,
 TTT-Linear, CCT: its pads enter neither the working memory nor the steps, which count
@@ -39,7 +40,7 @@ from each row's first real token); ``sample_rollout`` refuses the others. Decode
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,21 +177,42 @@ def rollout(model: LM, prompt_tokens_BxP: jax.Array, prompt_lens_B: jax.Array,
                   cache_options=cache_options)
 
 
+def to_front(tokens_BxT: jax.Array, prompt_lens_B: jax.Array, prompt_width: int) -> jax.Array:
+  """Rows of [prompt left-padded to ``prompt_width`` | continuation] with their real
+  tokens moved to the front: row b's token t + p_b moves to t, p_b = P - n_b its pads,
+  which wrap to the end, after everything a causal model reads."""
+  length = tokens_BxT.shape[1]
+  pads_Bx1 = (prompt_width - jnp.asarray(prompt_lens_B, jnp.int32))[:, None]
+  return jnp.take_along_axis(tokens_BxT, (jnp.arange(length)[None] + pads_Bx1) % length,
+                             axis=1)
+
+
+def front_logits(model: Callable[..., jax.Array], front_BxT: jax.Array,
+                 inputs: tuple[sampling.DecodeInputs, ...] = ()) -> jax.Array:
+  """The logits of rows whose real tokens are at the front (``to_front``): each row's
+  unpadded forward, with the default positions and the decode inputs' side inputs of its
+  tokens (``sampling.sequence_side``: CCT's semantic steps), so a teacher-forced forward
+  reads what decoding the same tokens reads."""
+  if not inputs:
+    return model(front_BxT)
+  return model(front_BxT, SequenceContext.for_tokens(
+      front_BxT, side=sampling.sequence_side(inputs, front_BxT)))
+
+
 def sequence_logprobs(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array,
-                      prompt_width: int, completion_mask_BxN: jax.Array
+                      prompt_width: int, completion_mask_BxN: jax.Array,
+                      inputs: tuple[sampling.DecodeInputs, ...] = ()
                       ) -> tuple[jax.Array, jax.Array]:
   """(log p(completion token j | prompt, completion[:j]) float32 [B, N], their sum over
   the mask [B]) for left-padded prompts of width P followed by N = T - P completion
   tokens. Masked entries are 0, as is a first completion token with no token before it
-  (an empty prompt). Differentiable in the model's parameters."""
-  length = tokens_BxT.shape[1]
-  n_new = length - prompt_width
+  (an empty prompt). ``inputs``: the run's decode inputs (``sampling.decode_inputs``).
+  Differentiable in the model's parameters."""
+  n_new = tokens_BxT.shape[1] - prompt_width
   prompt_lens_B = jnp.asarray(prompt_lens_B, jnp.int32)
-  pads_Bx1 = (prompt_width - prompt_lens_B)[:, None]
-  t_T = jnp.arange(length, dtype=jnp.int32)
-  # Real tokens to the front: row b's token t + p_b moves to t (its pads wrap to the end).
-  front_BxT = jnp.take_along_axis(tokens_BxT, (t_T[None] + pads_Bx1) % length, axis=1)
-  log_probs_BxTxV = jax.nn.log_softmax(model(front_BxT).astype(jnp.float32), axis=-1)
+  front_BxT = to_front(tokens_BxT, prompt_lens_B, prompt_width)
+  log_probs_BxTxV = jax.nn.log_softmax(
+      front_logits(model, front_BxT, inputs).astype(jnp.float32), axis=-1)
   next_BxT1 = jnp.take_along_axis(log_probs_BxTxV[:, :-1], front_BxT[:, 1:, None],
                                   axis=2)[..., 0]  # log p(token t+1 | tokens <= t)
   # Completion token j sits at n_b + j of the moved row, predicted at n_b + j - 1.
@@ -203,16 +225,22 @@ def sequence_logprobs(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array
 
 @partial(jax.jit, static_argnames=("graphdef", "prompt_width"))
 def _sequence_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens_BxT: jax.Array,
-                       prompt_lens_B: jax.Array, completion_mask_BxN: jax.Array, *,
-                       prompt_width: int) -> tuple[jax.Array, jax.Array]:
+                       prompt_lens_B: jax.Array, completion_mask_BxN: jax.Array,
+                       inputs: tuple[sampling.DecodeInputs, ...], *, prompt_width: int
+                       ) -> tuple[jax.Array, jax.Array]:
   return sequence_logprobs(nnx.merge(graphdef, state), tokens_BxT, prompt_lens_B,
-                           prompt_width, completion_mask_BxN)
+                           prompt_width, completion_mask_BxN, inputs)
 
 
 def score(model: LM, tokens_BxT: jax.Array, prompt_lens_B: jax.Array, prompt_width: int,
-          completion_mask_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``sequence_logprobs`` compiled once per (model structure, shapes, prompt_width)."""
+          completion_mask_BxN: jax.Array, inputs: tuple[sampling.DecodeInputs, ...] = ()
+          ) -> tuple[jax.Array, jax.Array]:
+  """``sequence_logprobs`` compiled once per (model structure, shapes, prompt_width,
+  decode inputs' structure)."""
+  for item in inputs:
+    item.check(model)
   graphdef, state = nnx.split(model)
   return _sequence_logprobs(graphdef, state, jnp.asarray(tokens_BxT, jnp.int32),
                             jnp.asarray(prompt_lens_B, jnp.int32),
-                            jnp.asarray(completion_mask_BxN, bool), prompt_width=prompt_width)
+                            jnp.asarray(completion_mask_BxN, bool), tuple(inputs),
+                            prompt_width=prompt_width)

@@ -93,6 +93,16 @@ def decode_inputs(cfg: Config, tokenizer: Any) -> tuple[DecodeInputs, ...]:
   return tuple(inputs for inputs in made if inputs is not None)
 
 
+def sequence_side(inputs: tuple[DecodeInputs, ...], tokens_BxT: jax.Array
+                  ) -> dict[str, jax.Array]:
+  """The decode inputs' side inputs [B, T] of whole rows of real tokens at positions
+  0..T-1, for a teacher-forced forward over them: what decoding the rows token by token
+  decides (each input's ``next`` from its ``start`` over all T tokens at once)."""
+  positions_BxT = default_positions(tokens_BxT)
+  return {item.name: item.next(item.start(tokens_BxT.shape[0]), tokens_BxT, positions_BxT)[0]
+          for item in inputs}
+
+
 class Generation(NamedTuple):
   """What ``generate_with_state`` returns."""
   tokens_BxT: jax.Array

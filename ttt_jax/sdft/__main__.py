@@ -19,7 +19,10 @@ the same command on a workdir with checkpoints resumes it (--init-from is then u
 ``gate.every`` gates blocks of SDFT updates as it does a train run's
 (``training.gates``: the anchor holds the teacher too, so a rejected block undoes its
 EMA steps as well), each decision a row of metrics.jsonl (``gate_accepted``, ...);
-other hooks join the loop through ``sdft``'s ``extra_hooks``.
+other hooks join the loop through ``sdft``'s ``extra_hooks``. A CCT base is read with the
+steps it was trained with (``steps_read``): fixed, or semantic through the run's decode
+inputs (``objective``), so the run's ``data.step_*`` settings must be the base's; a base
+trained otherwise is refused before anything is prepared.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ttt_jax import runs, sharding
 from ttt_jax import train as train_lib
 from ttt_jax.config import Config, load_config
 from ttt_jax.errors import ConfigError
+from ttt_jax.inference import sampling
 from ttt_jax.models import lm
 from ttt_jax.sdft import data, objective, teacher
 from ttt_jax.training import step as step_lib
@@ -74,19 +78,34 @@ def _with_init_from(cfg: Config, source: str) -> Config:
                                                                  init_from=source))
 
 
-def check_base_steps(source: str | Path) -> None:
-  """Refuses a base whose CCT steps were cut by meaning (``data.step_boundaries:
-  semantic``): SDFT samples and scores without per-token step ids, so such a model would
-  be read with fixed steps it was not trained with."""
+def steps_read(cfg: Config) -> dict[str, Any]:
+  """How a model of ``cfg`` reads CCT steps in SDFT, as the settings that fix it: the
+  semantic rule's (``cct.decode``), or fixed steps of model.mixer.step_len (whether the
+  run said 'fixed' or 'none'); {} for other mixers."""
+  if cfg.model.mixer.type != "cct":
+    return {}
+  data_cfg = cfg.data
+  if data_cfg.step_boundaries != "semantic":
+    return {"data.step_boundaries": "none"}
+  return {"data.step_boundaries": "semantic", "data.step_len": data_cfg.step_len,
+          "data.step_min_len": data_cfg.step_min_len}
+
+
+def check_base_steps(source: str | Path, cfg: Config) -> None:
+  """Refuses a base whose CCT steps were cut otherwise than ``cfg`` would read them
+  (``steps_read``): the student and teacher would read steps the model was not trained
+  with. The line names the settings to give."""
   run = ckpt_lib.resolve_source(source)[0].parent
   try:
     base = load_config(run / "config.yaml", legacy=True)
   except ConfigError:  # no readable config: nothing recorded to check
     return
-  if base.data.step_boundaries == "semantic":
-    raise ConfigError(f"--init-from: {run} was trained with data.step_boundaries=semantic; "
-                      "SDFT samples and scores with fixed steps only, which this model "
-                      "was not trained with")
+  trained, read = steps_read(base), steps_read(cfg)
+  if base.model.mixer.type == cfg.model.mixer.type and trained != read:
+    flags = " ".join(f"--set {name}={value}" for name, value in trained.items())
+    raise ConfigError(f"--init-from: {run} was trained with CCT steps "
+                      f"{dict(sorted(trained.items()))}, this run reads "
+                      f"{dict(sorted(read.items()))}; give {flags}")
 
 
 def sdft(cfg: Config, workdir: str | Path,
@@ -104,7 +123,7 @@ def sdft(cfg: Config, workdir: str | Path,
   s = cfg.sdft
   files = {path: data.read_examples(path) for path in filter(None, (s.data, s.replay_data))}
   if source and not resuming:
-    check_base_steps(source)
+    check_base_steps(source, cfg)
   if resuming and source:  # rerunning the command that started the run resumes it
     cfg = _with_init_from(cfg, "")
   setup = train_lib.prepare(cfg, workdir)
@@ -130,7 +149,8 @@ def sdft(cfg: Config, workdir: str | Path,
   batch_shardings = {name: sharding.batch_sharding(setup.mesh, value.ndim)
                      for name, value in stream.batch(0).items()}
   train_step = step_lib.jit_train_step(
-      built, objective.objective(cfg, objective.token_ids(corpus.tokenizer)),
+      built, objective.objective(cfg, objective.token_ids(corpus.tokenizer),
+                                 sampling.decode_inputs(cfg, corpus.tokenizer)),
       batch_sharding=batch_shardings)
 
   def started(state: TrainState, start_step: int, resumed: bool) -> TrainState:

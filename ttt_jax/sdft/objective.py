@@ -26,7 +26,7 @@ empty continuation contributes nothing (a batch of them gives 0, not NaN).
 
 Alignment: the student reads [prompt x | y] and the teacher [template(x, c) | y], each
 row's real tokens moved to the front of its (left-padded) sequence so the forward is the
-row's unpadded one (``to_front``); the logits that predict y_j sit at position
+row's unpadded one (``rollout.to_front``); the logits that predict y_j sit at position
 n_x - 1 + j in the one and n_xc - 1 + j in the other, n the row's prompt lengths
 (``continuation_logits``). The teacher gain, the mean over
 M of log p_t(y_j) - log p_s(y_j), is how much more likely the teacher finds the
@@ -37,7 +37,11 @@ student's own tokens (it shrinks as the student absorbs the demonstrations).
 jitted step it samples y with ``inference.rollout.sample_rollout`` from the params under
 ``stop_gradient`` (``sdft.temperature``, ``top_p``; PAD and BOS forbidden; EOS ends a
 row), runs the student's forward with gradients and the teacher's without, and returns
-the loss with its metrics.
+the loss with its metrics. A model that reads per-token side inputs while decoding (CCT
+trained with semantic steps: ``sampling.decode_inputs``) reads them in all three: the
+sampling decides them token by token, and each teacher-forced forward gets those of its
+own row (``rollout.front_logits``), the prompt's and the template's included, so the
+student's steps over [x | y] are the ones it sampled y with.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from ttt_jax.config import Config
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import ConfigError
-from ttt_jax.inference import rollout
+from ttt_jax.inference import rollout, sampling
 from ttt_jax.models import lm
 from ttt_jax.registry import ObjectiveEntry
 from ttt_jax.sdft import teacher as teacher_lib
@@ -130,31 +134,24 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return total / jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
 
 
-def to_front(tokens_BxT: jax.Array, prompt_lens_B: jax.Array, prompt_width: int) -> jax.Array:
-  """Rows of [prompt left-padded to ``prompt_width`` | continuation] with their real
-  tokens moved to the front (the pads wrap to the end, after everything a causal model
-  reads), so each row's forward is its unpadded one with the default positions."""
-  length = tokens_BxT.shape[1]
-  pads_Bx1 = (prompt_width - prompt_lens_B.astype(jnp.int32))[:, None]
-  return jnp.take_along_axis(tokens_BxT, (jnp.arange(length)[None] + pads_Bx1) % length,
-                             axis=1)
-
-
 def continuation_logits(logits_BxTxV: jax.Array, prompt_lens_B: jax.Array,
                         n_tokens: int) -> jax.Array:
   """The logits [B, N, V] that predict continuation tokens 0..N-1 in a front-aligned
-  forward (``to_front``): row b's at positions n_b - 1 .. n_b + N - 2, n_b its prompt's
+  forward (``rollout.to_front``): row b's at positions n_b - 1 .. n_b + N - 2, n_b its prompt's
   length (at least 1)."""
   index_BxN = prompt_lens_B.astype(jnp.int32)[:, None] - 1 + jnp.arange(n_tokens)[None]
   return jnp.take_along_axis(logits_BxTxV, index_BxN[..., None], axis=1)
 
 
-def sequence_logits(model: Callable[[jax.Array], jax.Array], prompt_BxP: jax.Array,
-                    prompt_lens_B: jax.Array, continuation_BxN: jax.Array) -> jax.Array:
+def sequence_logits(model: Callable[..., jax.Array], prompt_BxP: jax.Array,
+                    prompt_lens_B: jax.Array, continuation_BxN: jax.Array,
+                    inputs: tuple[sampling.DecodeInputs, ...] = ()) -> jax.Array:
   """The logits [B, N, V] a model gives each continuation token after its left-padded
-  prompt, from the row's unpadded forward (``to_front``, ``continuation_logits``)."""
+  prompt, from the row's unpadded forward (``rollout.to_front``, ``continuation_logits``)
+  with the side inputs ``inputs`` decide for its tokens (``rollout.front_logits``)."""
   tokens_BxT = jnp.concatenate([prompt_BxP, continuation_BxN], axis=1)
-  logits = model(to_front(tokens_BxT, prompt_lens_B, prompt_BxP.shape[1]))
+  logits = rollout.front_logits(
+      model, rollout.to_front(tokens_BxT, prompt_lens_B, prompt_BxP.shape[1]), inputs)
   return continuation_logits(logits, prompt_lens_B, continuation_BxN.shape[1])
 
 
@@ -202,12 +199,15 @@ BATCH_FIELDS = ("prompt", "prompt_lens", "teacher_prompt", "teacher_lens", "repl
 """The fields of an SDFT batch (``data.Stream``)."""
 
 
-def objective(cfg: Config, ids: TokenIds) -> Objective:
+def objective(cfg: Config, ids: TokenIds,
+              inputs: tuple[sampling.DecodeInputs, ...] = ()) -> Objective:
   """The SDFT objective of the train step (module doc): sample the student's
   continuation of ``batch['prompt']`` (current params under ``stop_gradient``,
   ``sdft.temperature`` / ``top_p``, PAD and BOS forbidden, ending at EOS), then the
   student's forward with gradients and the teacher's (``ctx.extras``) without, and the
-  masked divergence. Metrics: ``kl`` (the divergence), ``teacher_gain``,
+  masked divergence. ``inputs``: the run's decode inputs (``sampling.decode_inputs``;
+  CCT trained with semantic steps: its step rule), which the sampling and both forwards
+  read, so student and teacher see the steps the run was trained with. Metrics: ``kl`` (the divergence), ``teacher_gain``,
   ``gen_len_mean`` / ``_min`` / ``_max`` (continuation tokens, EOS included) and
   ``replay_fraction`` (of the batch's slots)."""
   s = cfg.sdft
@@ -222,12 +222,14 @@ def objective(cfg: Config, ids: TokenIds) -> Objective:
                         f"{', '.join(missing)} missing): run python -m ttt_jax.sdft")
     sample = rollout.sample_rollout(  # its params under stop_gradient
         model, batch["prompt"], batch["prompt_lens"], s.max_new_tokens, ctx.rng,
-        temperature=s.temperature, top_p=s.top_p, eos_id=eos, forbid_ids=forbid)
+        temperature=s.temperature, top_p=s.top_p, eos_id=eos, forbid_ids=forbid,
+        inputs=inputs)
     continuation = sample.completion_BxN
-    student = sequence_logits(model, batch["prompt"], batch["prompt_lens"], continuation)
+    student = sequence_logits(model, batch["prompt"], batch["prompt_lens"], continuation,
+                              inputs)
     teacher = jax.lax.stop_gradient(sequence_logits(
         teacher_lib.model(cfg, model, ctx.extras), batch["teacher_prompt"],
-        batch["teacher_lens"], continuation))
+        batch["teacher_lens"], continuation, inputs))
     mask = loss_mask(sample.completion_mask_BxN, s.skip_first)
     loss = sdft_loss(student, teacher, mask, divergence=s.divergence, beta=s.jsd_beta)
     lengths = sample.completion_lens_B.astype(jnp.float32)
@@ -243,21 +245,24 @@ def objective(cfg: Config, ids: TokenIds) -> Objective:
 
 def check(cfg: Config) -> None:
   """What train.objective='sdft' cannot serve: a fake-quantized student (the teacher
-  is not) and models reading per-token batch fields the demonstrations lack."""
+  is not) and document ids, a per-token batch field the demonstrations lack (CCT's step
+  ids need none: the objective decides them as decoding does)."""
   if cfg.quant.qat_lr_ratio:
     raise ConfigError("quant.qat_lr_ratio: late QAT is not supported with "
                       "train.objective='sdft'; set it to 0")
-  if cfg.data.step_boundaries != "none" or cfg.data.document_mask:
-    raise ConfigError("train.objective: 'sdft' batches carry no per-token fields; set "
-                      "data.step_boundaries=none and data.document_mask=false")
+  if cfg.data.document_mask:
+    raise ConfigError("data.document_mask: 'sdft' batches are one prompt and its "
+                      "continuation a row, with no document ids; set it to false")
 
 
 def _registered(cfg: Config) -> Objective:
-  """The objective from the config alone: the special ids of ``data.tokenizer``."""
+  """The objective from the config alone: the special ids and decode inputs of
+  ``data.tokenizer``."""
   if not cfg.data.tokenizer:
     raise ConfigError("data.tokenizer: train.objective='sdft' samples with the run's "
                       "tokenizer; --init-from a run that has one")
-  return objective(cfg, token_ids(corpus_lib.load_tokenizer(cfg.data.tokenizer)))
+  tokenizer = corpus_lib.load_tokenizer(cfg.data.tokenizer)
+  return objective(cfg, token_ids(tokenizer), sampling.decode_inputs(cfg, tokenizer))
 
 
 registry.OBJECTIVES.register("sdft", ObjectiveEntry(
