@@ -84,6 +84,7 @@ def test_merged_attention_matches_dense_mask_reference(seed):
   np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_p_commit_zero_is_plain_causal_attention():
   cfg = cct_config()
   mixer = cct.CCTAttention(cfg, rngs=nnx.Rngs(0))
@@ -364,7 +365,8 @@ def test_config_section_validation():
 # ----------------------------------------------------------------------------- aux channel
 
 
-@pytest.mark.parametrize("residual", sorted(RESIDUALS))
+@pytest.mark.parametrize("residual", [pytest.param(r, marks=pytest.mark.slow) if r == "mhc"
+                                      else r for r in sorted(RESIDUALS)])
 def test_summaries_leave_the_model_through_the_aux_channel_under_either_trunk(residual):
   """``logits_and_summaries`` is the model's own forward: its summaries are every
   layer's ``SummaryAux`` stacked on layers, equal to the mixer's ``forward`` aux for

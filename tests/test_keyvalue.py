@@ -121,6 +121,7 @@ def test_answer_tokens_are_the_whole_texts_tokens_after_the_context(tokenizer):
     kv.answer_tokens(tokenizer, text[:cut], text[cut:])
 
 
+@pytest.mark.slow
 def test_padded_log_probs_equal_each_sequences_own_forward():
   model = LM(ModelConfig(n_layers=1, d_model=32, n_heads=2), 50, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)

@@ -174,6 +174,7 @@ def build_anchored(cfg, mesh, l2: float) -> state_lib.Built:
                          extras_shardings=lambda params: {"anchor": params, "l2": replicated})
 
 
+@pytest.mark.slow
 def test_a_custom_objective_reads_extras_and_a_custom_hook_runs_every_n_steps():
   cfg = load_config(None, TINY)
   mesh = sharding.make_mesh(cfg.mesh)
