@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,6 +21,7 @@ from flax import nnx
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import evaluate as evaluate_cli
 from ttt_jax import generate, sharding, train
+from ttt_jax.data import tokenizer as tokenizer_lib
 from ttt_jax.errors import ConfigError, TrainingError
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.inference import sampling
@@ -139,6 +143,19 @@ def test_generation_samples_from_the_trained_run(trained, capsys):
                           (["zzqqzz"], "--forbid: 'zzqqzz' is not a piece")):
     with pytest.raises(ConfigError, match=message):
       generate.forbidden_ids(tokenizer, pieces)
+
+
+def test_forbid_takes_pieces_and_ascii_ids_and_refuses_the_rest_in_one_line():
+  """--forbid: a piece of the vocabulary (the unknown piece itself included) or #ID in
+  ASCII digits, each id once; anything else, #ID in other digits included, is one
+  ConfigError line."""
+  tokenizer = tokenizer_lib.train_tokenizer([Path(textwrap.__file__).read_text()],
+                                            vocab_size=400, max_sentences=10_000)
+  assert generate.forbidden_ids(tokenizer, ["<unk>", "#0", "<s>", "#0", "#007"]) == tuple(
+      sorted({tokenizer.unk_id, 0, tokenizer.bos_id, 7}))
+  for piece in ("#\u00b2", "#\u0661", "zzqqzz"):  # superscript two, Arabic-Indic one
+    with pytest.raises(ConfigError, match=re.escape(f"--forbid: {piece!r} is not a piece")):
+      generate.forbidden_ids(tokenizer, [piece])
 
 
 @pytest.mark.slow

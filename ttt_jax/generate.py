@@ -62,7 +62,7 @@ def forbidden_ids(tokenizer: Tokenizer, pieces: list[str]) -> tuple[int, ...]:
   else is a one-line error."""
   ids = []
   for piece in pieces:
-    if piece.startswith("#") and piece[1:].isdigit():
+    if piece.startswith("#") and piece[1:].isascii() and piece[1:].isdigit():
       piece_id = int(piece[1:])
       if piece_id >= tokenizer.vocab_size:
         raise ConfigError(f"--forbid: {piece} is past the vocabulary of "
