@@ -196,6 +196,47 @@ def test_sequence_logprobs_read_the_steps_the_rollout_decoded_with():
 
 
 @pytest.mark.slow
+def test_front_rows_read_the_steps_and_logits_of_the_padded_decode_loop():
+  """Sampled rows with empty prompts and EOS (7, which ends a step) padding included:
+  the step ids ``sequence_side`` gives the front-aligned rows are those the decode loop
+  decided for the padded rows, and ``front_logits`` / ``score`` are the padded rows'
+  decode logits, so the wrapped pads reach no real position."""
+  model, inputs, eos = semantic_cct(), (semantic_steps(4),), 7
+  prompts = PROMPTS + ([], [7, 7, 12], [])
+  tokens, lengths = padded_prompts(prompts)
+  width, n_new = tokens.shape[1], 12
+  total = width + n_new
+  cache_options = sampling.checked_cache_options(model, inputs, total)
+  loop = sampling.decode_loop(model, tokens, jax.random.key(5), 3.0, 1.0, inputs,
+                              max_new_tokens=n_new, eos_id=eos, cache_options=cache_options,
+                              with_state=True,
+                              prompt_ctx=ro.ragged_context(tokens, lengths, width))
+  completion = loop.tokens_BxT[:, width:]
+  assert int(jnp.sum(completion[:, :-2] == eos)) >= 3  # rows ending early, EOS padded
+  front = ro.to_front(loop.tokens_BxT, lengths, width)
+  real_BxT = jnp.arange(total)[None] < (lengths + n_new)[:, None]
+  decided = ro.to_front(loop.side[STEP_IDS], lengths, width)
+  side = sampling.sequence_side(inputs, front)[STEP_IDS]
+  np.testing.assert_array_equal(np.asarray(jnp.where(real_BxT, side, -1)),
+                                np.asarray(jnp.where(real_BxT, decided, -1)))
+  padded_logits, _ = model.decode(  # the loop's logits: one chunk, the loop's steps
+      loop.tokens_BxT, ro.ragged_context(loop.tokens_BxT, lengths, width).replace_side(
+          **loop.side), model.init_cache(len(prompts), total, dict(cache_options)))
+  moved = jax.vmap(lambda x, n: jnp.roll(x, n - width, axis=0))(padded_logits, lengths)
+  np.testing.assert_allclose(np.asarray(jnp.where(real_BxT[..., None],
+                                                  ro.front_logits(model, front, inputs), 0)),
+                             np.asarray(jnp.where(real_BxT[..., None], moved, 0)),
+                             rtol=1e-5, atol=1e-5)
+  mask = ro.completion_mask(completion, eos)
+  per_token, _ = ro.score(model, loop.tokens_BxT, lengths, width, mask, inputs)
+  log_probs = jax.nn.log_softmax(padded_logits, axis=-1)[:, width - 1:-1]
+  expected = jnp.take_along_axis(log_probs, completion[..., None], axis=2)[..., 0]
+  expected = jnp.where(mask & (lengths[:, None] + jnp.arange(n_new) >= 1), expected, 0.0)
+  np.testing.assert_allclose(np.asarray(per_token), np.asarray(expected), rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.slow
 def test_width_one_prompts_with_an_empty_row_decode_token_by_token(model):
   """Width 1: the prompt goes through a one-token decode step, the empty row's pad
   included; each row generates what it generates alone."""
