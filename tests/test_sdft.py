@@ -548,6 +548,31 @@ def test_a_base_whose_cct_steps_the_run_would_not_read_is_refused_in_one_line(tm
   sdft_cli.check_base_steps(base, load_config(CONFIG, []))
 
 
+def test_cct_rows_longer_than_the_summary_slots_hold_are_refused_in_one_line(tmp_path):
+  """A CCT forward gives the steps past model.mixer.max_steps no summary, where decoding
+  reads one: a starting SDFT run's rows (the teacher's, 160 + 32 tokens here) must fit
+  the slots, counted in the shortest steps the run's rule makes."""
+  slots = "model.mixer={type: cct, d_summary: 8, step_len: 16, max_steps: %d}"
+  demos = _write_lines(tmp_path / "demos.jsonl",
+                       [json.dumps({"prompt": "p", "demonstration": "d"})])
+  cfg = load_config(CONFIG, [slots % 11, "train.objective=sdft", f"sdft.data={demos}",
+                             f"checkpoint.init_from={tmp_path / 'base'}"])
+  with pytest.raises(ConfigError) as error:
+    sdft_cli.sdft(cfg, tmp_path / "w")
+  assert str(error.value).startswith(
+      "model.mixer.max_steps: 11 summary slots hold rows of up to 176 tokens (steps of "
+      ">= 16), but SDFT rows have up to 192 (max(sdft.prompt_width, sdft.teacher_width) "
+      "+ sdft.max_new_tokens)")
+  assert not (tmp_path / "w").exists()
+  check = objective.check_summary_slots
+  check(load_config(CONFIG, [slots % 11, "sdft.teacher_width=144"]))
+  check(load_config(CONFIG, [slots % 12]))
+  check(load_config(CONFIG, [CCT]))  # no max_steps: a slot per token
+  with pytest.raises(ConfigError, match=r"up to 48 tokens \(steps of >= 4\)"):
+    check(load_config(CONFIG, [slots % 12, *SEMANTIC]))
+  check(load_config(CONFIG, [slots % 48, *SEMANTIC]))
+
+
 @pytest.mark.slow
 def test_sdft_fine_tunes_a_cct_run_trained_with_semantic_steps(base, tmp_path):
   """A CCT run trained with semantic steps: SDFT samples and scores it with its step

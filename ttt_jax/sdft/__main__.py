@@ -22,7 +22,8 @@ EMA steps as well), each decision a row of metrics.jsonl (``gate_accepted``, ...
 other hooks join the loop through ``sdft``'s ``extra_hooks``. A CCT base is read with the
 steps it was trained with (``steps_read``): fixed, or semantic through the run's decode
 inputs (``objective``), so the run's ``data.step_*`` settings must be the base's; a base
-trained otherwise is refused before anything is prepared.
+trained otherwise is refused before anything is prepared, as are rows longer than the
+model's summary slots hold (``objective.check_summary_slots``).
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ def sdft(cfg: Config, workdir: str | Path,
                       "a trained run: give --init-from BASE")
   s = cfg.sdft
   files = {path: data.read_examples(path) for path in filter(None, (s.data, s.replay_data))}
-  if source and not resuming:
-    check_base_steps(source, cfg)
+  if not resuming:
+    objective.check_summary_slots(cfg)
+    if source:
+      check_base_steps(source, cfg)
   if resuming and source:  # rerunning the command that started the run resumes it
     cfg = _with_init_from(cfg, "")
   setup = train_lib.prepare(cfg, workdir)

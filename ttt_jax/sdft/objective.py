@@ -255,6 +255,26 @@ def check(cfg: Config) -> None:
                       "continuation a row, with no document ids; set it to false")
 
 
+def check_summary_slots(cfg: Config) -> None:
+  """Refuses CCT rows longer than model.mixer.max_steps summary slots hold: the forward
+  of such a row (the student's or the teacher's) gives its later steps no summary, where
+  decoding the same tokens reads one. Every step but a row's last has at least
+  data.step_min_len tokens (semantic) or model.mixer.step_len (fixed)."""
+  mixer, s = cfg.model.mixer, cfg.sdft
+  if mixer.type != "cct" or not mixer.max_steps:
+    return
+  shortest = (cfg.data.step_min_len if cfg.data.step_boundaries == "semantic"
+              else mixer.step_len)
+  longest = max(s.prompt_width, s.teacher_width) + s.max_new_tokens
+  if longest > mixer.max_steps * shortest:
+    raise ConfigError(
+        f"model.mixer.max_steps: {mixer.max_steps} summary slots hold rows of up to "
+        f"{mixer.max_steps * shortest} tokens (steps of >= {shortest}), but SDFT rows "
+        f"have up to {longest} (max(sdft.prompt_width, sdft.teacher_width) + "
+        "sdft.max_new_tokens), whose later steps' summaries the forward would drop "
+        "and decoding reads; make the rows shorter")
+
+
 def _registered(cfg: Config) -> Objective:
   """The objective from the config alone: the special ids and decode inputs of
   ``data.tokenizer``."""
