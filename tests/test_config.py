@@ -348,6 +348,8 @@ def test_compute_only_keys_come_from_the_sections():
   assert ModelConfig().compute_only_keys() == {"dtype", "remat", "mixer.impl", "trunk.type"}
   ttt = ModelConfig(mixer=TTTLinearConfig())
   assert ttt.compute_only_keys() == {"dtype", "remat", "mixer.remat_group", "trunk.type"}
+  cct = ModelConfig(mixer=CCTConfig())  # summary slots size buffers, not params
+  assert cct.compute_only_keys() == {"dtype", "remat", "mixer.max_steps", "trunk.type"}
 
 
 OLD_MODELS = {

@@ -563,6 +563,8 @@ def test_cct_rows_longer_than_the_summary_slots_hold_are_refused_in_one_line(tmp
       "model.mixer.max_steps: 11 summary slots hold rows of up to 176 tokens (steps of "
       ">= 16), but SDFT rows have up to 192 (max(sdft.prompt_width, sdft.teacher_width) "
       "+ sdft.max_new_tokens)")
+  assert str(error.value).endswith("--set model.mixer.max_steps=12 (it sizes buffers only) "
+                                   "or make the rows shorter")
   assert not (tmp_path / "w").exists()
   check = objective.check_summary_slots
   check(load_config(CONFIG, [slots % 11, "sdft.teacher_width=144"]))

@@ -119,7 +119,10 @@ class CCTConfig(Section):
   """Commitment head input: 'last' (the step's last token) or 'mean' (its mean)."""
   max_steps: int = 0
   """Summary slots per training sequence; 0 means one per token (always enough). Set it
-  >= the most steps a window can hold: steps beyond it get no summary slot."""
+  >= the most steps a window can hold: steps beyond it get no summary slot. It sizes the
+  forward's buffers, not the params, so a run may change it from its checkpoint's."""
+
+  COMPUTE_ONLY = ("max_steps",)
 
   def __post_init__(self):
     check_choice("model.mixer", "pool", self.pool, ("last", "mean"))

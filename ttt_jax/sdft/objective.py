@@ -272,7 +272,8 @@ def check_summary_slots(cfg: Config) -> None:
         f"{mixer.max_steps * shortest} tokens (steps of >= {shortest}), but SDFT rows "
         f"have up to {longest} (max(sdft.prompt_width, sdft.teacher_width) + "
         "sdft.max_new_tokens), whose later steps' summaries the forward would drop "
-        "and decoding reads; make the rows shorter")
+        f"and decoding reads; --set model.mixer.max_steps={-(-longest // shortest)} "
+        "(it sizes buffers only) or make the rows shorter")
 
 
 def _registered(cfg: Config) -> Objective:
