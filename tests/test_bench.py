@@ -320,3 +320,14 @@ def test_bench_sdft_times_each_part_of_a_tiny_sdft_step(capsys):
   lines = err.splitlines()
   assert lines[-1].startswith("step - (generate + student + teacher) = ")
   assert [line.split()[0] for line in lines[-5:-1]] == list(bench_sdft.PARTS)
+
+
+def test_bench_sdft_without_a_run_refuses_a_config_that_decodes_with_its_tokenizer(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench_main.main(["sdft", "--config", str(REPO / "configs" / "sdft_tiny.yaml"),
+                     "--set", "model.mixer={type: cct, d_summary: 8, step_len: 16}",
+                     "--set", "data.step_boundaries=semantic", "--set", "data.step_len=16"])
+  assert exit_info.value.code != 0
+  err = capsys.readouterr().err
+  assert err.startswith("error: --init-from: this config decodes with the tokenizer of a "
+                        "run (") and err.endswith("give --init-from W\n") and err.count("\n") == 1

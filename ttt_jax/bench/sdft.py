@@ -46,7 +46,7 @@ from ttt_jax.bench import common
 from ttt_jax.compare import table
 from ttt_jax.config import Config, to_dict
 from ttt_jax.data.tokenizer import Tokenizer
-from ttt_jax.errors import ConfigError
+from ttt_jax.errors import ConfigError, DataError
 from ttt_jax.inference import rollout, sampling
 from ttt_jax.sdft import objective, teacher
 from ttt_jax.training import step as step_lib
@@ -80,8 +80,12 @@ def _source(init_from: str | None, cfg: Config
   else the config's vocabulary with no special id (nothing forbidden, no EOS) and no
   tokenizer."""
   if not init_from:
-    return (cfg.data.vocab_size, objective.TokenIds(-1, -1, -1),
-            sampling.decode_inputs(cfg, None))
+    try:
+      inputs = sampling.decode_inputs(cfg, None)
+    except DataError as error:  # e.g. CCT's semantic steps read the tokenizer's pieces
+      raise ConfigError(f"--init-from: this config decodes with the tokenizer of a run "
+                        f"({error}); give --init-from W") from None
+    return cfg.data.vocab_size, objective.TokenIds(-1, -1, -1), inputs
   path = Path(init_from)
   run = path if (path / runs.RUN_TOKENIZER).is_file() else ckpt_lib.resolve_source(path)[0].parent
   if not (run / runs.RUN_TOKENIZER).is_file():
