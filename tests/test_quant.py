@@ -214,6 +214,58 @@ def test_a_header_with_wrong_offsets_is_refused_not_read_out_of_bounds(tmp_path)
   _one_line(error, tmp_path / "bad")
 
 
+def test_bytes_after_the_compressed_data_are_refused(tmp_path):
+  """An artifact with anything appended (junk, or a second artifact) is not intact."""
+  data = quant.serialize({("w",): quant.Encoded(quant.RAW, np.ones((4,), np.float16))},
+                         {"step": 0})
+  quant.deserialize(data, tmp_path / "ok")
+  for name, extra in (("junk", b"0123456789abcdef" * 4), ("twice", data)):
+    with pytest.raises(CheckpointError, match="after its compressed data") as error:
+      quant.deserialize(data + extra, tmp_path / name)
+    _one_line(error, tmp_path / name)
+
+
+def _repacked(data: bytes, old: bytes, new: bytes) -> bytes:
+  """``data`` with its (decompressed) body edited and compressed again: an intact xz
+  stream around an altered header or blob."""
+  body = quant.lzma.decompress(data[len(quant.MAGIC):])
+  assert old in body
+  return quant.MAGIC + quant.lzma.compress(body.replace(old, new), format=quant.lzma.FORMAT_XZ)
+
+
+def test_scales_that_do_not_fit_their_codes_or_are_not_finite_are_refused(tmp_path):
+  w = _heavy_tailed(0, (64, 128))
+  encoded = {("w",): quant.encode(w, P("embed", "mlp"), 6, 8)}
+  assert encoded[("w",)].scale.shape == (1, 128)
+  data = quant.serialize(encoded, {"step": 0})
+  bad_shape = _repacked(data, b'"shape":[1,128]', b'"shape":[128,1]')
+  scale = encoded[("w",)].scale
+  bad_value = _repacked(data, scale.tobytes(), np.full_like(scale, np.nan).tobytes())
+  for name, content in (("shape", bad_shape), ("nan", bad_value)):
+    with pytest.raises(CheckpointError, match="scales") as error:
+      quant.deserialize(content, tmp_path / name)
+    _one_line(error, tmp_path / name)
+
+
+def test_a_tensor_to_quantize_with_a_non_finite_value_is_refused_naming_it():
+  """One inf or NaN would make its whole row's scale (so every dequantized value of the
+  row) NaN; raw tensors keep theirs as float32."""
+  params = _tiny_params()
+  flat = list(nnx.to_flat_state(params))
+  path, var = next((p, v) for p, v in flat if p[-2:] == ("mlp", "w_up"))
+  value = np.array(var.get_value())
+  value.flat[7] = np.inf
+  broken = nnx.from_flat_state([(p, v.replace(jnp.asarray(value)) if p == path else v)
+                                for p, v in flat])
+  with pytest.raises(CheckpointError, match="w_up") as error:
+    quant.encode_params(broken)
+  assert "\n" not in str(error.value) and "not finite" in str(error.value)
+  norm_path, norm = next((p, v) for p, v in flat if p[-2:] == ("final_norm", "scale"))
+  raw = nnx.from_flat_state([(p, v.replace(v.get_value().at[0].set(jnp.nan))
+                              if p == norm_path else v) for p, v in flat])
+  assert np.isnan(quant.decode(quant.encode_params(raw)[norm_path])[0])
+
+
 # ----------------------------------------------------------------------------- late QAT
 
 

@@ -25,11 +25,13 @@ is one token's vector) with ``bits_embed`` (8). Kept as raw floats: 'vector' par
 ``MIN_QUANT_ELEMENTS`` elements, whose bytes hardly count and whose scales would.
 A raw tensor is stored as float16 when that loses at most float16's rounding: every value
 finite with |x| <= 65504 (no overflow) and every non-zero |x| >= 2^-14 (float16's
-smallest normal, so no loss to subnormals); otherwise as float32.
+smallest normal, so no loss to subnormals); otherwise as float32. A tensor to quantize
+that holds an inf or NaN is refused (``encode_params``): it would make its row's scale
+NaN.
 
 The artifact (``serialize`` / ``deserialize``), one file, no pickle::
 
-  MAGIC (8 bytes, b'TTTQART1') + xz(body)           lzma preset 9, CRC64 check
+  MAGIC (8 bytes, b'TTTQART1') + xz(body)           one xz stream, lzma preset 9, CRC64 check
   body   = uint64 little-endian header length + header + blob
   header = UTF-8 JSON (sorted keys, no spaces): format version, config, step,
            vocab_size, tokenizer_hash, bits, and per tensor: path (key list), kind,
@@ -232,10 +234,19 @@ def param_specs(params: nnx.State) -> dict[tuple, P]:
 
 def encode_params(params: nnx.State, bits_matrix: int = 6,
                   bits_embed: int = 8) -> dict[tuple, Encoded]:
-  """Every parameter of ``params`` encoded, by path (in the params' order)."""
+  """Every parameter of ``params`` encoded, by path (in the params' order). A
+  ``CheckpointError`` naming the parameter where one to quantize holds a non-finite
+  value (its row's scale, so the whole dequantized row, would be NaN)."""
   specs = param_specs(params)
-  return {path: encode(jax.device_get(var.get_value()), specs[path], bits_matrix, bits_embed)
-          for path, var in _flat(params)}
+  encoded = {}
+  for path, var in _flat(params):
+    w = np.asarray(jax.device_get(var.get_value()), np.float32)
+    if tensor_kind(specs[path], w.shape) != RAW and not np.all(np.isfinite(w)):
+      raise CheckpointError(f"parameter {'/'.join(map(str, path))}: "
+                            f"{int(np.sum(~np.isfinite(w)))} values not finite; a quantized "
+                            "artifact cannot hold them (export an earlier checkpoint)")
+    encoded[path] = encode(w, specs[path], bits_matrix, bits_embed)
+  return encoded
 
 
 # ----------------------------------------------------------------------------- the artifact
@@ -300,6 +311,11 @@ def _entry(entry: dict[str, Any], blob: bytes, path: Path) -> Encoded:
       or not 2 <= bits <= 8 or np.abs(values.astype(np.int32)).max(initial=0) > qmax(bits)):
     raise CheckpointError(f"{path}: damaged artifact (tensor {entry['path']}: codes "
                           f"outside int{bits} or of kind {entry['kind']!r})")
+  if (scale.ndim != values.ndim or not np.all(np.isfinite(scale))
+      or any(n not in (1, m) for n, m in zip(scale.shape, values.shape))):
+    raise CheckpointError(f"{path}: damaged artifact (tensor {entry['path']}: scales of "
+                          f"shape {list(scale.shape)} for codes of shape "
+                          f"{list(values.shape)}, or not finite)")
   return Encoded(entry["kind"], values, scale, bits)
 
 
@@ -309,10 +325,17 @@ def deserialize(data: bytes, path: Path) -> tuple[dict[str, Any], dict[tuple, En
   if not data.startswith(MAGIC):
     raise CheckpointError(f"{path}: not a ttt_jax quantized artifact (no "
                           f"{MAGIC.decode()} header; python -m ttt_jax.export writes one)")
+  decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
   try:
-    body = lzma.decompress(data[len(MAGIC):], format=lzma.FORMAT_XZ)
-  except (lzma.LZMAError, EOFError) as e:
+    body = decompressor.decompress(data[len(MAGIC):])
+  except lzma.LZMAError as e:
     raise CheckpointError(f"{path}: damaged artifact (its compressed data: {e})") from None
+  if not decompressor.eof:
+    raise CheckpointError(f"{path}: damaged artifact (its compressed data ends early: "
+                          "truncated?)")
+  if decompressor.unused_data:
+    raise CheckpointError(f"{path}: damaged artifact ({len(decompressor.unused_data)} bytes "
+                          "after its compressed data)")
   try:
     (length,) = struct.unpack_from("<Q", body)
     header = json.loads(body[8:8 + length].decode())
