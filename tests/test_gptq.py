@@ -17,6 +17,7 @@ from flax import nnx
 from ttt_jax import catalog  # noqa: F401  (registers the mechanisms)
 from ttt_jax import gptq, quant
 from ttt_jax.config import load_config
+from ttt_jax.errors import ConfigError
 from ttt_jax.models import lm
 from ttt_jax.models.context import SequenceContext
 
@@ -126,6 +127,23 @@ def test_parameter_codes_in_chunks_of_matrices_are_the_same(monkeypatch):
   whole = gptq.parameter_codes(w, scale, hessian, lay, 6)
   monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 32 * 32)
   np.testing.assert_array_equal(gptq.parameter_codes(w, scale, hessian, lay, 6), whole)
+
+
+def test_an_undamped_singular_hessian_is_one_line_naming_the_matrix_and_the_damping():
+  """Calibration inputs that span fewer dimensions than a matrix has inputs give a
+  singular H; with quant.gptq_damp = 0 (allowed: a full-rank H needs none) that is a
+  ConfigError, not a LinAlgError from inside numpy."""
+  params = nnx.state(tiny_model("quickstart.yaml"), nnx.Param)
+  path = ("blocks", "mlp", "w_down")
+  shape = dict(nnx.to_flat_state(params))[path].get_value().shape
+  lay = gptq.layout(quant.param_specs(params)[path], shape)
+  x = np.random.default_rng(0).normal(size=(4, gptq.hessian_shape(lay, shape)[-1]))
+  hessian = np.broadcast_to(x.T @ x, gptq.hessian_shape(lay, shape))  # rank 4
+  encoded = quant.encode_params(params)
+  assert gptq.requantize(encoded, params, {path: hessian})[path].values.shape == shape
+  with pytest.raises(ConfigError, match="quant.gptq_damp=0.0.*blocks/mlp/w_down") as error:
+    gptq.requantize(encoded, params, {path: hessian}, damp=0.0)
+  assert "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- interpreter

@@ -66,6 +66,7 @@ from jax.sharding import PartitionSpec as P
 from ttt_jax import quant
 from ttt_jax.config import Config
 from ttt_jax.data.tokenizer import Tokenizer
+from ttt_jax.errors import ConfigError
 from ttt_jax.inference import sampling
 from ttt_jax.models.context import SequenceContext
 from ttt_jax.models.lm import LM
@@ -171,7 +172,8 @@ def requantize(encoded: dict[tuple, quant.Encoded], params: nnx.State,
                hessians: dict[tuple, np.ndarray], damp: float = DAMP,
                act_order: bool = True) -> dict[tuple, quant.Encoded]:
   """``encoded`` (``quant.encode_params`` of ``params``) with the codes of every 'matrix'
-  parameter in ``hessians`` replaced by GPTQ's on the same scales."""
+  parameter in ``hessians`` replaced by GPTQ's on the same scales; a ``ConfigError``
+  naming the parameter where ``damp`` leaves its H singular."""
   specs = quant.param_specs(params)
   flat = dict(nnx.to_flat_state(params))
   result = dict(encoded)
@@ -181,7 +183,13 @@ def requantize(encoded: dict[tuple, quant.Encoded], params: nnx.State,
     lay = layout(specs[path], w.shape)
     if enc.kind != quant.MATRIX or lay is None:
       raise ValueError(f"{'/'.join(map(str, path))}: not a quantized matrix")
-    codes = parameter_codes(w, enc.scale, hessian, lay, enc.bits, damp, act_order)
+    try:
+      codes = parameter_codes(w, enc.scale, hessian, lay, enc.bits, damp, act_order)
+    except np.linalg.LinAlgError:
+      raise ConfigError(f"quant.gptq_damp={damp}: the damped input Hessian of "
+                        f"{'/'.join(map(str, path))} is not positive definite (its "
+                        "calibration inputs span fewer dimensions than it has inputs); "
+                        "raise quant.gptq_damp (0.01 by default)") from None
     result[path] = enc._replace(values=codes)
   return result
 
