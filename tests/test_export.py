@@ -103,6 +103,28 @@ def test_a_bad_artifact_is_refused_in_one_line_naming_it(run, capsys, tmp_path):
   assert "--bits-matrix" in line
 
 
+@pytest.mark.slow
+def test_an_artifact_of_another_model_with_the_same_shapes_is_refused(run, capsys, tmp_path):
+  """An artifact exported from a run whose model differs only where no parameter shape
+  shows it (here rope_theta) is not scored as this run's model."""
+  _export(capsys, "--workdir", str(run), "--out", str(tmp_path / "good.ttq"))
+  data = (tmp_path / "good.ttq").read_bytes()
+  body = quant.lzma.decompress(data[len(quant.MAGIC):])
+  (length,) = quant.struct.unpack_from("<Q", body)
+  header = json.loads(body[8:8 + length])
+  header["config"]["model"]["rope_theta"] *= 2
+  text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+  other = quant.struct.pack("<Q", len(text)) + text + body[8 + length:]
+  (tmp_path / "other.ttq").write_bytes(
+      quant.MAGIC + quant.lzma.compress(other, format=quant.lzma.FORMAT_XZ))
+  with pytest.raises(SystemExit) as exit_info:  # after the run's loading messages
+    evaluate.main(["--workdir", str(run), "--artifact", str(tmp_path / "other.ttq")])
+  assert exit_info.value.code != 0
+  line = capsys.readouterr().err.strip().splitlines()[-1]
+  assert line.startswith(f"error: {tmp_path / 'other.ttq'}: ") and "rope_theta" in line, line
+  assert np.isfinite(_eval_loss(capsys, run, "--artifact", str(tmp_path / "good.ttq")))
+
+
 def test_export_of_a_directory_without_a_run_is_one_line(capsys, tmp_path):
   line = _one_error_line(capsys, export.main, ["--workdir", str(tmp_path)])
   assert str(tmp_path) in line

@@ -43,8 +43,8 @@ import numpy as np
 
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import diagnostics, lora, sharding
-from ttt_jax.config import (Config, flatten, load_config, model_from_dict, save_config,
-                            to_dict)
+from ttt_jax.config import (Config, ModelConfig, flatten, load_config, model_from_dict,
+                            save_config, to_dict)
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
 from ttt_jax.data.tokenizer import Tokenizer
@@ -216,6 +216,23 @@ def stream_identity(cfg: Config, corpus_meta: dict[str, Any]) -> dict[str, Any]:
           "tokenizer_hash": corpus_meta.get("tokenizer_hash")}
 
 
+def model_changes(saved_model: dict[str, Any], model: ModelConfig) -> list[str]:
+  """'model.KEY: saved -> current' for every key of ``model`` but the compute-only ones
+  whose value differs in ``saved_model`` (a config's saved ``model`` section)."""
+  current = flatten(to_dict(model))
+  # a field added to ModelConfig after the checkpoint was written had its default then;
+  # a checkpoint from before model slots has its flat model upgraded
+  try:
+    saved_config = model_from_dict(saved_model)
+    saved = flatten(to_dict(saved_config))
+    compute_only = model.compute_only_keys() & saved_config.compute_only_keys()
+  except ConfigError:
+    saved, compute_only = flatten(saved_model), model.compute_only_keys()
+  return [f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+          for k in sorted(set(current) | set(saved))
+          if k not in compute_only and current.get(k) != saved.get(k)]
+
+
 def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
                      stream: dict[str, Any] | None = None, state: Any = None,
                      tokenizer_hash: str | None = None) -> None:
@@ -226,19 +243,8 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
   like damage; params trained with another tokenizer than ``tokenizer_hash`` (given for
   params-only fine-tuning) would read the token ids as other pieces. Keys a checkpoint
   predates are not compared."""
-  current = flatten(to_dict(cfg.model))
-  # a field added to ModelConfig after the checkpoint was written had its default then;
-  # a checkpoint from before model slots has its flat model upgraded
-  try:
-    saved_model = model_from_dict(meta.get("model", {}))
-    saved = flatten(to_dict(saved_model))
-    compute_only = cfg.model.compute_only_keys() & saved_model.compute_only_keys()
-  except ConfigError:
-    saved, compute_only = flatten(meta.get("model", {})), cfg.model.compute_only_keys()
-  differing = sorted(k for k in set(current) | set(saved)
-                     if k not in compute_only and current.get(k) != saved.get(k))
-  if differing or meta.get("vocab_size") != vocab_size:
-    what = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+  what = ", ".join(model_changes(meta.get("model", {}), cfg.model))
+  if what or meta.get("vocab_size") != vocab_size:
     if meta.get("vocab_size") != vocab_size:
       what = ", ".join(filter(None, [what, f"vocab_size: {meta.get('vocab_size')} -> {vocab_size}"]))
     raise CheckpointError(

@@ -29,7 +29,7 @@ from ttt_jax.config import Config
 from ttt_jax.data import bpb
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data import pipeline
-from ttt_jax.errors import ConfigError
+from ttt_jax.errors import CheckpointError, ConfigError
 from ttt_jax.eval import sliding, tasks
 from ttt_jax.lora import files as lora_files
 from ttt_jax.training.step import make_eval_step
@@ -118,7 +118,8 @@ def load_weights(workdir: Path, overrides: list[str], weights: str = tasks.RAW_W
   """The newest usable checkpoint of ``workdir`` (``runs.load_trained``: read with the
   run's own tokenizer) and its validation text: its params as trained ('raw'), the run's
   'ema' / 'swa' average, or with ``artifact`` that quantized artifact (``python -m
-  ttt_jax.export``) dequantized; ``adapter``: an adapter folded into them
+  ttt_jax.export``) dequantized, refused where it was exported from another model
+  config (``runs.model_changes``); ``adapter``: an adapter folded into them
   (``lora.files.apply_adapter``)."""
   if artifact and weights != tasks.RAW_WEIGHTS:
     raise ConfigError(f"--weights {weights}: an --artifact holds its own weights; "
@@ -132,6 +133,12 @@ def load_weights(workdir: Path, overrides: list[str], weights: str = tasks.RAW_W
                                                         weights=weights)
   corpus = corpus_lib.prepare_corpus(cfg.data, log=log)
   if quantized is not None:
+    changes = runs.model_changes(quantized.header.get("config", {}).get("model", {}),
+                                 cfg.model) if "config" in quantized.header else []
+    if changes:  # same shapes, another model: its weights would be read as this one
+      raise CheckpointError(f"{artifact}: exported from another model than this run's "
+                            f"({', '.join(changes)}); evaluate it with the --workdir it "
+                            "was exported from")
     params, step = quant.artifact_params(quantized, params, corpus.meta.get("tokenizer_hash"))
     weights = f"artifact {artifact}"
   if adapter:
