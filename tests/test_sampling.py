@@ -61,6 +61,15 @@ def test_top_p_keeps_smallest_set_with_enough_mass():
   np.testing.assert_array_equal(np.asarray(mask), [[False, True, True, True]] * 2)
 
 
+def test_top_p_one_keeps_every_token_of_a_large_peaked_vocabulary():
+  """The float32 running mass reaches 1 before the tail of a large vocabulary; top_p = 1
+  (the default) must still keep every token, as the exact definition does."""
+  logits = jax.random.normal(jax.random.key(0), (4, 32000)) * 8.0
+  assert bool(jnp.all(sampling.top_p_mask(logits, 1.0)))
+  assert bool(jnp.all(sampling.top_p_mask(logits, jnp.float32(1.0))))
+  assert not bool(jnp.all(sampling.top_p_mask(logits, 0.999)))
+
+
 @pytest.fixture(scope="module")
 def model() -> lm.LM:
   cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn=SwiGLUConfig(d_ff=64),

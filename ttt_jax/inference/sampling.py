@@ -8,7 +8,8 @@ Sampling from logits z with temperature tau > 0 and nucleus mass p (Holtzman et 
     token ~ q restricted to the kept set, renormalised
 
 tau = 0 is greedy decoding (argmax). Tokens whose logit ties the smallest kept logit are
-kept as well.
+kept as well. p >= 1 keeps every token (the float32 running sum may reach 1 before a large
+vocabulary's tail, which the rule above would then drop).
 
 ``generate`` prefills the cache with the prompt in one ``LM.decode`` call, samples the
 first new token from the last prompt position, then runs ``jax.lax.scan`` over single-
@@ -45,11 +46,13 @@ from ttt_jax.models.lm import LM, Cache
 
 
 def top_p_mask(logits_BxV: jax.Array, top_p: float | jax.Array) -> jax.Array:
-  """Boolean [B, V]: the tokens of the smallest most-likely set with mass >= top_p."""
+  """Boolean [B, V]: the tokens of the smallest most-likely set with mass >= top_p
+  (every token for top_p >= 1, where the float32 running mass may reach 1 early)."""
   sorted_logits_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
   sorted_probs_BxV = jax.nn.softmax(sorted_logits_BxV, axis=-1)
   mass_before_BxV = jnp.cumsum(sorted_probs_BxV, axis=-1) - sorted_probs_BxV
-  n_kept_B = jnp.maximum(jnp.sum(mass_before_BxV < top_p, axis=-1), 1)
+  kept_BxV = (mass_before_BxV < top_p) | (jnp.asarray(top_p) >= 1.0)
+  n_kept_B = jnp.maximum(jnp.sum(kept_BxV, axis=-1), 1)
   threshold_Bx1 = jnp.take_along_axis(sorted_logits_BxV, (n_kept_B - 1)[:, None], axis=-1)
   return logits_BxV >= threshold_Bx1
 
