@@ -71,6 +71,16 @@ def test_budget_scales_steps_warmup_and_eval_batches():
     runner.budget(mhc.STUDY, 0.0)
 
 
+def test_an_invalid_budget_leaves_the_output_folder_usable(tmp_path):
+  """A refused --budget records nothing, so the same --out then takes a valid one."""
+  for bad in (0.0, -1.0):
+    with pytest.raises(Exception, match="--budget"):
+      runner.run_study(mhc.STUDY, tmp_path / "out", [0], bad, log=lambda m: None)
+  assert not (tmp_path / "out").exists()
+  runner.check_out(tmp_path / "out", mhc.STUDY, 0.05, ())
+  assert json.loads((tmp_path / "out" / "settings.json").read_text())["budget"] == 0.05
+
+
 def test_every_arm_config_loads():
   for study in (mhc.STUDY, ttt_context.STUDY):
     plan = runner.budget(study, 0.05)

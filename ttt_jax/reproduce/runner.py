@@ -181,8 +181,8 @@ def run_study(study: Study, out: Path, seeds: list[int], scale: float = 1.0,
   ``results.json``, ``table.md`` and the plots into ``out``; returns the results.
   ``extra``: overrides for every run (tests point the data cache elsewhere)."""
   out = Path(out)
+  plan = budget(study, scale)  # a refused --budget records nothing in ``out``
   check_out(out, study, scale, extra)
-  plan = budget(study, scale)
   if study.prepare is not None:
     extra = (*extra, *study.prepare(out, run_config(study.arms[0], seeds[0], plan, extra)))
   runs: dict[str, dict[str, Any]] = {arm.name: {} for arm in study.arms}
