@@ -73,7 +73,7 @@ def test_budget_scales_steps_warmup_and_eval_batches():
 
 def test_an_invalid_budget_leaves_the_output_folder_usable(tmp_path):
   """A refused --budget records nothing, so the same --out then takes a valid one."""
-  for bad in (0.0, -1.0):
+  for bad in (0.0, -1.0, math.inf, math.nan):
     with pytest.raises(Exception, match="--budget"):
       runner.run_study(mhc.STUDY, tmp_path / "out", [0], bad, log=lambda m: None)
   assert not (tmp_path / "out").exists()

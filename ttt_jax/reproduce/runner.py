@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -88,8 +89,8 @@ class Budget(NamedTuple):
 
 def budget(study: Study, scale: float) -> Budget:
   """The study's steps, warmup and eval batches scaled by ``scale``."""
-  if not scale > 0:
-    raise UserError(f"--budget: must be > 0, got {scale}")
+  if not 0 < scale < math.inf:
+    raise UserError(f"--budget: must be a finite number > 0, got {scale}")
   steps = max(MIN_STEPS, round(study.steps * scale))
   warmup = min(max(1, round(study.warmup_steps * scale)), steps - 1)
   return Budget(steps=steps, warmup_steps=warmup,
