@@ -347,6 +347,19 @@ def test_an_adapter_is_refused_by_another_base_and_a_run_by_other_adapters(base_
   assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
 
 
+@pytest.mark.slow
+def test_init_from_an_adapter_run_is_refused_in_one_line_naming_the_merge(base_run,
+                                                                          adapter_run):
+  """Its params are adapters, not a model: a run starts from its merged run instead."""
+  root, corpus_glob, cache = base_run
+  for cfg in (tiny_config(corpus_glob, cache, f"checkpoint.init_from={root / 'adapted'}"),
+              lora_config(base_run, f"checkpoint.init_from={root / 'adapted'}")):
+    with pytest.raises(CheckpointError, match=r"^checkpoint.init_from: .*adapted is an "
+                                              r"adapter run \(lora.enabled\); fold") as error:
+      train.train(cfg, root / f"from_adapted_{cfg.lora.enabled}")
+    assert "\n" not in str(error.value) and "python -m ttt_jax.lora merge" in str(error.value)
+
+
 def test_the_train_state_of_an_adapter_run_trains_adapters_on_a_frozen_base():
   """Shapes only: params are the adapters, the base is the extra tree, the optimizer
   state (AdamW, also when optim.name is muon) holds adapter-shaped leaves only."""
