@@ -169,6 +169,26 @@ def test_a_target_that_matches_nothing_is_a_one_line_config_error():
     lora.find_targets(load_config(None, TINY + ["lora.targets=[norm/scale]"]).lora, params)
 
 
+def test_an_adapter_fits_a_base_run_with_other_compute_only_settings(tmp_path):
+  """An adapter run may change how the base computes (dtype, remat), not its params: the
+  adapter folds into the base as written; another params layout is refused in one line."""
+  base_cfg, _, params = tiny_model("attention")
+  run_cfg = load_config(None, TINY + ["model.dtype=bfloat16", "model.remat=full",
+                                      "lora.rank=2"])
+  targets = lora.find_targets(run_cfg.lora, params)
+  adapters = random_adapters(run_cfg.lora, targets)
+  files.save_adapter(tmp_path / "a", adapters, files.metadata(
+      run_cfg.lora, targets, model=run_cfg.model, step=3, tokenizer_hash=None))
+  merged = files.apply_adapter(tmp_path / "a", base_cfg, params, None, log=lambda _: None)
+  want = lora.merge(params, adapters, run_cfg.lora, targets)
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = load_config(None, TINY + ["model.ffn.d_ff=256"])
+  with pytest.raises(CheckpointError, match="trained on another base model") as error:
+    files.load_adapter(tmp_path / "a", other, params, None)
+  assert "\n" not in str(error.value)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -325,6 +345,19 @@ def test_an_adapter_is_refused_by_another_base_and_a_run_by_other_adapters(base_
     generate.main(["--workdir", str(root / "base"), "--adapter", str(root / "base"),
                    "--prompt", "x"])  # a run, but no adapter run
   assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.slow
+def test_init_from_an_adapter_run_is_refused_in_one_line_naming_the_merge(base_run,
+                                                                          adapter_run):
+  """Its params are adapters, not a model: a run starts from its merged run instead."""
+  root, corpus_glob, cache = base_run
+  for cfg in (tiny_config(corpus_glob, cache, f"checkpoint.init_from={root / 'adapted'}"),
+              lora_config(base_run, f"checkpoint.init_from={root / 'adapted'}")):
+    with pytest.raises(CheckpointError, match=r"^checkpoint.init_from: .*adapted is an "
+                                              r"adapter run \(lora.enabled\); fold") as error:
+      train.train(cfg, root / f"from_adapted_{cfg.lora.enabled}")
+    assert "\n" not in str(error.value) and "python -m ttt_jax.lora merge" in str(error.value)
 
 
 def test_the_train_state_of_an_adapter_run_trains_adapters_on_a_frozen_base():

@@ -76,6 +76,20 @@ def test_an_empty_or_missing_file_is_refused(tmp_path):
     probes.read_probes(tmp_path / "q.jsonl")
 
 
+def test_lines_are_split_at_newlines_only_and_bad_bytes_are_refused_naming_the_line(tmp_path):
+  prompt = "a\u2028b\x85c"  # line separators JSON strings may hold as they are
+  path = tmp_path / "p.jsonl"
+  path.write_text(json.dumps({"kind": "logprob", "prompt": "x", "expected": "y"}) + "\r\n"
+                  + json.dumps({"kind": "logprob", "prompt": prompt, "expected": "d"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+  read = probes.read_probes(path)
+  assert [(p.id, p.prompt) for p in read] == [("logprob-1", "x"), ("logprob-2", prompt)]
+  path.write_bytes(path.read_bytes() + b'{"kind": "logprob", "prompt": "\xff"}\n')
+  with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: not UTF-8 text") as error:
+    probes.read_probes(path)
+  assert "\n" not in str(error.value)
+
+
 def test_the_command_refuses_a_bad_probes_file_in_one_line(tmp_path, capsys):
   path = _write(tmp_path / "bad.jsonl", {"kind": "regex", "prompt": "a", "pattern": "[z-a]"})
   with pytest.raises(SystemExit) as exit_info:

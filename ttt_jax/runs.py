@@ -367,12 +367,18 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
       other.close()
     log(f"initialised from {directory}/{step}: params, optimizer state and data position")
     return restored.state, restored.step
+  def check(meta: dict[str, Any]) -> None:
+    if lora.BASE in _extra_names(meta.get("state_signature", {})):  # params: its adapters
+      raise CheckpointError(
+          f"checkpoint.init_from: {source} is an adapter run (lora.enabled); fold its "
+          f"adapters into its base first (python -m ttt_jax.lora merge --workdir {source} "
+          "--out DIR) and start from DIR")
+    check_compatible(meta, cfg, vocab_size, tokenizer_hash=stream["tokenizer_hash"])
+
   # with lora.enabled the source's params are the frozen base the adapters train on
   step, params, _ = ckpt_lib.load_params(
       source, ckpt_lib.with_shardings(model_tree(cfg, state),
-                                      model_tree(cfg, built.state_shardings)),
-      check=lambda meta: check_compatible(meta, cfg, vocab_size,
-                                          tokenizer_hash=stream["tokenizer_hash"]))
+                                      model_tree(cfg, built.state_shardings)), check=check)
   log(f"initialised params from {source} (step {step}); optimizer and data start fresh")
   if cfg.lora.enabled:
     return state._replace(extras={**state.extras, lora.BASE: params}), 0

@@ -14,10 +14,10 @@ A probes file is jsonl, one probe a line (blank lines skipped)::
   decoded and re-encoded), (1/E) sum_i log p(e_i | p, e_<i). It moves smoothly with the
   weights where a small model passes no generation probe.
 
-``id`` defaults to ``<kind>-<line>``. A probe that cannot be used (bad JSON, a missing or
-mistyped field, an unknown kind, an invalid regular expression, a prompt or expected
-text that encodes to no tokens) is refused in one line naming ``file:line`` and the
-field.
+``id`` defaults to ``<kind>-<line>``; lines end at '\n' only. A probe that cannot be used
+(not UTF-8, bad JSON, a missing or mistyped field, an unknown kind, an invalid regular
+expression, a prompt or expected text that encodes to no tokens) is refused in one line
+naming ``file:line`` and the field.
 
 Probes are batched without padding: the generation probes grouped by (prompt length,
 max_new_tokens), the logprob probes by total length, each group in one call of at most
@@ -127,8 +127,15 @@ def read_probes(path: str | Path) -> list[Probe]:
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: no such probes file")
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as error:
+    line = data[:error.start].count(b"\n") + 1
+    raise DataError(f"{path}:{line}: not UTF-8 text ({error.reason})") from None
   probes = []
-  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+  # lines end at '\n' only: a JSON string may hold U+2028 or U+0085, which splitlines cuts
+  for number, line in enumerate(text.split("\n"), start=1):
     if line.strip():
       probes.append(parse_probe(line, f"{path}:{number}", number))
   if not probes:

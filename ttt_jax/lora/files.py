@@ -1,8 +1,10 @@
 """Adapters on disk, and folding them into runs.
 
 An adapter directory holds ``adapter.json`` (the metadata: rank, alpha, targets,
-init_std, the adapted weights, the trainable count, the base's model hash
-``config_hash(model)``, the step and the tokenizer's sha256) and ``adapters/``, the
+init_std, the adapted weights, the trainable count, the base's model hashes
+(``config_hash(model)``, and ``params_hash``: the same without the compute-only keys
+such as dtype and remat, which a run may change over the same params), the step and
+the tokenizer's sha256) and ``adapters/``, the
 adapter tree as an orbax PyTree checkpoint. ``export_adapter`` writes one from an
 adapter run (a run trained with ``lora.enabled``: its newest checkpoint's params);
 ``load_adapter`` reads one, or an adapter run directory directly, and refuses it for a
@@ -28,7 +30,7 @@ from flax import nnx
 
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import runs
-from ttt_jax.config import Config, LoRAConfig, config_hash
+from ttt_jax.config import Config, LoRAConfig, ModelConfig, config_hash, flatten, to_dict
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import CheckpointError, ConfigError
 from ttt_jax.lora import adapters as lora
@@ -42,13 +44,23 @@ TREE_DIR = "adapters"
 """The adapter directory's orbax checkpoint of the adapter tree."""
 
 
-def metadata(lora_cfg: LoRAConfig, targets: list[lora.Target], *, model_hash: str,
+def params_hash(model: ModelConfig) -> str:
+  """``config_hash`` of the model config without its compute-only keys (dtype, remat,
+  ...; ``ModelConfig.compute_only_keys``): the same for every run over the same params,
+  as ``checkpoint.init_from`` and resuming compare them."""
+  compute_only = model.compute_only_keys()
+  return config_hash({k: v for k, v in flatten(to_dict(model)).items()
+                      if k not in compute_only})
+
+
+def metadata(lora_cfg: LoRAConfig, targets: list[lora.Target], *, model: ModelConfig,
              step: int, tokenizer_hash: str | None) -> dict[str, Any]:
-  """What ``adapter.json`` records."""
+  """What ``adapter.json`` records; ``model``: the adapter run's model config."""
   return {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
           "init_std": lora_cfg.init_std, "adapted": [t.name for t in targets],
           "trainable": lora.trainable_count(targets, lora_cfg.rank),
-          "model_config_hash": model_hash, "step": step, "tokenizer_hash": tokenizer_hash}
+          "model_config_hash": config_hash(model), "model_params_hash": params_hash(model),
+          "step": step, "tokenizer_hash": tokenizer_hash}
 
 
 def lora_config(meta: dict[str, Any]) -> LoRAConfig:
@@ -71,11 +83,15 @@ def save_adapter(directory: str | Path, adapters: dict[str, Any], meta: dict[str
 
 def _check_base(path: Path, meta: dict[str, Any], base_cfg: Config,
                 tokenizer_hash: str | None) -> None:
-  """Refuses an adapter trained on another base: one line naming both hashes."""
-  base_hash = config_hash(base_cfg.model)
-  if meta["model_config_hash"] != base_hash:
+  """Refuses an adapter trained on another base: one line naming both hashes. The model
+  configs compare without their compute-only keys (``params_hash``; an adapter written
+  before it recorded that hash compares the whole model config)."""
+  key, hash_of = (("model_params_hash", params_hash) if "model_params_hash" in meta else
+                  ("model_config_hash", config_hash))
+  base_hash = hash_of(base_cfg.model)
+  if meta[key] != base_hash:
     raise CheckpointError(f"--adapter {path}: trained on another base model (model hash "
-                          f"{meta['model_config_hash']}, this base's {base_hash})")
+                          f"{meta[key]}, this base's {base_hash})")
   if meta.get("tokenizer_hash") and tokenizer_hash and meta["tokenizer_hash"] != tokenizer_hash:
     raise CheckpointError(f"--adapter {path}: trained with another tokenizer (sha256 "
                           f"{meta['tokenizer_hash'][:12]}..., this base's "
@@ -89,7 +105,7 @@ def _run_adapter(workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     raise ConfigError(f"{workdir}: not an adapter run (its lora.enabled is false)")
   targets = lora.find_targets(cfg.lora, restored.state.extras[lora.BASE])
   return restored.state.params, metadata(
-      cfg.lora, targets, model_hash=config_hash(cfg.model), step=restored.step,
+      cfg.lora, targets, model=cfg.model, step=restored.step,
       tokenizer_hash=restored.meta.get("tokenizer_hash"))
 
 
