@@ -59,6 +59,20 @@ def test_writer_rows_tags_and_truncation_on_resume(tmp_path):
   assert [(r["step"], r.get("loss")) for r in rows] == [(1, 3.0), (2, 9.0)]
 
 
+def test_a_row_a_kill_cut_short_is_dropped_on_resume(tmp_path):
+  """A process killed mid-write leaves a torn last line; the resume drops it (and any
+  other line that is no row) instead of tripping on it."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n\n[1]\n'
+                  '{"step": "x"}\n{"step": 3, "lo')
+  resumed = metrics.MetricsWriter(tmp_path, tensorboard=False, enabled=True, resume_step=2)
+  resumed.write(3, {"loss": 1.0})
+  resumed.close()
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+  assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_disabled_writer_writes_nothing(tmp_path):
   writer = metrics.MetricsWriter(tmp_path, tensorboard=True, enabled=False, resume_step=0)
   writer.write(1, {"loss": 1.0})

@@ -35,6 +35,28 @@ TB_TAGS = {
 }
 
 
+def _row_step(line: str) -> int | None:
+  """The step of a jsonl row, or None for a line that is not one (a write a kill cut
+  short)."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  step = row.get("step") if isinstance(row, dict) else None
+  return step if isinstance(step, int) else None
+
+
+def keep_rows_through(path: Path, step: int) -> None:
+  """Rewrites the jsonl file at ``path`` (rows with an int ``step``) without its rows
+  after ``step`` and without lines that are no row (a write cut short by a kill, which a
+  resume would otherwise trip on), atomically."""
+  kept = [line for line in path.read_text(errors="replace").splitlines()
+          if (row_step := _row_step(line)) is not None and row_step <= step]
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in kept))
+  tmp.replace(path)
+
+
 def _tag(key: str) -> str:
   return TB_TAGS.get(key) or (key if "/" in key else f"train/{key}")
 
@@ -60,11 +82,7 @@ class MetricsWriter:
     """Drops rows logged after ``step`` (used when resuming from an earlier step)."""
     if not (self.enabled and self.path.exists()):
       return
-    kept = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(self.path)
+    keep_rows_through(self.path, step)
 
   def write(self, step: int, row: dict[str, Any]) -> None:
     if not self.enabled:

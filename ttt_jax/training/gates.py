@@ -249,8 +249,5 @@ class Gate(loop.Hook):
   def _drop_rows_after(self, step: int) -> None:
     """Drops the decisions an interrupted attempt logged past ``step``."""
     path = self.workdir / LOG_FILE
-    if not path.exists():
-      return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    if path.exists():
+      metrics_lib.keep_rows_through(path, step)
