@@ -19,6 +19,7 @@ from flax import nnx
 
 from train_util import copy_stdlib_corpus, eval_losses, tiny_config, train_losses
 from ttt_jax import generate, lora, runs, sharding, train
+from ttt_jax.bench import sdft as bench_sdft
 from ttt_jax.cct import mixer as cct
 from ttt_jax.config import Config, ConfigError, LoRAConfig, config_hash, load_config
 from ttt_jax.data.tokenizer import Tokenizer
@@ -358,6 +359,8 @@ def test_init_from_an_adapter_run_is_refused_in_one_line_naming_the_merge(base_r
                                               r"adapter run \(lora.enabled\); fold") as error:
       train.train(cfg, root / f"from_adapted_{cfg.lora.enabled}")
     assert "\n" not in str(error.value) and "python -m ttt_jax.lora merge" in str(error.value)
+  with pytest.raises(CheckpointError, match=r"^--init-from: .*adapted is an adapter run"):
+    bench_sdft.bench_sdft(tiny_config(corpus_glob, cache), str(root / "adapted"), 1, 0, 1)
 
 
 def test_the_train_state_of_an_adapter_run_trains_adapters_on_a_frozen_base():

@@ -276,6 +276,16 @@ PARAMS_PREFIX = ".params["
 """How ``state_signature`` paths of the parameters begin."""
 
 
+def check_not_adapter_run(meta: dict[str, Any], source: Any, field: str) -> None:
+  """Refuses, naming ``field``, a checkpoint (its ``meta``) of an adapter run as a
+  source of model params: its params are its adapters."""
+  if lora.BASE in _extra_names(meta.get("state_signature", {})):
+    raise CheckpointError(
+        f"{field}: {source} is an adapter run (lora.enabled); fold its adapters into its "
+        f"base first (python -m ttt_jax.lora merge --workdir {source} --out DIR) and "
+        "start from DIR")
+
+
 def _extra_names(signature: dict[str, str]) -> list[str]:
   return sorted({path[len(EXTRAS_PREFIX):].split("]")[0].strip("'\"") for path in signature
                  if path.startswith(EXTRAS_PREFIX)})
@@ -368,11 +378,7 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
     log(f"initialised from {directory}/{step}: params, optimizer state and data position")
     return restored.state, restored.step
   def check(meta: dict[str, Any]) -> None:
-    if lora.BASE in _extra_names(meta.get("state_signature", {})):  # params: its adapters
-      raise CheckpointError(
-          f"checkpoint.init_from: {source} is an adapter run (lora.enabled); fold its "
-          f"adapters into its base first (python -m ttt_jax.lora merge --workdir {source} "
-          "--out DIR) and start from DIR")
+    check_not_adapter_run(meta, source, "checkpoint.init_from")
     check_compatible(meta, cfg, vocab_size, tokenizer_hash=stream["tokenizer_hash"])
 
   # with lora.enabled the source's params are the frozen base the adapters train on

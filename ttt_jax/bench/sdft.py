@@ -101,11 +101,16 @@ def _built(cfg: Config, vocab_size: int, mesh: jax.sharding.Mesh, init_from: str
   built = build(cfg, vocab_size, mesh, extras_init=teacher.extras_init(cfg),
                 extras_shardings=teacher.extras_shardings)
   state = built.state
+
+  def check(meta: dict[str, Any]) -> None:
+    runs.check_not_adapter_run(meta, init_from, "--init-from")
+    runs.check_compatible(meta, cfg, vocab_size)
+
   if init_from:
     _, params, _ = ckpt_lib.load_params(
         init_from, ckpt_lib.with_shardings(step_lib.model_tree(cfg, state),
                                            step_lib.model_tree(cfg, built.state_shardings)),
-        check=lambda meta: runs.check_compatible(meta, cfg, vocab_size))
+        check=check)
     state = (state._replace(extras={**state.extras, lora.BASE: params}) if cfg.lora.enabled
              else state._replace(params=params))
   built.state = teacher.restart(state, built.state_shardings.extras[teacher.TEACHER])
