@@ -233,6 +233,15 @@ def _repacked(data: bytes, old: bytes, new: bytes) -> bytes:
   return quant.MAGIC + quant.lzma.compress(body.replace(old, new), format=quant.lzma.FORMAT_XZ)
 
 
+def test_a_header_without_its_step_is_refused_in_one_line(tmp_path):
+  data = quant.serialize({("w",): quant.Encoded(quant.RAW, np.ones((4,), np.float16))},
+                         {"step": 3})
+  for name, new in (("missing", b'"stap":3'), ("text", b'"step":"3"')):
+    with pytest.raises(CheckpointError, match="damaged artifact header") as error:
+      quant.deserialize(_repacked(data, b'"step":3', new), tmp_path / name)
+    _one_line(error, tmp_path / name)
+
+
 def test_scales_that_do_not_fit_their_codes_or_are_not_finite_are_refused(tmp_path):
   w = _heavy_tailed(0, (64, 128))
   encoded = {("w",): quant.encode(w, P("embed", "mlp"), 6, 8)}

@@ -342,6 +342,8 @@ def deserialize(data: bytes, path: Path) -> tuple[dict[str, Any], dict[tuple, En
     if header.get("format") != FORMAT_VERSION:
       raise CheckpointError(f"{path}: artifact format {header.get('format')!r}; this "
                             f"version reads format {FORMAT_VERSION}")
+    if not isinstance(header.get("step"), int):
+      raise ValueError("no int 'step'")
     blob = body[8 + length:]
     tensors = {tuple(e["path"]): _entry(e, blob, path) for e in header["tensors"]}
   except (struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError,
