@@ -153,6 +153,24 @@ def test_text_glob_and_jsonl_documents(tmp_path):
   assert corpus.meta["val_docs"] == sum(corpus_lib.split_documents(names, 0.3))
 
 
+def test_jsonl_lines_are_newline_separated_whatever_the_text_holds(tmp_path):
+  # JSON allows U+2028/U+2029 and U+0085 unescaped inside strings (ensure_ascii=False
+  # writes them so); Windows tools add a BOM and CRLF line ends
+  texts = ["one\u2028still one", "two\x85and\u2029more", "three"]
+  lines = [json.dumps({"text": text}, ensure_ascii=False) for text in texts]
+  path = tmp_path / "records.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines[:2] + ["", lines[2]]).encode() + b"\r\n")
+  documents = corpus_lib._jsonl_documents(path, "records.jsonl")
+  assert [(d.name, d.text) for d in documents] == [
+      ("records.jsonl:1", texts[0]), ("records.jsonl:2", texts[1]), ("records.jsonl:4", texts[2])]
+
+
+def test_text_file_byte_order_mark_is_not_text(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_bytes(b"\xef\xbb\xbfhello\r\nworld\r\n")
+  assert corpus_lib._read_utf8(path) == "hello\r\nworld\r\n"
+
+
 def test_packed_bin_corpus(tmp_path):
   tokens = (np.arange(1000) * 7 % 300).astype(np.uint16)
   tokens.tofile(tmp_path / "train.bin")
