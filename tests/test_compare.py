@@ -67,6 +67,22 @@ def test_table_has_each_runs_figures_and_the_fields_that_differ(tmp_path):
   assert compare.eval_set_warning(runs) is None
 
 
+def test_non_finite_values_show_as_nan_and_keep_their_rows(tmp_path):
+  # metrics.jsonl writes NaN as null: the last train row (a step that train.nonfinite=
+  # 'skip' dropped) and the final eval are NaN, and the table must not show older values
+  # in their place; the row's step time still counts
+  run_rows = [{"step": 5, "loss": 3.0, "step_time_s": 0.5},
+              {"step": 10, "loss": None, "grad_norm": None, "step_time_s": 1.0},
+              {"step": 5, "eval_loss": 2.5, "eval_bpb": 1.25},
+              {"step": 10, "eval_loss": None, "eval_bpb": None}]
+  summary = compare.summarize(compare.read_run(make_run(tmp_path / "run", [], run_rows)))
+  assert summary["train time"] == 5 * 0.5 + 5 * 1.0
+  assert all(summary[key] != summary[key] for key in ("train loss", "eval loss", "eval bpb"))
+  assert (summary["best eval loss"], summary["best eval bpb"]) == (2.5, 1.25)
+  assert compare.report([compare.read_run(str(tmp_path / "run"))]).splitlines()[1].split()[
+      5:8] == ["nan", "nan", "2.5000"]
+
+
 def test_eval_set_warning_names_what_differs(tmp_path):
   base = make_run(tmp_path / "base", [], rows({10: 3.0}),
                   meta={"state_signature": {}, "corpus_hash": "a", "tokenizer_hash": "t"})

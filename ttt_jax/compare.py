@@ -5,7 +5,8 @@ its newest checkpoint, when there is one) and prints one table row per run: the 
 trained, tokens seen (steps x ``train.batch_size`` x ``data.seq_len``), the parameter
 count (from the checkpoint's state signature), the time spent in train steps (the sum of
 the logged ``step_time_s`` over the steps they cover: compilation and evals left out),
-the last train loss, and the final and best eval loss and bits per byte. Below it come
+the last train loss, and the final and best eval loss and bits per byte (a last value
+that was non-finite, ``null`` in ``metrics.jsonl``, shows as nan). Below it come
 the config fields whose values differ between the runs (``config.flatten``).
 
 Eval numbers compare only on the same eval set: when the runs' corpus, tokenizer,
@@ -128,8 +129,9 @@ def count_params(meta: dict[str, Any] | None) -> int | None:
 
 def summarize(run: Run) -> dict[str, Any]:
   """One table row: see the module docstring (None where the run has no such value)."""
-  train = [row for row in run.rows if row.get("loss") is not None]
-  evals = [row for row in run.rows if row.get("eval_loss") is not None]
+  # a non-finite value is null in metrics.jsonl: its row still counts, shown as nan
+  train = [row for row in run.rows if "loss" in row]
+  evals = [row for row in run.rows if "eval_loss" in row]
   steps = max(row["step"] for row in run.rows)
   batch, seq_len = run.config.get("train.batch_size"), run.config.get("data.seq_len")
   train_s, previous = 0.0, 0
@@ -142,15 +144,21 @@ def summarize(run: Run) -> dict[str, Any]:
     values = [row[key] for row in evals if row.get(key) is not None]
     return min(values) if values else None
 
+  def last(rows: list[dict[str, Any]], key: str) -> float | None:
+    """``key`` of the last row (None without rows or key; nan where it was null)."""
+    if not rows or key not in rows[-1]:
+      return None
+    return math.nan if rows[-1][key] is None else rows[-1][key]
+
   return {
       "run": run.name, "steps": steps,
       "tokens": steps * batch * seq_len if batch and seq_len else None,
       "params": count_params(run.meta),
       "train time": train_s if train else None,
-      "train loss": train[-1]["loss"] if train else None,
-      "eval loss": evals[-1]["eval_loss"] if evals else None,
+      "train loss": last(train, "loss"),
+      "eval loss": last(evals, "eval_loss"),
       "best eval loss": best("eval_loss"),
-      "eval bpb": evals[-1].get("eval_bpb") if evals else None,
+      "eval bpb": last(evals, "eval_bpb"),
       "best eval bpb": best("eval_bpb"),
   }
 
