@@ -165,12 +165,6 @@ def test_jsonl_lines_are_newline_separated_whatever_the_text_holds(tmp_path):
       ("records.jsonl:1", texts[0]), ("records.jsonl:2", texts[1]), ("records.jsonl:4", texts[2])]
 
 
-def test_text_file_byte_order_mark_is_not_text(tmp_path):
-  path = tmp_path / "notes.txt"
-  path.write_bytes(b"\xef\xbb\xbfhello\r\nworld\r\n")
-  assert corpus_lib._read_utf8(path) == "hello\r\nworld\r\n"
-
-
 def test_packed_bin_corpus(tmp_path):
   tokens = (np.arange(1000) * 7 % 300).astype(np.uint16)
   tokens.tofile(tmp_path / "train.bin")

@@ -133,13 +133,12 @@ def _expand_source(spec: str) -> list[tuple[Path, str]]:
 
 
 def _read_utf8(path: Path) -> str:
-  """The text of ``path``, without a leading byte order mark (which is no text)."""
   try:
     data = path.read_bytes()
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror})") from None
   try:
-    return data.decode("utf-8").removeprefix("\ufeff")
+    return data.decode("utf-8")
   except UnicodeDecodeError as e:
     raise DataError(f"{path}: not valid UTF-8 at byte offset {e.start} ({e.reason})") from None
 
@@ -147,9 +146,11 @@ def _read_utf8(path: Path) -> str:
 def _jsonl_documents(path: Path, name: str) -> list[Document]:
   """One document per line's ``text`` field; blank lines are skipped. Lines end at
   ``\n`` only: JSON strings may hold U+2028, U+0085 and the like unescaped, which
-  ``str.splitlines`` would also split at (a ``\r`` before ``\n`` is JSON whitespace)."""
+  ``str.splitlines`` would also split at (a ``\r`` before ``\n`` is JSON whitespace,
+  and a leading byte order mark, as Windows tools write, is dropped)."""
   documents = []
-  for line_number, line in enumerate(_read_utf8(path).split("\n"), start=1):
+  lines = _read_utf8(path).removeprefix("\ufeff").split("\n")
+  for line_number, line in enumerate(lines, start=1):
     if not line.strip():
       continue
     try:
