@@ -473,6 +473,32 @@ def test_init_from_params_verifies_their_checksums(tmp_path):
     ckpt_lib.load_params(tmp_path, like, check=lambda meta: None)
 
 
+@pytest.mark.parametrize("damage", ["truncated array file", "garbled meta"])
+def test_init_from_a_damaged_checkpoint_is_one_line_naming_an_older_one(tmp_path, damage):
+  """``--init-from`` another run whose newest checkpoint cannot be read: one
+  CheckpointError line naming the step and the older step to start from instead; the
+  other run's files are left as they are."""
+  state = {"params": noisy_state(1), "opt": {"mu": jnp.zeros(3)}}
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3, compress=False)
+  for step in (5, 6):
+    ckpt.save(step, state, iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  if damage == "truncated array file":
+    target = largest_state_file(tmp_path, 6)
+    target.write_bytes(target.read_bytes()[:10])
+  else:
+    next((tmp_path / "6" / "meta").glob("*")).write_text("{not json")
+  like = abstract_like(state["params"])
+  with pytest.raises(ckpt_lib.CheckpointError) as error:
+    ckpt_lib.load_params(tmp_path, like, check=lambda meta: None)
+  message = str(error.value)
+  assert "\n" not in message and len(message) < 500, message
+  assert message.startswith(f"--init-from: checkpoint {tmp_path / '6'} cannot be read (")
+  assert message.endswith(f"start from an older one with --init-from {tmp_path / '5'}")
+  assert ckpt_lib.load_params(tmp_path / "5", like, check=lambda meta: None)[0] == 5
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "6"]
+
+
 def test_a_checkpoint_without_checksums_restores_unchecked(tmp_path):
   """A checkpoint written before checksums (its meta has none) restores as before,
   while a new save records them."""

@@ -75,6 +75,7 @@ barriers there are collectives and must stay in program order with the train ste
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -84,7 +85,7 @@ import platform
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -606,6 +607,25 @@ def resolve_source(path: str | Path) -> tuple[Path, int | None]:
                         "directory or a checkpoint step directory")
 
 
+@contextlib.contextmanager
+def reading_source(directory: Path, step: int, steps: list[int]) -> Iterator[None]:
+  """Turns a failure to read step ``step`` of an ``--init-from`` source (one of
+  ``steps``) into one ``CheckpointError`` line naming the step and the newest older one
+  to start from instead (not for a storage failure, ``STORAGE_ERRNOS``). Another run's
+  checkpoint is not moved aside; a CheckpointError (an incompatible or checksum-failing
+  checkpoint) passes through as it is."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - any read failure: a damaged or missing step
+    older = [s for s in steps if s < step]
+    hint = (f"; start from an older one with --init-from {directory / str(older[-1])}"
+            if older and error_errno(e) not in STORAGE_ERRNOS else "")
+    raise CheckpointError(f"--init-from: checkpoint {directory / str(step)} cannot be read "
+                          f"({describe_error(e)}){hint}") from None
+
+
 def load_params(path: str | Path, abstract_params: Any,
                 check: Callable[[dict], None]) -> tuple[int, Any, dict[str, Any]]:
   """(step, params, meta) of another run's checkpoint, params only (partial restore),
@@ -623,10 +643,13 @@ def load_params(path: str | Path, abstract_params: Any,
       step = steps[-1]
     elif step not in steps:
       raise CheckpointError(f"{directory}/{step}: not a complete checkpoint")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with reading_source(directory, step, steps):
+      meta = manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
     check(meta)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=state_restore_args({"params": abstract_params}, partial=True)))
+    with reading_source(directory, step, steps):
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=state_restore_args({"params": abstract_params}, partial=True)))
   finally:
     manager.close()
   params = restored["state"]["params"]

@@ -367,12 +367,16 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
     directory, step = ckpt_lib.resolve_source(source)
     other = ckpt_lib.Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False)
     try:
-      step = step if step is not None else (other.all_steps() or [None])[-1]
+      steps = other.all_steps()
+      step = step if step is not None else (steps or [None])[-1]
       if step is None:
         raise CheckpointError(f"{directory}: no complete checkpoint to initialise from")
-      check_compatible(other.read_meta(step), cfg, vocab_size, stream=stream, state=state)
-      restored = other.restore(step, ckpt_lib.with_shardings(state, built.state_shardings),
-                               data_iter)
+      with ckpt_lib.reading_source(directory, step, steps):
+        meta = other.read_meta(step)
+      check_compatible(meta, cfg, vocab_size, stream=stream, state=state)
+      with ckpt_lib.reading_source(directory, step, steps):
+        restored = other.restore(step, ckpt_lib.with_shardings(state, built.state_shardings),
+                                 data_iter)
     finally:
       other.close()
     log(f"initialised from {directory}/{step}: params, optimizer state and data position")
