@@ -216,6 +216,8 @@ def _bad_corpora(tmp_path: Path) -> dict[str, tuple[list[str], dict, str]]:
                                r"nope/\*\.txt.*matched no files"),
       "missing file": ([str(tmp_path / "missing.txt")], {}, r"missing\.txt does not exist"),
       "directory": ([str(tmp_path / "folder")], {}, r"folder is a directory"),
+      "empty entry": ([str(good), " "], {},
+                      r"^data\.corpus: entry 2 is empty \(' '\); an unset shell variable\?"),
       "all empty": ([str(tmp_path / "empty*.txt")], {}, r"no non-empty documents \(2 files"),
       "non-utf8": ([str(good), str(tmp_path / "latin1.txt")], {},
                    r"latin1\.txt: not valid UTF-8 at byte offset 7"),
@@ -245,7 +247,7 @@ def _bad_corpora(tmp_path: Path) -> dict[str, tuple[list[str], dict, str]]:
 
 
 BAD_DATA_CASES = (
-    "glob matches nothing", "missing file", "directory", "all empty", "non-utf8",
+    "glob matches nothing", "missing file", "directory", "empty entry", "all empty", "non-utf8",
     "malformed jsonl", "missing text", "text not str", "one document", "too small",
     "vocab too large", "bin size mismatch", "bin id out of range", "bin sidecar field",
     "bin too small")

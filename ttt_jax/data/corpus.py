@@ -504,6 +504,10 @@ def _packed_corpus(cfg: DataConfig, path: Path, log: Callable[[str], None]) -> C
 
 def prepare_corpus(cfg: DataConfig, log: Callable[[str], None] = print) -> Corpus:
   """Reads, splits and tokenizes ``cfg.corpus`` (reusing cached work); see module doc."""
+  for number, spec in enumerate(cfg.corpus, start=1):
+    if not spec.strip():  # else read as the current directory, or a glob of it
+      raise DataError(f"data.corpus: entry {number} is empty ({spec!r}); an unset shell "
+                      "variable?")
   files = [match for spec in cfg.corpus if spec != STDLIB for match in _expand_source(spec)]
   packed = [path for path, _ in files if path.suffix == ".bin"]
   if packed:
