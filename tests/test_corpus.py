@@ -165,6 +165,16 @@ def test_jsonl_lines_are_newline_separated_whatever_the_text_holds(tmp_path):
       ("records.jsonl:1", texts[0]), ("records.jsonl:2", texts[1]), ("records.jsonl:4", texts[2])]
 
 
+def test_a_file_named_with_glob_characters_is_that_file(tmp_path):
+  (tmp_path / "notes [draft].txt").write_text(PROSE[0])
+  (tmp_path / "what?.txt").write_text(PROSE[1])
+  for name in ("notes [draft].txt", "what?.txt"):
+    assert corpus_lib._expand_source(str(tmp_path / name)) == [(tmp_path / name, name)]
+  assert corpus_lib._expand_source(str(tmp_path / "*.txt")) == [
+      (tmp_path / "notes [draft].txt", "notes [draft].txt"),
+      (tmp_path / "what?.txt", "what?.txt")]
+
+
 def test_packed_bin_corpus(tmp_path):
   tokens = (np.arange(1000) * 7 % 300).astype(np.uint16)
   tokens.tofile(tmp_path / "train.bin")

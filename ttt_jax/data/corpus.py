@@ -115,9 +115,10 @@ def _glob_base(pattern: str) -> Path:
 
 
 def _expand_source(spec: str) -> list[tuple[Path, str]]:
-  """(path, document name) of each file named by one ``data.corpus`` entry."""
+  """(path, document name) of each file named by one ``data.corpus`` entry: a glob,
+  unless it is the name of a file (``notes [draft].txt``)."""
   pattern = os.path.expanduser(spec)
-  if _GLOB_MAGIC.search(pattern):
+  if _GLOB_MAGIC.search(pattern) and not os.path.isfile(pattern):
     matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
     if not matches:
       raise DataError(f"data.corpus: {spec!r} matched no files")
