@@ -263,6 +263,47 @@ def test_data_position_rescales_to_another_process_count(tmp_path):
   ckpt.close()
 
 
+def test_a_data_position_this_process_count_cannot_take_is_refused_not_moved_aside(
+    tmp_path):
+  """Checkpoints of 2 processes with grain workers are whole, only not resumable in 1
+  process: one CheckpointError line, and every checkpoint stays where it is (moved
+  aside as damaged, the run would start again from step 0)."""
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, small_state(), iter(dataset()), {"process_count": 2})
+  ckpt.close()
+  for step in (1, 2):
+    data = tmp_path / str(step) / "data"
+    for p in range(2):
+      (data / f"process_{p}-of-2.json").write_text(json.dumps({"workers_state": {}}))
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3)
+  messages = []
+  try:
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=r"^checkpoint 2 was written by 2 processes with grain workers"):
+      ckpt.restore_latest(abstract_like(small_state()), iter(dataset()),
+                          check=lambda meta: None, log=messages.append)
+    assert ckpt.all_steps() == [1, 2]
+  finally:
+    ckpt.close()
+  assert messages == [] and not (tmp_path.parent / f"{tmp_path.name}.damaged").exists()
+  # an unreadable data position is damage: that checkpoint is moved aside
+  for step in (1, 2):
+    for p in range(2):
+      (tmp_path / str(step) / "data" / f"process_{p}-of-2.json").write_text(
+          json.dumps({"next_index": 4}))
+  (tmp_path / "2" / "data" / "process_1-of-2.json").write_text("{not json")
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3)
+  messages = []
+  try:
+    restored = ckpt.restore_latest(abstract_like(small_state()), iter(dataset()),
+                                   check=lambda meta: None, log=messages.append)
+  finally:
+    ckpt.close()
+  assert restored.step == 1 and "cannot read the data iterator state" in messages[0]
+  assert (tmp_path.parent / f"{tmp_path.name}.damaged" / "2-0").is_dir()
+
+
 def test_incomplete_save_is_never_listed(tmp_path):
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False)
   ckpt.save(2, small_state(), iter(dataset()), {"process_count": 1})

@@ -98,7 +98,13 @@ from ttt_jax.config import Config, config_hash, to_dict
 from ttt_jax.errors import STORAGE_ERRNOS, CheckpointError, describe_errno
 
 
-class ChecksumError(CheckpointError):
+class DamagedError(CheckpointError):
+  """A checkpoint whose files cannot be what was saved: ``restore_latest`` moves it
+  aside, where another ``CheckpointError`` of a restore (a whole checkpoint this run
+  cannot take) stops the run with everything left in place."""
+
+
+class ChecksumError(DamagedError):
   """A restored array whose values differ from those the checkpoint saved."""
 
 
@@ -503,14 +509,15 @@ class Checkpointer:
       try:
         state = json.loads(path.read_text())
       except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the data iterator state ({e})") from None
+        self._check_storage(step, e)
+        raise DamagedError(f"{path}: cannot read the data iterator state ({e})") from None
       if set(state) != {"next_index"}:
         raise CheckpointError(
             f"checkpoint {step} was written by {saved_processes} processes with grain "
             "workers; it can only resume with the same process count and data.worker_count")
       positions.add(int(state["next_index"]))
     if len(positions) != 1:
-      raise CheckpointError(f"checkpoint {step}: processes disagree on the data position "
+      raise DamagedError(f"checkpoint {step}: processes disagree on the data position "
                             f"{sorted(positions)}")
     global_position = positions.pop() * saved_processes
     if global_position % jax.process_count():
@@ -523,7 +530,9 @@ class Checkpointer:
                      ) -> Restored | None:
     """Newest usable checkpoint; damaged ones are skipped with a message and moved
     aside (never deleted) so that the run's next saves can reuse their step numbers.
-    ``check`` raises CheckpointError for an incompatible (not damaged) checkpoint."""
+    ``check`` raises CheckpointError for an incompatible (not damaged) checkpoint, as
+    does a restore that this run cannot take (another process count's data position);
+    a ``DamagedError`` or any other failure of a restore is damage."""
     damaged: list[int] = []
     restored = None
     for step in reversed(self.all_steps()):
@@ -538,9 +547,11 @@ class Checkpointer:
       try:
         restored = self.restore(step, abstract_state, data_iter)
         break
-      except ChecksumError as e:
+      except DamagedError as e:
         log(f"{e}; trying an older one")
         damaged.append(step)
+      except CheckpointError:  # a whole checkpoint this run cannot take: left in place
+        raise
       except Exception as e:  # noqa: BLE001
         self._check_storage(step, e)
         log(f"checkpoint {step} is damaged ({describe_error(e)}); trying an older one")
