@@ -68,6 +68,24 @@ def test_check_compatible_allows_new_fields_and_compute_choices():
   runs.check_compatible(sgd_meta, plain, 512)  # no state given: nothing to compare
 
 
+def test_a_packed_run_resumes_with_a_tokenizer_added_or_dropped():
+  """A packed .bin run without a tokenizer (its stream's tokenizer_hash is None) reads
+  the same token ids with one given for bits per byte, and the other way round; a text
+  run's tokenizer is compared."""
+  cfg = load_config(None, ["model.d_model=64"])
+  mesh = sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1))
+  state = abstract_state(cfg, 512, mesh)[2]
+  packed = {"corpus_hash": "ab" * 32, "tokenizer_hash": None}
+  with_tokenizer = {**packed, "tokenizer_hash": "cd" * 32}
+  for saved, current in ((packed, with_tokenizer), (with_tokenizer, packed)):
+    meta = ckpt_lib.run_metadata(cfg, mesh, 512, state, runs.stream_identity(cfg, saved))
+    runs.check_compatible(meta, cfg, 512, stream=runs.stream_identity(cfg, current))
+  meta = ckpt_lib.run_metadata(cfg, mesh, 512, state, runs.stream_identity(cfg, with_tokenizer))
+  with pytest.raises(CheckpointError, match=r"data.tokenizer: .* another tokenizer"):
+    runs.check_compatible(meta, cfg, 512, stream=runs.stream_identity(
+        cfg, {**packed, "tokenizer_hash": "00" * 32}))
+
+
 def test_a_checkpoint_with_other_extra_trees_is_refused_naming_them():
   cfg = load_config(None, ["model.d_model=64"])
   mesh = sharding.make_mesh(MeshConfig(num_devices=1, fsdp=1))

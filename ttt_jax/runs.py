@@ -242,7 +242,8 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
   ``state``, the train state to restore, cannot be restored, which otherwise would look
   like damage; params trained with another tokenizer than ``tokenizer_hash`` (given for
   params-only fine-tuning) would read the token ids as other pieces. Keys a checkpoint
-  predates are not compared."""
+  predates are not compared, nor the tokenizer of a packed .bin run read without one
+  (its token ids are the same with or without a tokenizer)."""
   what = ", ".join(model_changes(meta.get("model", {}), cfg.model))
   if what or meta.get("vocab_size") != vocab_size:
     if meta.get("vocab_size") != vocab_size:
@@ -251,6 +252,8 @@ def check_compatible(meta: dict[str, Any], cfg: Config, vocab_size: int, *,
         f"checkpoint in the workdir was written by a different model ({what}); "
         "use a new --workdir or the original config")
   for key, current_value in (stream or {}).items():
+    if key == "tokenizer_hash" and None in (meta.get(key), current_value):
+      continue  # a packed .bin run read without a tokenizer: the same token ids either way
     if key in meta and meta[key] != current_value:
       field = STREAM_FIELDS.get(key, key)  # a command's own keys are its fields
       what = {"corpus_hash": "other text", "tokenizer_hash": "another tokenizer"}.get(key)
