@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import NamedTuple
 
 import jax
@@ -313,6 +314,29 @@ def test_incomplete_save_is_never_listed(tmp_path):
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3)
   assert ckpt.all_steps() == [2]
   ckpt.close()
+
+
+def test_a_reader_leaves_the_save_in_progress_of_a_running_run(tmp_path):
+  """evaluate or generate opening a run that is training now (``cleanup=False``) must
+  not remove the temporary directory of the save it is writing; the run's own next
+  Checkpointer removes what a killed save left."""
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False)
+  ckpt.save(2, small_state(), iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  in_progress = tmp_path / "4.orbax-checkpoint-tmp-1234" / "state"
+  in_progress.mkdir(parents=True)
+  reader = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False, cleanup=False)
+  assert reader.all_steps() == [2]
+  reader.close()
+  time.sleep(1)  # orbax removes temporary directories on a thread of its own
+  assert in_progress.is_dir()
+  writer = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False)
+  writer.close()
+  for _ in range(50):
+    if not in_progress.exists():
+      break
+    time.sleep(0.1)
+  assert not in_progress.exists()
 
 
 def test_init_from_path_forms(tmp_path):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from flax import nnx
 
 from ttt_jax import checkpoint as ckpt_lib
 from ttt_jax import evaluate as evaluate_cli
-from ttt_jax import generate, sharding, train
+from ttt_jax import generate, runs, sharding, train
 from ttt_jax.data import tokenizer as tokenizer_lib
 from ttt_jax.errors import ConfigError, TrainingError
 from ttt_jax.eval import lm as eval_lm
@@ -114,6 +115,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(trained, corpus, t
   assert eval_losses(tmp_path) == eval_losses(workdir)
   for a, b in zip(params_of(summary), params_of(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_loading_a_run_leaves_the_save_it_may_be_writing_now(trained):
+  """evaluate and generate read a run that may be training: the temporary directory of
+  a save in progress there is not theirs to remove."""
+  _, workdir, _ = trained
+  in_progress = workdir / "checkpoints" / "99.orbax-checkpoint-tmp-1234" / "state"
+  in_progress.mkdir(parents=True)
+  try:
+    assert runs.load_trained(workdir, log=lambda line: None)[3] == 60
+    time.sleep(1)  # orbax removes temporary directories on a thread of its own
+    assert in_progress.is_dir()
+  finally:
+    shutil.rmtree(in_progress.parent, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -48,9 +48,10 @@ costs 0.4-0.5 ns per word, 2.5-3.4 ms for the quickstart's 6.5M-word train state
 4-5% of a save's CPU time (``bench io`` reports it per save and per restore).
 
 Orbax writes into a temporary directory and renames it when complete, so a crash mid-save
-never leaves a step that ``all_steps()`` would list; the next ``Checkpointer`` on the
-directory removes such leftovers. A step that still fails to restore (truncated files) is
-reported and the previous one is tried.
+never leaves a step that ``all_steps()`` would list; the run's next ``Checkpointer`` on
+the directory removes such leftovers (a reader, such as evaluate on a run that is
+training now, leaves them: one may be a save in progress). A step that still fails to
+restore (truncated files) is reported and the previous one is tried.
 
 A save or restore that fails because of the storage rather than the checkpoint (no
 space, a file-size limit or quota, permissions, an I/O error: ``errors.STORAGE_ERRNOS``) is one
@@ -360,10 +361,14 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, keep: int, keep_every: int = 0,
                async_save: bool = True, device_snapshot: bool = True,
-               writer_cpus: frozenset[int] | None = None, compress: bool = True):
+               writer_cpus: frozenset[int] | None = None, compress: bool = True,
+               cleanup: bool = True):
     """``writer_cpus`` pins the background writer (and the orbax and tensorstore threads
     it starts) to those CPUs, e.g. cores the training process leaves free. ``compress``
-    zstd-compresses the arrays it saves (restores read either kind)."""
+    zstd-compresses the arrays it saves (restores read either kind). ``cleanup``
+    removes the temporary directories of saves that never finished (a killed run's);
+    a reader of a run that may be training now passes False: such a directory may be
+    that run's save in progress."""
     self.directory = Path(directory).absolute()
     self.background = async_save and device_snapshot and jax.process_count() == 1
     if writer_cpus is not None and not self.background:
@@ -385,7 +390,7 @@ class Checkpointer:
                          f"{sorted(writer_cpus or ())}") from None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=cleanup)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "meta"),
         item_handlers={"state": state_handler(compress),
