@@ -100,7 +100,8 @@ def test_eval_set_warning_names_what_differs(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "metrics.jsonl: cannot read metrics (No such file or directory); is "),
     ("\n", "metrics.jsonl: no metrics rows (has the run logged a step yet?)"),
-    ('{"step": 1}\n{"step": 2', "metrics.jsonl: line 2 is not JSON ("),
+    ('{"step": 1}\n{"step": 2\n', "metrics.jsonl: line 2 is not JSON ("),
+    ('{"step": 1\n{"step": 2}\n{"step": 3', "metrics.jsonl: line 1 is not JSON ("),
     ('[1, 2]\n', "metrics.jsonl: line 1 is not a metrics row with a 'step'"),
 ])
 def test_a_bad_metrics_file_is_one_line_naming_it(tmp_path, capsys, content, message):
@@ -118,6 +119,15 @@ def test_a_bad_metrics_file_is_one_line_naming_it(tmp_path, capsys, content, mes
   err = capsys.readouterr().err
   assert err.startswith(f"error: {metrics}: {message.split(': ', 1)[1]}")
   assert err.count("\n") == 1
+
+
+def test_a_row_being_written_at_the_end_is_skipped(tmp_path):
+  """A running run (or one a kill cut short) may end in a partial row without its
+  newline: the rows before it are read."""
+  run = make_run(tmp_path / "run", [], rows({10: 3.0}))
+  metrics = Path(run) / "metrics.jsonl"
+  metrics.write_text('{"step": 1, "loss": 4.0}\n{"step": 2, "loss": 3.5}\n{"step": 3, "lo')
+  assert [row["step"] for row in compare.read_metrics(metrics)] == [1, 2]
 
 
 def test_a_missing_run_directory_is_one_line(tmp_path, capsys):

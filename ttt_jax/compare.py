@@ -57,12 +57,14 @@ class Run(NamedTuple):
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
   """The rows of a ``metrics.jsonl``; a DataError naming the file when it is missing,
-  empty or holds a line that is not a JSON object."""
+  empty or holds a line that is not a JSON object. A last line without its newline that
+  is not JSON is a row being written (a running run) or cut short by a kill: skipped."""
   try:
-    lines = path.read_text().splitlines()
+    text = path.read_text()
   except OSError as e:
     raise DataError(f"{path}: cannot read metrics ({e.strerror}); is "
                     f"{path.parent} a run directory?") from None
+  lines = text.split("\n")  # the last item: "" or a line still being written
   rows = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -70,6 +72,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
+      if number == len(lines):
+        continue
       raise DataError(f"{path}: line {number} is not JSON ({e.msg})") from None
     if not isinstance(row, dict) or not isinstance(row.get("step"), int):
       raise DataError(f"{path}: line {number} is not a metrics row with a 'step'")
