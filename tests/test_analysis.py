@@ -131,6 +131,30 @@ def test_another_model_is_refused_in_one_line(two_runs, tmp_path, capsys):
   assert "another model than --a" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
+def test_runs_of_another_vocabulary_without_a_tokenizer_are_refused_in_one_line(tmp_path,
+                                                                                capsys):
+  """Pre-tokenized corpora leave no tokenizer.model to compare: the vocabulary is told
+  apart by the params' shapes, not by a reshape traceback."""
+  workdirs = []
+  for vocab in (300, 400):
+    tokens = np.random.default_rng(vocab).integers(0, vocab, 40_000)
+    np.asarray(tokens, np.uint16).tofile(tmp_path / f"tok{vocab}.bin")
+    (tmp_path / f"tok{vocab}.json").write_text(json.dumps(
+        {"vocab_size": vocab, "dtype": "uint16", "num_tokens": len(tokens)}))
+    workdirs.append(tmp_path / f"run{vocab}")
+    train.train(tiny_config(str(tmp_path / f"tok{vocab}.bin"), tmp_path / "cache",
+                            "train.steps=2", "train.eval_every=0", "checkpoint.every=2",
+                            "logging.tensorboard=false"), workdirs[-1])
+  assert not (workdirs[0] / "tokenizer.model").exists()
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    analysis.main(["--a", str(workdirs[0]), "--b", str(workdirs[1]), "--no-barrier"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: --b ") and "[400, 64], [300, 64]" in err[-1], err
+
+
 def test_roundtrip_error_of_a_quantized_matrix_is_bounded_by_half_a_step():
   """Per-row int6: each row's error is at most s/2 per value inside its clip, so the
   relative MSE is at most (clip / 31 / 2)^2 / mean square; rows of one value are exact."""

@@ -181,6 +181,17 @@ def _check_same_model(cfg_a, cfg_b, a: Path, b: Path) -> None:
                       "only runs of one model config can be compared")
 
 
+def _check_same_shapes(params_a: Any, params_b: Any, a: Path, b: Path) -> None:
+  """Refuses (one line) runs whose params differ in shape although their model configs
+  agree: another vocabulary (a pre-tokenized corpus has no tokenizer.model to compare)."""
+  flat_a, _ = jax.tree_util.tree_flatten_with_path(params_a)
+  for (path, x), y in zip(flat_a, jax.tree.leaves(params_b), strict=True):
+    if np.shape(x) != np.shape(y):
+      raise ConfigError(f"--b {b}: {_path_name(path)} has shape {list(np.shape(y))}, "
+                        f"{list(np.shape(x))} in --a {a} (another vocabulary); only runs "
+                        "of one model config and tokenizer can be compared")
+
+
 def loss_barrier(cfg, graphdef, mesh, params_a, params_b, batches: int) -> dict[str, float]:
   """Validation losses at both ends and at the linear midpoint, and the barrier."""
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
@@ -205,6 +216,7 @@ def analyse(a: Path, b: Path, *, top_k: int, batches: int, barrier: bool) -> dic
       (a / "tokenizer.model").exists()
       and (a / "tokenizer.model").read_bytes() != (b / "tokenizer.model").read_bytes()):
     raise ConfigError(f"--b {b}: another tokenizer than --a {a}; the token ids differ")
+  _check_same_shapes(params_a, params_b, a, b)
   logical_axes = nnx.get_partition_spec(params_a)
   result: dict[str, Any] = {"a": {"workdir": str(a), "step": step_a},
                             "b": {"workdir": str(b), "step": step_b}, "top_k": top_k,
