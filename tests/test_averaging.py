@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ttt_jax import evaluate as evaluate_cli
-from ttt_jax import train
+from ttt_jax import export, quant, runs, train
 from ttt_jax.config import Config, EvalConfig, OptimConfig, load_config
 from ttt_jax.errors import ConfigError
 from ttt_jax.training import averaging, optim
@@ -275,3 +276,25 @@ def test_eval_logs_every_weights_and_ema_is_no_worse_after_a_warmdown(averaged_r
   assert result["eval_loss"] == pytest.approx(final["ema_eval_loss"], rel=1e-6)
   assert result["evaluation"]["weights"] == "ema" and not result["evaluation"]["default"]
   assert not (workdir / "eval_lm.json").exists()  # the default file is the raw weights'
+
+
+@pytest.mark.slow
+def test_export_quantizes_the_average_that_evaluate_refuses_with_an_artifact(averaged_run,
+                                                                            capsys):
+  """``evaluate --weights ema --artifact F`` points to ``export --weights ema``: that
+  artifact holds the quantized EMA, and it is not the raw weights' artifact."""
+  _, workdir, _ = averaged_run
+  with pytest.raises(SystemExit):
+    evaluate_cli.main(["--workdir", str(workdir), "--weights", "ema", "--artifact", "x.ttq"])
+  assert "python -m ttt_jax.export --weights ema" in capsys.readouterr().err
+  export.main(["--workdir", str(workdir), "--weights", "ema"])
+  result = json.loads(capsys.readouterr().out)
+  assert (result["weights"], result["artifact"]) == (
+      "ema", str(workdir / "model-ema-int6-int8.ttq"))
+  _, _, ema, _, _ = runs.load_trained(workdir, log=lambda _: None, weights="ema")
+  _, _, raw, _, _ = runs.load_trained(workdir, log=lambda _: None)
+  loaded, _ = quant.load_artifact(result["artifact"], raw)
+  expected = {path: quant.decode(enc) for path, enc in quant.encode_params(ema).items()}
+  for path, var in nnx.to_flat_state(loaded):
+    np.testing.assert_array_equal(np.asarray(var.get_value()), expected[tuple(path)])
+  assert not (workdir / "model-int6-int8.ttq").exists()  # the raw weights' default file
