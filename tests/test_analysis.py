@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-from tests.train_util import copy_stdlib_corpus, tiny_config
+from tests.train_util import copy_stdlib_corpus, pretokenized_corpus, tiny_config
 from ttt_jax import analysis, train
 
 
@@ -138,12 +138,8 @@ def test_runs_of_another_vocabulary_without_a_tokenizer_are_refused_in_one_line(
   apart by the params' shapes, not by a reshape traceback."""
   workdirs = []
   for vocab in (300, 400):
-    tokens = np.random.default_rng(vocab).integers(0, vocab, 40_000)
-    np.asarray(tokens, np.uint16).tofile(tmp_path / f"tok{vocab}.bin")
-    (tmp_path / f"tok{vocab}.json").write_text(json.dumps(
-        {"vocab_size": vocab, "dtype": "uint16", "num_tokens": len(tokens)}))
     workdirs.append(tmp_path / f"run{vocab}")
-    train.train(tiny_config(str(tmp_path / f"tok{vocab}.bin"), tmp_path / "cache",
+    train.train(tiny_config(pretokenized_corpus(tmp_path, vocab), tmp_path / "cache",
                             "train.steps=2", "train.eval_every=0", "checkpoint.every=2",
                             "logging.tensorboard=false"), workdirs[-1])
   assert not (workdirs[0] / "tokenizer.model").exists()
