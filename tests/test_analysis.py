@@ -151,6 +151,21 @@ def test_runs_of_another_vocabulary_without_a_tokenizer_are_refused_in_one_line(
   assert err[-1].startswith("error: --b ") and "[400, 64], [300, 64]" in err[-1], err
 
 
+@pytest.mark.slow
+def test_a_run_differing_only_in_compute_settings_is_compared(two_runs, tmp_path, capsys):
+  """remat and the compute dtype change how the step computes, not the params."""
+  other = tmp_path / "remat"
+  root = two_runs[0].parent
+  train.train(tiny_config(str(root / "src" / "*.py"), root / "cache", "train.steps=10",
+                          "train.eval_every=0", "train.seed=0", "model.remat=full",
+                          "model.dtype=bfloat16", "logging.tensorboard=false"), other)
+  out = tmp_path / "remat.json"
+  analysis.main(["--a", str(two_runs[0]), "--b", str(other), "--no-barrier",
+                 "--out", str(out)])
+  params = json.loads(out.read_text())["params"]
+  assert params and all(row["cosine"] > 0.9 for row in params.values()), params
+
+
 def test_roundtrip_error_of_a_quantized_matrix_is_bounded_by_half_a_step():
   """Per-row int6: each row's error is at most s/2 per value inside its clip, so the
   relative MSE is at most (clip / 31 / 2)^2 / mean square; rows of one value are exact."""

@@ -1,7 +1,8 @@
 """Weight-space comparison of two runs: ``python -m ttt_jax.analysis --a W1 --b W2``.
 
-Both runs must share the model config and tokenizer (one line names the difference
-otherwise); their newest usable checkpoints are compared in float64 on the host.
+Both runs must share the model config (but for compute-only settings: dtype, remat, ...)
+and tokenizer (one line names the difference otherwise); their newest usable checkpoints
+are compared in float64 on the host.
 
 **Matrices.** A parameter is viewed as the stack of its matrices ``M`` of shape
 [in, out]: its batch axes (stacked layers, per-head copies) index the matrices, ``in``
@@ -53,7 +54,7 @@ from flax import nnx
 
 from ttt_jax import compare as compare_lib
 from ttt_jax import diagnostics, quant, runs
-from ttt_jax.config import flatten, to_dict
+from ttt_jax.config import to_dict
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm as eval_lm
@@ -172,12 +173,12 @@ def compare_params(params_a: Any, params_b: Any, logical_axes: Any, top_k: int
 
 
 def _check_same_model(cfg_a, cfg_b, a: Path, b: Path) -> None:
-  model_a, model_b = flatten(to_dict(cfg_a.model)), flatten(to_dict(cfg_b.model))
-  differing = sorted(k for k in model_a.keys() | model_b.keys()
-                     if model_a.get(k) != model_b.get(k))
-  if differing:
-    raise ConfigError(f"--b {b}: another model than --a {a} (model.{differing[0]}: "
-                      f"{model_a.get(differing[0])!r} vs {model_b.get(differing[0])!r}); "
+  """Refuses (one line) runs of other models; settings that change only how the step
+  computes (``ModelConfig.compute_only_keys``: dtype, remat, attention impl, ...) may
+  differ, as between a checkpoint and the run resuming it (``runs.model_changes``)."""
+  changes = runs.model_changes(to_dict(cfg_a.model), cfg_b.model)
+  if changes:
+    raise ConfigError(f"--b {b}: another model than --a {a} ({changes[0]}, --a -> --b); "
                       "only runs of one model config can be compared")
 
 
