@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import NamedTuple
 
 import jax
@@ -272,6 +273,23 @@ def test_incomplete_save_is_never_listed(tmp_path):
   ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3)
   assert ckpt.all_steps() == [2]
   ckpt.close()
+
+
+def test_a_reader_leaves_a_save_in_flight(tmp_path):
+  """A reader (evaluate, export, ... while the run trains) must not delete orbax's
+  temporary directory: it may be the run's save in flight (only the run's own
+  Checkpointer removes one, left by a killed process, when it resumes)."""
+  ckpt = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False)
+  ckpt.save(2, small_state(), iter(dataset()), {"process_count": 1})
+  ckpt.close()
+  in_flight = tmp_path / "4.orbax-checkpoint-tmp-1700000000000000" / "state"
+  in_flight.mkdir(parents=True)
+  (in_flight / "part").write_bytes(b"being written")
+  reader = ckpt_lib.Checkpointer(tmp_path, keep=3, async_save=False, reader=True)
+  assert reader.all_steps() == [2]
+  reader.close()
+  time.sleep(1)  # orbax cleans up in the background
+  assert (in_flight / "part").read_bytes() == b"being written"
 
 
 def test_init_from_path_forms(tmp_path):

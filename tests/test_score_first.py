@@ -145,6 +145,9 @@ def test_evaluate_task_ttt_reports_both_figures_and_leaves_the_checkpoint(text, 
   workdir = cache.parent / "run"
   train.train(tiny_config(glob, cache, "train.steps=4", "train.eval_every=0",
                           "checkpoint.every=4"), workdir)
+  in_flight = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1234"  # a save under way
+  in_flight.mkdir()
+  (in_flight / "part").write_bytes(b"being written")
   before = _file_hashes(workdir / "checkpoints")
   capsys.readouterr()
   settings = ["--set", "ttt_eval.stride=32", "--set", "ttt_eval.chunk_tokens=512",

@@ -353,10 +353,14 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, *, keep: int, keep_every: int = 0,
                async_save: bool = True, device_snapshot: bool = True,
-               writer_cpus: frozenset[int] | None = None, compress: bool = True):
+               writer_cpus: frozenset[int] | None = None, compress: bool = True,
+               reader: bool = False):
     """``writer_cpus`` pins the background writer (and the orbax and tensorstore threads
     it starts) to those CPUs, e.g. cores the training process leaves free. ``compress``
-    zstd-compresses the arrays it saves (restores read either kind)."""
+    zstd-compresses the arrays it saves (restores read either kind). A ``reader``
+    (evaluate, export, ... of a run that may still be training) leaves orbax's temporary
+    directories alone: one may be another process's save in flight, which only the run's
+    own Checkpointer, on resuming, cleans up as left by a killed process."""
     self.directory = Path(directory).absolute()
     self.background = async_save and device_snapshot and jax.process_count() == 1
     if writer_cpus is not None and not self.background:
@@ -378,7 +382,8 @@ class Checkpointer:
                          f"{sorted(writer_cpus or ())}") from None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=not reader)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "meta"),
         item_handlers={"state": state_handler(compress),

@@ -365,7 +365,8 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
   source, state, vocab_size = cfg.checkpoint.init_from, built.state, built.vocab_size
   if cfg.checkpoint.init_from_full:
     directory, step = ckpt_lib.resolve_source(source)
-    other = ckpt_lib.Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False)
+    other = ckpt_lib.Checkpointer(directory, keep=cfg.checkpoint.keep, async_save=False,
+                                  reader=True)
     try:
       step = step if step is not None else (other.all_steps() or [None])[-1]
       if step is None:
@@ -503,7 +504,7 @@ def restore_newest(workdir: str | Path, overrides: list[str] = (), log=print,
   with contextlib.ExitStack() as resources:
     resources.enter_context(diagnostics.library_logs(diagnostics.run_log(workdir)))
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep,
-                                 async_save=False)
+                                 async_save=False, reader=True)  # the run may be saving
     resources.callback(ckpt.close)
     meta = _newest_meta(ckpt, workdir)
     cfg = _run_tokenizer(cfg, workdir, given, meta.get("tokenizer_hash"))
