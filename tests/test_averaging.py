@@ -210,6 +210,31 @@ def test_valid_averaging_configs_load():
                      "optim.swa_start_lr_ratio=1", "eval.weights=swa"])
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_an_swa_that_would_never_snapshot_is_refused_before_training(schedule, tmp_path):
+  """The schedule reaches its final ratio only after the last update: a start ratio equal
+  to it (loadable: 'at least the final ratio') would leave 'swa' the raw params."""
+  never = toy_config(schedule=schedule, min_lr_ratio=0.1, swa_start_lr_ratio=0.1,
+                     swa_every=1)
+  assert not any(bool(optim.swa_active(never, TOTAL)(t)) for t in range(TOTAL))
+  message = (f"optim.swa_start_lr_ratio: SWA would take no snapshot in train.steps={TOTAL}: "
+             "the lr is above 0.1 x peak at every optim.swa_every=1-th update past the "
+             "warmup; raise the ratio or lower swa_every")
+  with pytest.raises(ConfigError) as error:
+    optim.check_swa_starts(never, TOTAL)
+  assert str(error.value) == message
+  with pytest.raises(ConfigError, match="SWA would take no snapshot"):
+    optim.check_swa_starts(toy_config(swa_every=TOTAL + 1), TOTAL)
+  optim.check_swa_starts(toy_config(), TOTAL)  # the closed-form tests' two snapshots
+  optim.check_swa_starts(toy_config(swa_every=0, min_lr_ratio=0.1), TOTAL)  # SWA off
+  cfg = load_config(None, ["optim.swa_every=1", f"optim.schedule={schedule}",
+                           "optim.min_lr_ratio=0.1", "optim.swa_start_lr_ratio=0.1",
+                           f"train.steps={TOTAL}", f"data.cache_dir={tmp_path / 'cache'}"])
+  with pytest.raises(ConfigError, match="SWA would take no snapshot"):
+    train.train(cfg, tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # refused before the workdir is made
+
+
 # ----------------------------------------------------------------------------- a tiny run
 
 STEPS, WARMDOWN = 200, 100
