@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-from tests.train_util import copy_stdlib_corpus, tiny_config
+from tests.train_util import copy_stdlib_corpus, pretokenized_corpus, tiny_config
 from ttt_jax import analysis, train
 
 
@@ -129,6 +129,41 @@ def test_another_model_is_refused_in_one_line(two_runs, tmp_path, capsys):
     analysis.main(["--a", str(two_runs[0]), "--b", str(other), "--no-barrier"])
   assert exit_info.value.code == 2
   assert "another model than --a" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_runs_of_another_vocabulary_without_a_tokenizer_are_refused_in_one_line(tmp_path,
+                                                                                capsys):
+  """Pre-tokenized corpora leave no tokenizer.model to compare: the vocabulary is told
+  apart by the params' shapes, not by a reshape traceback."""
+  workdirs = []
+  for vocab in (300, 400):
+    workdirs.append(tmp_path / f"run{vocab}")
+    train.train(tiny_config(pretokenized_corpus(tmp_path, vocab), tmp_path / "cache",
+                            "train.steps=2", "train.eval_every=0", "checkpoint.every=2",
+                            "logging.tensorboard=false"), workdirs[-1])
+  assert not (workdirs[0] / "tokenizer.model").exists()
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    analysis.main(["--a", str(workdirs[0]), "--b", str(workdirs[1]), "--no-barrier"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: --b ") and "[400, 64], [300, 64]" in err[-1], err
+
+
+@pytest.mark.slow
+def test_a_run_differing_only_in_compute_settings_is_compared(two_runs, tmp_path, capsys):
+  """remat and the compute dtype change how the step computes, not the params."""
+  other = tmp_path / "remat"
+  root = two_runs[0].parent
+  train.train(tiny_config(str(root / "src" / "*.py"), root / "cache", "train.steps=10",
+                          "train.eval_every=0", "train.seed=0", "model.remat=full",
+                          "model.dtype=bfloat16", "logging.tensorboard=false"), other)
+  out = tmp_path / "remat.json"
+  analysis.main(["--a", str(two_runs[0]), "--b", str(other), "--no-barrier",
+                 "--out", str(out)])
+  params = json.loads(out.read_text())["params"]
+  assert params and all(row["cosine"] > 0.9 for row in params.values()), params
 
 
 def test_roundtrip_error_of_a_quantized_matrix_is_bounded_by_half_a_step():

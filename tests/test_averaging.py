@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ttt_jax import evaluate as evaluate_cli
-from ttt_jax import train
+from ttt_jax import export, quant, runs, train
 from ttt_jax.config import Config, EvalConfig, OptimConfig, load_config
 from ttt_jax.errors import ConfigError
 from ttt_jax.training import averaging, optim
@@ -209,6 +210,31 @@ def test_valid_averaging_configs_load():
                      "optim.swa_start_lr_ratio=1", "eval.weights=swa"])
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_an_swa_that_would_never_snapshot_is_refused_before_training(schedule, tmp_path):
+  """The schedule reaches its final ratio only after the last update: a start ratio equal
+  to it (loadable: 'at least the final ratio') would leave 'swa' the raw params."""
+  never = toy_config(schedule=schedule, min_lr_ratio=0.1, swa_start_lr_ratio=0.1,
+                     swa_every=1)
+  assert not any(bool(optim.swa_active(never, TOTAL)(t)) for t in range(TOTAL))
+  message = (f"optim.swa_start_lr_ratio: SWA would take no snapshot in train.steps={TOTAL}: "
+             "the lr is above 0.1 x peak at every optim.swa_every=1-th update past the "
+             "warmup; raise the ratio or lower swa_every")
+  with pytest.raises(ConfigError) as error:
+    optim.check_swa_starts(never, TOTAL)
+  assert str(error.value) == message
+  with pytest.raises(ConfigError, match="SWA would take no snapshot"):
+    optim.check_swa_starts(toy_config(swa_every=TOTAL + 1), TOTAL)
+  optim.check_swa_starts(toy_config(), TOTAL)  # the closed-form tests' two snapshots
+  optim.check_swa_starts(toy_config(swa_every=0, min_lr_ratio=0.1), TOTAL)  # SWA off
+  cfg = load_config(None, ["optim.swa_every=1", f"optim.schedule={schedule}",
+                           "optim.min_lr_ratio=0.1", "optim.swa_start_lr_ratio=0.1",
+                           f"train.steps={TOTAL}", f"data.cache_dir={tmp_path / 'cache'}"])
+  with pytest.raises(ConfigError, match="SWA would take no snapshot"):
+    train.train(cfg, tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # refused before the workdir is made
+
+
 # ----------------------------------------------------------------------------- a tiny run
 
 STEPS, WARMDOWN = 200, 100
@@ -275,3 +301,25 @@ def test_eval_logs_every_weights_and_ema_is_no_worse_after_a_warmdown(averaged_r
   assert result["eval_loss"] == pytest.approx(final["ema_eval_loss"], rel=1e-6)
   assert result["evaluation"]["weights"] == "ema" and not result["evaluation"]["default"]
   assert not (workdir / "eval_lm.json").exists()  # the default file is the raw weights'
+
+
+@pytest.mark.slow
+def test_export_quantizes_the_average_that_evaluate_refuses_with_an_artifact(averaged_run,
+                                                                            capsys):
+  """``evaluate --weights ema --artifact F`` points to ``export --weights ema``: that
+  artifact holds the quantized EMA, and it is not the raw weights' artifact."""
+  _, workdir, _ = averaged_run
+  with pytest.raises(SystemExit):
+    evaluate_cli.main(["--workdir", str(workdir), "--weights", "ema", "--artifact", "x.ttq"])
+  assert "python -m ttt_jax.export --weights ema" in capsys.readouterr().err
+  export.main(["--workdir", str(workdir), "--weights", "ema"])
+  result = json.loads(capsys.readouterr().out)
+  assert (result["weights"], result["artifact"]) == (
+      "ema", str(workdir / "model-ema-int6-int8.ttq"))
+  _, _, ema, _, _ = runs.load_trained(workdir, log=lambda _: None, weights="ema")
+  _, _, raw, _, _ = runs.load_trained(workdir, log=lambda _: None)
+  loaded, _ = quant.load_artifact(result["artifact"], raw)
+  expected = {path: quant.decode(enc) for path, enc in quant.encode_params(ema).items()}
+  for path, var in nnx.to_flat_state(loaded):
+    np.testing.assert_array_equal(np.asarray(var.get_value()), expected[tuple(path)])
+  assert not (workdir / "model-int6-int8.ttq").exists()  # the raw weights' default file

@@ -23,7 +23,7 @@ from ttt_jax.errors import ConfigError
 from ttt_jax.eval import lm as eval_lm
 from ttt_jax.eval import score_first, sliding, tasks
 from ttt_jax.training import state as state_lib
-from train_util import copy_stdlib_corpus, tiny_config
+from train_util import copy_stdlib_corpus, pretokenized_corpus, tiny_config
 
 
 def _stream(tokens: np.ndarray, seq_len: int = 32, batch_size: int = 4) -> sliding.Stream:
@@ -145,6 +145,9 @@ def test_evaluate_task_ttt_reports_both_figures_and_leaves_the_checkpoint(text, 
   workdir = cache.parent / "run"
   train.train(tiny_config(glob, cache, "train.steps=4", "train.eval_every=0",
                           "checkpoint.every=4"), workdir)
+  in_flight = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-1234"  # a save under way
+  in_flight.mkdir()
+  (in_flight / "part").write_bytes(b"being written")
   before = _file_hashes(workdir / "checkpoints")
   capsys.readouterr()
   settings = ["--set", "ttt_eval.stride=32", "--set", "ttt_eval.chunk_tokens=512",
@@ -163,6 +166,27 @@ def test_evaluate_task_ttt_reports_both_figures_and_leaves_the_checkpoint(text, 
   assert json.loads(path.read_text()) == result
   lm_row = eval_lm.evaluate_lm(workdir, ["eval.stride=32"], 0)
   assert lm_row["eval_loss"] == result["sliding"]["eval_loss"]  # the same batches
+
+
+@pytest.mark.slow
+def test_a_corpus_without_bytes_gives_strict_json_without_bits_per_byte(tmp_path, capsys):
+  """No tokenizer, no bytes: ``eval_bpb`` and ``delta_bpb`` are absent, not NaN (which
+  strict JSON readers refuse)."""
+  workdir = tmp_path / "run"
+  train.train(tiny_config(pretokenized_corpus(tmp_path, 300), tmp_path / "cache",
+                          "train.steps=2", "train.eval_every=0", "checkpoint.every=2",
+                          "logging.tensorboard=false"), workdir)
+  capsys.readouterr()
+  evaluate.main(["--workdir", str(workdir), "--task", "ttt", "--set",
+                 "ttt_eval.chunk_tokens=512"])
+
+  def refuse(constant: str):
+    raise AssertionError(f"{constant} in the result")
+
+  result = json.loads(capsys.readouterr().out, parse_constant=refuse)
+  assert "delta_bpb" not in result and "eval_bpb" not in result["ttt"]
+  assert result["ttt"]["tokens"] == result["sliding"]["tokens"] > 0
+  assert result["steps"] > 0
 
 
 QUICKSTART_SIZED = ("model.n_layers=4", "model.d_model=192", "model.n_heads=4",

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ttt_jax.data import corpus
 from ttt_jax.config import Config, load_config
 
@@ -21,6 +23,18 @@ def copy_stdlib_corpus(directory: Path) -> str:
   for name in STDLIB_FILES:
     shutil.copyfile(root / name, directory / name.replace("/", "_"))
   return str(directory / "*.py")
+
+
+def pretokenized_corpus(directory: Path, vocab_size: int, num_tokens: int = 40_000) -> str:
+  """Writes random token ids below ``vocab_size`` as a pre-tokenized corpus (``.bin`` and
+  its ``.json`` sidecar; no tokenizer, so no bytes); returns the ``.bin`` path."""
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / f"tokens{vocab_size}.bin"
+  np.random.default_rng(vocab_size).integers(0, vocab_size, num_tokens).astype(
+      np.uint16).tofile(path)
+  path.with_suffix(".json").write_text(json.dumps(
+      {"vocab_size": vocab_size, "dtype": "uint16", "num_tokens": num_tokens}))
+  return str(path)
 
 
 def tiny_overrides(corpus_glob: str, cache_dir: Path) -> list[str]:

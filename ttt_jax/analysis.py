@@ -1,7 +1,8 @@
 """Weight-space comparison of two runs: ``python -m ttt_jax.analysis --a W1 --b W2``.
 
-Both runs must share the model config and tokenizer (one line names the difference
-otherwise); their newest usable checkpoints are compared in float64 on the host.
+Both runs must share the model config (but for compute-only settings: dtype, remat, ...)
+and tokenizer (one line names the difference otherwise); their newest usable checkpoints
+are compared in float64 on the host.
 
 **Matrices.** A parameter is viewed as the stack of its matrices ``M`` of shape
 [in, out]: its batch axes (stacked layers, per-head copies) index the matrices, ``in``
@@ -53,7 +54,7 @@ from flax import nnx
 
 from ttt_jax import compare as compare_lib
 from ttt_jax import diagnostics, quant, runs
-from ttt_jax.config import flatten, to_dict
+from ttt_jax.config import to_dict
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.errors import ConfigError, user_errors
 from ttt_jax.eval import lm as eval_lm
@@ -172,13 +173,24 @@ def compare_params(params_a: Any, params_b: Any, logical_axes: Any, top_k: int
 
 
 def _check_same_model(cfg_a, cfg_b, a: Path, b: Path) -> None:
-  model_a, model_b = flatten(to_dict(cfg_a.model)), flatten(to_dict(cfg_b.model))
-  differing = sorted(k for k in model_a.keys() | model_b.keys()
-                     if model_a.get(k) != model_b.get(k))
-  if differing:
-    raise ConfigError(f"--b {b}: another model than --a {a} (model.{differing[0]}: "
-                      f"{model_a.get(differing[0])!r} vs {model_b.get(differing[0])!r}); "
+  """Refuses (one line) runs of other models; settings that change only how the step
+  computes (``ModelConfig.compute_only_keys``: dtype, remat, attention impl, ...) may
+  differ, as between a checkpoint and the run resuming it (``runs.model_changes``)."""
+  changes = runs.model_changes(to_dict(cfg_a.model), cfg_b.model)
+  if changes:
+    raise ConfigError(f"--b {b}: another model than --a {a} ({changes[0]}, --a -> --b); "
                       "only runs of one model config can be compared")
+
+
+def _check_same_shapes(params_a: Any, params_b: Any, a: Path, b: Path) -> None:
+  """Refuses (one line) runs whose params differ in shape although their model configs
+  agree: another vocabulary (a pre-tokenized corpus has no tokenizer.model to compare)."""
+  flat_a, _ = jax.tree_util.tree_flatten_with_path(params_a)
+  for (path, x), y in zip(flat_a, jax.tree.leaves(params_b), strict=True):
+    if np.shape(x) != np.shape(y):
+      raise ConfigError(f"--b {b}: {_path_name(path)} has shape {list(np.shape(y))}, "
+                        f"{list(np.shape(x))} in --a {a} (another vocabulary); only runs "
+                        "of one model config and tokenizer can be compared")
 
 
 def loss_barrier(cfg, graphdef, mesh, params_a, params_b, batches: int) -> dict[str, float]:
@@ -205,6 +217,7 @@ def analyse(a: Path, b: Path, *, top_k: int, batches: int, barrier: bool) -> dic
       (a / "tokenizer.model").exists()
       and (a / "tokenizer.model").read_bytes() != (b / "tokenizer.model").read_bytes()):
     raise ConfigError(f"--b {b}: another tokenizer than --a {a}; the token ids differ")
+  _check_same_shapes(params_a, params_b, a, b)
   logical_axes = nnx.get_partition_spec(params_a)
   result: dict[str, Any] = {"a": {"workdir": str(a), "step": step_a},
                             "b": {"workdir": str(b), "step": step_b}, "top_k": top_k,

@@ -6,6 +6,9 @@ and untied heads to ``--bits-embed``, 8; norms, biases, control parameters and s
 tensors kept as float16/float32) and writes the lzma-compressed artifact to ``--out``
 (default ``W/model-int{M}-int{E}.ttq``). It prints one JSON object: the file, its real
 size in bytes, the float32 size of the params, their ratio and the export time.
+``--weights ema|swa`` exports the run's average of the params instead (``optim.ema_decay``
+/ ``optim.swa_every``; ``training.averaging.weights``), by default to
+``W/model-{ema|swa}-int{M}-int{E}.ttq``.
 ``python -m ttt_jax.evaluate --workdir W --task lm --artifact F`` scores it.
 
 ``--gptq`` (or ``quant.gptq`` in the run's config) chooses the matrices' codes with GPTQ
@@ -37,6 +40,7 @@ from ttt_jax.config import Config
 from ttt_jax.data import corpus as corpus_lib
 from ttt_jax.data.tokenizer import Tokenizer
 from ttt_jax.errors import ConfigError, TrainingError, user_errors
+from ttt_jax.training import averaging
 
 
 def _bits(flag: str, value: int) -> int:
@@ -79,20 +83,24 @@ def calibrated(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State,
 
 
 def export(workdir: str | Path, out: str | Path | None = None, bits_matrix: int = 6,
-           bits_embed: int = 8, overrides: list[str] = ()) -> dict:
+           bits_embed: int = 8, overrides: list[str] = (),
+           weights: str = averaging.RAW) -> dict:
   """Writes the artifact of ``workdir``'s newest checkpoint; returns what it printed.
   ``overrides``: ``--set``-style values of the run's config (the ``quant`` section's
-  GPTQ settings)."""
+  GPTQ settings); ``weights``: the params as trained ('raw') or the run's 'ema' / 'swa'
+  average."""
   start = time.perf_counter()
   log = lambda m: print(m, file=sys.stderr)  # noqa: E731
   workdir = runs.check_workdir(workdir)
   bits_matrix, bits_embed = _bits("--bits-matrix", bits_matrix), _bits("--bits-embed", bits_embed)
-  cfg, graphdef, params, step, _ = runs.load_trained(workdir, list(overrides), log=log)
+  cfg, graphdef, params, step, _ = runs.load_trained(workdir, list(overrides), log=log,
+                                                     weights=weights)
   tokenizer_path = workdir / runs.RUN_TOKENIZER
   tokenizer = (corpus_lib.load_tokenizer(str(tokenizer_path)) if tokenizer_path.is_file()
                else None)
   tokenizer_hash = tokenizer.sha256 if tokenizer else None
-  out = Path(out) if out else workdir / f"model-int{bits_matrix}-int{bits_embed}.ttq"
+  average = "" if weights == averaging.RAW else f"{weights}-"
+  out = Path(out) if out else workdir / f"model-{average}int{bits_matrix}-int{bits_embed}.ttq"
   encoded = quant.encode_params(params, bits_matrix, bits_embed)
   summary = {}
   if cfg.quant.gptq:
@@ -107,7 +115,7 @@ def export(workdir: str | Path, out: str | Path | None = None, bits_matrix: int 
   except OSError as e:
     raise TrainingError(f"{out}: cannot write the artifact ({e.strerror})") from None
   fp32_bytes = sum(4 * math.prod(var.get_value().shape) for _, var in nnx.to_flat_state(params))
-  return {"artifact": str(out), "step": step, "bytes": out.stat().st_size,
+  return {"artifact": str(out), "step": step, "weights": weights, "bytes": out.stat().st_size,
           "fp32_param_bytes": fp32_bytes, "ratio": out.stat().st_size / fp32_bytes,
           "bits": {"matrix": bits_matrix, "embedding": bits_embed}, **summary,
           "seconds": round(time.perf_counter() - start, 3)}
@@ -120,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default="", help="artifact file (default: in the workdir)")
   parser.add_argument("--bits-matrix", type=int, default=6)
   parser.add_argument("--bits-embed", type=int, default=8)
+  parser.add_argument("--weights", choices=(averaging.RAW, averaging.EMA, averaging.SWA),
+                      default=averaging.RAW,
+                      help="the params as trained, or the run's EMA / SWA average")
   parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                       help="GPTQ codes for the matrices (default: the run's quant.gptq, off)")
   parser.add_argument("--calib-seqs", type=int, help="calibration sequences (quant.calib_seqs)")
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                if value is not None]
   with user_errors():
     result = export(args.workdir, args.out or None, args.bits_matrix, args.bits_embed,
-                    overrides)
+                    overrides, args.weights)
   print(json.dumps(result, indent=2))
 
 

@@ -64,6 +64,7 @@ def prepare(cfg: Config, workdir: str | Path) -> Setup:
   """The workdir, the corpus and the mesh, with the batch sizes checked against it."""
   started = time.perf_counter()
   cfg = runs.resolve_init_from(cfg, workdir)  # before the workdir exists or text is read
+  optim.check_swa_starts(cfg.optim, cfg.train.steps)
   workdir = runs.prepare_workdir(workdir)
   log = loop.console if jax.process_index() == 0 else (lambda _: None)
 

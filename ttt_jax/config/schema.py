@@ -308,7 +308,9 @@ class OptimConfig:
   swa_start_lr_ratio: float = 0.2
   """SWA starts at the first update past the warmup whose lr is at most this fraction of
   the peak lr; in (0, 1] and at least the schedule's final ratio (min_lr_ratio; 1 for
-  'constant'), else it would never start."""
+  'constant'), else it would never start. The schedule reaches that ratio only after the
+  last update, so training refuses a ratio at which no snapshot would be taken
+  (``training.optim.check_swa_starts``)."""
 
   def __post_init__(self):
     check_choice("optim", "name", self.name, ("adamw", "sgd", "muon"))

@@ -122,8 +122,8 @@ def load_weights(workdir: Path, overrides: list[str], weights: str = tasks.RAW_W
   config (``runs.model_changes``); ``adapter``: an adapter folded into them
   (``lora.files.apply_adapter``)."""
   if artifact and weights != tasks.RAW_WEIGHTS:
-    raise ConfigError(f"--weights {weights}: an --artifact holds its own weights; "
-                      "export the average instead")
+    raise ConfigError(f"--weights {weights}: an --artifact holds its own weights; export "
+                      f"the average instead (python -m ttt_jax.export --weights {weights})")
   if artifact and adapter:
     raise ConfigError("--adapter: an --artifact holds its own weights; merge the adapter "
                       "(python -m ttt_jax.lora merge) and export that run instead")

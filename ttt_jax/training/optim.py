@@ -52,11 +52,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
 from ttt_jax import registry
 from ttt_jax.config import OptimConfig
+from ttt_jax.errors import ConfigError
 from ttt_jax.training import averaging
 
 MATRIX, EMBEDDING, VECTOR = "matrix", "embedding", "vector"
@@ -229,6 +231,21 @@ def swa_active(cfg: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.
   warmup, with lr <= ``swa_start_lr_ratio`` x peak lr."""
   schedule, warmup = lr_schedule(cfg, total_steps), min(cfg.warmup_steps, total_steps)
   return lambda step: (step >= warmup) & (schedule(step) <= cfg.swa_start_lr_ratio * cfg.lr)
+
+
+def check_swa_starts(cfg: OptimConfig, total_steps: int) -> None:
+  """Refuses (one line) an SWA that would take no snapshot in ``total_steps`` updates,
+  its average then silently the raw params: the schedule reaches its final lr ratio only
+  after the last update, so ``swa_start_lr_ratio`` equal to it (or a warmdown too short
+  to fall that far at a multiple of ``swa_every``) never starts."""
+  if not cfg.swa_every:
+    return
+  steps = jnp.arange(cfg.swa_every - 1, total_steps, cfg.swa_every)
+  if not bool(jnp.any(jax.vmap(swa_active(cfg, total_steps))(steps))):
+    raise ConfigError(f"optim.swa_start_lr_ratio: SWA would take no snapshot in "
+                      f"train.steps={total_steps}: the lr is above {cfg.swa_start_lr_ratio} "
+                      f"x peak at every optim.swa_every={cfg.swa_every}-th update past the "
+                      "warmup; raise the ratio or lower swa_every")
 
 
 def build_optimizer(cfg: OptimConfig, total_steps: int,
