@@ -50,6 +50,28 @@ def test_an_unwritable_file_drops_records_quietly(tmp_path, capfd):
   assert capfd.readouterr().err == ""
 
 
+def test_a_log_that_cannot_be_flushed_when_closed_raises_nothing(tmp_path):
+  """Under a file-size limit (or a full disk) the records still buffered when the block
+  ends are dropped: the error being reported stays the one the user sees."""
+  code = f"""
+import logging, resource
+from ttt_jax import diagnostics
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+  with diagnostics.library_logs({str(tmp_path / "libraries.log")!r}):
+    for _ in range(8):
+      logging.getLogger("absl").error("x" * 1000)
+    raise KeyError("the real error")
+except KeyError as e:
+  print("reported", e)
+"""
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout == "reported 'the real error'\n" and result.stderr == ""
+  assert (tmp_path / "libraries.log").stat().st_size <= 4096
+
+
 def test_until_exit_catches_what_a_library_reports_at_interpreter_shutdown(tmp_path):
   """A command line's process: an object finalized while the interpreter shuts down (as
   a failed save's asyncio leftovers are) reports to the file, not to stderr."""

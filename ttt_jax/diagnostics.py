@@ -41,7 +41,7 @@ def run_log(workdir: str | Path) -> Path:
 
 class _FileHandler(logging.FileHandler):
   """Appends to ``path``, creating it and its folder on the first record; a record it
-  cannot write is dropped instead of printing a traceback."""
+  cannot write (or flush when closing) is dropped instead of raising."""
 
   def __init__(self, path: Path):
     super().__init__(path, delay=True)
@@ -59,6 +59,15 @@ class _FileHandler(logging.FileHandler):
 
   def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
     del record
+
+  def close(self) -> None:
+    """Closes the file; what it cannot flush (a full disk, a file-size limit) is dropped,
+    so the error being reported (a save that failed for the same reason) stays the one
+    the user sees."""
+    try:
+      super().close()
+    except OSError:
+      pass
 
 
 def _unraisable_hook(handler: logging.Handler):
