@@ -659,11 +659,10 @@ def load_params(path: str | Path, abstract_params: Any,
       step = steps[-1]
     elif step not in steps:
       raise CheckpointError(f"{directory}/{step}: not a complete checkpoint")
-    with reading_source(directory, step, steps):
+    with reading_source(directory, step, steps):  # check's CheckpointError passes through
       meta = manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))["meta"]
-    check(meta)
-    with reading_source(directory, step, steps):
+      check(meta)
       restored = manager.restore(step, args=ocp.args.Composite(
           state=state_restore_args({"params": abstract_params}, partial=True)))
   finally:

@@ -375,10 +375,8 @@ def init_from(cfg: Config, built: Built, data_iter: Any, stream: dict[str, Any],
       step = step if step is not None else (steps or [None])[-1]
       if step is None:
         raise CheckpointError(f"{directory}: no complete checkpoint to initialise from")
-      with ckpt_lib.reading_source(directory, step, steps):
-        meta = other.read_meta(step)
-      check_compatible(meta, cfg, vocab_size, stream=stream, state=state)
-      with ckpt_lib.reading_source(directory, step, steps):
+      with ckpt_lib.reading_source(directory, step, steps):  # its refusals pass through
+        check_compatible(other.read_meta(step), cfg, vocab_size, stream=stream, state=state)
         restored = other.restore(step, ckpt_lib.with_shardings(state, built.state_shardings),
                                  data_iter)
     finally:
